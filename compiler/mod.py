@@ -1,0 +1,100 @@
+"""``Mod``: a compiled score modification, and ``compile_mod`` (text -> Mod, cached)."""
+
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+from scoremod.errors import ScoreModError
+from scoremod.dsl.ast import Node
+from scoremod.dsl.definitions import expand, globals_version
+from scoremod.dsl.parser import parse_source
+from scoremod.dsl.typecheck import check
+from scoremod.compiler.canonical import Canonical, canonicalize
+
+__all__ = ["Mod", "compile_mod"]
+
+
+@contextmanager
+def _deep_recursion(limit: int = 20_000):
+    # Passes over the IR recurse once per level; sources may nest up to MAX_DEPTH levels.
+    old = sys.getrecursionlimit()
+    if old < limit:
+        sys.setrecursionlimit(limit)
+    try:
+        yield
+    finally:
+        if old < limit:
+            sys.setrecursionlimit(old)
+
+
+@dataclass(frozen=True, eq=False)
+class Mod:
+    """A compiled mod: the canonical form ``where(M, T(score) + B, -inf)``.
+
+    Equal (and equally hashed) when the canonical forms are equal, whatever the
+    source text was. ``str(mod)`` is canonical source that compiles to an equal Mod.
+
+    Attributes:
+      canonical: the ``Canonical`` IR (mask, transform, bias).
+      source: the text it was compiled from.
+      kind: "mask", "bias" or "transform".
+      tensors: names of the tensor parameters it reads, in order of first use.
+
+    Example::
+
+        >>> m = scoremod.compile("causal & window(1024)")
+        >>> m.kind, m.tensors
+        ('mask', ())
+    """
+    canonical: Canonical
+    source: str = field(default="", repr=False)
+    expr: Node | None = field(default=None, repr=False)  # expanded, checked, before canonicalization
+
+    @property
+    def kind(self) -> str:
+        return self.canonical.kind
+
+    @property
+    def tensors(self) -> tuple[str, ...]:
+        return self.canonical.tensors
+
+    def __eq__(self, other):
+        return isinstance(other, Mod) and self.canonical == other.canonical
+
+    def __hash__(self):
+        return hash(self.canonical)
+
+    def __str__(self) -> str:
+        return str(self.canonical)
+
+    def __repr__(self) -> str:
+        return f"Mod({str(self)!r}, kind={self.kind!r}, tensors={self.tensors!r})"
+
+
+@lru_cache(maxsize=4096)
+def _compile_cached(text: str, version: int) -> Mod:
+    with _deep_recursion():
+        src = parse_source(text)
+        expr = expand(src)
+        check(expr, text)
+        try:
+            canonical = canonicalize(expr)
+        except ScoreModError as exc:
+            raise type(exc)(exc.message, source=text, span=exc.span, hint=exc.hint) from None
+    return Mod(canonical, text, expr)
+
+
+def compile_mod(source: "str | Mod") -> Mod:
+    """Parse, expand, type and canonicalize ``source``; cached on the text.
+
+    Raises ``ScoreModError`` (with the source and a caret) on any mistake.
+    """
+    if isinstance(source, Mod):
+        return source
+    if not isinstance(source, str):
+        raise ScoreModError(f"mod must be a source string or a compiled Mod, got {type(source).__name__}",
+                            hint='for example mod="causal & window(1024)"')
+    return _compile_cached(source, globals_version())

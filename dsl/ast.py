@@ -1,0 +1,192 @@
+"""AST and IR nodes: frozen, hashable, compared by value (spans are ignored).
+
+The parser produces ``Name``/``Index``/``Call`` nodes for identifiers; expansion
+(``dsl.definitions``) resolves them into ``Var``, ``Tensor`` and built-in ``Call``
+nodes. The expanded tree is the IR the compiler consumes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Union
+
+Span = tuple[int, int]
+
+POSITION_VARIABLES = ("b", "h", "q", "kv")
+VARIABLES = POSITION_VARIABLES + ("score",)
+CONSTANTS = ("true", "false", "inf")
+
+ARITHMETIC_OPS = ("+", "-", "*", "/", "//", "%", "**")
+LOGIC_OPS = ("&", "|")
+COMPARE_OPS = ("<", "<=", ">", ">=", "==", "!=")
+
+
+class _LarkMeta:
+    __slots__ = ("line", "column", "start_pos", "end_line", "end_column", "end_pos", "empty")
+
+    def __init__(self, start: int, end: int):
+        self.line = self.end_line = self.column = self.end_column = 1
+        self.start_pos, self.end_pos, self.empty = start, end, False
+
+
+@dataclass(frozen=True)
+class Node:
+    span: Span | None = field(default=None, compare=False, repr=False, kw_only=True)
+
+    def children(self) -> tuple["Node", ...]:
+        return ()
+
+    def __lark_meta__(self):
+        # Lark's position propagation asks finished children for their extent.
+        return _LarkMeta(*(self.span or (0, 0)))
+
+    def __str__(self) -> str:
+        from scoremod.dsl.printer import to_source
+        return to_source(self)
+
+
+@dataclass(frozen=True)
+class BoolLit(Node):
+    value: bool
+
+
+@dataclass(frozen=True)
+class IntLit(Node):
+    value: int
+
+
+@dataclass(frozen=True)
+class RealLit(Node):
+    value: float
+
+
+@dataclass(frozen=True)
+class Var(Node):
+    """A position variable (b, h, q, kv) or ``score``."""
+    name: str
+
+
+@dataclass(frozen=True)
+class Name(Node):
+    """An identifier as written (parser output; resolved by expansion)."""
+    name: str
+
+
+@dataclass(frozen=True)
+class Index(Node):
+    """``base[i, ...]`` as written (parser output; resolved by expansion)."""
+    base: Node
+    indices: tuple[Node, ...]
+
+    def children(self):
+        return (self.base,) + self.indices
+
+
+@dataclass(frozen=True)
+class Tensor(Node):
+    """A tensor parameter read at ``indices`` (right-aligned; ``()`` = a scalar)."""
+    name: str
+    indices: tuple[Node, ...] = ()
+
+    def children(self):
+        return self.indices
+
+
+@dataclass(frozen=True)
+class Call(Node):
+    """``fn(args)``: a built-in after expansion; any name before."""
+    fn: str
+    args: tuple[Node, ...]
+
+    def children(self):
+        return self.args
+
+
+@dataclass(frozen=True)
+class Unary(Node):
+    """``-x`` or ``~x``."""
+    op: str
+    operand: Node
+
+    def children(self):
+        return (self.operand,)
+
+
+@dataclass(frozen=True)
+class Binary(Node):
+    """Arithmetic, logic (``&``, ``|``) and comparisons."""
+    op: str
+    lhs: Node
+    rhs: Node
+
+    def children(self):
+        return (self.lhs, self.rhs)
+
+
+Literal = Union[BoolLit, IntLit, RealLit]
+
+
+@dataclass(frozen=True)
+class Definition:
+    """``name(params) = body``; ``doc`` comes from the comment lines above it."""
+    name: str
+    params: tuple[str, ...]
+    body: Node
+    doc: str = field(default="", compare=False)
+    text: str = field(default="", compare=False, repr=False)
+    span: Span | None = field(default=None, compare=False, repr=False)
+    origin: str = field(default="source", compare=False)  # "prelude", "global", "source"
+    name_span: Span | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def arity(self) -> int:
+        return len(self.params)
+
+    @property
+    def signature(self) -> str:
+        return f"{self.name}({', '.join(self.params)})" if self.params else self.name
+
+    def __str__(self) -> str:
+        return f"{self.signature} = {self.body}"
+
+
+@dataclass(frozen=True)
+class Source:
+    """A parsed source: definitions, then one expression."""
+    definitions: tuple[Definition, ...]
+    expr: Node
+    text: str = field(default="", compare=False, repr=False)
+
+
+def walk(node: Node):
+    """Every node of the tree, parents before children (iterative: trees may be deep)."""
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        yield n
+        stack.extend(reversed(n.children()))
+
+
+def depth(node: Node) -> int:
+    """Nesting depth, computed without recursion."""
+    best = 0
+    stack = [(node, 1)]
+    while stack:
+        n, d = stack.pop()
+        best = max(best, d)
+        stack.extend((c, d + 1) for c in n.children())
+    return best
+
+
+def mentions(node: Node, var: str) -> bool:
+    """Whether ``Var(var)`` occurs in the tree."""
+    return any(isinstance(n, Var) and n.name == var for n in walk(node))
+
+
+def tensor_names(node: Node) -> tuple[str, ...]:
+    """Tensor parameters read by the tree, in order of first use."""
+    seen: dict[str, None] = {}
+    for n in walk(node):
+        if isinstance(n, Tensor):
+            seen.setdefault(n.name)
+    return tuple(seen)

@@ -1,0 +1,188 @@
+"""Typing (LANGUAGE.md §3) of expanded IR.
+
+Types: ``bool`` (a mask), ``int``, ``real``, and ``num`` (a tensor element: int or
+real, decided by the tensor's dtype at call time). The top-level chain of ``+``/``&``
+is where a mask may act as a ``-inf`` bias; anywhere else that is an error.
+"""
+
+from __future__ import annotations
+
+from scoremod.errors import ScoreModTypeError
+from scoremod.dsl.ast import Binary, BoolLit, Call, IntLit, Node, RealLit, Tensor, Unary, Var, COMPARE_OPS
+
+__all__ = ["BOOL", "INT", "REAL", "NUM", "check", "type_of", "top_level_parts"]
+
+BOOL, INT, REAL, NUM = "bool", "int", "real", "num"
+_NUMBERS = (INT, REAL, NUM)
+
+
+def _promote(a: str, b: str) -> str:
+    if REAL in (a, b):
+        return REAL
+    if NUM in (a, b):
+        return NUM
+    return INT
+
+
+def top_level_parts(node: Node) -> list[Node]:
+    """Operands of the top-level chain of ``+`` and ``&`` (however bracketed)."""
+    parts, stack = [], [node]
+    while stack:
+        n = stack.pop()
+        if isinstance(n, Binary) and n.op in ("+", "&"):
+            stack.append(n.rhs)
+            stack.append(n.lhs)
+        else:
+            parts.append(n)
+    return parts
+
+
+class _Checker:
+    def __init__(self, text: str | None):
+        self.text = text
+        self.memo: dict[int, str] = {}
+
+    def snippet(self, node: Node) -> str:
+        if self.text is not None and node.span is not None:
+            s = self.text[node.span[0]:node.span[1]]
+            if len(s) <= 60:
+                return s
+        s = str(node)
+        return s if len(s) <= 60 else s[:57] + "..."
+
+    def error(self, message, node, hint=None):
+        raise ScoreModTypeError(message, source=self.text, span=node.span, hint=hint)
+
+    def top(self, node: Node) -> str:
+        """Type of the whole expression, where masks may act as -inf biases."""
+        if isinstance(node, Binary) and node.op in ("+", "&"):
+            a, b = self.top(node.lhs), self.top(node.rhs)
+            if a == BOOL and b == BOOL:
+                return BOOL
+            if node.op == "&" and a != BOOL and b != BOOL:
+                ka, kb = _kind_word(node.lhs), _kind_word(node.rhs)
+                kinds = ka if ka == kb else f"{ka} and {kb}"
+                self.error(f"'&' needs a mask on at least one side; {self.snippet(node.lhs)} and "
+                           f"{self.snippet(node.rhs)} are {kinds}", node, "add biases with '+'")
+            if BOOL in (a, b):
+                return REAL  # the mask reads as a bias: 0 where it holds, -inf elsewhere
+            return _promote(a, b)
+        return self.inner(node)
+
+    def inner(self, node: Node) -> str:
+        key = id(node)
+        if key not in self.memo:
+            self.memo[key] = self._inner(node)
+        return self.memo[key]
+
+    def number(self, node: Node, what: str) -> str:
+        t = self.inner(node)
+        if t == BOOL:
+            self.error(f"{what} needs numbers, but {self.snippet(node)} is a mask", node,
+                       "to choose values by a mask use where(mask, a, b)")
+        return t
+
+    def mask(self, node: Node, what: str) -> str:
+        t = self.inner(node)
+        if t != BOOL:
+            self.error(f"{what} needs masks, but {self.snippet(node)} is a number", node,
+                       f"compare it to make a mask, e.g. {self.snippet(node)} != 0")
+        return t
+
+    def _inner(self, node: Node) -> str:
+        if isinstance(node, BoolLit):
+            return BOOL
+        if isinstance(node, IntLit):
+            return INT
+        if isinstance(node, RealLit):
+            return REAL
+        if isinstance(node, Var):
+            return REAL if node.name == "score" else INT
+        if isinstance(node, Tensor):
+            for i in node.indices:
+                t = self.inner(i)
+                if t == BOOL:
+                    self.error(f"index {self.snippet(i)} of '{node.name}' is a mask", i, "indices are ints")
+                if t == REAL:
+                    self.error(f"index {self.snippet(i)} of '{node.name}' is a real", i,
+                               "indices are ints; round with floor(...)")
+            return NUM
+        if isinstance(node, Unary):
+            if node.op == "~":
+                return self.mask(node.operand, "'~'")
+            return self.number(node.operand, "unary '-'")
+        if isinstance(node, Binary):
+            return self._binary(node)
+        if isinstance(node, Call):
+            return self._call(node)
+        raise TypeError(f"unexpected node {type(node).__name__}")
+
+    def _binary(self, node: Binary) -> str:
+        op = node.op
+        if op in ("&", "+"):
+            a, b = self.inner(node.lhs), self.inner(node.rhs)
+            if a == BOOL and b == BOOL:
+                return BOOL
+            if BOOL in (a, b):
+                m = node.lhs if a == BOOL else node.rhs
+                self.error(f"{self.snippet(m)} is a mask; a mask acts as a -inf bias only at the top level, "
+                           f"not inside another expression", node,
+                           "move it to the top level (mask & (...)), or use where(mask, a, b)")
+            if op == "&":
+                self.error(f"'&' needs a mask on at least one side; {self.snippet(node.lhs)} and "
+                           f"{self.snippet(node.rhs)} are numbers", node, "add numbers with '+'")
+            return _promote(a, b)
+        if op == "|":
+            self.mask(node.lhs, "'|'")
+            self.mask(node.rhs, "'|'")
+            return BOOL
+        if op in COMPARE_OPS:
+            a, b = self.inner(node.lhs), self.inner(node.rhs)
+            if (a == BOOL) != (b == BOOL):
+                m = node.lhs if a == BOOL else node.rhs
+                self.error(f"'{op}' compares a mask with a number ({self.snippet(m)} is a mask)", node)
+            if a == BOOL and op not in ("==", "!="):
+                self.error(f"'{op}' needs numbers; masks can only be compared with == and !=", node)
+            return BOOL
+        a = self.number(node.lhs, f"'{op}'")
+        b = self.number(node.rhs, f"'{op}'")
+        if op in ("/", "**"):
+            return REAL
+        return _promote(a, b)
+
+    def _call(self, node: Call) -> str:
+        fn, args = node.fn, node.args
+        if fn == "where":
+            self.mask(args[0], "where's first argument")
+            a, b = self.inner(args[1]), self.inner(args[2])
+            if (a == BOOL) != (b == BOOL):
+                self.error("where's branches must both be masks or both be numbers", node)
+            return BOOL if a == BOOL else _promote(a, b)
+        types = [self.number(a, f"{fn}()") for a in args]
+        if fn in ("abs", "sign", "min", "max", "clip"):
+            t = types[0]
+            for u in types[1:]:
+                t = _promote(t, u)
+            return t
+        if fn in ("floor", "ceil"):
+            return INT if types[0] == INT else (NUM if types[0] == NUM else INT)
+        return REAL  # exp exp2 log log2 sqrt tanh sigmoid
+
+
+def _kind_word(node: Node) -> str:
+    return "transforms" if any(isinstance(n, Var) and n.name == "score" for n in _walk(node)) else "biases"
+
+
+def _walk(node):
+    from scoremod.dsl.ast import walk
+    return walk(node)
+
+
+def check(node: Node, text: str | None = None) -> str:
+    """Type of the top-level expression ``node``; raises ``ScoreModTypeError``."""
+    return _Checker(text).top(node)
+
+
+def type_of(node: Node) -> str:
+    """Type of an inner (non-top-level) expression."""
+    return _Checker(None).inner(node)
