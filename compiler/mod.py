@@ -70,6 +70,12 @@ class Mod:
     def __str__(self) -> str:
         return str(self.canonical)
 
+    def explain(self, q_len: int, kv_len: int | None = None, block=(128, 128), batch: int = 1,
+                heads: int = 1, **tensors):
+        """What would run for these sizes: see ``scoremod.compiler.explain.explain``."""
+        from scoremod.compiler.explain import explain
+        return explain(self, q_len, kv_len, block=block, batch=batch, heads=heads, **tensors)
+
     def __repr__(self) -> str:
         return f"Mod({str(self)!r}, kind={self.kind!r}, tensors={self.tensors!r})"
 

@@ -1,0 +1,5 @@
+import sys
+
+from scoremod.cli import main
+
+sys.exit(main())
