@@ -70,6 +70,36 @@ class Mod:
     def __str__(self) -> str:
         return str(self.canonical)
 
+    def score_mod(self, **tensors):
+        """A jnp ``score_mod(scores, b_idx, h_idx, q_idx, kv_idx) -> logits`` closure.
+
+        The FlexAttention protocol: index arrays broadcast as ``[B,1,1,1]``, ``[1,N,1,1]``,
+        ``[1,1,T,1]``, ``[1,1,1,S]``; ``q_idx``/``kv_idx`` are absolute positions. Returns
+        ``where(M, T(score) + B, -inf)`` in float32. Tensors by keyword, like ``attention``.
+
+            >>> sm = scoremod.compile("causal + alibi(8)").score_mod()
+            >>> sm(scores, b, h, q, kv).shape == scores.shape
+        """
+        from scoremod.compiler.lowering import score_mod_fn
+        return score_mod_fn(self.canonical, self._checked_tensors(tensors))
+
+    def mask_mod(self, **tensors):
+        """A jnp ``mask_mod(b_idx, h_idx, q_idx, kv_idx) -> bool`` closure for the mask M."""
+        from scoremod.compiler.lowering import mask_mod_fn
+        return mask_mod_fn(self.canonical, self._checked_tensors(tensors))
+
+    def _checked_tensors(self, tensors: dict) -> dict:
+        from scoremod.errors import ScoreModTensorError
+        missing = [n for n in self.tensors if n not in tensors]
+        extra = [n for n in tensors if n not in self.tensors]
+        if missing:
+            raise ScoreModTensorError(f"missing tensor parameter '{missing[0]}' for {self}",
+                                      hint=f"pass it by keyword: {missing[0]}=...")
+        if extra:
+            raise ScoreModTensorError(f"unexpected tensor parameter '{extra[0]}'; this mod reads "
+                                      f"{', '.join(self.tensors) or 'no tensors'}")
+        return tensors
+
     def explain(self, q_len: int, kv_len: int | None = None, block=(128, 128), batch: int = 1,
                 heads: int = 1, **tensors):
         """What would run for these sizes: see ``scoremod.compiler.explain.explain``."""
