@@ -1,13 +1,22 @@
-"""Text -> AST. A cached LALR Lark parser whose Transformer builds nodes with spans."""
+"""Text -> AST with spans.
+
+Lark compiles the grammar (grammar/scoremod.lark) into LALR(1) tables once, and builds
+one callback per grammar alias from the ``_Build`` transformer. Parsing a source then
+runs a small driver over those tables, fed by a one-regex lexer made from the grammar's
+own terminals: both are a few times faster than Lark's general-purpose loop, and the
+grammar file stays the single description of the syntax. No parse tree is built and
+nothing recurses, so deep inputs are fine.
+"""
 
 from __future__ import annotations
 
 import math
+import re
 import threading
 from functools import lru_cache
 
-from lark import Lark, Token, Transformer, v_args
-from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
+from lark import Lark, Transformer, v_args
+from lark.parsers.lalr_analysis import Shift
 
 from scoremod.errors import ScoreModError, ScoreModSyntaxError
 from scoremod.grammar import grammar_text
@@ -22,40 +31,33 @@ MAX_DEPTH = 1000
 MAX_SOURCE_CHARS = 1_000_000
 INT32_MAX = 2**31 - 1
 
+# How terminals are named in messages.
 _TOKEN_WORDS = {
-    "CMP_OP": "a comparison", "NAME": "a name", "INT": "an integer", "REAL": "a number",
-    "_NL": "a newline", "LPAR": "'('", "RPAR": "')'", "LSQB": "'['", "RSQB": "']'",
-    "COMMA": "','", "SEMICOLON": "';'", "PLUS": "'+'", "MINUS": "'-'", "STAR": "'*'",
-    "SLASH": "'/'", "PERCENT": "'%'", "AMPERSAND": "'&'", "VBAR": "'|'", "TILDE": "'~'",
-    "EQUAL": "'='", "DOUBLESTAR": "'**'", "DOUBLESLASH": "'//'", "$END": "the end",
+    "CMP_OP": "a comparison", "NAME": "a name", "INT": "a number", "REAL": "a number",
+    "_NL": "a newline", "$END": "the end",
 }
+_OPENERS = {"LPAR": "RPAR", "LSQB": "RSQB"}
+_CLOSERS = {"RPAR": "LPAR", "RSQB": "LSQB"}
+_BRACKET_TEXT = {"LPAR": "(", "RPAR": ")", "LSQB": "[", "RSQB": "]"}
+# Tokens that can start an operand, and binary operators (for "what was expected" hints).
+_OPERAND_START = {"NAME", "INT", "REAL", "LPAR", "MINUS", "TILDE"}
+_BINARY_OPERATORS = {"PLUS", "STAR", "SLASH", "PERCENT", "AMPERSAND", "VBAR", "CMP_OP"}
 
 
-def _span(meta) -> tuple[int, int]:
-    return (meta.start_pos, meta.end_pos)
+class _Token(str):
+    """A lexed token: its text, with ``type``, ``start_pos`` and ``end_pos``."""
 
-
-class _DropNewlinesInBrackets:
-    """Postlexer: a newline inside (...) or [...] is whitespace, outside it ends a definition."""
-    always_accept = ("_NL",)
-
-    def process(self, stream):
-        level = 0
-        for tok in stream:
-            if tok.type in ("LPAR", "LSQB"):
-                level += 1
-            elif tok.type in ("RPAR", "RSQB"):
-                level = max(0, level - 1)
-            elif tok.type == "_NL" and level > 0:
-                continue
-            yield tok
+    def __new__(cls, type_: str, text: str, start: int, end: int):
+        tok = str.__new__(cls, text)
+        tok.type, tok.start_pos, tok.end_pos = type_, start, end
+        return tok
 
 
 def _extent(*items) -> tuple[int, int]:
     """The span covering nodes (by their span) and tokens (by their position)."""
     starts, ends = [], []
     for it in items:
-        if isinstance(it, Token):
+        if isinstance(it, _Token):
             starts.append(it.start_pos)
             ends.append(it.end_pos)
         elif isinstance(it, (Node, Definition)) and it.span is not None:
@@ -205,75 +207,190 @@ _BUILDER = _Build("")
 _LOCK = threading.Lock()
 
 
+class _Tables:
+    """What parsing needs, taken from Lark once: the lexer regex and the LALR tables.
+
+    ``actions[state][terminal]`` is ``(True, next_state)`` for a shift, or
+    ``(False, size, nonterminal, callback)`` for a reduction (callback None: the rule
+    only passes its one child through, as ``?rule: other`` does).
+    """
+
+    def __init__(self, lark: Lark):
+        terminals = sorted(lark.lexer_conf.terminals,
+                           key=lambda t: (-t.priority, -t.pattern.max_width, -len(t.pattern.value), t.name))
+        self.regex = re.compile("|".join(f"(?P<{t.name}>{t.pattern.to_regexp()})" for t in terminals))
+        self.ignore = frozenset(lark.lexer_conf.ignore)
+        self.words = dict(_TOKEN_WORDS)
+        for t in terminals:
+            if t.pattern.type == "str":
+                self.words.setdefault(t.name, repr(t.pattern.value))
+        parser = lark.parser.parser.parser
+        table = parser.parse_table
+        self.start_states = dict(table.start_states)
+        self.end_states = dict(table.end_states)
+        self.actions: dict[int, dict[str, tuple]] = {}
+        for state, row in table.states.items():
+            out = {}
+            for term, (action, arg) in row.items():
+                if action is Shift:
+                    out[str(term)] = (True, arg)
+                else:
+                    passthrough = (arg.options.expand1 and len(arg.expansion) == 1
+                                   and not arg.expansion[0].is_term)
+                    out[str(term)] = (False, len(arg.expansion), str(arg.origin.name),
+                                      None if passthrough else parser.callbacks[arg])
+            self.actions[state] = out
+
+
 @lru_cache(maxsize=None)
+def _tables() -> _Tables:
+    # Lark builds the LALR tables and the callbacks (the _Build methods wrapped to drop
+    # punctuation and inline `?rule`s); it never runs its own parse loop here.
+    return _Tables(Lark(grammar_text(), parser="lalr", start=["source", "definitions"],
+                        maybe_placeholders=True, transformer=_BUILDER))
+
+
 def _parser() -> Lark:
-    # The transformer runs inside the LALR parser, so no parse tree is built and
-    # deep inputs need no recursion.
-    return Lark(grammar_text(), parser="lalr", start=["source", "definitions"],
-                propagate_positions=True, postlex=_DropNewlinesInBrackets(),
-                maybe_placeholders=True, transformer=_BUILDER)
+    """Kept for callers that want the Lark object (e.g. to inspect the grammar)."""
+    return Lark(grammar_text(), parser="lalr", start=["source", "definitions"], maybe_placeholders=True)
 
 
-def _parse(text: str, start: str):
-    if not isinstance(text, str):
-        raise ScoreModSyntaxError(f"a source must be a string, got {type(text).__name__}")
-    if len(text) > MAX_SOURCE_CHARS:
-        raise ScoreModSyntaxError(f"source is {len(text):_} characters; the limit is {MAX_SOURCE_CHARS:_}")
-    if all(not line.strip() or line.strip().startswith("#") for line in text.splitlines()):
-        what = "an expression" if start == "source" else "a definition"
-        raise ScoreModSyntaxError(f"empty source: expected {what}",
-                                  hint="for example: causal & window(1024)")
-    bad = next((i for i, ch in enumerate(text) if ord(ch) > 127 and not _in_comment(text, i)), None)
-    if bad is not None:
-        raise ScoreModSyntaxError(f"unexpected character {text[bad]!r} (U+{ord(text[bad]):04X})",
-                                  source=text, span=(bad, bad + 1), hint=_unicode_hint(text[bad]))
-    parser = _parser()
-    with _LOCK:
-        _BUILDER.text = text
-        try:
-            return parser.parse(text, start=start)
-        except UnexpectedInput as exc:
-            raise _syntax_error(text, exc) from None
-        except VisitError as exc:
-            if isinstance(exc.orig_exc, ScoreModError):
-                raise exc.orig_exc from None
-            raise
+def _lex(text: str, tables: _Tables) -> list[_Token]:
+    """Tokens of ``text``; a newline inside (...) or [...] is whitespace, outside it ends a
+    definition. Brackets must balance: that is checked here, for a clear message."""
+    match = tables.regex.match
+    ignore = tables.ignore
+    tokens: list[_Token] = []
+    opened: list[_Token] = []
+    pos, n = 0, len(text)
+    while pos < n:
+        m = match(text, pos)
+        if m is None or m.end() == pos:
+            raise ScoreModSyntaxError(f"unexpected character {text[pos]!r}", source=text,
+                                      span=(pos, pos + 1), hint=_char_hint(text, pos))
+        kind, end = m.lastgroup, m.end()
+        if kind in ignore or (kind == "_NL" and opened):
+            pos = end
+            continue
+        tok = _Token(kind, m.group(), pos, end)
+        if kind in _OPENERS:
+            opened.append(tok)
+        elif kind in _CLOSERS:
+            if not opened:
+                raise ScoreModSyntaxError(f"unmatched {tok!r}", source=text, span=(pos, end),
+                                          hint=f"remove it, or add {_BRACKET_TEXT[_CLOSERS[kind]]!r} before it")
+            opener = opened.pop()
+            if _OPENERS[opener.type] != kind:
+                want = _BRACKET_TEXT[_OPENERS[opener.type]]
+                raise ScoreModSyntaxError(
+                    f"{tok!r} does not match the {opener!r} at column {_column(text, opener.start_pos)}",
+                    source=text, span=(pos, end), hint=f"close {opener!r} with {want!r}")
+        tokens.append(tok)
+        pos = end
+    if opened:
+        opener = opened[-1]
+        want = _BRACKET_TEXT[_OPENERS[opener.type]]
+        raise ScoreModSyntaxError(f"{opener!r} is never closed", source=text,
+                                  span=(opener.start_pos, opener.end_pos), hint=f"add {want!r}")
+    end = len(text.rstrip())
+    tokens.append(_Token("$END", "", end, end))
+    return tokens
 
 
-def _in_comment(text: str, i: int) -> bool:
-    line_start = text.rfind("\n", 0, i) + 1
-    return "#" in text[line_start:i]
+def _column(text: str, pos: int) -> int:
+    return pos - text.rfind("\n", 0, pos)
 
 
-def _unicode_hint(ch: str) -> str:
-    table = {"≤": "<=", "≥": ">=", "≠": "!=", "−": "-", "×": "*", "÷": "/", "∧": "&", "∨": "|",
-             "¬": "~", "∞": "inf", "“": '"', "”": '"'}
-    if ch in table:
-        return f"write {table[ch]!r} instead"
-    return "sources are ASCII outside comments"
+def _run(text: str, tokens: list[_Token], start: str, tables: _Tables):
+    """The LALR(1) loop: shift tokens, reduce rules through their callbacks."""
+    actions = tables.actions
+    end_state = tables.end_states[start]
+    states = [tables.start_states[start]]
+    values: list = []
+    prev = None
+    for tok in tokens:
+        kind = tok.type
+        while True:
+            act = actions[states[-1]].get(kind)
+            if act is None:
+                raise _unexpected(text, tok, prev, actions[states[-1]], values, start, tables)
+            if act[0]:
+                states.append(act[1])
+                values.append(tok)
+                prev = tok
+                break
+            _, size, origin, callback = act
+            if size:
+                children = values[-size:]
+                del states[-size:]
+                del values[-size:]
+            else:
+                children = []
+            value = children[0] if callback is None else callback(children)
+            states.append(actions[states[-1]][origin][1])
+            values.append(value)
+            if kind == "$END" and states[-1] == end_state:
+                return values[-1]
+    raise AssertionError("the token stream ends with $END")
 
 
-def _syntax_error(text: str, exc: UnexpectedInput) -> ScoreModSyntaxError:
-    pos = getattr(exc, "pos_in_stream", None)
-    if pos is None and getattr(exc, "token", None) is not None:
-        pos = getattr(exc.token, "start_pos", None)
-    if isinstance(exc, UnexpectedEOF) or pos is None:
-        pos = len(text.rstrip())
-        return ScoreModSyntaxError("unexpected end of source", source=text, span=(max(0, pos - 1), pos),
-                                   hint=_expect_hint(exc))
-    if isinstance(exc, UnexpectedCharacters):
-        ch = text[pos]
-        return ScoreModSyntaxError(f"unexpected character {ch!r}", source=text, span=(pos, pos + 1),
-                                   hint=_char_hint(text, pos))
-    tok = exc.token
+def _unexpected(text, tok, prev, row, values, start, tables) -> ScoreModSyntaxError:
+    """The error for ``tok`` (after ``prev``) where the parser expected one of ``row``'s terminals."""
+    expected = {t for t in row if t.isupper() or t == "$END"}
+    span = (tok.start_pos, tok.end_pos)
     if tok.type == "$END":
-        pos = len(text.rstrip())
-        return ScoreModSyntaxError("unexpected end of source", source=text,
-                                   span=(max(0, pos - 1), pos), hint=_expect_hint(exc))
-    width = max(1, len(str(tok)))
-    what = "newline" if tok.type == "_NL" else repr(str(tok))
-    return ScoreModSyntaxError(f"unexpected {what}", source=text, span=(pos, pos + width),
-                               hint=_expect_hint(exc, tok))
+        span = (max(0, tok.start_pos - 1), tok.start_pos)
+        defs = [v for v in values if isinstance(v, Definition)]
+        in_definition = any(isinstance(v, _Token) and v.type == "EQUAL" for v in values)
+        if start == "source" and (defs or in_definition):
+            if not in_definition or expected & {"_NL", "SEMICOLON"}:
+                return ScoreModSyntaxError(
+                    "a source needs an expression after its definitions", source=text,
+                    span=defs[-1].span if defs and not in_definition else span,
+                    hint="add the expression on a new line, e.g. " + _example_use(defs))
+        if start == "definitions" and not in_definition:
+            return ScoreModSyntaxError("expected '=': this is not a definition", source=text, span=span,
+                                       hint="a definition is name(params) = expr, e.g. swa(w) = causal & window(w)")
+        return ScoreModSyntaxError("unexpected end of source", source=text, span=span,
+                                   hint=_expect_hint(expected, tok, tables))
+    if tok.type == "EQUAL":
+        return ScoreModSyntaxError("unexpected '='", source=text, span=span,
+                                   hint="use == to compare; a definition is name(params) = expr on its own line")
+    if tok.type == "_NL":
+        hint = _expect_hint(expected, tok, tables)
+        if expected & _OPERAND_START:
+            hint = "a newline ends the expression here; to go on, wrap it in ( ) or end the line with \\"
+        return ScoreModSyntaxError("unexpected newline", source=text, span=span, hint=hint)
+    if prev is not None and prev.type in ("_NL", "SEMICOLON") and start == "source" and "$END" in expected:
+        return ScoreModSyntaxError(
+            "a second expression: a source is definitions followed by one expression", source=text, span=span,
+            hint="combine expressions with & or +, or write name(params) = ... to define a name")
+    return ScoreModSyntaxError(f"unexpected {str(tok)!r}", source=text, span=span,
+                               hint=_expect_hint(expected, tok, tables))
+
+
+def _example_use(defs) -> str:
+    d = defs[-1] if defs else None
+    if d is not None:
+        args = ", ".join("..." for _ in d.params)
+        return f"{d.name}({args})" if d.params else d.name
+    return "causal & window(1024)"
+
+
+def _expect_hint(expected: set[str], tok, tables: _Tables) -> str | None:
+    expected = set(expected)
+    if expected - {"_NL"}:
+        expected.discard("_NL")
+    if expected & {"NAME", "INT", "REAL"} and not expected & _BINARY_OPERATORS:
+        return "expected a value here: a name, a number, or '('"
+    if tok.type in _OPERAND_START - {"MINUS"} and expected & _BINARY_OPERATORS:
+        return f"is an operator missing before {str(tok)!r}?"
+    words = sorted({tables.words.get(e, e) for e in expected})
+    if not words:
+        return None
+    if len(words) > 6:
+        return "expected an operator, or the end of the expression"
+    return "expected " + (words[0] if len(words) == 1 else ", ".join(words[:-1]) + " or " + words[-1])
 
 
 def _char_hint(text: str, pos: int) -> str | None:
@@ -282,26 +399,59 @@ def _char_hint(text: str, pos: int) -> str | None:
         return "use ~ for 'not' and != for 'not equal'"
     if ch == "^":
         return "use ** for powers"
-    if ch == "=" and text[pos:pos + 2] != "==":
-        return "use == to compare"
     if ch in "\"'":
-        return "strings are not part of the language"
+        return "strings are not part of the language; a tensor is passed by name, e.g. doc(ids)"
+    if ch == "." and pos + 1 < len(text) and text[pos + 1].isalpha():
+        return "there are no attributes; index a tensor with t[i, j]"
+    if ch == "\\":
+        return "a backslash continues a line only at the end of a line"
     return None
 
 
-def _expect_hint(exc: UnexpectedInput, tok: Token | None = None) -> str | None:
-    expected = getattr(exc, "expected", None) or getattr(exc, "accepts", None) or set()
-    if tok is not None and str(tok) == "=":
-        return "use == to compare; a definition is name(params) = expr on its own line"
-    words = sorted({_TOKEN_WORDS.get(e, e) for e in expected if not e.startswith("__")})
-    if not words:
-        return None
-    if len(words) > 6:
-        return "expected an operand or an operator here"
-    return "expected " + ", ".join(words)
+def _in_comment(text: str, i: int) -> bool:
+    line_start = text.rfind("\n", 0, i) + 1
+    return "#" in text[line_start:i]
 
 
-def _check_depth(node: Node, text: str) -> None:
+def _unicode_hint(ch: str) -> str:
+    table = {"≤": "<=", "≥": ">=", "≠": "!=", "−": "-", "–": "-", "×": "*", "÷": "/", "∧": "&",
+             "∨": "|", "¬": "~", "∞": "inf", "“": '"', "”": '"', "·": "*", "⋅": "*"}
+    if ch in table:
+        return f"write {table[ch]!r} instead"
+    if ch.isspace():
+        return "replace it with a plain space"
+    return "sources are ASCII outside comments"
+
+
+def _precheck(text, start: str) -> None:
+    if not isinstance(text, str):
+        raise ScoreModSyntaxError(f"a source must be a string, got {type(text).__name__}")
+    if len(text) > MAX_SOURCE_CHARS:
+        raise ScoreModSyntaxError(f"source is {len(text):_} characters; the limit is {MAX_SOURCE_CHARS:_}")
+    if not text.isascii():
+        bad = next((i for i, ch in enumerate(text) if ord(ch) > 127 and not _in_comment(text, i)), None)
+        if bad is not None:
+            raise ScoreModSyntaxError(f"unexpected character {text[bad]!r} (U+{ord(text[bad]):04X})",
+                                      source=text, span=(bad, bad + 1), hint=_unicode_hint(text[bad]))
+
+
+def _parse(text: str, start: str):
+    _precheck(text, start)
+    tables = _tables()
+    tokens = _lex(text, tables)
+    if all(t.type in ("_NL", "SEMICOLON") for t in tokens[:-1]):
+        what = "an expression" if start == "source" else "a definition"
+        raise ScoreModSyntaxError(f"empty source: expected {what}",
+                                  hint="for example: causal & window(1024)")
+    with _LOCK:
+        _BUILDER.text = text
+        result = _run(text, tokens, start, tables)
+    return result, len(tokens)
+
+
+def _check_depth(node: Node, text: str, num_tokens: int) -> None:
+    if num_tokens <= MAX_DEPTH:  # every level of nesting takes at least one token
+        return
     d = depth(node)
     if d > MAX_DEPTH:
         raise ScoreModSyntaxError(f"expression is nested {d} levels deep; the limit is {MAX_DEPTH}",
@@ -310,17 +460,20 @@ def _check_depth(node: Node, text: str) -> None:
 
 
 def parse_source(text: str) -> Source:
-    """Parse a source (definitions, then one expression) into an AST with spans."""
-    src = _parse(text, "source")
+    """Parse a source (definitions, then one expression) into an AST with spans.
+
+    Raises ``ScoreModSyntaxError`` with a caret under the offending text.
+    """
+    src, num_tokens = _parse(text, "source")
     for d in src.definitions:
-        _check_depth(d.body, text)
-    _check_depth(src.expr, text)
+        _check_depth(d.body, text, num_tokens)
+    _check_depth(src.expr, text, num_tokens)
     return src
 
 
 def parse_definitions(text: str) -> tuple[Definition, ...]:
     """Parse a text holding only definitions (the prelude, ``scoremod.define``)."""
-    defs = _parse(text, "definitions")
+    defs, num_tokens = _parse(text, "definitions")
     for d in defs:
-        _check_depth(d.body, text)
+        _check_depth(d.body, text, num_tokens)
     return defs
