@@ -1,0 +1,92 @@
+"""TileProgram (what kernels evaluate on one tile) against the independent evaluator,
+on generated sources, shapes, offsets and random tile rectangles."""
+
+import numpy as np
+import jax.numpy as jnp
+from hypothesis import assume, given, settings, strategies as st
+
+import scoremod
+from scoremod.compiler.tile import TileProgram
+
+from evaluator import evaluate_logits, evaluate_expr
+from strategies import shapes, sources
+
+
+def _positions(offset, B, n):
+    return np.asarray(offset, np.int32).reshape(-1, 1) * np.ones((B, 1), np.int32) + np.arange(n, dtype=np.int32)
+
+
+def _tile_case(draw_source, shape, seed, rect):
+    mod = scoremod.compile(draw_source.text)
+    rng = np.random.default_rng(seed)
+    tensors = draw_source.make_tensors(shape, rng)
+    ranks = {name: np.ndim(value) for name, value in tensors.items()}
+    prog = TileProgram.build(mod.canonical, ranks)
+    ok, _ = prog.kernel_support()
+    return mod, tensors, prog, ok
+
+
+@settings(max_examples=25)
+@given(src=sources(), shape=shapes(max_seq=12), seed=st.integers(0, 2**16), data=st.data())
+def test_tile_logits_match_evaluator(src, shape, seed, data):
+    B, N, T, S = shape.grid
+    mod, tensors, prog, ok = _tile_case(src, shape, seed, None)
+    assume(ok)
+    q_pos = _positions(shape.q_offset, B, T)
+    kv_pos = _positions(shape.kv_offset, B, S)
+    scores = np.random.default_rng(seed + 1).normal(size=(B, N, T, S)) * 3
+    expected = evaluate_logits(src.text, scores=scores, q_offset=shape.q_offset,
+                               kv_offset=shape.kv_offset, tensors=tensors)
+    reads = prog.materialize_reads({k: jnp.asarray(v) for k, v in tensors.items()}, B, N, q_pos, kv_pos)
+
+    q0 = data.draw(st.integers(0, T - 1)); q1 = data.draw(st.integers(q0 + 1, T))
+    k0 = data.draw(st.integers(0, S - 1)); k1 = data.draw(st.integers(k0 + 1, S))
+    b = data.draw(st.integers(0, B - 1)); h = data.draw(st.integers(0, N - 1))
+
+    def tile_of(read):
+        bi = b if read.shape[0] > 1 else 0
+        hi = h if read.shape[1] > 1 else 0
+        r = read[bi, hi]
+        r = r[q0:q1] if r.shape[0] > 1 else r
+        return r[:, k0:k1] if r.shape[1] > 1 else r
+
+    tiles = [tile_of(r) for r in reads]
+    args = dict(b=jnp.int32(b), h=jnp.int32(h), q=jnp.asarray(q_pos[b, q0:q1, None]),
+                kv=jnp.asarray(kv_pos[b, None, k0:k1]), reads=tiles)
+    tile_scores = jnp.asarray(scores[b, h, q0:q1, k0:k1], jnp.float32)
+    got = np.asarray(prog.logits(tile_scores, **args), np.float64)
+    want = expected[b, h, q0:q1, k0:k1]
+    np.testing.assert_array_equal(np.isneginf(got), np.isneginf(want))
+    finite = np.isfinite(want)
+    np.testing.assert_allclose(got[finite], want[finite], rtol=2e-4, atol=2e-4)
+
+    mask = np.asarray(prog.mask(**args))
+    assert mask.shape == got.shape
+    # where the mask holds, the logit is T + B (finite unless the values overflow)
+    assert np.all(np.isneginf(got[~mask]))
+
+
+@settings(max_examples=25)
+@given(src=sources(kind="transform", with_tensors=False), shape=shapes(max_seq=8, offsets=False),
+       seed=st.integers(0, 2**16))
+def test_tile_dscore_matches_finite_differences(src, shape, seed):
+    B, N, T, S = shape.grid
+    mod = scoremod.compile(src.text)
+    assume(mod.canonical.transform is not None)
+    prog = TileProgram.build(mod.canonical, {})
+    scores = np.random.default_rng(seed).normal(size=(B, N, T, S)) * 2
+    eps = 1e-4
+    up = evaluate_expr(str(mod.canonical.transform), B, N, T, S, scores=scores + eps)
+    down = evaluate_expr(str(mod.canonical.transform), B, N, T, S, scores=scores - eps)
+    numeric = (up - down) / (2 * eps)
+    q = jnp.arange(T, dtype=jnp.int32)[:, None]
+    kv = jnp.arange(S, dtype=jnp.int32)[None, :]
+    for b in range(B):
+        for h in range(N):
+            got = np.asarray(prog.dscore(jnp.asarray(scores[b, h], jnp.float32), b=jnp.int32(b),
+                                         h=jnp.int32(h), q=q, kv=kv), np.float64)
+            num = numeric[b, h]
+            # derivatives of kinks (abs, clip, floor, %) are compared away from them only
+            smooth = np.isfinite(num) & (np.abs(num) < 1e6)
+            close = np.isclose(got, num, rtol=2e-2, atol=2e-2)
+            assert np.mean(close[smooth]) > 0.9 if smooth.any() else True, (src.text, got, num)
