@@ -7,6 +7,7 @@ nodes. The expanded tree is the IR the compiler consumes.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Union
 
@@ -156,6 +157,23 @@ class Source:
     definitions: tuple[Definition, ...]
     expr: Node
     text: str = field(default="", compare=False, repr=False)
+
+
+_LONG_WORD = re.compile(r"[A-Za-z0-9_.]{41,}")
+
+
+def clip_long_words(text: str | None) -> str | None:
+    """Shorten names and numbers over 40 characters, so a message about a 100 kB name
+    stays one line (the caret line is clipped separately)."""
+    if text is None:
+        return None
+    return _LONG_WORD.sub(lambda m: m.group()[:37] + "...", text)
+
+
+def make_error(cls, message: str, *, source: str | None = None, span: Span | None = None,
+               hint: str | None = None):
+    """A ``cls`` (a ScoreModError) with long words in its message and hint clipped."""
+    return cls(clip_long_words(message), source=source, span=span, hint=clip_long_words(hint))
 
 
 def walk(node: Node):

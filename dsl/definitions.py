@@ -16,9 +16,9 @@ from scoremod.errors import ScoreModDefinitionError, ScoreModNameError, ScoreMod
 from scoremod.grammar import prelude_text
 from scoremod.dsl.ast import (
     Binary, BoolLit, Call, Definition, Index, IntLit, Name, Node, RealLit, Tensor, Unary, Var,
-    CONSTANTS, POSITION_VARIABLES, VARIABLES, walk,
+    CONSTANTS, VARIABLES, depth, make_error, walk,
 )
-from scoremod.dsl.parser import parse_definitions
+from scoremod.dsl.parser import MAX_DEPTH, parse_definitions
 
 __all__ = [
     "BUILTINS", "RESERVED_TENSOR_NAMES", "DefinitionTable", "prelude", "global_definitions",
@@ -126,11 +126,10 @@ def define(text: str, *, override: bool = False) -> tuple[Definition, ...]:
     with _GLOBALS_LOCK:
         table = _GLOBALS.copy()
         for d in defs:
-            _check_shadowing(d, table if override else None, override)
+            _check_shadowing(d, override=override, in_source=False)
             table.add(Definition(d.name, d.params, d.body, doc=d.doc, text=d.text, span=d.span,
                                  origin="global", name_span=d.name_span))
-        for d in defs:
-            _validate_definition(d, _Scope((table, prelude()), override_builtins=override))
+        _validate_definitions(defs, _Scope((table, prelude()), override_builtins=override))
         for d in defs:
             _GLOBALS.add(table.get(d.name, d.arity))
         _GLOBALS_VERSION[0] += 1
@@ -144,83 +143,105 @@ def undefine(name: str, arity: int | None = None) -> None:
         _GLOBALS_VERSION[0] += 1
 
 
-def _check_shadowing(d: Definition, _table, override: bool) -> None:
+def _check_shadowing(d: Definition, *, override: bool, in_source: bool) -> None:
+    """Built-in variables and constants can never be defined; built-in functions and prelude
+    names (same arity) only through ``define(..., override=True)``."""
     span = d.name_span or d.span
+    fix = ("choose another name (only scoremod.define(..., override=True) may replace it)" if in_source
+           else "choose another name, or pass override=True")
     if d.name in VARIABLES or d.name in CONSTANTS:
-        raise ScoreModDefinitionError(f"'{d.name}' is a built-in name and cannot be defined",
-                                      source=d.text, span=span, hint="choose another name")
+        raise make_error(ScoreModDefinitionError, f"'{d.name}' is a built-in name and cannot be defined",
+                         source=d.text, span=span, hint="choose another name")
     if override:
         return
     if d.name in BUILTINS:
-        raise ScoreModDefinitionError(
+        raise make_error(
+            ScoreModDefinitionError,
             f"definition '{d.signature}' shadows the built-in function {BUILTIN_SIGNATURES[d.name]}",
-            source=d.text, span=span, hint="choose another name, or pass override=True")
+            source=d.text, span=span, hint=fix)
     existing = prelude().get(d.name, d.arity)
     if existing is not None:
-        raise ScoreModDefinitionError(
+        raise make_error(
+            ScoreModDefinitionError,
             f"definition '{d.signature}' shadows the prelude's {existing.signature} = {existing.body}",
-            source=d.text, span=span, hint="choose another name, or pass override=True")
+            source=d.text, span=span, hint=fix)
 
 
 class _Scope:
-    """Where names are looked up during expansion."""
+    """Where names are looked up during expansion: tables searched in order, flattened
+    into one dict ``name -> {arity: Definition}`` (the first table holding an arity wins)."""
 
     def __init__(self, tables, override_builtins: bool = False):
         self.tables = tables
         self.override_builtins = override_builtins
+        self.by_name: dict[str, dict[int, Definition]] = {}
+        for t in reversed(tables):
+            for d in t:
+                self.by_name.setdefault(d.name, {})[d.arity] = d
+
+    def with_local(self, local: DefinitionTable) -> "_Scope":
+        """This scope with ``local`` searched first."""
+        scope = _Scope(())
+        scope.tables = (local,) + self.tables
+        scope.by_name = {name: dict(arities) for name, arities in self.by_name.items()}
+        for d in local:
+            scope.by_name.setdefault(d.name, {})[d.arity] = d
+        return scope
 
     def lookup(self, name: str, arity: int) -> Definition | None:
         # A definition named like a built-in exists only if it was made with override=True.
-        for t in self.tables:
-            d = t.get(name, arity)
-            if d is not None:
-                return d
-        return None
+        found = self.by_name.get(name)
+        return found.get(arity) if found else None
 
     def overloads(self, name: str) -> list[Definition]:
-        seen: dict[int, Definition] = {}
-        for t in self.tables:
-            for d in t.overloads(name):
-                seen.setdefault(d.arity, d)
-        return [seen[a] for a in sorted(seen)]
+        found = self.by_name.get(name, {})
+        return [found[a] for a in sorted(found)]
 
     def known_names(self) -> list[str]:
-        names = set(BUILTINS) | set(VARIABLES) | set(CONSTANTS)
-        for t in self.tables:
-            names.update(t.names())
-        return sorted(names)
+        return sorted(set(BUILTINS) | set(VARIABLES) | set(CONSTANTS) | set(self.by_name))
 
 
-def _validate_definition(d: Definition, scope: _Scope) -> None:
-    """Expand the body once with opaque parameters: catches unknown calls, arity, recursion."""
-    env = {p: Tensor(p, span=None) for p in d.params}
-    _Expander(scope, d.text).expand(d.body, env, None, ((d.name, d.arity),))
+_BASE_SCOPE: list = [None, None]  # [globals version, scope of globals + prelude]
+
+
+def _base_scope() -> _Scope:
+    """Globals, then the prelude; rebuilt only after ``define``/``undefine``."""
+    version = globals_version()
+    if _BASE_SCOPE[0] != version:
+        _BASE_SCOPE[1] = _Scope((global_definitions(), prelude()))
+        _BASE_SCOPE[0] = version
+    return _BASE_SCOPE[1]
 
 
 def expand(source, *, text: str | None = None) -> Node:
     """Resolve names and expand definitions in ``source.expr``: the IR the compiler takes.
 
     ``source`` is a parsed ``Source``. Its own definitions shadow globals and the prelude;
-    shadowing a prelude name of the same arity in a source is an error.
+    shadowing a prelude name of the same arity in a source is an error. Identifiers that
+    name nothing become ``Tensor`` parameters; names that collide with attention()'s own
+    keywords are errors.
     """
     text = source.text if text is None else text
-    local = DefinitionTable()
-    for d in source.definitions:
-        _check_shadowing(d, None, False)
-        if local.get(d.name, d.arity) is not None:
-            raise ScoreModDefinitionError(f"'{d.signature}' is defined twice", source=text,
-                                          span=d.name_span or d.span)
-        local.add(d)
-    scope = _Scope((local, global_definitions(), prelude()))
-    for d in source.definitions:
-        _validate_definition(d, scope)
+    scope = _base_scope()
+    if source.definitions:
+        local = DefinitionTable()
+        for d in source.definitions:
+            _check_shadowing(d, override=False, in_source=True)
+            if local.get(d.name, d.arity) is not None:
+                raise make_error(ScoreModDefinitionError, f"'{d.signature}' is defined twice", source=text,
+                                 span=d.name_span or d.span, hint="remove one, or give it another name")
+            local.add(d)
+        scope = scope.with_local(local)
+        _validate_definitions(source.definitions, scope)
     expander = _Expander(scope, text)
     result = expander.expand(source.expr, {}, None, ())
-    for n in walk(result):
-        if isinstance(n, Tensor) and n.name in RESERVED_TENSOR_NAMES:
-            raise ScoreModNameError(
-                f"tensor parameter '{n.name}' collides with a keyword of attention()",
-                source=text, span=n.span, hint=f"rename it, e.g. {n.name}_")
+    if expander.size > MAX_DEPTH:  # definitions can nest deeper than the text does
+        d = depth(result)
+        if d > MAX_DEPTH:
+            raise make_error(
+                ScoreModDefinitionError,
+                f"the expression is nested {d} levels deep once definitions are expanded; the limit is {MAX_DEPTH}",
+                source=text, span=source.expr.span, hint="nest fewer definitions inside each other")
     return result
 
 
@@ -228,43 +249,71 @@ class _Expander:
     def __init__(self, scope: _Scope, text: str):
         self.scope = scope
         self.text = text
-        self.size = 0
+        self.size = 0  # nodes of the expanded tree so far (as a tree: shared arguments count each time)
+        self._sizes: dict[int, tuple[Node, int]] = {}
 
-    def error(self, cls, message, span, hint=None):
-        raise cls(message, source=self.text, span=span, hint=hint)
+    def _tree_size(self, node: Node) -> int:
+        """Size of ``node`` as a tree; arguments are shared, so the tree can be far larger
+        than the number of objects (``f(x) = g(x + x)`` doubles at every level)."""
+        sizes = self._sizes
+        stack = [node]
+        while stack:  # post-order without recursion
+            n = stack[-1]
+            if id(n) in sizes:
+                stack.pop()
+                continue
+            missing = [c for c in n.children() if id(c) not in sizes]
+            if missing:
+                stack.extend(missing)
+            else:  # the node is kept with its size, so its id cannot be reused meanwhile
+                sizes[id(n)] = (n, 1 + sum(sizes[id(c)][1] for c in n.children()))
+                stack.pop()
+        return sizes[id(node)][1]
 
-    def _count(self, node: Node, span) -> None:
-        self.size += 1
+    def _grow(self, n: int, span) -> None:
+        self.size += n
         if self.size > MAX_EXPANDED_NODES:
             self.error(ScoreModDefinitionError,
                        f"the expression expands to more than {MAX_EXPANDED_NODES:_} nodes", span,
-                       "definitions that use a parameter many times multiply; simplify them")
+                       "a definition that uses a parameter several times copies its argument each time; "
+                       "simplify the definitions")
+
+    def error(self, cls, message, span, hint=None):
+        raise make_error(cls, message, source=self.text, span=span, hint=hint)
 
     def expand(self, node: Node, env: dict, call_span, stack) -> Node:
         """Expand ``node``; ``call_span`` (if set) replaces the spans of body nodes."""
-        span = call_span or node.span
-        self._count(node, span)
-        if isinstance(node, (BoolLit, IntLit, RealLit, Var)):
-            return type(node)(*_fields(node), span=span)
-        if isinstance(node, Tensor):  # an opaque parameter during validation
-            return node
-        if isinstance(node, Name):
-            if node.name in env:
-                return env[node.name]
-            return self._call(node.name, (), node, env, call_span, stack, span)
-        if isinstance(node, Call):
+        self.size += 1
+        if self.size > MAX_EXPANDED_NODES:
+            self._grow(0, call_span or node.span)
+        kind = type(node)
+        if kind is Binary:
+            return Binary(node.op, self.expand(node.lhs, env, call_span, stack),
+                          self.expand(node.rhs, env, call_span, stack), span=call_span or node.span)
+        if kind is Call:
             args = tuple(self.expand(a, env, call_span, stack) for a in node.args)
             if node.fn in env:
-                self.error(ScoreModNameError, f"parameter '{node.fn}' is not a function", span)
-            return self._call(node.fn, args, node, env, call_span, stack, span)
-        if isinstance(node, Index):
-            return self._index(node, env, call_span, stack, span)
-        if isinstance(node, Unary):
-            return Unary(node.op, self.expand(node.operand, env, call_span, stack), span=span)
-        if isinstance(node, Binary):
-            return Binary(node.op, self.expand(node.lhs, env, call_span, stack),
-                          self.expand(node.rhs, env, call_span, stack), span=span)
-        raise TypeError(f"unexpected node {type(node).__name__}")
+                self.error(ScoreModNameError, f"parameter '{node.fn}' is not a function", call_span or node.span,
+                           f"a parameter stands for a value; use it as {node.fn}, not {node.fn}(...)")
+            return self._call(node.fn, args, node, call_span or node.span, stack)
+        if kind is Name:
+            if node.name in env:
+                value = env[node.name]
+                if value.children():
+                    self._grow(self._tree_size(value) - 1, call_span or node.span)
+                return value
+            return self._call(node.name, (), node, call_span or node.span, stack)
+        if kind in (BoolLit, IntLit, RealLit, Var):
+            if call_span is None:
+                return node
+            return kind(node.name if kind is Var else node.value, span=call_span)
+        if kind is Unary:
+            return Unary(node.op, self.expand(node.operand, env, call_span, stack), span=call_span or node.span)
+        if kind is Index:
+            return self._index(node, env, call_span, stack, call_span or node.span)
+        if kind is Tensor:  # an opaque parameter during validation
+            return node
+        raise TypeError(f"unexpected node {kind.__name__}")
 
     def _index(self, node: Index, env, call_span, stack, span) -> Node:
         base = self.expand(node.base, env, call_span, stack)
@@ -276,59 +325,149 @@ class _Expander:
             return Tensor(base.name, indices, span=span)
         positional = [n for n in walk(base) if isinstance(n, (Var, Tensor))]
         if positional:
-            what = base if not isinstance(base, Var) else base
-            self.error(ScoreModTypeError, f"only tensors and scalars can be indexed, not {what}", span,
+            self.error(ScoreModTypeError, f"only tensors and scalars can be indexed, not {base}", span,
                        "index a tensor parameter, like ids[b, q]")
         # A scalar indexed with any number of indices is itself (indices align right).
         return base
 
-    def _call(self, name, args, node, env, call_span, stack, span) -> Node:
-        d = self.scope.lookup(name, len(args))
-        if d is not None:
-            key = (d.name, d.arity)
-            if key in stack:
-                chain = " -> ".join(n for n, _ in stack[stack.index(key):]) + f" -> {name}"
-                self.error(ScoreModDefinitionError, f"definition '{d.signature}' is recursive ({chain})", span)
-            body_env = dict(zip(d.params, args))
-            return self.expand(d.body, body_env, span, stack + (key,))
-        if name in BUILTINS and not self.scope.overloads(name):
-            if len(args) not in BUILTINS[name]:
-                n = len(args)
-                self.error(ScoreModNameError,
-                           f"{name} takes {BUILTINS[name][0]} argument{'s' if BUILTINS[name][0] != 1 else ''}, got {n}",
-                           span, f"use {BUILTIN_SIGNATURES[name]}")
-            if not args:
-                self.error(ScoreModNameError, f"'{name}' is a function", span, f"call it: {BUILTIN_SIGNATURES[name]}")
+    def _call(self, name, args, node, span, stack) -> Node:
+        what = self.resolve(name, len(args), isinstance(node, Name), span)
+        if what == "builtin":
             return Call(name, args, span=span)
-        overloads = self.scope.overloads(name)
-        if overloads:
-            sigs = ", ".join(o.signature for o in overloads)
-            n = len(args)
-            if n == 0 and isinstance(node, Name):
-                self.error(ScoreModNameError, f"'{name}' needs arguments", span, f"use {sigs}")
-            self.error(ScoreModNameError,
-                       f"'{name}' takes {_arities(overloads)}, got {n} argument{'s' if n != 1 else ''}",
-                       span, f"use {sigs}")
-        if isinstance(node, Name):
-            # An identifier that is nothing else is a tensor parameter (LANGUAGE.md §5).
+        if what == "tensor":
             return Tensor(name, span=span)
+        d = what
+        key = (d.name, d.arity)
+        if key in stack:
+            chain = " -> ".join(n for n, _ in stack[stack.index(key):]) + f" -> {name}"
+            self.error(ScoreModDefinitionError, f"definition '{d.signature}' is recursive ({chain})", span,
+                       _RECURSION_HINT)
+        return self.expand(d.body, dict(zip(d.params, args)), span, stack + (key,))
+
+    def resolve(self, name: str, nargs: int, bare: bool, span) -> "Definition | str":
+        """What ``name`` with ``nargs`` arguments is: a Definition, "builtin" or "tensor"
+        (``bare``: written without parentheses). Raises the error for anything else."""
+        found = self.scope.by_name.get(name)
+        if found:
+            d = found.get(nargs)
+            if d is not None:
+                return d
+            if not (name in BUILTINS and nargs in BUILTINS[name]):
+                overloads = self.scope.overloads(name)
+                sigs = _or_list([o.signature for o in overloads])
+                if nargs == 0 and bare:
+                    self.error(ScoreModNameError, f"'{name}' needs arguments", span, f"use {sigs}")
+                self.error(ScoreModNameError, f"'{name}' takes {_arities(overloads)}, got {nargs}", span,
+                           f"use {sigs}")
+        if name in BUILTINS:
+            if bare:
+                self.error(ScoreModNameError, f"'{name}' is a function", span, f"call it: {BUILTIN_SIGNATURES[name]}")
+            if nargs not in BUILTINS[name]:
+                want = BUILTINS[name][0]
+                self.error(ScoreModNameError,
+                           f"'{name}' takes {want} argument{'s' if want != 1 else ''}, got {nargs}",
+                           span, f"use {BUILTIN_SIGNATURES[name]}")
+            return "builtin"
+        if bare:
+            # An identifier that is nothing else is a tensor parameter (LANGUAGE.md §5).
+            if name in RESERVED_TENSOR_NAMES:
+                self.error(ScoreModNameError, f"tensor parameter '{name}' collides with a keyword of attention()",
+                           span, f"rename it, e.g. {name}_")
+            return "tensor"
         if name in VARIABLES:
-            self.error(ScoreModNameError, f"'{name}' is a variable, not a function", span)
+            self.error(ScoreModNameError, f"'{name}' is a variable, not a function", span,
+                       f"use it as {name}, e.g. q - kv" if name != "score" else "use it as score, e.g. tanh(score)")
+        if name in CONSTANTS:
+            self.error(ScoreModNameError, f"'{name}' is a constant, not a function", span)
         name_span = (span[0], span[0] + len(name)) if span else None
         suggestion = closest_name(name, self.scope.known_names())
-        hint = f"did you mean '{suggestion}'?" if suggestion else "see `dslc list` for the names there are"
-        self.error(ScoreModNameError, f"unknown name '{name}'" + (f" — did you mean '{suggestion}'?" if suggestion else ""),
-                   name_span, None if suggestion else hint)
+        if suggestion:
+            self.error(ScoreModNameError, f"unknown name '{name}' — did you mean '{suggestion}'?", name_span)
+        self.error(ScoreModNameError, f"unknown name '{name}'", name_span,
+                   "`dslc list` shows every name; a tensor parameter is used without ( ), e.g. ids[b, q]")
+
+
+_RECURSION_HINT = "definitions are macros, expanded before anything runs; they cannot call themselves"
+
+
+def _body_calls(d: Definition, scope: _Scope) -> list[tuple[Definition, tuple[int, int] | None]]:
+    """The definitions ``d``'s body calls, with the span of each call, checking every name in
+    it on the way (without expanding anything: linear in the size of the body)."""
+    ex = _Expander(scope, d.text)
+    params = set(d.params)
+    calls = []
+    for n in walk(d.body):
+        if isinstance(n, Name) and n.name not in params:
+            what = ex.resolve(n.name, 0, True, n.span)
+        elif isinstance(n, Call):
+            if n.fn in params:
+                ex.error(ScoreModNameError, f"parameter '{n.fn}' is not a function", n.span,
+                         f"a parameter stands for a value; use it as {n.fn}, not {n.fn}(...)")
+            what = ex.resolve(n.fn, len(n.args), False, n.span)
+        elif isinstance(n, Index) and any(isinstance(x, Var) for x in walk(n.base)):
+            ex.error(ScoreModTypeError, f"only tensors and scalars can be indexed, not {n.base}", n.span,
+                     "index a tensor parameter, like ids[b, q]")
+        else:
+            continue
+        if isinstance(what, Definition):
+            calls.append((what, n.span))
+    return calls
+
+
+def _validate_definitions(defs, scope: _Scope) -> None:
+    """Check definitions once, without expanding them: every name in a body resolves with
+    the right number of arguments, and no definition reaches itself through its calls."""
+    edges: dict[tuple[str, int], list] = {}
+
+    def calls_of(d: Definition):
+        key = (d.name, d.arity)
+        if key not in edges:
+            edges[key] = _body_calls(d, scope)
+        return edges[key]
+
+    done: set[tuple[str, int]] = set()
+    for root in defs:
+        # Depth-first over the call graph; path holds (definition, span of the call taken from it).
+        path: list[list] = []
+        on_path: dict[tuple[str, int], int] = {}
+
+        def enter(d):
+            on_path[(d.name, d.arity)] = len(path)
+            path.append([d, iter(calls_of(d)), None])
+
+        if (root.name, root.arity) in done:
+            continue
+        enter(root)
+        while path:
+            frame = path[-1]
+            nxt = next(frame[1], None)
+            if nxt is None:
+                path.pop()
+                key = (frame[0].name, frame[0].arity)
+                del on_path[key]
+                done.add(key)
+                continue
+            callee, span = nxt
+            frame[2] = span
+            key = (callee.name, callee.arity)
+            if key in on_path:
+                start = on_path[key]
+                cycle = [f[0] for f in path[start:]]
+                chain = " -> ".join(c.name for c in cycle) + f" -> {callee.name}"
+                where = path[start]
+                raise make_error(ScoreModDefinitionError, f"definition '{callee.signature}' is recursive ({chain})",
+                                 source=where[0].text, span=where[2], hint=_RECURSION_HINT)
+            if key not in done:
+                enter(callee)
+
+
+def _or_list(words: list[str]) -> str:
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " or " + words[-1]
 
 
 def _arities(overloads) -> str:
     ns = [str(o.arity) for o in overloads]
-    words = ns[0] if len(ns) == 1 else ", ".join(ns[:-1]) + " or " + ns[-1]
-    return f"{words} argument{'s' if ns != ['1'] else ''}"
-
-
-def _fields(node):
-    return (node.value,) if not isinstance(node, Var) else (node.name,)
+    return f"{_or_list(ns)} argument{'s' if ns != ['1'] else ''}"
 
 
 def closest_name(name: str, candidates) -> str | None:

@@ -18,11 +18,11 @@ from functools import lru_cache
 from lark import Lark, Transformer, v_args
 from lark.parsers.lalr_analysis import Shift
 
-from scoremod.errors import ScoreModError, ScoreModSyntaxError
+from scoremod.errors import ScoreModSyntaxError
 from scoremod.grammar import grammar_text
 from scoremod.dsl.ast import (
     Binary, BoolLit, Call, Definition, Index, IntLit, Name, Node, RealLit, Source, Unary, Var,
-    VARIABLES, depth,
+    VARIABLES, depth, make_error,
 )
 
 __all__ = ["parse_source", "parse_definitions", "MAX_DEPTH", "MAX_SOURCE_CHARS"]
@@ -74,7 +74,7 @@ class _Build(Transformer):
         self.text = text
 
     def _error(self, message, span, hint=None):
-        raise ScoreModSyntaxError(message, source=self.text, span=span, hint=hint)
+        raise _syntax_error(message, source=self.text, span=span, hint=hint)
 
     # literals and names
     @v_args(inline=True)
@@ -169,6 +169,12 @@ class _Build(Transformer):
                 if a.name in seen:
                     self._error(f"parameter '{a.name}' appears twice", a.span)
                 seen.add(a.name)
+        elif isinstance(lhs, Var):
+            self._error(f"'{lhs.name}' is a built-in variable and cannot be defined", lhs.span,
+                        "choose another name; to compare, write ==")
+        elif isinstance(lhs, BoolLit) or (isinstance(lhs, RealLit) and _span_text(self.text, lhs) == "inf"):
+            self._error(f"'{_span_text(self.text, lhs)}' is a constant and cannot be defined", lhs.span,
+                        "choose another name")
         else:
             self._error("the left side of '=' must be a name or name(parameters)", lhs.span,
                         "write a definition like swa(w) = causal & window(w); compare with '=='")
@@ -197,6 +203,14 @@ class _Build(Transformer):
 
     def definitions(self, children):
         return tuple(c for c in children if c is not None)
+
+
+def _syntax_error(message, **kw) -> ScoreModSyntaxError:
+    return make_error(ScoreModSyntaxError, message, **kw)
+
+
+def _span_text(text: str, node: Node) -> str:
+    return text[node.span[0]:node.span[1]] if node.span else str(node)
 
 
 def _name_span(call: Call) -> tuple[int, int]:
@@ -250,11 +264,6 @@ def _tables() -> _Tables:
                         maybe_placeholders=True, transformer=_BUILDER))
 
 
-def _parser() -> Lark:
-    """Kept for callers that want the Lark object (e.g. to inspect the grammar)."""
-    return Lark(grammar_text(), parser="lalr", start=["source", "definitions"], maybe_placeholders=True)
-
-
 def _lex(text: str, tables: _Tables) -> list[_Token]:
     """Tokens of ``text``; a newline inside (...) or [...] is whitespace, outside it ends a
     definition. Brackets must balance: that is checked here, for a clear message."""
@@ -266,8 +275,8 @@ def _lex(text: str, tables: _Tables) -> list[_Token]:
     while pos < n:
         m = match(text, pos)
         if m is None or m.end() == pos:
-            raise ScoreModSyntaxError(f"unexpected character {text[pos]!r}", source=text,
-                                      span=(pos, pos + 1), hint=_char_hint(text, pos))
+            raise _syntax_error(f"unexpected character {text[pos]!r}", source=text,
+                                span=(pos, pos + 1), hint=_char_hint(text, pos))
         kind, end = m.lastgroup, m.end()
         if kind in ignore or (kind == "_NL" and opened):
             pos = end
@@ -277,12 +286,12 @@ def _lex(text: str, tables: _Tables) -> list[_Token]:
             opened.append(tok)
         elif kind in _CLOSERS:
             if not opened:
-                raise ScoreModSyntaxError(f"unmatched {tok!r}", source=text, span=(pos, end),
-                                          hint=f"remove it, or add {_BRACKET_TEXT[_CLOSERS[kind]]!r} before it")
+                raise _syntax_error(f"unmatched {tok!r}", source=text, span=(pos, end),
+                                    hint=f"remove it, or add {_BRACKET_TEXT[_CLOSERS[kind]]!r} before it")
             opener = opened.pop()
             if _OPENERS[opener.type] != kind:
                 want = _BRACKET_TEXT[_OPENERS[opener.type]]
-                raise ScoreModSyntaxError(
+                raise _syntax_error(
                     f"{tok!r} does not match the {opener!r} at column {_column(text, opener.start_pos)}",
                     source=text, span=(pos, end), hint=f"close {opener!r} with {want!r}")
         tokens.append(tok)
@@ -290,8 +299,8 @@ def _lex(text: str, tables: _Tables) -> list[_Token]:
     if opened:
         opener = opened[-1]
         want = _BRACKET_TEXT[_OPENERS[opener.type]]
-        raise ScoreModSyntaxError(f"{opener!r} is never closed", source=text,
-                                  span=(opener.start_pos, opener.end_pos), hint=f"add {want!r}")
+        raise _syntax_error(f"{opener!r} is never closed", source=text,
+                            span=(opener.start_pos, opener.end_pos), hint=f"add {want!r}")
     end = len(text.rstrip())
     tokens.append(_Token("$END", "", end, end))
     return tokens
@@ -344,29 +353,40 @@ def _unexpected(text, tok, prev, row, values, start, tables) -> ScoreModSyntaxEr
         in_definition = any(isinstance(v, _Token) and v.type == "EQUAL" for v in values)
         if start == "source" and (defs or in_definition):
             if not in_definition or expected & {"_NL", "SEMICOLON"}:
-                return ScoreModSyntaxError(
+                return _syntax_error(
                     "a source needs an expression after its definitions", source=text,
                     span=defs[-1].span if defs and not in_definition else span,
                     hint="add the expression on a new line, e.g. " + _example_use(defs))
         if start == "definitions" and not in_definition:
-            return ScoreModSyntaxError("expected '=': this is not a definition", source=text, span=span,
-                                       hint="a definition is name(params) = expr, e.g. swa(w) = causal & window(w)")
-        return ScoreModSyntaxError("unexpected end of source", source=text, span=span,
-                                   hint=_expect_hint(expected, tok, tables))
+            return _syntax_error("expected '=': this is not a definition", source=text, span=span,
+                                 hint="a definition is name(params) = expr, e.g. swa(w) = causal & window(w)")
+        return _syntax_error("unexpected end of source", source=text, span=span,
+                             hint=_expect_hint(expected, tok, tables))
     if tok.type == "EQUAL":
-        return ScoreModSyntaxError("unexpected '='", source=text, span=span,
-                                   hint="use == to compare; a definition is name(params) = expr on its own line")
+        return _syntax_error("unexpected '='", source=text, span=span,
+                             hint="use == to compare; a definition is name(params) = expr on its own line")
     if tok.type == "_NL":
         hint = _expect_hint(expected, tok, tables)
         if expected & _OPERAND_START:
             hint = "a newline ends the expression here; to go on, wrap it in ( ) or end the line with \\"
-        return ScoreModSyntaxError("unexpected newline", source=text, span=span, hint=hint)
+        return _syntax_error("unexpected newline", source=text, span=span, hint=hint)
+    if prev is not None and prev.type in ("INT", "REAL") and prev.end_pos == tok.start_pos and tok.type == "NAME":
+        if str(prev) == "0" and str(tok)[0] in "xXoObB":
+            hint = "numbers are written in decimal"
+        elif str(tok)[0] in "eE":
+            hint = "an exponent needs digits, e.g. 1e3"
+        elif str(tok)[0] == "_":
+            hint = "'_' goes between digits, as in 4_096"
+        else:
+            hint = "a name cannot start with a digit"
+        return _syntax_error(f"unexpected {str(tok)!r} after the number {str(prev)!r}", source=text,
+                             span=(prev.start_pos, tok.end_pos), hint=hint)
     if prev is not None and prev.type in ("_NL", "SEMICOLON") and start == "source" and "$END" in expected:
-        return ScoreModSyntaxError(
+        return _syntax_error(
             "a second expression: a source is definitions followed by one expression", source=text, span=span,
             hint="combine expressions with & or +, or write name(params) = ... to define a name")
-    return ScoreModSyntaxError(f"unexpected {str(tok)!r}", source=text, span=span,
-                               hint=_expect_hint(expected, tok, tables))
+    return _syntax_error(f"unexpected {str(tok)!r}", source=text, span=span,
+                         hint=_expect_hint(expected, tok, tables))
 
 
 def _example_use(defs) -> str:
@@ -408,9 +428,15 @@ def _char_hint(text: str, pos: int) -> str | None:
     return None
 
 
-def _in_comment(text: str, i: int) -> bool:
-    line_start = text.rfind("\n", 0, i) + 1
-    return "#" in text[line_start:i]
+def _first_non_ascii_outside_comments(text: str) -> int | None:
+    """Offset of the first non-ASCII character that is not in a comment (linear time)."""
+    pos = 0
+    for line in text.split("\n"):
+        code = line.split("#", 1)[0]
+        if not code.isascii():
+            return pos + next(i for i, ch in enumerate(code) if ord(ch) > 127)
+        pos += len(line) + 1
+    return None
 
 
 def _unicode_hint(ch: str) -> str:
@@ -425,14 +451,14 @@ def _unicode_hint(ch: str) -> str:
 
 def _precheck(text, start: str) -> None:
     if not isinstance(text, str):
-        raise ScoreModSyntaxError(f"a source must be a string, got {type(text).__name__}")
+        raise _syntax_error(f"a source must be a string, got {type(text).__name__}")
     if len(text) > MAX_SOURCE_CHARS:
-        raise ScoreModSyntaxError(f"source is {len(text):_} characters; the limit is {MAX_SOURCE_CHARS:_}")
+        raise _syntax_error(f"source is {len(text):_} characters; the limit is {MAX_SOURCE_CHARS:_}")
     if not text.isascii():
-        bad = next((i for i, ch in enumerate(text) if ord(ch) > 127 and not _in_comment(text, i)), None)
+        bad = _first_non_ascii_outside_comments(text)
         if bad is not None:
-            raise ScoreModSyntaxError(f"unexpected character {text[bad]!r} (U+{ord(text[bad]):04X})",
-                                      source=text, span=(bad, bad + 1), hint=_unicode_hint(text[bad]))
+            raise _syntax_error(f"unexpected character {text[bad]!r} (U+{ord(text[bad]):04X})",
+                                source=text, span=(bad, bad + 1), hint=_unicode_hint(text[bad]))
 
 
 def _parse(text: str, start: str):
@@ -441,8 +467,8 @@ def _parse(text: str, start: str):
     tokens = _lex(text, tables)
     if all(t.type in ("_NL", "SEMICOLON") for t in tokens[:-1]):
         what = "an expression" if start == "source" else "a definition"
-        raise ScoreModSyntaxError(f"empty source: expected {what}",
-                                  hint="for example: causal & window(1024)")
+        raise _syntax_error(f"empty source: expected {what}",
+                            hint="for example: causal & window(1024)")
     with _LOCK:
         _BUILDER.text = text
         result = _run(text, tokens, start, tables)
@@ -454,9 +480,9 @@ def _check_depth(node: Node, text: str, num_tokens: int) -> None:
         return
     d = depth(node)
     if d > MAX_DEPTH:
-        raise ScoreModSyntaxError(f"expression is nested {d} levels deep; the limit is {MAX_DEPTH}",
-                                  source=text, span=node.span,
-                                  hint="split it into definitions, or sum fewer terms")
+        raise _syntax_error(f"expression is nested {d} levels deep; the limit is {MAX_DEPTH}",
+                            source=text, span=node.span,
+                            hint="split it into definitions, or sum fewer terms")
 
 
 def parse_source(text: str) -> Source:

@@ -67,8 +67,8 @@ def _emit_bare(node: Node) -> str:
         if node.op == "~":
             return "~" + _emit(node.operand, 3)
         inner = _emit(node.operand, 7)
-        # `- -x` would lex as two minus signs anyway, but keep it readable.
-        return "-" + inner if not inner.startswith("-") else f"-({inner})"
+        # `--x` would lex as two minus signs too; the space keeps it readable.
+        return "-" + inner if not inner.startswith("-") else "- " + inner
     if isinstance(node, Binary):
         level = _LEVEL[node.op]
         if node.op == "**":  # right-associative; the exponent is a unary

@@ -8,7 +8,9 @@ is where a mask may act as a ``-inf`` bias; anywhere else that is an error.
 from __future__ import annotations
 
 from scoremod.errors import ScoreModTypeError
-from scoremod.dsl.ast import Binary, BoolLit, Call, IntLit, Node, RealLit, Tensor, Unary, Var, COMPARE_OPS
+from scoremod.dsl.ast import (
+    Binary, BoolLit, Call, IntLit, Node, RealLit, Tensor, Unary, Var, COMPARE_OPS, make_error, mentions,
+)
 
 __all__ = ["BOOL", "INT", "REAL", "NUM", "check", "type_of", "top_level_parts"]
 
@@ -38,36 +40,62 @@ def top_level_parts(node: Node) -> list[Node]:
 
 
 class _Checker:
-    def __init__(self, text: str | None):
+    def __init__(self, text: str | None, root: Node | None = None):
         self.text = text
+        self.root = root
         self.memo: dict[int, str] = {}
+        self._from_bodies: set[int] | None = None
 
     def snippet(self, node: Node) -> str:
-        if self.text is not None and node.span is not None:
+        """How the message names ``node``: its text in the source where it was written
+        there, else (a node from a definition's body, which carries the call's span) its
+        printed form."""
+        if self.text is not None and node.span is not None and id(node) not in self.from_bodies():
             s = self.text[node.span[0]:node.span[1]]
             if len(s) <= 60:
                 return s
         s = str(node)
         return s if len(s) <= 60 else s[:57] + "..."
 
+    def from_bodies(self) -> set[int]:
+        """Nodes whose parent has the same span: they were expanded from a definition's body."""
+        if self._from_bodies is None:
+            self._from_bodies = set()
+            stack = [self.root] if self.root is not None else []
+            while stack:
+                n = stack.pop()
+                for c in n.children():
+                    if c.span is not None and c.span == n.span:
+                        self._from_bodies.add(id(c))
+                    stack.append(c)
+        return self._from_bodies
+
     def error(self, message, node, hint=None):
-        raise ScoreModTypeError(message, source=self.text, span=node.span, hint=hint)
+        raise make_error(ScoreModTypeError, message, source=self.text, span=node.span, hint=hint)
 
     def top(self, node: Node) -> str:
         """Type of the whole expression, where masks may act as -inf biases."""
+        return self._top(node)[0]
+
+    def _top(self, node: Node) -> tuple[str, bool]:
+        """(type, whether the chain under ``node`` has a mask part) of a top-level chain of
+        ``+``/``&``. '&' needs a mask somewhere on one of its sides: ``softcap(30) & causal +
+        alibi(8)`` means the same as ``(softcap(30) & causal) + alibi(8)`` (LANGUAGE.md §1:
+        however it is bracketed), while ``alibi(8) & alibi(4)`` is a mistake for '+'."""
         if isinstance(node, Binary) and node.op in ("+", "&"):
-            a, b = self.top(node.lhs), self.top(node.rhs)
+            (a, ma), (b, mb) = self._top(node.lhs), self._top(node.rhs)
             if a == BOOL and b == BOOL:
-                return BOOL
-            if node.op == "&" and a != BOOL and b != BOOL:
+                return BOOL, True
+            if node.op == "&" and not ma and not mb:
                 ka, kb = _kind_word(node.lhs), _kind_word(node.rhs)
                 kinds = ka if ka == kb else f"{ka} and {kb}"
                 self.error(f"'&' needs a mask on at least one side; {self.snippet(node.lhs)} and "
                            f"{self.snippet(node.rhs)} are {kinds}", node, "add biases with '+'")
             if BOOL in (a, b):
-                return REAL  # the mask reads as a bias: 0 where it holds, -inf elsewhere
-            return _promote(a, b)
-        return self.inner(node)
+                return REAL, True  # the mask reads as a bias: 0 where it holds, -inf elsewhere
+            return _promote(a, b), ma or mb
+        t = self.inner(node)
+        return t, t == BOOL
 
     def inner(self, node: Node) -> str:
         key = id(node)
@@ -109,13 +137,28 @@ class _Checker:
             return NUM
         if isinstance(node, Unary):
             if node.op == "~":
-                return self.mask(node.operand, "'~'")
+                try:
+                    return self.mask(node.operand, "'~'")
+                except ScoreModTypeError as exc:
+                    raise self._not_precedence_hint(node, exc) from None
             return self.number(node.operand, "unary '-'")
         if isinstance(node, Binary):
             return self._binary(node)
         if isinstance(node, Call):
             return self._call(node)
         raise TypeError(f"unexpected node {type(node).__name__}")
+
+    def _not_precedence_hint(self, node: Unary, exc: ScoreModTypeError) -> ScoreModTypeError:
+        """``~a + b`` is ``~(a + b)``: when that is what went wrong, say so."""
+        operand = node.operand
+        if not (isinstance(operand, Binary) and operand.op == "+" and self.text and node.span and operand.span):
+            return exc
+        before = self.text[node.span[0] + 1:operand.span[0]].strip()
+        after = self.text[operand.span[1]:].lstrip()[:1]
+        if before == "(" and after == ")":  # ~(a + b), written as meant
+            return exc
+        return make_error(ScoreModTypeError, exc.message, source=exc.source, span=exc.span,
+                          hint="'~' binds more loosely than '+': ~a + b means ~(a + b); write (~a) + b")
 
     def _binary(self, node: Binary) -> str:
         op = node.op
@@ -140,9 +183,11 @@ class _Checker:
             a, b = self.inner(node.lhs), self.inner(node.rhs)
             if (a == BOOL) != (b == BOOL):
                 m = node.lhs if a == BOOL else node.rhs
-                self.error(f"'{op}' compares a mask with a number ({self.snippet(m)} is a mask)", node)
+                self.error(f"'{op}' compares a mask with a number ({self.snippet(m)} is a mask)", node,
+                           "compare numbers with numbers; combine masks with & and |")
             if a == BOOL and op not in ("==", "!="):
-                self.error(f"'{op}' needs numbers; masks can only be compared with == and !=", node)
+                self.error(f"'{op}' needs numbers; masks can only be compared with == and !=", node,
+                           "combine masks with &, | and ~")
             return BOOL
         a = self.number(node.lhs, f"'{op}'")
         b = self.number(node.rhs, f"'{op}'")
@@ -156,7 +201,8 @@ class _Checker:
             self.mask(args[0], "where's first argument")
             a, b = self.inner(args[1]), self.inner(args[2])
             if (a == BOOL) != (b == BOOL):
-                self.error("where's branches must both be masks or both be numbers", node)
+                self.error("where's branches must both be masks or both be numbers", node,
+                           "to use a mask as a number write where(mask, 1, 0)")
             return BOOL if a == BOOL else _promote(a, b)
         types = [self.number(a, f"{fn}()") for a in args]
         if fn in ("abs", "sign", "min", "max", "clip"):
@@ -170,17 +216,15 @@ class _Checker:
 
 
 def _kind_word(node: Node) -> str:
-    return "transforms" if any(isinstance(n, Var) and n.name == "score" for n in _walk(node)) else "biases"
-
-
-def _walk(node):
-    from scoremod.dsl.ast import walk
-    return walk(node)
+    return "transforms" if mentions(node, "score") else "biases"
 
 
 def check(node: Node, text: str | None = None) -> str:
-    """Type of the top-level expression ``node``; raises ``ScoreModTypeError``."""
-    return _Checker(text).top(node)
+    """Type of the top-level expression ``node``; raises ``ScoreModTypeError``.
+
+    ``text`` is the source ``node`` was expanded from (for carets and snippets).
+    """
+    return _Checker(text, node).top(node)
 
 
 def type_of(node: Node) -> str:

@@ -16,10 +16,12 @@ __all__ = ["main"]
 
 def _cmd_check(args) -> int:
     from scoremod.compiler.mod import compile_mod
+    from scoremod.dsl.ast import BoolLit
     from scoremod.errors import ScoreModError
 
+    source = sys.stdin.read() if args.source == "-" else args.source
     try:
-        mod = compile_mod(args.source)
+        mod = compile_mod(source)
     except ScoreModError as exc:
         print(exc, file=sys.stderr)
         return 1
@@ -27,13 +29,14 @@ def _cmd_check(args) -> int:
     print(f"canonical: {mod}")
     if mod.tensors:
         print(f"tensors: {', '.join(mod.tensors)}")
+    if mod.canonical.mask == BoolLit(False):
+        print("warning: the mask is false everywhere: every logit is -inf and every row's output is 0",
+              file=sys.stderr)
     return 0
 
 
 def _cmd_list(args) -> int:
     from scoremod.dsl.definitions import BUILTIN_DOCS, BUILTIN_SIGNATURES, global_definitions, prelude
-    from scoremod.dsl.typecheck import BOOL, check
-    from scoremod.dsl.ast import mentions
 
     rows = []
     for table in (prelude(), global_definitions()):
@@ -49,16 +52,16 @@ def _cmd_list(args) -> int:
 
 def _definition_kind(d) -> str:
     """mask / bias / transform for a definition, typing its body with opaque arguments."""
-    from scoremod.dsl.ast import Tensor, mentions
+    from scoremod.dsl.ast import Call, Name, Source, mentions
     from scoremod.dsl.definitions import expand
-    from scoremod.dsl.ast import Source, Call, Name
     from scoremod.dsl.typecheck import BOOL, check
+    from scoremod.errors import ScoreModError
 
     try:
-        call = Call(d.name, tuple(Name(f"__arg{i}") for i in range(d.arity))) if d.arity else Name(d.name)
+        call = Call(d.name, tuple(Name(f"arg{i}_") for i in range(d.arity))) if d.arity else Name(d.name)
         expr = expand(Source((), call, text=""), text=d.signature)
         t = check(expr)
-    except Exception:  # a definition whose kind depends on its arguments
+    except ScoreModError:  # a definition whose kind depends on its arguments
         return "macro"
     if t == BOOL:
         return "mask"
@@ -102,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check", help="parse and type a source; exit 1 with the error if it is wrong",
                        description="Parse, expand and type SOURCE. Prints its kind and canonical form; "
                                    "on a mistake prints the error with a caret and exits 1.")
-    p.add_argument("source", metavar="SOURCE", help='a source, e.g. "causal & window(1024)"')
+    p.add_argument("source", metavar="SOURCE",
+                   help='a source, e.g. "causal & window(1024)"; - reads it from standard input')
     p.set_defaults(run=_cmd_check)
 
     p = sub.add_parser("list", help="every prelude, global and built-in name with its kind and doc",

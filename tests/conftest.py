@@ -1,0 +1,60 @@
+"""Shared test setup: Hypothesis profiles, the ``gpu`` and ``slow`` markers, test helpers on the path.
+
+Profiles (choose with the environment variable ``HYPOTHESIS_PROFILE``):
+
+* ``ci`` (default): derandomized (the same examples on every run and machine), few
+  examples, no deadline. This is what ``pytest`` runs in CI.
+* ``dev``: random, many more examples, for hunting bugs locally:
+  ``HYPOTHESIS_PROFILE=dev pytest tests/test_dsl_roundtrip.py``.
+
+Markers:
+
+* ``@pytest.mark.gpu``: needs a GPU backend; skipped unless ``jax.default_backend() == "gpu"``.
+* ``@pytest.mark.slow``: long; skipped unless ``SCOREMOD_SLOW=1``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from functools import lru_cache
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+# tests/evaluator.py and tests/strategies.py are imported as top-level modules.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+settings.register_profile(
+    "ci", derandomize=True, max_examples=40, deadline=None, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile(
+    "dev", max_examples=1000, deadline=None, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a GPU backend (skipped elsewhere)")
+    config.addinivalue_line("markers", "slow: long-running; skipped unless SCOREMOD_SLOW=1")
+
+
+@lru_cache(maxsize=None)
+def _has_gpu() -> bool:
+    try:
+        import jax
+        return jax.default_backend() == "gpu"
+    except Exception:  # no jax, or no backend at all: certainly no GPU
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    run_slow = os.environ.get("SCOREMOD_SLOW") == "1"
+    skip_slow = pytest.mark.skip(reason="slow: set SCOREMOD_SLOW=1 to run")
+    skip_gpu = pytest.mark.skip(reason="needs a GPU backend (jax.default_backend() != 'gpu')")
+    for item in items:
+        if "slow" in item.keywords and not run_slow:
+            item.add_marker(skip_slow)
+        # Importing jax is only paid for when some collected test needs a GPU.
+        if "gpu" in item.keywords and not _has_gpu():
+            item.add_marker(skip_gpu)

@@ -1,0 +1,94 @@
+"""``dslc`` (``python -m scoremod``): check, list, show and --help, through a subprocess like a
+user runs them; exit codes 0 / 1 (2 for usage errors, as argparse does)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from scoremod.cli import main
+from scoremod.dsl.definitions import BUILTIN_SIGNATURES, prelude
+
+
+def dslc(*args, stdin=None):
+    return subprocess.run([sys.executable, "-m", "scoremod", *args], input=stdin, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_check_ok():
+    r = dslc("check", "causal & window(1024) + alibi(8)")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("ok: bias\ncanonical: ")
+    assert r.stderr == ""
+
+
+def test_check_error_has_message_caret_and_exit_1():
+    r = dslc("check", "causal & windw(128)")
+    assert r.returncode == 1
+    assert r.stdout == ""
+    assert r.stderr == ("error: unknown name 'windw' — did you mean 'window'?\n"
+                        "  causal & windw(128)\n"
+                        "           ^^^^^\n")
+
+
+def test_check_reads_stdin_and_warns_when_everything_is_masked():
+    r = dslc("check", "-", stdin="swa(w) = causal & window(w)\nswa(4) & doc(ids)\n")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[0] == "ok: mask"
+    assert r.stdout.splitlines()[-1] == "tensors: ids"
+    r = dslc("check", "causal & false + alibi(8)")
+    assert r.returncode == 0
+    assert "warning: the mask is false everywhere" in r.stderr
+
+
+def test_list_shows_every_name_with_its_kind():
+    r = dslc("list")
+    assert r.returncode == 0
+    lines = r.stdout.splitlines()
+    for d in prelude():
+        assert any(line.startswith(d.signature + " ") for line in lines), d.signature
+    for sig in BUILTIN_SIGNATURES.values():
+        assert any(line.startswith(sig + " ") for line in lines), sig
+    kinds = {line.split()[0]: line.split()[1] for line in lines if not line.startswith(("window(l", "doc(q"))}
+    assert kinds["causal"] == "mask" and kinds["alibi(n)"] == "bias" and kinds["softcap(c)"] == "transform"
+
+
+def test_show():
+    r = dslc("show", "window")
+    assert r.returncode == 0
+    assert "window(w) = abs(q - kv) < w" in r.stdout
+    assert "window(l, r) = kv >= q - l & kv <= q + r" in r.stdout
+    assert "kind: mask" in r.stdout
+    r = dslc("show", "windw")
+    assert r.returncode == 1
+    assert "unknown name 'windw' — did you mean 'window'?" in r.stderr
+
+
+@pytest.mark.parametrize("command", ["check", "list", "show", "explain"])
+def test_help_for_each_subcommand(command):
+    r = dslc(command, "--help")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(f"usage: dslc {command}")
+
+
+def test_top_level_help_and_usage_errors():
+    r = dslc("--help")
+    assert r.returncode == 0
+    for command in ("check", "list", "show", "explain"):
+        assert command in r.stdout
+    assert dslc().returncode == 2
+
+
+# In-process (fast) checks of the same entry point.
+
+def test_main_in_process(capsys):
+    assert main(["check", "doc(ids) & causal"]) == 0
+    out = capsys.readouterr().out
+    assert "ok: mask" in out and "tensors: ids" in out
+    assert main(["check", "q < kv < 3"]) == 1
+    err = capsys.readouterr().err
+    assert "comparisons do not chain" in err and "^" in err
+    assert main(["show", "abs"]) == 0
+    assert "built-in function" in capsys.readouterr().out
