@@ -98,6 +98,7 @@ def canonicalize(expr: Node) -> Canonical:
     transforms: list[Node] = []
     biases: list[Node] = []
     pending = list(top_level_parts(expr))
+    is_real = any(type_of_part(p) != BOOL for p in pending)
     while pending:
         part = pending.pop(0)
         if type_of_part(part) == BOOL:
@@ -124,6 +125,10 @@ def canonicalize(expr: Node) -> Canonical:
     bias = _simplified_sum(biases)
     if bias is not None and isinstance(bias, (IntLit, RealLit)) and bias.value == 0:
         bias = None
+    if transform is None and is_real and mentions(mask, "score"):
+        # A real expression that mentions score only in a mask is still a transform
+        # (LANGUAGE.md §1: logit = E), so the score is not added: T(score) = 0.
+        transform = IntLit(0)
     return Canonical(mask, transform, bias)
 
 

@@ -100,11 +100,11 @@ def test_tricky_forms_keep_their_meaning(text):
     assert_same_logits(canonical_logits(mod, scores, tensors=tensors), want, f"{text!r} -> M, T, B of {mod}")
 
 
-@pytest.mark.xfail(strict=True, reason="compiler bug: a mask that mentions score makes the expression a "
-                                       "transform (LANGUAGE §1: logit = E), but canonicalize() reads the rest "
-                                       "as a bias and adds score")
 def test_a_mask_mentioning_score_makes_a_transform():
     text = "(score > 0) & alibi(8)"
     scores = np.array([[[[1.0, -1.0], [2.0, 3.0]]]])
     want = evaluate_logits(text, scores=scores)  # alibi where score > 0, -inf elsewhere; score not added
-    assert_same_logits(canonical_logits(scoremod.compile(text), scores), want, text)
+    mod = scoremod.compile(text)
+    assert mod.kind == "transform"
+    assert_same_logits(canonical_logits(mod, scores), want, text)
+    assert scoremod.compile(str(mod)) == mod
