@@ -101,10 +101,16 @@ class Mod:
         return tensors
 
     def explain(self, q_len: int, kv_len: int | None = None, block=(128, 128), batch: int = 1,
-                heads: int = 1, **tensors):
-        """What would run for these sizes: see ``scoremod.compiler.explain.explain``."""
+                heads: int = 1, *, q_offset=0, kv_offset=0, width: int | None = None, **tensors):
+        """What would run for these sizes: canonical form, lowering, block counts, density
+        and the block grid. ``str()`` of the result is the text report; ``.to_dict()`` /
+        ``.to_json()`` the machine-readable one (see ``scoremod.compiler.explain``).
+
+            >>> print(scoremod.compile("causal & window(1024)").explain(8192))
+        """
         from scoremod.compiler.explain import explain
-        return explain(self, q_len, kv_len, block=block, batch=batch, heads=heads, **tensors)
+        return explain(self, q_len, kv_len, block=block, batch=batch, heads=heads,
+                       q_offset=q_offset, kv_offset=kv_offset, width=width, **tensors)
 
     def __repr__(self) -> str:
         return f"Mod({str(self)!r}, kind={self.kind!r}, tensors={self.tensors!r})"

@@ -16,19 +16,40 @@ into account), else the batch size / number of query heads.
 nq = ceil(q_len / block_q), nk = ceil(kv_len / block_kv). A ragged last block is
 classified on its valid positions only. Arrays are NumPy for static masks (built at
 trace time, cached) and jax arrays from the jittable builder for masks that read
-tensors or take per-batch offsets. BlockPlan is a jax pytree (sizes are static).
+tensors or take array offsets. BlockPlan is a jax pytree (sizes are static).
+``kv_full``/``q_full`` are 0 past the counts.
+
+Builders:
+  build_plan(mask, *, q_len, kv_len, block_q, block_kv, batch, heads, q_offset, kv_offset, tensors)
+  plan_from_classes(classes, *, q_len, kv_len, block_q, block_kv)
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from functools import lru_cache
+from typing import Any, Mapping
 
 import jax
+import numpy as np
 
-__all__ = ["BlockPlan", "EMPTY", "PARTIAL", "FULL"]
+from scoremod.errors import ScoreModShapeError, ScoreModTensorError
+from scoremod.dsl.ast import Node, tensor_names
+from scoremod.compiler.intervals import (
+    EMPTY, FULL, PARTIAL, BlockGrid, PositionBlocks, batch_head_dependence, classify_blocks,
+)
+from scoremod.compiler.tensors import check_tensors, mask_of
 
-EMPTY, PARTIAL, FULL = 0, 1, 2
+__all__ = [
+    "BlockPlan", "EMPTY", "PARTIAL", "FULL", "build_plan", "plan_from_classes", "plan_grid_shape",
+    "validate_plan_sizes", "check_tensors", "MAX_GRID_CELLS", "TRACE_COUNTS",
+]
+
+# Largest block grid B' * H' * nq * nk a plan may have (int32 flat indices; ~1.4 GB of plan).
+MAX_GRID_CELLS = 2**28
+
+# How many times the jax builder was traced (tests check that new tensor values never retrace).
+TRACE_COUNTS = {"jax_builder": 0}
 
 
 @jax.tree_util.register_pytree_node_class
@@ -56,6 +77,17 @@ class BlockPlan:
     def num_kv_blocks(self) -> int:
         return -(-self.kv_len // self.block_kv)
 
+    @property
+    def grid_shape(self) -> tuple[int, int, int, int]:
+        """``(B', H', nq, nk)``."""
+        return tuple(self.classes.shape)
+
+    @property
+    def metadata_bytes(self) -> int:
+        """Bytes of what kernels read (counts, indices, full flags, both directions)."""
+        return sum(int(np.prod(getattr(self, n).shape)) * np.dtype(getattr(self, n).dtype).itemsize
+                   for n in self._ARRAYS[1:])
+
     def tree_flatten(self):
         return (tuple(getattr(self, n) for n in self._ARRAYS),
                 (self.block_q, self.block_kv, self.q_len, self.kv_len))
@@ -63,3 +95,206 @@ class BlockPlan:
     @classmethod
     def tree_unflatten(cls, aux, children):
         return cls(*aux, *children)
+
+
+# ---- validation ---------------------------------------------------------------------------
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise ScoreModShapeError(f"{name}={value!r} must be a positive int")
+    return int(value)
+
+
+def validate_plan_sizes(*, q_len, kv_len, block_q, block_kv, batch=1, heads=1) -> None:
+    """Raise ``ScoreModShapeError`` for non-positive sizes or block sizes not powers of two."""
+    for name, value in (("q_len", q_len), ("kv_len", kv_len), ("batch", batch), ("heads", heads),
+                        ("block_q", block_q), ("block_kv", block_kv)):
+        _positive_int(name, value)
+    for name, value in (("block_q", block_q), ("block_kv", block_kv)):
+        if value & (value - 1):
+            raise ScoreModShapeError(f"{name}={value} must be a power of two",
+                                     hint="for example 64 or 128")
+
+
+def _check_offset(name: str, offset, batch: int):
+    if isinstance(offset, bool):
+        raise ScoreModShapeError(f"{name}={offset!r} must be an int or an int[B] array")
+    if isinstance(offset, (int, np.integer)):
+        return int(offset)
+    shape = np.shape(offset)
+    dtype = np.dtype(offset.dtype) if hasattr(offset, "dtype") else np.asarray(offset).dtype
+    if dtype.kind not in "iu" or shape not in ((), (batch,)):
+        raise ScoreModShapeError(
+            f"{name} must be an int or an int array of shape [{batch}] (the batch), got "
+            f"{dtype} array of shape {list(shape)}")
+    return offset
+
+
+def plan_grid_shape(mask, *, q_len, kv_len, block_q, block_kv, batch=1, heads=1, q_offset=0, kv_offset=0,
+                    tensors: Mapping[str, Any] | None = None) -> tuple[int, int, int, int]:
+    """``(B', H', nq, nk)`` of the plan ``build_plan`` would make (nothing is computed)."""
+    mask = mask_of(mask)
+    shapes = {k: np.shape(v) for k, v in (tensors or {}).items()}
+    dep_b, dep_h = batch_head_dependence(mask, shapes, q_per_batch=np.ndim(q_offset) == 1,
+                                         kv_per_batch=np.ndim(kv_offset) == 1)
+    return (batch if dep_b else 1, heads if dep_h else 1, -(-q_len // block_q), -(-kv_len // block_kv))
+
+
+# ---- from classes to the compact layout ---------------------------------------------------
+
+def _transposed(planes: np.ndarray, tile: int = 1024) -> np.ndarray:
+    """A contiguous copy of ``planes`` [P, n, m] with the last two axes swapped, copied
+    tile by tile (cache-friendly: about twice as fast as ``np.ascontiguousarray`` of the
+    swapped view for large int8 grids)."""
+    P, n, m = planes.shape
+    out = np.empty((P, m, n), planes.dtype)
+    for p in range(P):
+        for i in range(0, n, tile):
+            for j in range(0, m, tile):
+                out[p, j:j + tile, i:i + tile] = planes[p, i:i + tile, j:j + tile].T
+    return out
+
+
+def _compact_numpy(classes: np.ndarray):
+    """counts [P, n], indices [P, n, m], full [P, n, m] of classes [P, n, m] (NumPy).
+
+    Works a slice of rows at a time: ``np.nonzero`` lists the non-empty blocks row by row
+    in order, which is the compact layout; each is written at its rank within its row.
+    """
+    planes, n, m = classes.shape
+    counts = np.empty((planes, n), np.int32)
+    indices = np.empty((planes, n, m), np.int32)
+    full = np.zeros((planes, n, m), np.int8)
+    step = max(1, (1 << 22) // m)
+    for p in range(planes):
+        for first in range(0, n, step):
+            part = classes[p, first:first + step]
+            nonempty = part != EMPTY
+            count = nonempty.sum(axis=1, dtype=np.int32)
+            row, col = np.nonzero(nonempty)
+            ends = np.cumsum(count, dtype=np.int64)
+            rank = np.arange(len(row), dtype=np.int64) - (ends - count)[row]
+            # Entries past the count repeat the row's last listed block (0 when none).
+            last = col[np.maximum(ends - 1, 0)] if len(col) else np.zeros(len(count), np.int64)
+            out = indices[p, first:first + len(part)]
+            out[...] = np.where(count > 0, last, 0)[:, None]
+            where = row * m + rank
+            out.reshape(-1)[where] = col
+            full[p, first:first + len(part)].reshape(-1)[where] = part.reshape(-1)[row * m + col] == FULL
+            counts[p, first:first + len(part)] = count
+    return counts, indices, full
+
+
+def _compact_jax(classes):
+    """Same as ``_compact_numpy`` with jax.numpy: cumsum + one scatter, no loops, jittable."""
+    import jax.numpy as jnp
+    lead, m = classes.shape[:-1], classes.shape[-1]
+    flat = classes.reshape(-1, m)
+    rows = flat.shape[0]
+    nonempty = flat != EMPTY
+    pos = jnp.cumsum(nonempty, axis=1, dtype=jnp.int32)
+    count = pos[:, -1]
+    cols = jnp.arange(m, dtype=jnp.int32)
+    slot = jnp.arange(rows, dtype=jnp.int32)[:, None] * m + pos - 1
+    slot = jnp.where(nonempty, slot, rows * m)  # out of range: dropped
+    out = jnp.zeros(rows * m, jnp.int32).at[slot.reshape(-1)].set(
+        jnp.broadcast_to(cols, (rows, m)).reshape(-1), mode="drop").reshape(rows, m)
+    last = jnp.take_along_axis(out, jnp.maximum(count - 1, 0)[:, None], axis=1)
+    listed = cols[None, :] < count[:, None]
+    out = jnp.where(listed, out, last)
+    is_full = jnp.take_along_axis(flat == FULL, out, axis=1) & listed
+    return count.reshape(lead), out.reshape(classes.shape), is_full.astype(jnp.int8).reshape(classes.shape)
+
+
+def plan_from_classes(classes, *, q_len: int, kv_len: int, block_q: int, block_kv: int) -> BlockPlan:
+    """A ``BlockPlan`` from classes int8 [B', H', nq, nk] (NumPy in, NumPy out; jax in, jax out)."""
+    if isinstance(classes, np.ndarray):
+        B, H, nq, nk = classes.shape
+        planes = np.ascontiguousarray(classes).reshape(B * H, nq, nk)
+        transposed = _transposed(planes)
+        kv = [x.reshape((B, H) + x.shape[1:]) for x in _compact_numpy(planes)]
+        q = [x.reshape((B, H) + x.shape[1:]) for x in _compact_numpy(transposed)]
+    else:
+        kv = _compact_jax(classes)
+        q = _compact_jax(classes.swapaxes(-1, -2))
+    return BlockPlan(block_q, block_kv, q_len, kv_len, classes, *kv, *q)
+
+
+# ---- builders -----------------------------------------------------------------------------
+
+def _grid(q_len, kv_len, block_q, block_kv, batch, heads, q_offset, kv_offset) -> BlockGrid:
+    return BlockGrid(batch, heads, PositionBlocks(q_len, block_q, q_offset), PositionBlocks(kv_len, block_kv, kv_offset))
+
+
+@lru_cache(maxsize=64)
+def _static_plan(mask: Node, q_len, kv_len, block_q, block_kv, batch, heads, q_offset, kv_offset) -> BlockPlan:
+    from scoremod.compiler.rewrite import simplify
+    grid = _grid(q_len, kv_len, block_q, block_kv, batch, heads, q_offset, kv_offset)
+    classes = classify_blocks(simplify(mask), grid, {}, np)
+    plan = plan_from_classes(np.ascontiguousarray(classes), q_len=q_len, kv_len=kv_len, block_q=block_q,
+                             block_kv=block_kv)
+    for name in BlockPlan._ARRAYS:
+        getattr(plan, name).flags.writeable = False  # shared by every caller of the cache
+    return plan
+
+
+def _traced_plan(mask: Node, tensors, q_offset, kv_offset, *, q_len, kv_len, block_q, block_kv, batch,
+                 heads) -> BlockPlan:
+    import jax.numpy as jnp
+    from scoremod.compiler.rewrite import simplify
+    TRACE_COUNTS["jax_builder"] += 1
+    grid = _grid(q_len, kv_len, block_q, block_kv, batch, heads, q_offset, kv_offset)
+    classes = classify_blocks(simplify(mask), grid, tensors, jnp)
+    return plan_from_classes(classes, q_len=q_len, kv_len=kv_len, block_q=block_q, block_kv=block_kv)
+
+
+_jitted_plan = jax.jit(_traced_plan, static_argnames=("mask", "q_len", "kv_len", "block_q", "block_kv",
+                                                      "batch", "heads"))
+
+
+def build_plan(mask, *, q_len: int, kv_len: int, block_q: int = 128, block_kv: int = 128, batch: int = 1,
+               heads: int = 1, q_offset=0, kv_offset=0, tensors: Mapping[str, Any] | None = None) -> BlockPlan:
+    """The block plan of ``mask`` for these sizes (layout in the module docstring).
+
+    Args:
+      mask: the mask IR (``Canonical.mask``), or a ``Canonical`` / ``Mod``.
+      q_len, kv_len: T and S (any positive ints, not only block multiples).
+      block_q, block_kv: block sizes, powers of two.
+      batch, heads: B and N (query heads).
+      q_offset, kv_offset: int or int[B]; q = q_offset + row, kv = kv_offset + column.
+      tensors: name -> array for the tensors the mask reads (others are ignored).
+
+    Static masks (no tensor reads, int offsets): built with NumPy and cached on (mask IR,
+    sizes, offsets); arrays are read-only NumPy. Otherwise: a jitted jax builder, also
+    callable inside ``jit`` (new tensor values or offsets never recompile); jax arrays.
+
+    Raises ``ScoreModShapeError`` for bad sizes/offsets or a grid of more than
+    ``MAX_GRID_CELLS`` cells; ``ScoreModTensorError`` for missing or ill-ranked tensors.
+    """
+    mask = mask_of(mask)
+    validate_plan_sizes(q_len=q_len, kv_len=kv_len, block_q=block_q, block_kv=block_kv, batch=batch, heads=heads)
+    q_offset = _check_offset("q_offset", q_offset, batch)
+    kv_offset = _check_offset("kv_offset", kv_offset, batch)
+    tensors = dict(tensors or {})
+    names = tensor_names(mask)
+    for name in names:
+        if name not in tensors:
+            raise ScoreModTensorError(f"missing tensor '{name}' (the mask reads it)",
+                                      hint=f"pass it by keyword, e.g. {name}=array")
+    used = {name: tensors[name] for name in names}
+    shape = plan_grid_shape(mask, q_len=q_len, kv_len=kv_len, block_q=block_q, block_kv=block_kv, batch=batch,
+                            heads=heads, q_offset=q_offset, kv_offset=kv_offset, tensors=used)
+    cells = int(np.prod(shape, dtype=np.int64))
+    if cells > MAX_GRID_CELLS:
+        raise ScoreModShapeError(
+            f"the block grid {list(shape)} has {cells:,} cells, more than {MAX_GRID_CELLS:,}",
+            hint=f"use larger blocks (block_q={block_q}, block_kv={block_kv})")
+    static = not used and isinstance(q_offset, int) and isinstance(kv_offset, int)
+    sizes = dict(q_len=int(q_len), kv_len=int(kv_len), block_q=int(block_q), block_kv=int(block_kv),
+                 batch=int(batch), heads=int(heads))
+    if static:
+        return _static_plan(mask, sizes["q_len"], sizes["kv_len"], sizes["block_q"], sizes["block_kv"],
+                            sizes["batch"], sizes["heads"], q_offset, kv_offset)
+    import jax.numpy as jnp
+    arrays = {name: jnp.asarray(value) for name, value in used.items()}
+    return _jitted_plan(mask, arrays, jnp.asarray(q_offset, jnp.int32), jnp.asarray(kv_offset, jnp.int32), **sizes)

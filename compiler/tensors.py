@@ -1,0 +1,244 @@
+"""Tensor parameters: how a read ``t[i, ...]`` maps onto the tensor's axes, and
+``check_tensors`` (missing, extra, ill-shaped tensors -> ``ScoreModTensorError``).
+
+Indices align to the right (LANGUAGE.md §5): a rank-r tensor read with k >= r indices
+uses the last r of them. Each used axis gets a *role*:
+
+  "b", "h", "q", "kv"  the index is exactly that position variable (first use in the read):
+                       the axis has size 1 (broadcast) or B / N / >= the positions read;
+                       interval analysis takes per-block min/max along it.
+  int                  the index is an integer literal: one slice.
+  None                 any other index: interval analysis uses the min/max over the axis;
+                       kernels clip the index to the axis.
+
+The runtime and ``explain`` call ``check_tensors`` before anything runs.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+
+from scoremod.errors import ScoreModTensorError
+from scoremod.dsl.ast import Binary, Call, IntLit, Node, Tensor, Unary, Var, walk, POSITION_VARIABLES
+
+__all__ = ["axis_roles", "tensor_reads", "check_tensors", "expected_shape", "mask_of"]
+
+_SHAPE_HINT = "leading axes may be left out; axes of size 1 broadcast"
+
+
+def axis_roles(indices: tuple[Node, ...]) -> tuple:
+    """Role of each index of a read (see the module docstring), e.g. ``ids[b, q]`` -> ("b", "q")."""
+    roles, seen = [], set()
+    for index in indices:
+        if isinstance(index, Var) and index.name in POSITION_VARIABLES and index.name not in seen:
+            seen.add(index.name)
+            roles.append(index.name)
+        elif isinstance(index, IntLit):
+            roles.append(index.value)
+        else:
+            roles.append(None)
+    return tuple(roles)
+
+
+def tensor_reads(node: Node) -> dict[str, list[Tensor]]:
+    """Every read of every tensor in ``node``, by name (in order of first use)."""
+    reads: dict[str, list[Tensor]] = {}
+    for n in walk(node):
+        if isinstance(n, Tensor):
+            reads.setdefault(n.name, []).append(n)
+    return reads
+
+
+def mask_of(mod_or_canonical) -> Node:
+    """The mask IR of a ``Mod``, a ``Canonical`` or a bare mask node."""
+    canonical = getattr(mod_or_canonical, "canonical", mod_or_canonical)
+    return getattr(canonical, "mask", canonical)
+
+
+def _parts(mod_or_canonical) -> list[Node]:
+    canonical = getattr(mod_or_canonical, "canonical", mod_or_canonical)
+    if hasattr(canonical, "mask"):
+        return [p for p in (canonical.mask, canonical.transform, canonical.bias) if p is not None]
+    return [canonical]
+
+
+def _offset_end(offset, length: int) -> int | None:
+    """Largest absolute position + 1 read along an axis; None when the offset is traced."""
+    try:
+        off = np.asarray(offset)
+    except Exception:  # a jax tracer: not known before running
+        return None
+    if off.dtype == object:
+        return None
+    return int(off.max()) + length if off.size else length
+
+
+def expected_shape(read: Tensor, *, batch: int, heads: int, q_end: int | None, kv_end: int | None,
+                   sizes: Mapping[int, int] | None = None) -> str:
+    """Human-readable expected shape of the tensor of ``read``, e.g. ``[2, >=8192]``."""
+    if not read.indices:
+        return "a scalar (a Python number or a 0-d array)"
+    dims = []
+    for axis, role in enumerate(axis_roles(read.indices)):
+        if role == "b":
+            dims.append(str(batch))
+        elif role == "h":
+            dims.append(str(heads))
+        elif role == "q":
+            dims.append(f">={q_end}" if q_end is not None else "T")
+        elif role == "kv":
+            dims.append(f">={kv_end}" if kv_end is not None else "S")
+        elif isinstance(role, int):
+            dims.append(f">{role}")
+        else:
+            known = (sizes or {}).get(axis)
+            dims.append(str(known) if known is not None else "*")
+    return f"[{', '.join(dims)}] ({_SHAPE_HINT})"
+
+
+def _shape_and_dtype(name: str, value) -> tuple[tuple[int, ...], np.dtype]:
+    shape = getattr(value, "shape", None)
+    dtype = getattr(value, "dtype", None)
+    if shape is None or dtype is None:
+        if isinstance(value, (bool, int, float, np.number)):
+            arr = np.asarray(value)
+            return arr.shape, arr.dtype
+        try:
+            arr = np.asarray(value)
+        except Exception:
+            arr = None
+        if arr is None or arr.dtype == object:
+            raise ScoreModTensorError(
+                f"tensor '{name}' must be an array or a number, got {type(value).__name__}")
+        return arr.shape, arr.dtype
+    return tuple(int(s) for s in shape), np.dtype(dtype)
+
+
+def _index_range(index: Node, *, batch: int, heads: int, q_len: int, kv_len: int, q_offset, kv_offset):
+    """Exact [lo, hi] of an index over every position, or None when not exact or not known.
+
+    Exact when the index is built from position variables each used at most once, integer
+    literals, + - * // % unary minus, abs, min, max, clip (interval arithmetic then attains
+    both ends); otherwise None (the kernels clip such indices).
+    """
+    counts: dict[str, int] = {}
+    for n in walk(index):
+        if isinstance(n, Var):
+            if n.name == "score":
+                return None
+            counts[n.name] = counts.get(n.name, 0) + 1
+        elif isinstance(n, Binary):
+            if n.op not in ("+", "-", "*", "//", "%"):
+                return None
+        elif isinstance(n, Unary):
+            if n.op != "-":
+                return None
+        elif isinstance(n, Call):
+            if n.fn not in ("abs", "min", "max", "clip"):
+                return None
+        elif not isinstance(n, IntLit):
+            return None
+    if any(c > 1 for c in counts.values()):
+        return None
+    if _offset_end(q_offset, q_len) is None or _offset_end(kv_offset, kv_len) is None:
+        return None
+    from scoremod.compiler.intervals import BlockGrid, PositionBlocks, value_interval
+    grid = BlockGrid(batch=batch, heads=heads,
+                     q=PositionBlocks(q_len, q_len, np.asarray(q_offset)),
+                     kv=PositionBlocks(kv_len, kv_len, np.asarray(kv_offset)))
+    iv = value_interval(index, grid, {}, np)
+    if np.any(iv.unknown):
+        return None
+    return int(np.min(iv.lo)), int(np.max(iv.hi))
+
+
+def check_tensors(mod_or_canonical, tensors: Mapping[str, Any], batch: int, heads: int, q_len: int,
+                  kv_len: int, *, q_offset=0, kv_offset=0) -> None:
+    """Check the tensor parameters of a mod before running it.
+
+    Args:
+      mod_or_canonical: a ``Mod``, a ``Canonical`` or a mask node; every tensor its mask,
+        transform and bias read must be in ``tensors`` and nothing else.
+      tensors: name -> array (numpy, jax, also traced) or Python number.
+      batch, heads, q_len, kv_len: B, N (query heads), T, S.
+      q_offset, kv_offset: int or int[B]; positions read are ``offset + row`` (traced offsets:
+        lengths are then checked against T / S only).
+
+    Raises ``ScoreModTensorError`` naming the parameter and the expected shape when a tensor
+    is missing, extra, of a non-numeric dtype, of too high a rank, of a wrong size along an
+    axis (B, N, 1), too short for the positions read, or read at a literal / exactly known
+    index range outside the axis.
+    """
+    reads: dict[str, list[Tensor]] = {}
+    for part in _parts(mod_or_canonical):
+        for name, rs in tensor_reads(part).items():
+            reads.setdefault(name, []).extend(rs)
+    q_end = _offset_end(q_offset, q_len)
+    kv_end = _offset_end(kv_offset, kv_len)
+    q_need = q_end if q_end is not None else q_len
+    kv_need = kv_end if kv_end is not None else kv_len
+    fmt = dict(batch=batch, heads=heads, q_end=q_need, kv_end=kv_need)
+
+    for name, rs in reads.items():
+        if name not in tensors:
+            raise ScoreModTensorError(
+                f"missing tensor '{name}': the mod reads {rs[0]}; expected shape {expected_shape(rs[0], **fmt)}",
+                hint=f"pass it by keyword, e.g. {name}=array")
+    extra = [n for n in tensors if n not in reads]
+    if extra:
+        from scoremod.dsl.definitions import closest_name
+        guess = closest_name(extra[0], list(reads))
+        known = ", ".join(f"'{n}'" for n in reads) if reads else "no tensors"
+        raise ScoreModTensorError(
+            f"unexpected tensor '{extra[0]}': the mod reads {known}",
+            hint=f"did you mean '{guess}'?" if guess else "remove it, or use it in the mod")
+
+    for name, rs in reads.items():
+        shape, dtype = _shape_and_dtype(name, tensors[name])
+        if dtype.kind not in "biuf":
+            raise ScoreModTensorError(
+                f"tensor '{name}' has dtype {dtype}; expected int, float or bool values, shape "
+                f"{expected_shape(rs[0], **fmt)}")
+        if 0 in shape:
+            raise ScoreModTensorError(
+                f"tensor '{name}' is empty (shape {list(shape)}); expected shape {expected_shape(rs[0], **fmt)}")
+        for read in rs:
+            _check_read(name, read, shape, **fmt, q_len=q_len, kv_len=kv_len,
+                        q_offset=q_offset, kv_offset=kv_offset)
+
+
+def _check_read(name, read: Tensor, shape, *, batch, heads, q_end, kv_end, q_len, kv_len, q_offset, kv_offset):
+    rank = len(shape)
+    expected = expected_shape(read, batch=batch, heads=heads, q_end=q_end, kv_end=kv_end)
+    if rank > len(read.indices):
+        raise ScoreModTensorError(
+            f"tensor '{name}' has rank {rank} (shape {list(shape)}) but is read as {read} with "
+            f"{len(read.indices)} ind{'ex' if len(read.indices) == 1 else 'ices'}; expected shape {expected}")
+    used = read.indices[len(read.indices) - rank:]
+    roles = axis_roles(used)
+    for axis, (role, index, size) in enumerate(zip(roles, used, shape)):
+        problem = None
+        if role == "b" and size not in (1, batch):
+            problem = f"axis {axis} (indexed by b) has size {size}, expected {batch} (the batch) or 1"
+        elif role == "h" and size not in (1, heads):
+            problem = f"axis {axis} (indexed by h) has size {size}, expected {heads} (the query heads) or 1"
+        elif role == "q" and size != 1 and size < q_end:
+            problem = (f"axis {axis} (indexed by q) has size {size}, too short for query positions up to "
+                       f"{q_end - 1}")
+        elif role == "kv" and size != 1 and size < kv_end:
+            problem = (f"axis {axis} (indexed by kv) has size {size}, too short for key positions up to "
+                       f"{kv_end - 1}")
+        elif isinstance(role, int) and not 0 <= role < size:
+            problem = f"index {role} is out of range for axis {axis} of size {size}"
+        elif role is None:
+            rng = _index_range(index, batch=batch, heads=heads, q_len=q_len, kv_len=kv_len,
+                               q_offset=q_offset, kv_offset=kv_offset)
+            if rng is not None and not (0 <= rng[0] and rng[1] < size):
+                expected = expected_shape(read, batch=batch, heads=heads, q_end=q_end, kv_end=kv_end,
+                                          sizes={axis: rng[1] + 1})
+                problem = (f"index {index} ranges over [{rng[0]}, {rng[1]}] but axis {axis} has size {size}")
+        if problem:
+            raise ScoreModTensorError(
+                f"tensor '{name}' of shape {list(shape)} does not fit {read}: {problem}; expected shape {expected}")

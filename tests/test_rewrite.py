@@ -1,0 +1,184 @@
+"""Rewrite rules (compiler/rewrite.py): a table of rules that never change meaning.
+
+Meaning is checked against the independent evaluator (tests/evaluator.py) on generated
+sources, for every rule set on its own and for all of them together, plus a targeted
+generator of bound chains (what the "bounds" rule set merges).
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import scoremod
+from scoremod.compiler.rewrite import RULE_SETS, simplify
+from scoremod.dsl.parser import parse_source
+
+from evaluator import evaluate_expr, evaluate_logits
+from strategies import shapes, sources
+
+
+def _same(a: np.ndarray, b: np.ndarray) -> bool:
+    if a.dtype == bool or b.dtype == bool:
+        return a.dtype == b.dtype and np.array_equal(a, b)
+    return np.allclose(a.astype(np.float64), b.astype(np.float64), rtol=1e-9, atol=1e-9, equal_nan=True)
+
+
+def _values(node, shape, tensors, scores):
+    return evaluate_expr(node, *shape.grid, q_offset=shape.q_offset, kv_offset=shape.kv_offset,
+                         tensors=tensors, scores=scores, top_level=True)
+
+
+# ---- the table -------------------------------------------------------------------------------
+
+def test_every_rule_is_one_line_of_a_named_set_with_a_lhs_rhs_comment():
+    """Each entry of each rule-set list ends on a line with a ``# lhs -> rhs`` comment."""
+    import ast as pyast
+    from scoremod.compiler import rewrite
+    assert set(RULE_SETS) >= {"fold", "arithmetic", "logic", "bounds"}
+    text = inspect.getsource(rewrite)
+    lines = text.splitlines()
+    lists = {}
+    for stmt in pyast.parse(text).body:
+        if isinstance(stmt, pyast.Assign) and isinstance(stmt.value, pyast.List):
+            lists[stmt.targets[0].id] = stmt.value
+    for name, rules in RULE_SETS.items():
+        variable = next(v for v in lists if getattr(rewrite, v) is rules)
+        entries = lists[variable].elts
+        assert len(entries) == len(rules) > 0, name
+        for entry in entries:
+            line = lines[entry.end_lineno - 1]
+            comment = line[line.index("#"):] if "#" in line else ""
+            assert "->" in comment, f"rule set {name!r}, line {entry.end_lineno}: no '# lhs -> rhs' comment: {line}"
+
+
+# ---- meaning is preserved ----------------------------------------------------------------------
+
+@settings(max_examples=80)
+@given(sources(), shapes(), st.integers(0, 2**32 - 1), st.sampled_from([None, *RULE_SETS]))
+def test_simplify_preserves_meaning(src, shape, seed, rule_set):
+    rng = np.random.default_rng(seed)
+    tensors = src.make_tensors(shape, rng)
+    scores = rng.standard_normal(shape.grid)
+    expr = scoremod.compile(src.text).expr
+    out = simplify(expr, None if rule_set is None else [rule_set])
+    before = _values(expr, shape, tensors, scores)
+    after = _values(out, shape, tensors, scores)
+    assert _same(before, after), f"{src.text}\n  simplified ({rule_set}): {out}"
+
+
+@settings(max_examples=60)
+@given(sources(), shapes(), st.integers(0, 2**32 - 1))
+def test_canonical_form_preserves_meaning(src, shape, seed):
+    rng = np.random.default_rng(seed)
+    tensors = src.make_tensors(shape, rng)
+    scores = rng.standard_normal(shape.grid)
+    mod = scoremod.compile(src.text)
+    kw = dict(scores=scores, q_offset=shape.q_offset, kv_offset=shape.kv_offset, tensors=tensors)
+    before = evaluate_logits(src.text, **kw)
+    after = evaluate_logits(str(mod), **kw)
+    assert _same(before, after), f"{src.text}\n  canonical: {mod}"
+
+
+# Chains of bounds on a few linear forms: what the "bounds" rule set merges.
+_FORMS = ["q - kv", "kv - q", "kv", "q", "abs(q - kv)", "q // 4", "kv // 4", "2 * q - 2 * kv", "q + 1 - kv"]
+
+
+@st.composite
+def bound_chains(draw):
+    def atom():
+        kind = draw(st.sampled_from(["bound", "bound", "bound", "chunk", "dilated", "not"]))
+        if kind == "chunk":
+            return f"chunk({draw(st.sampled_from([1, 2, 4, 8]))})"
+        if kind == "dilated":
+            return f"dilated({draw(st.sampled_from([1, 2, 3, 4, 6]))})"
+        form = draw(st.sampled_from(_FORMS))
+        op = draw(st.sampled_from(["<", "<=", ">", ">=", "==", "!="]))
+        text = f"{form} {op} {draw(st.integers(-6, 6))}"
+        return f"~({text})" if kind == "not" else text
+
+    def chain(depth):
+        if depth == 0 or draw(st.integers(0, 2)) == 0:
+            return atom()
+        op = draw(st.sampled_from(["&", "|", "&"]))
+        return f"({chain(depth - 1)} {op} {chain(depth - 1)})"
+    parts = [chain(2) for _ in range(draw(st.integers(2, 4)))]
+    return f" {draw(st.sampled_from(['&', '|']))} ".join(parts)
+
+
+@settings(max_examples=150)
+@given(bound_chains(), shapes(max_seq=20, max_batch=1, max_heads=1))
+def test_bound_merging_preserves_meaning(text, shape):
+    expr = scoremod.compile(text).expr
+    out = simplify(expr)
+    assert _same(_values(expr, shape, {}, None), _values(out, shape, {}, None)), f"{text}\n  -> {out}"
+
+
+# ---- what the rules do -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("source, expected", [
+    ("causal & causal", "q >= kv"),
+    ("window(8) & window(4)", "abs(q - kv) < 4"),
+    ("window(4) | window(8)", "abs(q - kv) < 8"),
+    ("kv < 5 & kv < 3", "kv < 3"),
+    ("sink(4) & sink(2) & causal", "kv < 2 & q >= kv"),
+    ("window(3, 5) & window(2, 7)", "kv <= q + 5 & kv >= q - 2"),
+    ("causal & window(3, 5)", "kv >= q - 3 & q >= kv"),
+    ("causal & kv > q", "false"),
+    ("kv < 3 | kv >= 3", "true"),
+    ("kv < 3 | kv > 3", "kv < 3 | kv > 3"),
+    ("chunk(4) & chunk(8)", "q // 4 == kv // 4"),
+    ("chunk(4) | chunk(8)", "q // 8 == kv // 8"),
+    ("dilated(2) & dilated(4)", "(q - kv) % 4 == 0"),
+    ("causal & (causal | sink(4))", "q >= kv"),
+    ("causal | causal & sink(4)", "q >= kv"),
+    ("causal & ~causal", "false"),
+    ("causal | ~causal", "true"),
+    ("q + 3 - 5 > kv", "q - 2 > kv"),
+    ("(q - 1) + 1 >= kv", "q >= kv"),
+    ("where(true, causal, sink(2))", "q >= kv"),
+    ("where(causal, true, false)", "q >= kv"),
+    ("where(causal, false, true)", "q < kv"),
+    ("q * 0 + kv < 3", "kv < 3"),
+    ("abs(-(q + kv)) < 3", "abs(q + kv) < 3"),
+    ("min(q, q) >= kv", "q >= kv"),
+    ("q <= q & causal", "q >= kv"),
+])
+def test_rules(source, expected):
+    assert str(scoremod.compile(source)) == expected
+
+
+def test_negating_a_comparison_only_for_ints():
+    # ~(t < 0.5) is not t >= 0.5 when t is NaN: kept as it is.
+    assert str(scoremod.compile("~(t[kv] < 0.5)")) == "~t[kv] < 0.5"
+    assert str(scoremod.compile("~(q < kv)")) == "q >= kv"
+
+
+def test_reassociation_prints_without_negative_literals():
+    node = simplify(parse_source("q - 1 - 2 >= kv").expr)
+    assert str(node) == "q - 3 >= kv"
+    assert parse_source(str(node)).expr == node
+
+
+def test_simplify_runs_named_sets_only():
+    node = parse_source("kv < 5 & kv < 3").expr
+    assert simplify(node, ["fold"]) == node
+    assert str(simplify(node, ["bounds"])) == "kv < 3"
+
+
+def test_rules_never_fire_on_mask_as_bias_chains():
+    mod = scoremod.compile("causal & alibi(4) + sink(2)")
+    assert mod.kind == "bias"
+    assert str(mod.canonical.mask) == "kv < 2 & q >= kv"
+
+
+def test_simplify_is_fast_enough_for_the_compile_path():
+    import time
+    node = scoremod.compile("causal & window(4096) & sink(4) | prefix(16) & chunk(128) & dilated(2)").expr
+    start = time.perf_counter()
+    for _ in range(20):
+        simplify(node)
+    assert (time.perf_counter() - start) / 20 < 0.05
