@@ -417,58 +417,76 @@ def _int_pair(n: Node) -> bool:
     return _pure_int(n.lhs) and _pure_int(n.rhs)
 
 
+def _on(keys, rule):
+    """Tag ``rule`` with the node keys it can fire on (None: any node with children), so
+    ``simplify`` tries each node only against its own rules. Keys: a Binary's op, a
+    Call's function, or "u-"/"u~" for a Unary."""
+    rule.keys = keys
+    return rule
+
+
+def _node_key(node: Node) -> str | None:
+    if isinstance(node, Binary):
+        return node.op
+    if isinstance(node, Call):
+        return node.fn
+    if isinstance(node, Unary):
+        return "u" + node.op
+    return None
+
+
 # ---- rule sets -------------------------------------------------------------------------
 
 FOLD = [
-    fold_constant,  # op(literals) -> literal
+    _on(None, fold_constant),  # op(literals) -> literal
 ]
 
 ARITHMETIC = [
-    lambda n: n.lhs if _isop(n, "+") and _is(n.rhs, 0) and not _bool_typed(n.lhs) and _int_typed(n.rhs) else None,  # x + 0 -> x
-    lambda n: n.rhs if _isop(n, "+") and _is(n.lhs, 0) and not _bool_typed(n.rhs) and _int_typed(n.lhs) else None,  # 0 + x -> x
-    lambda n: n.lhs if _isop(n, "-") and isinstance(n.rhs, IntLit) and n.rhs.value == 0 else None,  # x - 0 -> x
-    lambda n: n.lhs if _isop(n, "*") and isinstance(n.rhs, IntLit) and n.rhs.value == 1 else None,  # x * 1 -> x
-    lambda n: n.rhs if _isop(n, "*") and isinstance(n.lhs, IntLit) and n.lhs.value == 1 else None,  # 1 * x -> x
-    lambda n: IntLit(0, span=n.span) if _isop(n, "-") and n.lhs == n.rhs and _int_typed(n.lhs) else None,  # x - x -> 0 (ints)
-    lambda n: n.operand.operand if isinstance(n, Unary) and n.op == "-" and isinstance(n.operand, Unary) and n.operand.op == "-" else None,  # --x -> x
-    lambda n: Binary("-", n.lhs, n.rhs.operand, span=n.span) if _isop(n, "+") and isinstance(n.rhs, Unary) and n.rhs.op == "-" and _numeric(n.lhs) else None,  # x + -y -> x - y (x a number, not a top-level chain with masks)
-    lambda n: IntLit(0, span=n.span) if _isop(n, "*") and isinstance(n.rhs, IntLit) and n.rhs.value == 0 and _pure_int(n.lhs) else None,  # x * 0 -> 0 (ints)
-    lambda n: IntLit(0, span=n.span) if _isop(n, "*") and isinstance(n.lhs, IntLit) and n.lhs.value == 0 and _pure_int(n.rhs) else None,  # 0 * x -> 0 (ints)
-    lambda n: n.lhs if _isop(n, "//") and isinstance(n.rhs, IntLit) and n.rhs.value == 1 and _pure_int(n.lhs) else None,  # x // 1 -> x (ints)
-    lambda n: IntLit(0, span=n.span) if _isop(n, "%") and isinstance(n.rhs, IntLit) and n.rhs.value == 1 and _pure_int(n.lhs) else None,  # x % 1 -> 0 (ints)
-    _reassociate,  # (x + a) + b -> x + (a + b); (x - a) + b -> x + (b - a) (int literals, pure-int x)
-    lambda n: Binary("-", n.operand.rhs, n.operand.lhs, span=n.span) if _isunary(n, "-") and _isop(n.operand, "-") and _pure_int(n.operand) else None,  # -(a - b) -> b - a (ints)
-    lambda n: Call("abs", (n.args[0].operand,), span=n.span) if _iscall(n, "abs") and _isunary(n.args[0], "-") else None,  # abs(-x) -> abs(x)
-    lambda n: n.args[0] if _iscall(n, "abs") and _iscall(n.args[0], "abs") else None,  # abs(abs(x)) -> abs(x)
-    lambda n: n.args[0] if (_iscall(n, "min") or _iscall(n, "max")) and n.args[0] == n.args[1] else None,  # min(x, x) -> x, max(x, x) -> x
+    _on(("+",), lambda n: n.lhs if _isop(n, "+") and _is(n.rhs, 0) and not _bool_typed(n.lhs) and _int_typed(n.rhs) else None),  # x + 0 -> x
+    _on(("+",), lambda n: n.rhs if _isop(n, "+") and _is(n.lhs, 0) and not _bool_typed(n.rhs) and _int_typed(n.lhs) else None),  # 0 + x -> x
+    _on(("-",), lambda n: n.lhs if _isop(n, "-") and isinstance(n.rhs, IntLit) and n.rhs.value == 0 else None),  # x - 0 -> x
+    _on(("*",), lambda n: n.lhs if _isop(n, "*") and isinstance(n.rhs, IntLit) and n.rhs.value == 1 else None),  # x * 1 -> x
+    _on(("*",), lambda n: n.rhs if _isop(n, "*") and isinstance(n.lhs, IntLit) and n.lhs.value == 1 else None),  # 1 * x -> x
+    _on(("-",), lambda n: IntLit(0, span=n.span) if _isop(n, "-") and n.lhs == n.rhs and _int_typed(n.lhs) else None),  # x - x -> 0 (ints)
+    _on(("u-",), lambda n: n.operand.operand if isinstance(n, Unary) and n.op == "-" and isinstance(n.operand, Unary) and n.operand.op == "-" else None),  # --x -> x
+    _on(("+",), lambda n: Binary("-", n.lhs, n.rhs.operand, span=n.span) if _isop(n, "+") and isinstance(n.rhs, Unary) and n.rhs.op == "-" and _numeric(n.lhs) else None),  # x + -y -> x - y (x a number, not a top-level chain with masks)
+    _on(("*",), lambda n: IntLit(0, span=n.span) if _isop(n, "*") and isinstance(n.rhs, IntLit) and n.rhs.value == 0 and _pure_int(n.lhs) else None),  # x * 0 -> 0 (ints)
+    _on(("*",), lambda n: IntLit(0, span=n.span) if _isop(n, "*") and isinstance(n.lhs, IntLit) and n.lhs.value == 0 and _pure_int(n.rhs) else None),  # 0 * x -> 0 (ints)
+    _on(("//",), lambda n: n.lhs if _isop(n, "//") and isinstance(n.rhs, IntLit) and n.rhs.value == 1 and _pure_int(n.lhs) else None),  # x // 1 -> x (ints)
+    _on(("%",), lambda n: IntLit(0, span=n.span) if _isop(n, "%") and isinstance(n.rhs, IntLit) and n.rhs.value == 1 and _pure_int(n.lhs) else None),  # x % 1 -> 0 (ints)
+    _on(("+", "-"), _reassociate),  # (x + a) + b -> x + (a + b); (x - a) + b -> x + (b - a) (int literals, pure-int x)
+    _on(("u-",), lambda n: Binary("-", n.operand.rhs, n.operand.lhs, span=n.span) if _isunary(n, "-") and _isop(n.operand, "-") and _pure_int(n.operand) else None),  # -(a - b) -> b - a (ints)
+    _on(("abs",), lambda n: Call("abs", (n.args[0].operand,), span=n.span) if _iscall(n, "abs") and _isunary(n.args[0], "-") else None),  # abs(-x) -> abs(x)
+    _on(("abs",), lambda n: n.args[0] if _iscall(n, "abs") and _iscall(n.args[0], "abs") else None),  # abs(abs(x)) -> abs(x)
+    _on(("min", "max"), lambda n: n.args[0] if (_iscall(n, "min") or _iscall(n, "max")) and n.args[0] == n.args[1] else None),  # min(x, x) -> x, max(x, x) -> x
 ]
 
 LOGIC = [
-    lambda n: n.rhs if _isop(n, "&") and n.lhs == BoolLit(True) and _bool_typed(n.rhs) else None,  # true & x -> x
-    lambda n: n.lhs if _isop(n, "&") and n.rhs == BoolLit(True) and _bool_typed(n.lhs) else None,  # x & true -> x
-    lambda n: BoolLit(False, span=n.span) if _isop(n, "&") and BoolLit(False) in (n.lhs, n.rhs) and _bool_typed(n) else None,  # x & false -> false
-    lambda n: BoolLit(True, span=n.span) if _isop(n, "|") and BoolLit(True) in (n.lhs, n.rhs) else None,  # x | true -> true
-    lambda n: n.rhs if _isop(n, "|") and n.lhs == BoolLit(False) else None,  # false | x -> x
-    lambda n: n.lhs if _isop(n, "|") and n.rhs == BoolLit(False) else None,  # x | false -> x
-    lambda n: n.lhs if _isop(n, "&") and n.lhs == n.rhs and _bool_typed(n.lhs) else None,  # x & x -> x
-    lambda n: n.lhs if _isop(n, "|") and n.lhs == n.rhs else None,  # x | x -> x
-    lambda n: n.operand.operand if isinstance(n, Unary) and n.op == "~" and isinstance(n.operand, Unary) and n.operand.op == "~" else None,  # ~~x -> x
-    lambda n: Binary(_NEGATED[n.operand.op], n.operand.lhs, n.operand.rhs, span=n.span)
+    _on(("&",), lambda n: n.rhs if _isop(n, "&") and n.lhs == BoolLit(True) and _bool_typed(n.rhs) else None),  # true & x -> x
+    _on(("&",), lambda n: n.lhs if _isop(n, "&") and n.rhs == BoolLit(True) and _bool_typed(n.lhs) else None),  # x & true -> x
+    _on(("&",), lambda n: BoolLit(False, span=n.span) if _isop(n, "&") and BoolLit(False) in (n.lhs, n.rhs) and _bool_typed(n) else None),  # x & false -> false
+    _on(("|",), lambda n: BoolLit(True, span=n.span) if _isop(n, "|") and BoolLit(True) in (n.lhs, n.rhs) else None),  # x | true -> true
+    _on(("|",), lambda n: n.rhs if _isop(n, "|") and n.lhs == BoolLit(False) else None),  # false | x -> x
+    _on(("|",), lambda n: n.lhs if _isop(n, "|") and n.rhs == BoolLit(False) else None),  # x | false -> x
+    _on(("&",), lambda n: n.lhs if _isop(n, "&") and n.lhs == n.rhs and _bool_typed(n.lhs) else None),  # x & x -> x
+    _on(("|",), lambda n: n.lhs if _isop(n, "|") and n.lhs == n.rhs else None),  # x | x -> x
+    _on(("u~",), lambda n: n.operand.operand if isinstance(n, Unary) and n.op == "~" and isinstance(n.operand, Unary) and n.operand.op == "~" else None),  # ~~x -> x
+    _on(("u~",), lambda n: Binary(_NEGATED[n.operand.op], n.operand.lhs, n.operand.rhs, span=n.span)
     if isinstance(n, Unary) and n.op == "~" and isinstance(n.operand, Binary) and n.operand.op in _NEGATED
-    and _int_pair(n.operand) else None,  # ~(a < b) -> a >= b (ints: no NaN)
-    lambda n: n.args[1] if _iscall(n, "where") and n.args[0] == BoolLit(True) else None,  # where(true, a, b) -> a
-    lambda n: n.args[2] if _iscall(n, "where") and n.args[0] == BoolLit(False) else None,  # where(false, a, b) -> b
-    lambda n: n.args[1] if _iscall(n, "where") and n.args[1] == n.args[2] else None,  # where(c, a, a) -> a
-    lambda n: n.args[0] if _where_bool(n, True, False) else None,  # where(c, true, false) -> c
-    lambda n: Unary("~", n.args[0], span=n.span) if _where_bool(n, False, True) else None,  # where(c, false, true) -> ~c
-    lambda n: BoolLit(n.op in ("<=", ">=", "=="), span=n.span)
-    if isinstance(n, Binary) and n.op in COMPARE_OPS and n.lhs == n.rhs and _pure_int(n.lhs) else None,  # x <= x -> true, x < x -> false (ints)
+    and _int_pair(n.operand) else None),  # ~(a < b) -> a >= b (ints: no NaN)
+    _on(("where",), lambda n: n.args[1] if _iscall(n, "where") and n.args[0] == BoolLit(True) else None),  # where(true, a, b) -> a
+    _on(("where",), lambda n: n.args[2] if _iscall(n, "where") and n.args[0] == BoolLit(False) else None),  # where(false, a, b) -> b
+    _on(("where",), lambda n: n.args[1] if _iscall(n, "where") and n.args[1] == n.args[2] else None),  # where(c, a, a) -> a
+    _on(("where",), lambda n: n.args[0] if _where_bool(n, True, False) else None),  # where(c, true, false) -> c
+    _on(("where",), lambda n: Unary("~", n.args[0], span=n.span) if _where_bool(n, False, True) else None),  # where(c, false, true) -> ~c
+    _on((*COMPARE_OPS,), lambda n: BoolLit(n.op in ("<=", ">=", "=="), span=n.span)
+    if isinstance(n, Binary) and n.op in COMPARE_OPS and n.lhs == n.rhs and _pure_int(n.lhs) else None),  # x <= x -> true, x < x -> false (ints)
 ]
 _NEGATED = {"<": ">=", ">=": "<", ">": "<=", "<=": ">", "==": "!=", "!=": "=="}
 
 BOUNDS = [
-    merge_conjunction,  # a & b -> a when a implies b (tighter bound on one linear form, finer chunk, multiple dilation); a & (a | c) -> a; a & ~a -> false; disjoint bounds -> false
-    merge_disjunction,  # a | b -> b when a implies b; a | (a & c) -> a; a | ~a -> true; bounds covering every int -> true
+    _on(("&",), merge_conjunction),  # a & b -> a when a implies b (tighter bound on one linear form, finer chunk, multiple dilation); a & (a | c) -> a; a & ~a -> false; disjoint bounds -> false
+    _on(("|",), merge_disjunction),  # a | b -> b when a implies b; a | (a & c) -> a; a | ~a -> true; bounds covering every int -> true
 ]
 
 RULE_SETS: dict[str, list] = {
@@ -506,7 +524,7 @@ def _normalize(node: Node, rules, memo: dict) -> Node:
         if any(a is not b for a, b in zip(new, kids)):
             node = _rebuild(node, new)
     result = node
-    for rule in rules:
+    for rule in rules.get(_node_key(node), ()) if kids else ():
         out = rule(node)
         if out is not None and out != node:
             result = _normalize(out, rules, memo)
@@ -516,10 +534,23 @@ def _normalize(node: Node, rules, memo: dict) -> Node:
     return result
 
 
+@lru_cache(maxsize=None)
+def _rules_by_key(names: tuple[str, ...]) -> dict:
+    """{node key: rules that may fire on it, in table order}."""
+    ordered = [r for name in names for r in RULE_SETS[name]]
+    keys = {k for r in ordered if r.keys for k in r.keys}
+    return {k: [r for r in ordered if r.keys is None or k in r.keys] for k in keys | _ALL_KEYS}
+
+
+_ALL_KEYS = set(COMPARE_OPS) | {"+", "-", "*", "/", "//", "%", "**", "&", "|", "u-", "u~",
+                                "abs", "min", "max", "clip", "where", "exp", "exp2", "log", "log2",
+                                "sqrt", "tanh", "sigmoid", "floor", "ceil", "sign"}
+
+
 def simplify(node: Node, rule_sets=None) -> Node:
     """Run the named rule sets (all by default) to a fixpoint."""
     names = list(RULE_SETS) if rule_sets is None else list(rule_sets)
-    rules = [r for name in names for r in RULE_SETS[name]]
+    rules = _rules_by_key(tuple(names))
     memo: dict = {}
     for _ in range(100):
         out = _normalize(node, rules, memo)
