@@ -1,0 +1,366 @@
+"""Paged decode benchmark: scoremod.paged_attention against JAX's own Pallas paged attention
+and dense cuDNN attention, with and without a sliding window.
+
+    python benchmarks/paged_bench.py                 # the full grid (GPU)
+    python benchmarks/paged_bench.py --quick         # tiny shapes, any backend (a smoke test)
+
+Decode (T = 1) of bf16 queries over a KV cache of N=32 query heads, K=8 KV heads, head
+dim 128, pages of 16 (and 64) tokens, every sequence at the given context length.
+Contenders, each checked against a reference before it is timed:
+
+* ``scoremod`` ``causal``: the Pallas kernel over every page;
+* ``scoremod`` ``causal & window(4096)``: page skipping, so only the last pages are read;
+* ``jax-pallas``: ``jax.experimental.pallas.ops.gpu.paged_attention`` (no masks, so it
+  reads the whole context in both rows);
+* ``cudnn``: ``jax.nn.dot_product_attention(implementation="cudnn")`` over the dense,
+  already gathered context (for the window row: over the last 4096 keys only, the
+  least a dense kernel could read).
+
+Time: each call runs ``--iters`` times inside one jitted ``fori_loop`` whose carry feeds
+the next query and length (so nothing is hoisted: page classification, compaction and
+the split combine are timed with the kernel), the median of ``--reps`` such loops,
+divided by the iterations. Bandwidth: the bytes of K and V the mask needs
+(``B * keys * K * H * 2 bytes * 2``) over that time, compared to a measured
+device-to-device copy (bytes read + written) and to the card's nominal peak.
+Writes JSON (``--json``) and prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+
+import numpy as np
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from scoremod.runtime.paged import PagedBlockSizes, paged_attention
+
+WINDOW = 4096
+NOMINAL_HBM = {"H100": 3.35e12, "H200": 4.8e12}
+
+
+# ---- timing -------------------------------------------------------------------------------------
+
+def loop_timer(fn, iters: int):
+    """A jitted ``fori_loop`` of ``iters`` calls of ``fn(q, lengths, *arrays)``; each call's
+    query and lengths depend on the previous output, so XLA can hoist nothing out of the
+    loop. Every array is an argument (closing over a KV pool would embed it as a constant)."""
+    @jax.jit
+    def run(q, lengths, *arrays):
+        def body(_, carry):
+            qi = q + carry.astype(q.dtype)                       # carry is 0 (outputs are finite)
+            li = lengths + (carry > 1e30).astype(lengths.dtype)
+            out = fn(qi, li, *arrays)
+            return carry + out.reshape(-1)[0].astype(jnp.float32) * 0.0
+        return lax.fori_loop(0, iters, body, jnp.float32(0))
+    return run
+
+
+def time_call(fn, q, lengths, arrays, *, iters: int, reps: int) -> float:
+    """Seconds per call (median over reps)."""
+    run = loop_timer(fn, iters)
+    jax.block_until_ready(run(q, lengths, *arrays))           # compile + warm up
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(run(q, lengths, *arrays))
+        times.append((time.perf_counter() - t0) / iters)
+    return statistics.median(times)
+
+
+def iterations(nbytes: int, target_s: float, lo: int = 3, hi: int = 200) -> int:
+    """Loop length for about ``target_s`` seconds, guessing 2 TB/s plus 20 us a call."""
+    return int(min(hi, max(lo, target_s / (nbytes / 2e12 + 20e-6))))
+
+
+def copy_bandwidth(nbytes: int, iters: int = 10) -> float:
+    """Bytes read + written per second by ``x + 1`` on a large bf16 array (in-jit loop)."""
+    x = jnp.ones((nbytes // 2,), jnp.bfloat16)
+    f = jax.jit(lambda a: lax.fori_loop(0, iters, lambda _, y: y + 1, a))
+    jax.block_until_ready(f(x))
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(x))
+        times.append(time.perf_counter() - t0)
+    del x
+    return 2 * nbytes * iters / min(times)
+
+
+# ---- contenders ---------------------------------------------------------------------------------
+
+def jax_pallas_paged():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from jax.experimental.pallas.ops.gpu import paged_attention as mod
+    return mod.paged_attention
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="tiny shapes (smoke test on any backend)")
+    ap.add_argument("--budget-s", type=float, default=240.0, help="stop starting new points after this")
+    ap.add_argument("--json", default=None, help="write the results here")
+    ap.add_argument("--iters-target-s", type=float, default=0.03)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--tune", action="store_true", help="try a few block sizes first and keep the fastest")
+    ap.add_argument("--max-tokens", type=int, default=2 * 1024 * 1024, help="largest batch * context")
+    args = ap.parse_args(argv)
+    start = time.perf_counter()
+
+    gpu = jax.default_backend() == "gpu"
+    device = jax.devices()[0]
+    kind = getattr(device, "device_kind", str(device))
+    print(f"# paged decode benchmark: {kind}, jax {jax.__version__}, python {platform.python_version()}, "
+          f"{time.strftime('%Y-%m-%d')}", flush=True)
+
+    if args.quick:
+        N, K, H = 4, 2, 32
+        page_sizes, batches, contexts, window = (16,), (1, 2), (256, 1024), 128
+        interpret = not gpu
+    else:
+        N, K, H = 32, 8, 128
+        page_sizes, batches, contexts, window = (16, 64), (1, 8, 64), (1024, 8192, 32768, 131072), WINDOW
+        interpret = False
+    dtype = jnp.bfloat16
+    points = [(ps, B, ctx) for ps in page_sizes for B in batches for ctx in contexts
+              if B * ctx <= args.max_tokens and (B < 64 or ctx >= 8192)
+              and (ps == 16 or (B, ctx) in ((8, 131072), (2, 1024)))]
+    max_tokens = max(B * ctx for _, B, ctx in points)
+
+    results = {"device": kind, "jax": jax.__version__, "date": time.strftime("%Y-%m-%d"),
+               "shape": {"N": N, "K": K, "H": H, "dtype": "bfloat16", "T": 1, "window": window}, "rows": []}
+    peak = copy_bandwidth(1 << 30) if gpu else float("nan")
+    nominal = next((v for k, v in NOMINAL_HBM.items() if k in kind), float("nan"))
+    results["copy_bandwidth"] = peak
+    results["nominal_bandwidth"] = nominal
+    print(f"# measured copy bandwidth {peak / 1e12:.2f} TB/s; nominal {nominal / 1e12:.2f} TB/s", flush=True)
+
+    try:
+        jpa = jax_pallas_paged()
+    except Exception as exc:  # noqa: BLE001 - reported as missing
+        jpa = None
+        print(f"# jax-pallas paged_attention missing: {exc}")
+
+    key = jax.random.PRNGKey(0)
+    block_sizes = PagedBlockSizes.get_default()
+
+    for ps in page_sizes:
+        pool_pages = max_tokens // ps + 8
+        kk, kv_, kq = jax.random.split(jax.random.fold_in(key, ps), 3)
+        k_pool = jax.random.normal(kk, (pool_pages, ps, K, H), dtype)
+        v_pool = jax.random.normal(kv_, (pool_pages, ps, K, H), dtype)
+        k_pool_t = v_pool_t = None
+        if jpa is not None:
+            k_pool_t = jnp.transpose(k_pool, (2, 0, 1, 3))    # JAX's op takes [K, P, page_size, H]
+            v_pool_t = jnp.transpose(v_pool, (2, 0, 1, 3))
+
+        if args.tune and ps == 16 and not args.quick:
+            block_sizes = tune(k_pool, v_pool, N, K, H, ps, args, results)
+
+        for (p_ps, B, ctx) in points:
+            if p_ps != ps:
+                continue
+            if time.perf_counter() - start > args.budget_s:
+                results["rows"].append({"page_size": ps, "B": B, "context": ctx, "skipped": "time budget"})
+                print(f"| {ps} | {B} | {ctx} | skipped (time budget) |", flush=True)
+                continue
+            run_point(results, ps, B, ctx, N, K, H, dtype, window, k_pool, v_pool, k_pool_t, v_pool_t, jpa,
+                      block_sizes, interpret, peak, nominal, args, kq)
+        del k_pool, v_pool, k_pool_t, v_pool_t
+
+    print_table(results)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    print(f"# total {time.perf_counter() - start:.0f} s", flush=True)
+
+
+def make_point(ps, B, ctx, N, H, dtype, pool_pages, key):
+    max_pages = ctx // ps
+    rng = np.random.default_rng(B * 1_000_003 + ctx + ps)
+    tables = rng.permutation(pool_pages)[:B * max_pages].reshape(B, max_pages).astype(np.int32)
+    lengths = np.full((B,), ctx, np.int32)
+    q = jax.random.normal(jax.random.fold_in(key, B * ctx), (B, 1, N, H), dtype)
+    return q, jnp.asarray(tables), jnp.asarray(lengths)
+
+
+def run_point(results, ps, B, ctx, N, K, H, dtype, window, k_pool, v_pool, k_pool_t, v_pool_t, jpa,
+              block_sizes, interpret, peak, nominal, args, key):
+    q, tables, lengths = make_point(ps, B, ctx, N, H, dtype, k_pool.shape[0], key)
+    itemsize = jnp.dtype(dtype).itemsize
+    rows = []
+
+    def record(name, mask, fn, arrays, keys, check=None):
+        row = {"page_size": ps, "B": B, "context": ctx, "mask": mask, "impl": name}
+        try:
+            if check is not None:
+                check()
+            nbytes = B * keys * K * H * itemsize * 2
+            t = time_call(fn, q, lengths, arrays, iters=iterations(nbytes, args.iters_target_s), reps=args.reps)
+            row.update(time_us=t * 1e6, bytes=nbytes, bandwidth=nbytes / t, of_copy=nbytes / t / peak,
+                       of_nominal=nbytes / t / nominal)
+        except Exception as exc:  # noqa: BLE001 - a contender that cannot run is reported, not dropped
+            row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+        rows.append(row)
+        print(format_row(row), flush=True)
+
+    def ours(mod):
+        def fn(qq, ll, kp, vp, tb):
+            return paged_attention(qq, kp, vp, tb, ll, mod=mod, implementation="pallas",
+                                   block_sizes=block_sizes, interpret=interpret)
+        return fn
+
+    ours_arrays = (k_pool, v_pool, tables)
+    small = B * ctx <= 64 * 1024
+
+    def reference(mod):
+        if small:
+            return paged_attention(q, k_pool, v_pool, tables, lengths, mod=mod, implementation="reference")
+        # Large points: the same attention over the window's (or the whole) dense context.
+        keys = min(ctx, window) if "window" in mod else ctx
+        k, v = dense_kv(k_pool, v_pool, tables, ctx - keys, ctx)
+        return jax.jit(lambda a, b, c: jax.nn.dot_product_attention(a, b, c))(q, k, v)
+
+    outputs = {}
+
+    def check_ours(mod):
+        def check():
+            out = outputs[mod] = jax.jit(ours(mod))(q, lengths, *ours_arrays)
+            ref = reference(mod)
+            err = float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref.astype(jnp.float32))))
+            if not err < 3e-2:
+                raise AssertionError(f"scoremod {mod!r} differs from the reference by {err}")
+        return check
+
+    for mod in ("causal", f"causal & window({window})"):
+        keys = min(ctx, window) if "window" in mod else ctx
+        record("scoremod", mod, ours(mod), ours_arrays, keys, check_ours(mod))
+
+    if jpa is not None:
+        k_splits = math.gcd(16, tables.shape[1])
+
+        def peer(qq, ll, kt, vt, tb):
+            # JAX's op does not scale the logits: fold 1/sqrt(H) into q (a tiny elementwise op).
+            out = jpa(qq[:, 0] * (1.0 / math.sqrt(H)), kt, vt, tb, ll, block_h=16, pages_per_compute_block=8,
+                      k_splits=k_splits, interpret=interpret)
+            return out[:, None]
+
+        peer_arrays = (k_pool_t, v_pool_t, tables)
+
+        def check_peer():
+            out = jax.jit(peer)(q, lengths, *peer_arrays)
+            ref = outputs.get("causal")
+            if ref is None:
+                ref = jax.jit(ours("causal"))(q, lengths, *ours_arrays)
+            err = float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref.astype(jnp.float32))))
+            if not err < 3e-2:
+                raise AssertionError(f"jax-pallas differs from scoremod by {err}")
+        record("jax-pallas", "causal", peer, peer_arrays, ctx, check_peer)
+        full = rows[-1]
+        win = {**full, "mask": f"causal & window({window})", "note": "no mask support: reads the whole context"}
+        if "time_us" in full:
+            win["bytes"] = full["bytes"] * min(ctx, window) // ctx
+            win["bandwidth"] = win["bytes"] / (full["time_us"] * 1e-6)
+            win["of_copy"] = win["bandwidth"] / peak
+            win["of_nominal"] = win["bandwidth"] / nominal
+        rows.append(win)
+        print(format_row(win), flush=True)
+
+    def cudnn(qq, ll, k, v):
+        return jax.nn.dot_product_attention(qq, k, v, implementation="cudnn")
+
+    for mod in ("causal", f"causal & window({window})"):
+        keys = min(ctx, window) if "window" in mod else ctx
+        k, v = dense_kv(k_pool, v_pool, tables, ctx - keys, ctx)
+        record("cudnn", mod, cudnn, (k, v), keys)
+        del k, v
+    results["rows"].extend(rows)
+
+
+@jax.jit
+def _gather_dense(k_pool, v_pool, tables):
+    B, max_pages = tables.shape
+    ps, K, H = k_pool.shape[1:]
+    return (k_pool[tables].reshape(B, max_pages * ps, K, H), v_pool[tables].reshape(B, max_pages * ps, K, H))
+
+
+def dense_kv(k_pool, v_pool, tables, first: int, last: int):
+    """Dense [B, last - first, K, H] keys/values first..last-1 of every sequence."""
+    k, v = _gather_dense(k_pool, v_pool, tables)
+    return k[:, first:last], v[:, first:last]
+
+
+TUNE_CONFIGS = (
+    PagedBlockSizes(128, None, 4, 2, 2),
+    PagedBlockSizes(128, None, 8, 2, 2),
+    PagedBlockSizes(128, None, 8, 3, 4),
+    PagedBlockSizes(256, None, 8, 2, 4),
+)
+
+
+def tune(k_pool, v_pool, N, K, H, ps, args, results):
+    """Time a few block sizes at (B=1, 128k) and (B=8, 32k) (page size 16); keep the one
+    with the least total time."""
+    points = [(1, 131072), (8, 32768)]
+    made = [make_point(ps, B, ctx, N, H, jnp.bfloat16, k_pool.shape[0], jax.random.PRNGKey(1)) for B, ctx in points]
+    best, best_t = PagedBlockSizes.get_default(), float("inf")
+    tried = []
+    for bs in TUNE_CONFIGS:
+        total, entry = 0.0, {"block_sizes": dict(bs.__dict__)}
+
+        def fn(qq, ll, kp, vp, tb, bs=bs):
+            return paged_attention(qq, kp, vp, tb, ll, mod="causal", implementation="pallas", block_sizes=bs)
+        for (B, ctx), (q, tables, lengths) in zip(points, made):
+            try:
+                t = time_call(fn, q, lengths, (k_pool, v_pool, tables), iters=20, reps=2)
+            except Exception as exc:  # noqa: BLE001
+                entry["error"] = f"{type(exc).__name__}: {str(exc)[:160]}"
+                total = float("inf")
+                break
+            nbytes = B * ctx * K * H * 2 * 2
+            entry[f"B{B}_ctx{ctx}_us"] = round(t * 1e6, 1)
+            entry[f"B{B}_ctx{ctx}_TBps"] = round(nbytes / t / 1e12, 3)
+            total += t
+        tried.append(entry)
+        print(f"# tune {entry}", flush=True)
+        if total < best_t:
+            best, best_t = bs, total
+    results["tuning"] = tried
+    results["block_sizes"] = dict(best.__dict__)
+    print(f"# using {best}", flush=True)
+    return best
+
+
+def format_row(row) -> str:
+    if "error" in row:
+        return (f"| {row['page_size']} | {row['B']} | {row['context']} | {row['mask']} | {row['impl']} | "
+                f"– | – | – | {row['error']} |")
+    note = row.get("note", "")
+    return (f"| {row['page_size']} | {row['B']} | {row['context']} | {row['mask']} | {row['impl']} | "
+            f"{row['time_us']:.1f} | {row['bandwidth'] / 1e12:.2f} | {100 * row['of_copy']:.0f}% | {note} |")
+
+
+def print_table(results):
+    print()
+    print("| page | B | context | mask | impl | time (us) | needed K/V TB/s | of copy BW | note |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for row in results["rows"]:
+        if "skipped" in row:
+            print(f"| {row['page_size']} | {row['B']} | {row['context']} | | | skipped ({row['skipped']}) | | | |")
+        else:
+            print(format_row(row))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

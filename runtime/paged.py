@@ -1,0 +1,568 @@
+"""``paged_attention()``: decode attention over a paged KV cache, with any mod.
+
+    out = scoremod.paged_attention(q, k_pages, v_pages, block_tables, lengths,
+                                   mod="causal & window(4096)")
+
+Shapes:
+
+    q             [B, T, N, H]       the T newest tokens of each sequence (T = 1: decode)
+    k_pages       [P, page_size, K, H]   the page pool (v_pages alike), N % K == 0
+    block_tables  int32[B, max_pages]    the pages of each sequence, in position order
+    lengths       int32[B]           valid tokens per sequence, the T new ones included
+    out           [B, T, N, H]       in q's dtype
+
+Positions (LANGUAGE.md §6, bottom-right alignment): query ``i`` of sequence ``b`` sits
+at ``lengths[b] - T + i``; key ``j`` of the sequence (slot ``j % page_size`` of page
+``block_tables[b, j // page_size]``) at ``j``. Keys at ``j >= lengths[b]`` do not exist.
+Tensor parameters are indexed by these absolute positions: ``ids`` for ``doc(ids)`` is
+``[B, max_len]`` or ``[max_len]`` with ``max_len`` covering the longest sequence.
+Rows with no allowed key give 0, never NaN.
+
+Page skipping: before the kernel runs, every (sequence, page) is classified EMPTY,
+PARTIAL or FULL for the mod's mask (``page_classes``), and the kernel walks only the
+non-EMPTY pages of each sequence (``compact_pages``): a sliding window reads the last
+``window / page_size`` pages whatever the context, a document mask the pages of its
+own document.
+
+Validation runs on shapes and dtypes always, and on the values of ``block_tables`` and
+``lengths`` when they are concrete. Under ``jit`` they are traced: block-table entries
+are then clipped into the pool ``[0, P)`` (an out-of-range page reads some valid page),
+and lengths are trusted (a length beyond ``max_pages * page_size`` reads clipped pages;
+one below T puts queries at negative positions).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from scoremod.errors import ScoreModError, ScoreModShapeError, ScoreModTensorError
+from scoremod.dsl.ast import Var, mentions
+from scoremod.compiler.lowering import gather_read
+from scoremod.compiler.mod import Mod, compile_mod
+from scoremod.compiler.tile import TileProgram
+from scoremod.runtime import _paged_kernel as _k
+
+__all__ = ["paged_attention", "paged_attention_reference", "page_classes", "compact_pages",
+           "PagedBlockSizes", "PAGED_IMPLEMENTATIONS", "PAGED_KEYWORDS", "EMPTY", "PARTIAL", "FULL"]
+
+logger = logging.getLogger("scoremod")
+
+EMPTY, PARTIAL, FULL = 0, 1, 2
+PAGED_IMPLEMENTATIONS = ("pallas", "reference", "xla")
+PAGED_KEYWORDS = ("q", "k_pages", "v_pages", "block_tables", "lengths", "mod", "scale",
+                  "implementation", "interpret", "block_sizes")
+_DTYPES = tuple(jnp.dtype(d) for d in (jnp.bfloat16, jnp.float16, jnp.float32))
+
+
+@dataclass(frozen=True)
+class PagedBlockSizes:
+    """Tiling of the paged kernel.
+
+    block_kv: keys per step of a program (rounded to whole pages, at least one page).
+    num_splits: programs per (sequence, KV head) that share its page list (split-K);
+      None picks enough for ``programs_per_core`` programs on every SM (long contexts
+      with few sequences need the split to fill the GPU).
+    num_warps, num_stages: Triton launch parameters.
+    """
+    # Defaults: the fastest of the configurations benchmarks/paged_bench.py --tune tried on
+    # an H100 (bf16, N=32, K=8, H=128, pages of 16; see benchmarks/RESULTS_paged.md).
+    block_kv: int = 128
+    num_splits: int | None = None
+    num_warps: int = 8
+    num_stages: int = 3
+    programs_per_core: int = 4
+
+    @classmethod
+    def get_default(cls) -> "PagedBlockSizes":
+        return cls()
+
+
+# ---- the public entry -----------------------------------------------------------------------
+
+def paged_attention(q, k_pages, v_pages, block_tables, lengths, *, mod=None, scale=None,
+                    implementation=None, interpret=None, block_sizes=None, **tensors):
+    """Attention of the newest tokens over a paged KV cache, with the score modification ``mod``.
+
+    Args:
+      q: ``[B, T, N, H]`` bf16, f16 or f32: the T newest tokens of each sequence; query
+        ``i`` of sequence ``b`` is at absolute position ``lengths[b] - T + i``.
+      k_pages, v_pages: ``[P, page_size, K, H]``, q's dtype, N a multiple of K.
+      block_tables: int32 ``[B, max_pages]``: entry ``j`` is the pool page holding the
+        keys ``j * page_size ...`` of the sequence. Entries past a sequence's length are
+        never read (they may hold anything, e.g. -1).
+      lengths: int32 ``[B]``: valid keys per sequence, the T new tokens included
+        (``T <= lengths[b] <= max_pages * page_size``).
+      mod: a source string, a ``scoremod.Mod`` or None (no mask).
+      scale: a Python number; default ``1 / sqrt(H)``.
+      implementation: None (the Pallas kernel on GPU, the reference elsewhere),
+        "pallas", "reference", "xla" (the reference's gather path), or a sequence tried
+        in order; an implementation that cannot run the call (NotImplementedError)
+        falls through to the next, logged on ``logging.getLogger("scoremod")``.
+      interpret: run the Pallas kernel in interpret mode; None: on CPU only.
+      block_sizes: ``PagedBlockSizes`` for the kernel (None: defaults).
+      **tensors: the mod's tensor parameters, indexed by absolute position
+        (``ids=int32[B, max_len]``).
+
+    Returns:
+      ``[B, T, N, H]`` in q's dtype.
+
+    Example::
+
+        >>> out = scoremod.paged_attention(q, k_pages, v_pages, tables, lengths,
+        ...                                mod="causal & doc(ids)", ids=ids)
+    """
+    mod = _as_mod(mod)
+    names = _implementation_names(implementation)
+    scale = _check_arrays(q, k_pages, v_pages, block_tables, lengths, scale)
+    block_tables = jnp.asarray(block_tables, jnp.int32)
+    lengths = jnp.asarray(lengths, jnp.int32)
+    tensors = _check_tensors(mod, tensors, q, block_tables, lengths, k_pages.shape[1])
+    if block_sizes is None:
+        block_sizes = PagedBlockSizes.get_default()
+    if not isinstance(block_sizes, PagedBlockSizes):
+        raise ScoreModError(f"block_sizes must be a PagedBlockSizes; got {type(block_sizes).__name__}")
+    if interpret is None:
+        interpret = jax.default_backend() == "cpu"
+
+    if q.shape[1] == 0:
+        return jnp.zeros(q.shape, q.dtype)
+
+    reasons = []
+    for name in names:
+        try:
+            if name == "pallas":
+                _check_kernel_support(mod, q, k_pages, tensors)
+                out = _paged_pallas(q, k_pages, v_pages, block_tables, lengths, tensors, mod=mod,
+                                    scale=scale, block_sizes=block_sizes, interpret=bool(interpret))
+            else:
+                out = _paged_reference_jit(q, k_pages, v_pages, block_tables, lengths, tensors,
+                                           mod=mod, scale=scale)
+        except (NotImplementedError, ImportError) as exc:
+            reasons.append(f"{name}: {exc}")
+            logger.info("scoremod.paged_attention: %s cannot run %r (%s); trying the next", name, str(mod), exc)
+            continue
+        logger.info("scoremod.paged_attention: using %s for %r%s", name, str(mod),
+                    f" (after {'; '.join(reasons)})" if reasons else "")
+        return out
+    raise NotImplementedError(f"no implementation among {', '.join(names)} can run {str(mod)!r}: "
+                              + "; ".join(reasons))
+
+
+def _as_mod(mod) -> Mod:
+    if mod is None:
+        return compile_mod("true")
+    if not isinstance(mod, (str, Mod)):
+        raise ScoreModError(f"mod must be a source string, a scoremod.Mod or None; got {type(mod).__name__}",
+                            hint='for example mod="causal & window(4096)"')
+    return compile_mod(mod)
+
+
+def _implementation_names(implementation) -> tuple[str, ...]:
+    if implementation is None:
+        return ("pallas", "reference") if jax.default_backend() == "gpu" else ("reference",)
+    names = (implementation,) if isinstance(implementation, str) else implementation
+    if not isinstance(names, Sequence) or not names:
+        raise ScoreModError(f"implementation must be None, a name or a non-empty sequence of names; "
+                            f"got {implementation!r}", hint=f"names: {', '.join(PAGED_IMPLEMENTATIONS)}")
+    for name in names:
+        if name not in PAGED_IMPLEMENTATIONS:
+            raise ScoreModError(f"unknown implementation {name!r} for paged_attention; expected one of "
+                                f"{', '.join(PAGED_IMPLEMENTATIONS)} (or None for the best available)")
+    return tuple(names)
+
+
+# ---- validation -----------------------------------------------------------------------------
+
+def _concrete(x):
+    """``x`` as a NumPy array, or None when it is traced (inside jit/vmap)."""
+    if isinstance(x, jax.core.Tracer):
+        return None
+    try:
+        return np.asarray(x)
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+        return None
+
+
+def _check_arrays(q, k_pages, v_pages, block_tables, lengths, scale) -> float:
+    """Shapes, dtypes, and (when concrete) the values of block_tables and lengths."""
+    for name, x, layout in (("q", q, "[B, T, N, H]"), ("k_pages", k_pages, "[P, page_size, K, H]"),
+                            ("v_pages", v_pages, "[P, page_size, K, H]"),
+                            ("block_tables", block_tables, "int32[B, max_pages]"),
+                            ("lengths", lengths, "int32[B]")):
+        if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+            raise ScoreModShapeError(f"{name} must be an array {layout}, got {type(x).__name__}")
+        rank = layout.count(",") + 1
+        if x.ndim != rank:
+            raise ScoreModShapeError(f"{name} must have rank {rank} ({layout}); got shape {tuple(x.shape)}")
+    B, T, N, H = q.shape
+    if k_pages.shape != v_pages.shape:
+        raise ScoreModShapeError(f"k_pages and v_pages must have the same shape [P, page_size, K, H]; "
+                                 f"got {tuple(k_pages.shape)} and {tuple(v_pages.shape)}")
+    P, page_size, K, Hk = k_pages.shape
+    if Hk != H:
+        raise ScoreModShapeError(f"head dims differ: q has H={H}, k_pages/v_pages have H={Hk}")
+    if K == 0 or N % K:
+        raise ScoreModShapeError(f"query heads N={N} must be a multiple of key/value heads K={K} "
+                                 "(GQA: query head h reads kv head h // (N // K))")
+    if P == 0 or page_size == 0:
+        raise ScoreModShapeError(f"the page pool is empty: k_pages has shape {tuple(k_pages.shape)}")
+    for name, x in (("q", q), ("k_pages", k_pages), ("v_pages", v_pages)):
+        if jnp.dtype(x.dtype) not in _DTYPES:
+            raise ScoreModShapeError(f"{name} must be bfloat16, float16 or float32; got {jnp.dtype(x.dtype)}")
+    if not (jnp.dtype(q.dtype) == jnp.dtype(k_pages.dtype) == jnp.dtype(v_pages.dtype)):
+        raise ScoreModShapeError(f"q, k_pages and v_pages must share one dtype; got q {q.dtype}, "
+                                 f"k_pages {k_pages.dtype}, v_pages {v_pages.dtype}",
+                                 hint="cast q with q.astype(k_pages.dtype)")
+    for name, x in (("block_tables", block_tables), ("lengths", lengths)):
+        if not jnp.issubdtype(x.dtype, jnp.integer):
+            raise ScoreModShapeError(f"{name} must be an int32 array; got {x.dtype}")
+    if block_tables.shape[0] != B:
+        raise ScoreModShapeError(f"block_tables has {block_tables.shape[0]} rows but q has B={B} sequences")
+    if lengths.shape != (B,):
+        raise ScoreModShapeError(f"lengths must have shape [B] = ({B},); got {tuple(lengths.shape)}")
+    max_pages = block_tables.shape[1]
+    capacity = max_pages * page_size
+
+    lens = _concrete(lengths)
+    if lens is not None and B:
+        if (lens < T).any():
+            b = int(np.argmax(lens < T))
+            raise ScoreModShapeError(f"lengths[{b}]={int(lens[b])} is smaller than T={T}: the T query tokens "
+                                     "are the newest tokens of the sequence and count in its length")
+        if (lens > capacity).any():
+            b = int(np.argmax(lens > capacity))
+            raise ScoreModShapeError(f"lengths[{b}]={int(lens[b])} exceeds the block table's capacity "
+                                     f"max_pages * page_size = {max_pages} * {page_size} = {capacity}")
+    tables = _concrete(block_tables)
+    if tables is not None and lens is not None and B and max_pages:
+        used = np.arange(max_pages)[None, :] < -(-lens[:, None] // page_size)   # pages holding keys
+        bad = used & ((tables < 0) | (tables >= P))
+        if bad.any():
+            b, j = map(int, np.argwhere(bad)[0])
+            raise ScoreModShapeError(f"block_tables[{b}, {j}]={int(tables[b, j])} points outside the page pool "
+                                     f"[0, {P}) (sequence {b} has length {int(lens[b])}, so page {j} holds keys)")
+
+    if scale is None:
+        return 1.0 / math.sqrt(H) if H else 1.0
+    if isinstance(scale, (bool, np.bool_)) or not _is_real_scalar(scale):
+        raise ScoreModShapeError(f"scale must be a real number; got {scale!r}")
+    try:
+        return float(scale)
+    except jax.errors.ConcretizationTypeError:
+        raise ScoreModShapeError("scale must be a static Python number, not a traced value") from None
+
+
+def _is_real_scalar(x) -> bool:
+    if isinstance(x, (int, float)):
+        return True
+    dtype = getattr(x, "dtype", None)
+    return dtype is not None and getattr(x, "ndim", None) == 0 and (
+        jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer))
+
+
+def _check_tensors(mod: Mod, tensors: dict, q, block_tables, lengths, page_size: int) -> dict:
+    """The mod's tensor parameters, checked against the paged positions (queries at
+    ``lengths - T ..``, keys at ``0 .. max(lengths) - 1``); returned as jax arrays.
+    Under jit (traced lengths) only ranks and the B/N axes are checked."""
+    collide = [n for n in mod.tensors if n in PAGED_KEYWORDS]
+    if collide:
+        raise ScoreModTensorError(f"tensor parameter '{collide[0]}' collides with paged_attention()'s own "
+                                  f"keyword '{collide[0]}', so it cannot be passed", source=str(mod),
+                                  hint=f"rename it in the source (e.g. {collide[0]}_t)")
+    from scoremod.compiler.tensors import check_tensors
+    B, T, N, _ = q.shape
+    lens = _concrete(lengths)
+    if lens is not None:
+        kv = dict(kv_len=max(int(lens.max()), 1) if B else 1, kv_offset=0)
+        q_offset = lens.astype(np.int64) - T
+    else:   # traced: positions unknown before running
+        kv = dict(kv_len=1, kv_offset=lengths - 1)
+        q_offset = lengths - T
+    try:
+        check_tensors(mod, tensors, B, N, T, q_offset=q_offset, **kv)
+    except ScoreModTensorError as exc:
+        raise ScoreModTensorError(exc.message, source=str(mod), hint=exc.hint) from None
+    return {name: _as_array(name, value) for name, value in tensors.items()}
+
+
+def _as_array(name: str, value):
+    if isinstance(value, (bool, np.bool_)):
+        return jnp.asarray(value, jnp.bool_)
+    if isinstance(value, (int, np.integer)):
+        return jnp.asarray(value, jnp.int32)
+    if isinstance(value, (float, np.floating)):
+        return jnp.asarray(value, jnp.float32)
+    return jnp.asarray(np.asarray(value) if isinstance(value, (list, tuple)) else value)
+
+
+def _check_kernel_support(mod: Mod, q, k_pages, tensors):
+    """Raise NotImplementedError when the Pallas kernel cannot run this call."""
+    program = _program(mod, tensors)
+    ok, why = program.kernel_support()
+    if not ok:
+        raise NotImplementedError(why)
+    head_dim = q.shape[-1]
+    page_size = k_pages.shape[1]
+    if not _k.is_power_of_2(head_dim) or head_dim < 16:
+        raise NotImplementedError(f"the paged kernel needs a power-of-2 head dim >= 16; got H={head_dim}")
+    if not _k.is_power_of_2(page_size):
+        raise NotImplementedError(f"the paged kernel needs a power-of-2 page size; got page_size={page_size}")
+
+
+def _program(mod: Mod, tensors: dict) -> TileProgram:
+    return TileProgram.build(mod.canonical, {n: jnp.ndim(t) for n, t in tensors.items()})
+
+
+# ---- positions, page classes and the compacted page list ------------------------------------
+
+def _q_positions(lengths, num_tokens: int):
+    """int32[B, T]: ``lengths[b] - T + i``."""
+    return lengths[:, None] - num_tokens + jnp.arange(num_tokens, dtype=jnp.int32)[None, :]
+
+
+def page_classes(mod, lengths, num_tokens: int, page_size: int, max_pages: int, *, heads: int,
+                 tensors=None, exact: bool = False):
+    """int8[B, max_pages]: the block class of each (sequence, logical page).
+
+    EMPTY: no query of the sequence (any head) may attend any existing key of the page;
+    pages past the length are EMPTY. FULL: the page lies wholly below the length and
+    every query (every head) may attend every key of it. PARTIAL otherwise.
+
+    By default the mask is classified by interval analysis
+    (``scoremod.compiler.intervals.classify_blocks``, one rectangle per page: the T
+    query positions by the page's key positions): sound for every mask, exact for the
+    prelude masks on sorted ids, O(B * max_pages) plus O(size) per tensor, and
+    jittable (new lengths or ids never recompile). ``exact=True`` evaluates the mask at
+    every (head, query, key) position instead: exact for any mask (unsorted ids,
+    ``dilated``), at O(B * T * max_pages * page_size) (times N when the mask reads ``h``).
+    """
+    return _page_classes(_as_mod(mod), jnp.asarray(lengths, jnp.int32), dict(tensors or {}),
+                         num_tokens=num_tokens, page_size=page_size, max_pages=max_pages, heads=heads,
+                         exact=exact)
+
+
+@functools.partial(jax.jit, static_argnames=("mod", "num_tokens", "page_size", "max_pages", "heads", "exact"))
+def _page_classes(mod, lengths, tensors, *, num_tokens, page_size, max_pages, heads, exact):
+    B = lengths.shape[0]
+    page = jnp.arange(max_pages, dtype=jnp.int32)[None, :]
+    holds_keys = page * page_size < lengths[:, None]                              # [B, max_pages]
+    whole = (page + 1) * page_size <= lengths[:, None]
+    if not mod.canonical.has_mask:
+        nonempty, full = holds_keys, whole
+    elif exact:
+        nonempty, full = _exact_page_truth(mod, lengths, tensors, num_tokens, page_size, max_pages, heads)
+    else:
+        nonempty, full = _interval_page_truth(mod, lengths, tensors, num_tokens, page_size, max_pages, heads)
+    nonempty = nonempty & holds_keys
+    return jnp.where(nonempty, jnp.where(full & whole, FULL, PARTIAL), EMPTY).astype(jnp.int8)
+
+
+def _interval_page_truth(mod, lengths, tensors, num_tokens, page_size, max_pages, heads):
+    from scoremod.compiler.intervals import BlockGrid, PositionBlocks, classify_blocks
+    from scoremod.compiler.rewrite import simplify
+    B = lengths.shape[0]
+    grid = BlockGrid(B, heads, PositionBlocks(num_tokens, num_tokens, lengths - num_tokens),
+                     PositionBlocks(max_pages * page_size, page_size, 0))
+    mask = simplify(mod.canonical.mask)
+    reads = {n: tensors[n] for n in mod.tensors if n in tensors}
+    classes = jnp.asarray(classify_blocks(mask, grid, reads, jnp))                  # [B'|1, H'|1, 1, max_pages]
+    classes = jnp.broadcast_to(classes[:, :, 0, :], (B, classes.shape[1], max_pages))
+    return jnp.any(classes != EMPTY, axis=1), jnp.all(classes == FULL, axis=1)
+
+
+def _exact_page_truth(mod, lengths, tensors, num_tokens, page_size, max_pages, heads):
+    B = lengths.shape[0]
+    S = max_pages * page_size
+    kv = jnp.arange(S, dtype=jnp.int32)
+    exists = kv[None, :] < lengths[:, None]
+    n_h = heads if _mask_reads_axis(mod.canonical.mask, "h") else 1
+    mask_mod = mod.mask_mod(**{n: tensors[n] for n in mod.tensors})
+    b = jnp.arange(B, dtype=jnp.int32)[:, None, None, None]
+    h = jnp.arange(n_h, dtype=jnp.int32)[None, :, None, None]
+    qpos = _q_positions(lengths, num_tokens)[:, None, :, None]
+    allowed = mask_mod(b, h, qpos, kv[None, None, None, :])                       # [B, n_h, T, S]
+    allowed = jnp.broadcast_to(allowed, (B, n_h, num_tokens, S)).reshape(B, n_h * num_tokens, max_pages, page_size)
+    nonempty = jnp.any(allowed & exists.reshape(B, 1, max_pages, page_size), axis=(1, 3))
+    return nonempty, jnp.all(allowed, axis=(1, 3))
+
+
+def _mask_reads_axis(mask, var: str) -> bool:
+    """Whether the mask depends on ``var`` directly or through a tensor index."""
+    return mentions(mask, var)
+
+
+@functools.partial(jax.jit, static_argnames=("num_pool_pages", "list_len"))
+def compact_pages(classes, block_tables, num_pool_pages: int, list_len: int | None = None):
+    """The non-EMPTY pages of each sequence, in position order.
+
+    Returns ``(logical int32[B, L], physical int32[B, L], counts int32[B])``: entry ``i``
+    of row ``b`` (``i < counts[b]``) is the ``i``-th non-EMPTY logical page and its pool
+    page ``block_tables[b, logical]`` (clipped into the pool). Entries past the count are
+    the last listed page again (read only by masked lanes). ``L = list_len`` (default
+    max_pages) must be at least max_pages.
+    """
+    B, max_pages = classes.shape
+    L = max_pages if list_len is None else list_len
+    nonempty = classes != EMPTY
+    slot = jnp.where(nonempty, jnp.cumsum(nonempty, axis=1, dtype=jnp.int32) - 1, L)
+    rows = jnp.broadcast_to(jnp.arange(B, dtype=jnp.int32)[:, None], (B, max_pages))
+    pages = jnp.broadcast_to(jnp.arange(max_pages, dtype=jnp.int32)[None, :], (B, max_pages))
+    logical = jnp.zeros((B, L), jnp.int32).at[rows, slot].set(pages, mode="drop")
+    counts = jnp.sum(nonempty, axis=1, dtype=jnp.int32)
+    # Past the count, repeat the last listed page: lanes there are masked, and a page the
+    # walk reads anyway costs no extra memory traffic (an EMPTY page could hold garbage).
+    last = jnp.take_along_axis(logical, jnp.maximum(counts - 1, 0)[:, None], axis=1)
+    logical = jnp.where(jnp.arange(L, dtype=jnp.int32)[None, :] < counts[:, None], logical, last)
+    tables = jnp.clip(jnp.asarray(block_tables, jnp.int32), 0, num_pool_pages - 1)
+    physical = jnp.take_along_axis(tables, jnp.minimum(logical, max_pages - 1), axis=1)
+    return logical, physical, counts
+
+
+# ---- the reference path -----------------------------------------------------------------------
+
+def paged_attention_reference(q, k_pages, v_pages, block_tables, lengths, *, mod=None, scale=None,
+                              **tensors):
+    """Gather every sequence's pages into dense K/V, then dense masked attention in f32.
+
+    Inputs as for ``paged_attention`` (validated the same way). Memory O(B * N * T * S).
+    """
+    return paged_attention(q, k_pages, v_pages, block_tables, lengths, mod=mod, scale=scale,
+                           implementation="reference", **tensors)
+
+
+@functools.partial(jax.jit, static_argnames=("mod", "scale"))
+def _paged_reference_jit(q, k_pages, v_pages, block_tables, lengths, tensors, *, mod, scale):
+    B, T, N, H = q.shape
+    P, page_size, K, _ = k_pages.shape
+    max_pages = block_tables.shape[1]
+    S = max_pages * page_size
+    G = N // K
+    tables = jnp.clip(block_tables, 0, P - 1)
+    k = k_pages[tables].reshape(B, S, K, H).astype(jnp.float32)
+    v = v_pages[tables].reshape(B, S, K, H).astype(jnp.float32)
+    hi = jax.lax.Precision.HIGHEST
+    qf = q.astype(jnp.float32).reshape(B, T, K, G, H)
+    scores = jnp.einsum("btkgh,bskh->bkgts", qf, k, precision=hi).reshape(B, N, T, S) * scale
+
+    b = jnp.arange(B, dtype=jnp.int32)[:, None, None, None]
+    h = jnp.arange(N, dtype=jnp.int32)[None, :, None, None]
+    qpos = _q_positions(lengths, T)[:, None, :, None]
+    kvpos = jnp.arange(S, dtype=jnp.int32)[None, None, None, :]
+    score_mod = mod.score_mod(**{n: jax.lax.stop_gradient(t) for n, t in tensors.items()})
+    logits = jnp.broadcast_to(score_mod(scores, b, h, qpos, kvpos), (B, N, T, S))
+    exists = kvpos < lengths[:, None, None, None]
+    logits = jnp.where(exists, logits, -jnp.inf)
+    # Slots past a length hold whatever the cache left there (NaN included): never let them in.
+    v = jnp.where(exists[:, 0, 0, :, None, None], v, 0.0)
+
+    m = jnp.max(logits, axis=-1, keepdims=True)
+    m = jnp.where(m == -jnp.inf, 0.0, m)
+    p = jnp.exp(logits - m)
+    l = jnp.sum(p, axis=-1, keepdims=True)
+    p = p / jnp.where(l > 0, l, 1.0)
+    out = jnp.einsum("bkgts,bskh->btkgh", p.reshape(B, K, G, T, S), v, precision=hi)
+    return out.reshape(B, T, N, H).astype(q.dtype)
+
+
+# ---- the Pallas path --------------------------------------------------------------------------
+
+def _num_splits(block_sizes: PagedBlockSizes, programs: int, max_chunks: int) -> int:
+    if block_sizes.num_splits is not None:
+        return max(1, min(int(block_sizes.num_splits), max_chunks))
+    cores = 0
+    try:
+        cores = int(getattr(jax.devices()[0], "core_count", 0) or 0)
+    except Exception:  # noqa: BLE001 - a device without the attribute
+        cores = 0
+    target = block_sizes.programs_per_core * (cores or 132)
+    return max(1, min(max_chunks, -(-target // max(programs, 1))))
+
+
+def _layout_reads(program: TileProgram, tensors: dict, *, batch, heads, kv_heads, num_tokens, rows,
+                  max_pages, page_size, q_positions):
+    """Each tensor read of the tile program, materialized for the kernel (see ``ReadLayout``).
+
+    A read is gathered once per call at the positions the kernel can visit: rows
+    ``r = t * G + g`` (query token t of query head ``kv_head * G + g``, padded to
+    ``rows``) and keys ``0 .. max_pages * page_size - 1``. Query positions differ per
+    sequence, so a read that depends on ``q`` is laid out per sequence.
+    """
+    S = max_pages * page_size
+    G = heads // kv_heads
+    arrays, layouts = [], []
+    for r in program.reads:
+        axes = set(r.axes)
+        by_q, by_h, by_kv = "q" in axes, "h" in axes, "kv" in axes
+        by_b = "b" in axes or by_q
+        Bx = batch if by_b else 1
+        Kx = kv_heads if by_h else 1
+        Sx = S if by_kv else 1
+        env = {
+            "b": jnp.arange(Bx, dtype=jnp.int32).reshape(Bx, 1, 1, 1),
+            "h": jnp.arange(heads if by_h else 1, dtype=jnp.int32).reshape(1, -1, 1, 1),
+            "q": q_positions[:, None, :, None] if by_q else jnp.zeros((1, 1, 1, 1), jnp.int32),
+            "kv": jnp.arange(Sx, dtype=jnp.int32).reshape(1, 1, 1, Sx),
+        }
+        value = gather_read(tensors[r.name], [env[i.name] if isinstance(i, Var) else None
+                                             for i in r.node.indices])
+        Nx = heads if by_h else 1
+        Tx = num_tokens if by_q else 1
+        value = jnp.broadcast_to(value, (Bx, Nx, Tx, Sx))
+        has_rows = by_h or by_q
+        if has_rows:
+            x = value.reshape(Bx, Kx, G if by_h else 1, Tx, Sx)
+            x = jnp.broadcast_to(x, (Bx, Kx, G, num_tokens, Sx))
+            x = x.transpose(0, 1, 4, 3, 2).reshape(Bx, Kx, Sx, num_tokens * G)
+            x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, rows - num_tokens * G)))
+        else:
+            x = value.reshape(Bx, 1, Sx, 1)
+        Rx = x.shape[-1]
+        x = x.reshape(Bx, Kx, max_pages, page_size, Rx) if by_kv else x.reshape(Bx, Kx, Rx)
+        arrays.append(x)
+        layouts.append(_k.ReadLayout(by_b=by_b, by_k=by_h, by_kv=by_kv, rows=has_rows))
+    return arrays, layouts
+
+
+@functools.partial(jax.jit, static_argnames=("mod", "scale", "block_sizes", "interpret"))
+def _paged_pallas(q, k_pages, v_pages, block_tables, lengths, tensors, *, mod, scale, block_sizes,
+                  interpret):
+    B, T, N, H = q.shape
+    P, page_size, K, _ = k_pages.shape
+    max_pages = block_tables.shape[1]
+    G = N // K
+    program = _program(mod, tensors)
+    pages_per_step = max(1, block_sizes.block_kv // page_size)
+    max_chunks = -(-max_pages // pages_per_step)
+    list_len = max_chunks * pages_per_step
+    num_splits = _num_splits(block_sizes, B * K, max_chunks)
+    rows = max(16, _k.next_power_of_2(T * G))
+
+    classes = _page_classes(mod, lengths, tensors, num_tokens=T, page_size=page_size, max_pages=max_pages,
+                            heads=N, exact=False)
+    logical, physical, counts = compact_pages(classes, block_tables, num_pool_pages=P, list_len=list_len)
+
+    q_rows = q.reshape(B, T, K, G, H).transpose(0, 2, 1, 3, 4).reshape(B, K, T * G, H)
+    q_rows = jnp.pad(q_rows, ((0, 0), (0, 0), (0, rows - T * G), (0, 0)))
+    reads, layouts = _layout_reads(program, tensors, batch=B, heads=N, kv_heads=K, num_tokens=T, rows=rows,
+                                   max_pages=max_pages, page_size=page_size,
+                                   q_positions=_q_positions(lengths, T))
+    o, lse = _k.paged_decode_partials(
+        q_rows, k_pages, v_pages, logical, physical, counts, lengths, reads,
+        program=program, layouts=layouts, num_tokens=T, group=G, scale=scale,
+        pages_per_step=pages_per_step, num_splits=num_splits, num_warps=block_sizes.num_warps,
+        num_stages=block_sizes.num_stages, interpret=interpret)
+    if num_splits == 1:
+        out = o[:, :, 0]
+    else:
+        out, _ = _k.combine_splits(o, lse)
+    out = out[:, :, :T * G].reshape(B, K, T, G, H).transpose(0, 2, 1, 3, 4).reshape(B, T, N, H)
+    return out.astype(q.dtype)
+

@@ -1,0 +1,304 @@
+"""paged_attention against an independent float64 oracle (Pallas in interpret mode on CPU).
+
+The oracle builds dense K/V from the pages with NumPy, asks the independent evaluator
+(tests/evaluator.py) for the mod's logits at the paged positions (query i of sequence b
+at ``lengths[b] - T + i``), drops the keys past each length and takes a float64
+softmax (rows with no allowed key give 0). Page skipping is checked twice: the
+compacted page counts equal a brute-force count, and pages the walk must skip are
+filled with NaN (so reading one would show). GPU cases are marked ``gpu``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import jax
+import jax.numpy as jnp
+
+from evaluator import evaluate_logits, evaluate_mask
+from strategies import sources, tensors_for
+
+from scoremod.compiler.mod import compile_mod
+from scoremod.runtime.paged import (EMPTY, FULL, PagedBlockSizes, compact_pages, page_classes,
+                                    paged_attention, _program)
+
+ON_GPU = jax.default_backend() == "gpu"
+
+
+def make_cache(rng, *, B=3, T=1, N=8, K=2, H=16, page_size=4, max_pages=6, pool=None, lengths=None,
+               dtype=np.float32):
+    """Random q, page pool, shuffled block tables (-1 past each length) and ragged lengths."""
+    pool = pool or B * max_pages + 3
+    if lengths is None:
+        lengths = rng.integers(T, max_pages * page_size + 1, size=B)
+        lengths[0] = max_pages * page_size          # one sequence fills its table
+    lengths = np.asarray(lengths, np.int32)
+    q = rng.standard_normal((B, T, N, H)).astype(dtype)
+    k_pages = rng.standard_normal((pool, page_size, K, H)).astype(dtype)
+    v_pages = rng.standard_normal((pool, page_size, K, H)).astype(dtype)
+    tables = rng.permutation(pool)[:B * max_pages].reshape(B, max_pages).astype(np.int32)
+    used = np.arange(max_pages)[None, :] < -(-lengths[:, None] // page_size)
+    tables = np.where(used, tables, -1).astype(np.int32)
+    return q, k_pages, v_pages, tables, lengths
+
+
+def dense_kv(k_pages, v_pages, tables):
+    """[B, max_pages * page_size, K, H] float64 K and V in position order."""
+    P, ps, K, H = k_pages.shape
+    B, max_pages = tables.shape
+    idx = np.clip(tables, 0, P - 1)
+    k = np.asarray(k_pages, np.float64)[idx].reshape(B, max_pages * ps, K, H)
+    v = np.asarray(v_pages, np.float64)[idx].reshape(B, max_pages * ps, K, H)
+    return k, v
+
+
+def oracle(q, k_pages, v_pages, tables, lengths, source=None, tensors=None, scale=None):
+    """float64 [B, T, N, H]."""
+    q = np.asarray(q, np.float64)
+    B, T, N, H = q.shape
+    K = k_pages.shape[2]
+    k, v = dense_kv(k_pages, v_pages, tables)
+    S = k.shape[1]
+    lengths = np.asarray(lengths)
+    scale = 1.0 / math.sqrt(H) if scale is None else scale
+    G = N // K
+    k = np.repeat(k, G, axis=2)
+    v = np.repeat(v, G, axis=2)
+    scores = scale * np.einsum("btnh,bsnh->bnts", q, k)
+    logits = scores if source is None else evaluate_logits(source, scores=scores, q_offset=lengths - T,
+                                                           tensors=tensors or {})
+    exists = np.arange(S)[None, :] < lengths[:, None]
+    logits = np.where(exists[:, None, None, :], logits, -np.inf)
+    v = np.where(exists[:, :, None, None], v, 0.0)
+    m = logits.max(-1, keepdims=True)
+    empty = m == -np.inf
+    with np.errstate(invalid="ignore", under="ignore"):
+        p = np.where(empty, 0.0, np.exp(logits - np.where(empty, 0.0, m)))
+    l = p.sum(-1, keepdims=True)
+    p = p / np.where(l > 0, l, 1.0)
+    return np.einsum("bnts,bsnh->btnh", p, v)
+
+
+def nonempty_pages(source, lengths, T, N, page_size, max_pages, tensors=None):
+    """bool[B, max_pages] by brute force: some (head, query) may attend some existing key."""
+    lengths = np.asarray(lengths)
+    B = len(lengths)
+    S = max_pages * page_size
+    allowed = evaluate_mask(source, B, N, T, S, q_offset=lengths - T, tensors=tensors or {})
+    allowed &= (np.arange(S)[None, :] < lengths[:, None])[:, None, None, :]
+    return allowed.reshape(B, N * T, max_pages, page_size).any(axis=(1, 3))
+
+
+def _tensors(source, B, N, T, S, lengths, rng):
+    if source is None:
+        return {}
+    return {k: np.asarray(v) for k, v in
+            tensors_for(source, B, N, T, S, rng, q_offset=np.asarray(lengths) - T, sorted_ids=True).items()}
+
+
+def _seed(*parts) -> int:
+    """A seed that is the same on every run (str hashes are salted per process)."""
+    return sum((i + 1) * ord(c) for i, c in enumerate("|".join(map(str, parts))))
+
+
+# (source, T, N, K, num_splits): prelude masks, biases and transforms; GQA, MHA and MQA;
+# one split and several; rows with no allowed key; a head-dependent mask.
+CASES = [
+    (None, 1, 8, 2, None),
+    ("causal", 3, 8, 2, None),
+    ("causal & window(6)", 3, 4, 4, 1),
+    ("causal & doc(ids)", 3, 4, 1, 2),
+    ("causal & softcap(2.5) + alibi(8)", 1, 8, 2, None),
+    ("causal | prefix(n)", 1, 8, 2, None),
+    ("causal & chunk(8)", 3, 8, 2, None),
+    ("causal & (sink(2) | window(3))", 1, 8, 2, None),
+    ("causal & (h % 2 == 0 | window(3))", 1, 8, 2, None),
+    ("q < kv", 3, 4, 2, None),
+    ("false", 1, 4, 2, None),
+]
+
+
+@pytest.mark.parametrize("source,T,N,K,splits", CASES, ids=[f"{c[0]}-T{c[1]}-N{c[2]}K{c[3]}" for c in CASES])
+def test_matches_oracle(source, T, N, K, splits):
+    rng = np.random.default_rng(_seed(source, T, N, K))
+    B, ps, max_pages = 3, 4, 6
+    q, kp, vp, tables, lengths = make_cache(rng, B=B, T=T, N=N, K=K, page_size=ps, max_pages=max_pages)
+    tensors = _tensors(source, B, N, T, max_pages * ps, lengths, rng)
+    want = oracle(q, kp, vp, tables, lengths, source, tensors)
+    for impl in ("pallas", "reference"):
+        out = paged_attention(q, kp, vp, tables, lengths, mod=source, implementation=impl,
+                              block_sizes=PagedBlockSizes(block_kv=8, num_splits=splits), **tensors)
+        assert out.shape == q.shape and out.dtype == q.dtype
+        assert np.isfinite(np.asarray(out)).all()
+        np.testing.assert_allclose(np.asarray(out), want, atol=3e-5, rtol=3e-5, err_msg=impl)
+
+
+def test_bf16_and_one_split():
+    rng = np.random.default_rng(7)
+    q, kp, vp, tables, lengths = make_cache(rng, B=2, T=3, N=8, K=2, H=32, page_size=8, max_pages=5)
+    bf = lambda x: jnp.asarray(x, jnp.bfloat16)  # noqa: E731
+    out = paged_attention(bf(q), bf(kp), bf(vp), tables, lengths, mod="causal & window(11)",
+                          implementation="pallas", block_sizes=PagedBlockSizes(block_kv=16, num_splits=1))
+    assert out.dtype == jnp.bfloat16
+    want = oracle(np.asarray(bf(q), np.float32), np.asarray(bf(kp), np.float32), np.asarray(bf(vp), np.float32),
+                  tables, lengths, "causal & window(11)")
+    np.testing.assert_allclose(np.asarray(out, np.float32), want, atol=2e-2, rtol=2e-2)
+
+
+SKIP_CASES = [("causal & window(6)", 1), ("causal & doc(ids)", 3), ("causal & chunk(8)", 1)]
+
+
+@pytest.mark.parametrize("source,T", SKIP_CASES)
+def test_skipped_pages_are_never_read(source, T):
+    """Pages the mask empties are filled with NaN (and so are slots past each length):
+    the kernel must not read them, and the compacted lists are exactly the non-EMPTY pages."""
+    rng = np.random.default_rng(_seed("skip", source, T))
+    B, N, K, ps, max_pages = 4, 4, 2, 4, 8
+    q, kp, vp, tables, lengths = make_cache(rng, B=B, T=T, N=N, K=K, page_size=ps, max_pages=max_pages)
+    tensors = _tensors(source, B, N, T, max_pages * ps, lengths, rng)
+    classes = np.asarray(page_classes(source, jnp.asarray(lengths), T, ps, max_pages, heads=N,
+                                      tensors={k: jnp.asarray(v) for k, v in tensors.items()}))
+    needed = nonempty_pages(source, lengths, T, N, ps, max_pages, tensors)
+    kept = classes != EMPTY
+    assert (kept | ~needed).all(), "a page the mask needs was classified EMPTY"
+    assert kept.sum() < (-(-lengths // ps)).sum(), "nothing was skipped"
+    if source.startswith("causal & window(6)"):
+        np.testing.assert_array_equal(kept, needed)          # the last pages only
+        assert kept.sum(1).max() <= 3
+    logical, physical, counts = map(np.asarray, compact_pages(jnp.asarray(classes), jnp.asarray(tables), kp.shape[0]))
+    np.testing.assert_array_equal(counts, kept.sum(1))
+    for b in range(B):
+        np.testing.assert_array_equal(logical[b, :counts[b]], np.nonzero(kept[b])[0])
+        np.testing.assert_array_equal(physical[b, :counts[b]], tables[b, np.nonzero(kept[b])[0]])
+
+    listed = np.zeros(kp.shape[0], bool)
+    listed[tables[kept]] = True
+    kp_bad, vp_bad = kp.copy(), vp.copy()
+    kp_bad[~listed] = np.nan
+    vp_bad[~listed] = np.nan
+    for b in range(B):
+        j, tail = divmod(int(lengths[b]), ps)
+        if tail and kept[b, j]:
+            kp_bad[tables[b, j], tail:] = np.nan
+            vp_bad[tables[b, j], tail:] = np.nan
+    out = paged_attention(q, kp_bad, vp_bad, tables, lengths, mod=source, implementation="pallas",
+                          block_sizes=PagedBlockSizes(block_kv=8), **tensors)
+    want = oracle(q, kp, vp, tables, lengths, source, tensors)
+    assert np.isfinite(np.asarray(out)).all()
+    np.testing.assert_allclose(np.asarray(out), want, atol=3e-5, rtol=3e-5)
+
+
+# (source, interval analysis expected exact here)
+CLASS_CASES = [("causal", True), ("causal & window(5)", True), ("causal & doc(ids)", True),
+               ("causal | prefix(n)", True), ("causal & chunk(4)", True), ("causal & (h % 2 == 0 | window(3))", False),
+               ("dilated(3)", False), ("causal + alibi(4)", True), (None, True)]
+
+
+@pytest.mark.parametrize("source,tight", CLASS_CASES)
+def test_page_classes(source, tight):
+    """exact=True equals a brute-force evaluation; the interval classes are sound (EMPTY and
+    FULL never wrong) and, for prelude masks on sorted ids, equal to it."""
+    rng = np.random.default_rng(_seed("classes", source))
+    B, T, N, ps, max_pages = 3, 2, 4, 4, 7
+    lengths = rng.integers(T, ps * max_pages + 1, size=B).astype(np.int32)
+    S = ps * max_pages
+    tensors = _tensors(source, B, N, T, S, lengths, rng)
+    allowed = (np.ones((B, N, T, S), bool) if source is None else
+               evaluate_mask(source, B, N, T, S, q_offset=lengths - T, tensors=tensors))
+    exists = np.arange(S)[None, :] < lengths[:, None]
+    pages = lambda x: x.reshape(B, -1, max_pages, ps)  # noqa: E731
+    nonempty = pages(allowed & exists[:, None, None, :]).any(axis=(1, 3))
+    whole = (np.arange(max_pages)[None, :] + 1) * ps <= lengths[:, None]
+    full = pages(allowed).all(axis=(1, 3)) & whole & nonempty
+    for exact in (True, False):
+        classes = np.asarray(page_classes(source, jnp.asarray(lengths), T, ps, max_pages, heads=N, exact=exact,
+                                          tensors={k: jnp.asarray(v) for k, v in tensors.items()}))
+        assert not (nonempty & (classes == EMPTY)).any(), "unsound EMPTY"
+        assert not (~full & (classes == FULL)).any(), "unsound FULL"
+        if exact or tight:
+            np.testing.assert_array_equal(classes != EMPTY, nonempty)
+            np.testing.assert_array_equal(classes == FULL, full)
+
+
+@settings(max_examples=4)
+@given(src=sources(max_depth=2), T=st.sampled_from([1, 3]), seed=st.integers(0, 2 ** 31 - 1))
+def test_generated_sources(src, T, seed):
+    rng = np.random.default_rng(seed)
+    B, N, K, ps, max_pages = 2, 4, 2, 4, 4
+    q, kp, vp, tables, lengths = make_cache(rng, B=B, T=T, N=N, K=K, page_size=ps, max_pages=max_pages)
+    tensors = _tensors(src.text, B, N, T, ps * max_pages, lengths, rng)
+    want = oracle(q, kp, vp, tables, lengths, src.text, tensors)
+    mod = compile_mod(src.text)
+    supported, _ = _program(mod, {k: jnp.asarray(v) for k, v in tensors.items()}).kernel_support()
+    if not supported:
+        with pytest.raises(NotImplementedError):
+            paged_attention(q, kp, vp, tables, lengths, mod=mod, implementation="pallas", **tensors)
+    out = paged_attention(q, kp, vp, tables, lengths, mod=mod, implementation=("pallas", "reference"),
+                          block_sizes=PagedBlockSizes(block_kv=8), **tensors)
+    assert np.isfinite(np.asarray(out)).all()
+    np.testing.assert_allclose(np.asarray(out), want, atol=1e-4, rtol=1e-4, err_msg=src.text)
+
+
+def test_under_jit_tables_and_lengths_are_traced():
+    rng = np.random.default_rng(3)
+    B, T, N, K, ps, max_pages = 3, 1, 4, 2, 4, 6
+    q, kp, vp, tables, lengths = make_cache(rng, B=B, T=T, N=N, K=K, page_size=ps, max_pages=max_pages)
+    ids = _tensors("causal & doc(ids)", B, N, T, ps * max_pages, lengths, rng)["ids"]
+    f = jax.jit(lambda *a: paged_attention(*a[:5], mod="causal & doc(ids)", implementation="pallas", ids=a[5]))
+    out = f(q, kp, vp, tables, lengths, ids)
+    np.testing.assert_allclose(np.asarray(out), oracle(q, kp, vp, tables, lengths, "causal & doc(ids)", {"ids": ids}),
+                               atol=3e-5, rtol=3e-5)
+    # New lengths and tables reuse the compiled function.
+    lengths2 = np.maximum(lengths - 5, T).astype(np.int32)
+    out2 = f(q, kp, vp, tables[::-1].copy(), lengths2, ids)
+    np.testing.assert_allclose(np.asarray(out2),
+                               oracle(q, kp, vp, tables[::-1].copy(), lengths2, "causal & doc(ids)", {"ids": ids}),
+                               atol=3e-5, rtol=3e-5)
+
+
+# ---- GPU (Triton lowering), realistic sizes ----------------------------------------------------
+
+GPU_CASES = [(None, 1), ("causal & window(300)", 1), ("causal & doc(ids)", 4), ("causal & softcap(30) + alibi(32)", 2)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("source,T", GPU_CASES)
+def test_gpu_matches_oracle(source, T):
+    rng = np.random.default_rng(_seed("gpu", source, T))
+    B, N, K, H, ps, max_pages = 3, 32, 8, 128, 16, 80
+    q, kp, vp, tables, lengths = make_cache(rng, B=B, T=T, N=N, K=K, H=H, page_size=ps, max_pages=max_pages,
+                                            pool=300)
+    tensors = _tensors(source, B, N, T, ps * max_pages, lengths, rng)
+    bf = lambda x: jnp.asarray(x, jnp.bfloat16)  # noqa: E731
+    f32 = lambda x: np.asarray(bf(x), np.float32)  # noqa: E731
+    want = oracle(f32(q), f32(kp), f32(vp), tables, lengths, source, tensors)
+    kp_bad, vp_bad = f32(kp), f32(vp)
+    if source is not None and "window" in source:   # pages outside every window: NaN
+        classes = np.asarray(page_classes(source, jnp.asarray(lengths), T, ps, max_pages, heads=N))
+        listed = np.zeros(kp.shape[0], bool)
+        listed[tables[classes != EMPTY]] = True
+        kp_bad[~listed] = np.nan
+        vp_bad[~listed] = np.nan
+    for splits in (None, 1):
+        out = paged_attention(bf(q), bf(kp_bad), bf(vp_bad), tables, lengths, mod=source, implementation="pallas",
+                              block_sizes=PagedBlockSizes(num_splits=splits), **tensors)
+        out = np.asarray(out, np.float32)
+        assert np.isfinite(out).all()
+        np.testing.assert_allclose(out, want, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+def test_gpu_long_context_split():
+    rng = np.random.default_rng(11)
+    B, T, N, K, H, ps, max_pages = 1, 1, 32, 8, 128, 16, 2048
+    q, kp, vp, tables, lengths = make_cache(rng, B=B, T=T, N=N, K=K, H=H, page_size=ps, max_pages=max_pages,
+                                            lengths=[32000])
+    bf = lambda x: jnp.asarray(x, jnp.bfloat16)  # noqa: E731
+    for source in ("causal", "causal & window(4096)"):
+        out = paged_attention(bf(q), bf(kp), bf(vp), tables, lengths, mod=source, implementation="pallas")
+        ref = paged_attention(bf(q), bf(kp), bf(vp), tables, lengths, mod=source, implementation="reference")
+        np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=2e-2, rtol=2e-2)
