@@ -4,6 +4,10 @@
     >>> mod = scoremod.compile("causal & window(1024) + alibi(8)")
     >>> mod.kind
     'bias'
+    >>> out = scoremod.attention(q, k, v, mod="causal & doc(ids)", ids=segment_ids)
+
+``attention``, ``paged_attention`` and ``as_attention_fn`` import jax on first use, so ``import scoremod``
+(and the ``dslc`` CLI) stays light.
 """
 
 from scoremod.errors import (
@@ -16,7 +20,20 @@ from scoremod.dsl.definitions import define, undefine
 __version__ = "0.1.0"
 
 __all__ = [
-    "compile", "define", "undefine", "Mod",
+    "attention", "as_attention_fn", "paged_attention", "PagedBlockSizes", "compile", "define", "undefine", "Mod",
     "ScoreModError", "ScoreModSyntaxError", "ScoreModNameError", "ScoreModTypeError",
     "ScoreModDefinitionError", "ScoreModTensorError", "ScoreModShapeError",
 ]
+
+
+def __getattr__(name):
+    if name == "attention":
+        from scoremod.runtime.attention import attention
+        return attention
+    if name in ("paged_attention", "PagedBlockSizes"):
+        from scoremod.runtime import paged
+        return getattr(paged, name)
+    if name == "as_attention_fn":
+        from scoremod.runtime.flax_adapter import as_attention_fn
+        return as_attention_fn
+    raise AttributeError(f"module 'scoremod' has no attribute {name!r}")

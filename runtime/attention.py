@@ -1,0 +1,309 @@
+"""``attention()``: the public entry. Validates its inputs, then dispatches.
+
+    out = scoremod.attention(q, k, v, mod="causal & doc(ids)", ids=segment_ids)
+
+Shapes (BTNH, like ``jax.nn.dot_product_attention``):
+
+    query  [B, T, N, H]      value/key [B, S, K, H], N % K == 0 (GQA/MQA)
+    out    [B, T, N, H]      in query's dtype
+    lse    f32[B, T, N]      with return_lse=True; -inf on rows with no allowed key
+
+Everything a user can get wrong is checked here, on shapes and dtypes only, before
+any implementation traces: a ``ScoreModShapeError`` for query/key/value/options, a
+``ScoreModTensorError`` for tensor parameters, a ``ScoreModError`` for the rest.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from scoremod.errors import ScoreModError, ScoreModShapeError, ScoreModTensorError
+from scoremod.dsl.ast import Tensor, walk
+from scoremod.compiler.tensors import check_tensors as check_read_shapes
+from scoremod.compiler.mod import Mod, compile_mod
+
+__all__ = ["attention", "check_inputs", "check_tensors", "IMPLEMENTATIONS", "RESERVED_KEYWORDS"]
+
+logger = logging.getLogger("scoremod")
+
+IMPLEMENTATIONS = ("reference", "xla", "pallas", "mosaic", "cudnn")
+RESERVED_KEYWORDS = ("query", "key", "value", "mod", "scale", "q_offset", "kv_offset",
+                     "implementation", "return_lse")
+_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
+_NO_MASK = "true"
+
+
+def attention(query, key, value, *, mod=None, scale=None, q_offset=0, kv_offset=0,
+              implementation=None, return_lse=False, **tensors):
+    """Attention with the score modification ``mod``.
+
+    Args:
+      query: ``[B, T, N, H]`` bf16, f16 or f32.
+      key, value: ``[B, S, K, H]``, the query's dtype; N must be a multiple of K
+        (query head ``h`` reads kv head ``h // (N // K)``).
+      mod: a source string (``"causal & window(1024)"``), a compiled ``scoremod.Mod``,
+        or None (no mask). The logit of ``(b, h, q, kv)`` is
+        ``where(M, T(score) + B, -inf)`` with ``score = scale * <q_vec, k_vec>``.
+      scale: a Python number; default ``1 / sqrt(H)``.
+      q_offset, kv_offset: int or int ``[B]``: the absolute position of row ``i`` is
+        ``q_offset + i`` and of column ``j`` is ``kv_offset + j`` (LANGUAGE.md §6).
+      implementation: None (best available), "reference", "xla", "pallas", "mosaic",
+        "cudnn", or a sequence of these, tried in order (NotImplementedError falls through).
+      return_lse: also return the log-sum-exp of the logits, f32 ``[B, T, N]``.
+      **tensors: the tensor parameters the mod reads, by name (``ids=segment_ids``).
+
+    Returns:
+      ``out [B, T, N, H]`` in the query's dtype, or ``(out, lse)`` with return_lse.
+      Rows with no allowed key give 0 (and lse -inf), never NaN, in gradients too.
+
+    Example::
+
+        >>> q = k = v = jnp.ones((2, 128, 4, 64), jnp.bfloat16)
+        >>> ids = jnp.repeat(jnp.arange(4), 32)[None].repeat(2, 0)      # int32[2, 128]
+        >>> scoremod.attention(q, k, v, mod="causal & doc(ids)", ids=ids).shape
+        (2, 128, 4, 64)
+    """
+    mod = _as_mod(mod)
+    names = _implementation_names(implementation)
+    scale = check_inputs(query, key, value, scale=scale, return_lse=return_lse)
+    batch, q_len, heads, head_dim = query.shape
+    kv_len = key.shape[1]
+    q_offset = _check_offset(q_offset, batch, "q_offset")
+    kv_offset = _check_offset(kv_offset, batch, "kv_offset")
+    tensors = check_tensors(mod, tensors, batch=batch, heads=heads, q_len=q_len, kv_len=kv_len,
+                            q_offset=q_offset, kv_offset=kv_offset)
+
+    if q_len == 0 or kv_len == 0:  # nothing to attend: zeros and -inf, like a fully masked row
+        out = jnp.zeros(query.shape, query.dtype)
+        lse = jnp.full((batch, q_len, heads), -jnp.inf, jnp.float32)
+        return (out, lse) if return_lse else out
+
+    call = dict(mod=mod, scale=scale, q_offset=q_offset, kv_offset=kv_offset, return_lse=return_lse,
+                tensors=tensors)
+    reasons = []   # (name, why it declined)
+    for name in names:
+        try:
+            out, lse = _RUNNERS[name](query, key, value, **call)
+        except (NotImplementedError, ImportError) as exc:
+            reasons.append((name, str(exc)))
+            logger.info("scoremod.attention: %s cannot run %r: %s", name, str(mod), exc)
+            continue
+        logger.info("scoremod.attention: using %s for %r", name, str(mod))
+        return (out, lse) if return_lse else out
+    if len(reasons) == 1:
+        raise NotImplementedError(f"{names[0]} cannot run {str(mod)!r}: {reasons[0][1]}")
+    raise NotImplementedError(f"no implementation among {', '.join(names)} can run {str(mod)!r}: "
+                              + "; ".join(f"{name}: {why}" for name, why in reasons))
+
+
+# ---- validation ------------------------------------------------------------------------------
+
+def _as_mod(mod) -> Mod:
+    if mod is None:
+        return compile_mod(_NO_MASK)
+    if not isinstance(mod, (str, Mod)):
+        raise ScoreModError(f"mod must be a source string, a scoremod.Mod or None; got "
+                            f"{type(mod).__name__}", hint='for example mod="causal & window(1024)"')
+    return compile_mod(mod)
+
+
+def _implementation_names(implementation) -> tuple[str, ...]:
+    if implementation is None:
+        return ("pallas", "xla") if jax.default_backend() == "gpu" else ("xla",)
+    names = (implementation,) if isinstance(implementation, str) else implementation
+    if not isinstance(names, Sequence) or not names:
+        raise ScoreModError(f"implementation must be None, a name or a non-empty sequence of names; "
+                            f"got {implementation!r}", hint=f"names: {', '.join(IMPLEMENTATIONS)}")
+    for name in names:
+        if name not in IMPLEMENTATIONS:
+            raise ScoreModError(f"unknown implementation {name!r}; expected one of "
+                                f"{', '.join(IMPLEMENTATIONS)} (or None for the best available)")
+    return tuple(names)
+
+
+def check_inputs(query, key, value, *, scale=None, return_lse=False) -> float:
+    """Check query/key/value shapes and dtypes and the options; return the scale (a float).
+
+    query ``[B, T, N, H]``, key and value ``[B, S, K, H]``, N a multiple of K, all three
+    of one dtype among bf16, f16, f32. Raises ``ScoreModShapeError``.
+    """
+    for name, x in (("query", query), ("key", key), ("value", value)):
+        if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+            raise ScoreModShapeError(f"{name} must be an array, got {type(x).__name__}")
+        if x.ndim != 4:
+            layout = "[B, T, N, H]" if name == "query" else "[B, S, K, H]"
+            raise ScoreModShapeError(f"{name} must have rank 4 ({layout}, like jax.nn.dot_product_attention); "
+                                     f"got shape {tuple(x.shape)}",
+                                     hint="add a batch axis with x[None] or a head axis with x[:, :, None]"
+                                     if x.ndim == 3 else None)
+    B, T, N, H = query.shape
+    if key.shape != value.shape:
+        raise ScoreModShapeError(f"key and value must have the same shape [B, S, K, H]; got key "
+                                 f"{tuple(key.shape)} and value {tuple(value.shape)}")
+    Bk, S, K, Hk = key.shape
+    if Bk != B:
+        raise ScoreModShapeError(f"batch sizes differ: query has B={B}, key/value have B={Bk}")
+    if Hk != H:
+        raise ScoreModShapeError(f"head dims differ: query has H={H}, key/value have H={Hk}")
+    if K == 0 or N % K:
+        raise ScoreModShapeError(f"query heads N={N} must be a multiple of key/value heads K={K} "
+                                 "(GQA: query head h reads kv head h // (N // K))")
+    dtypes = {str(jnp.dtype(x.dtype)) for x in (query, key, value)}
+    for name, x in (("query", query), ("key", key), ("value", value)):
+        if jnp.dtype(x.dtype) not in [jnp.dtype(d) for d in _DTYPES]:
+            raise ScoreModShapeError(f"{name} must be bfloat16, float16 or float32; got {jnp.dtype(x.dtype)}",
+                                     hint="cast with x.astype(jnp.bfloat16)" if "int" in str(x.dtype) else None)
+    if len(dtypes) > 1:
+        raise ScoreModShapeError(f"query, key and value must share one dtype; got query {query.dtype}, "
+                                 f"key {key.dtype}, value {value.dtype}")
+    if not isinstance(return_lse, (bool, np.bool_)):
+        raise ScoreModShapeError(f"return_lse must be True or False; got {return_lse!r}")
+    if scale is None:
+        return 1.0 / math.sqrt(H) if H else 1.0
+    if isinstance(scale, (bool, np.bool_)) or not _is_real_scalar(scale):
+        raise ScoreModShapeError(f"scale must be a real number; got {scale!r}")
+    try:
+        return float(scale)
+    except jax.errors.ConcretizationTypeError:
+        raise ScoreModShapeError("scale must be a static Python number, not a traced value",
+                                 hint="pass it as a constant (or close over it) instead of a jit argument") from None
+
+
+def _is_real_scalar(x) -> bool:
+    if isinstance(x, (int, float)):
+        return True
+    dtype = getattr(x, "dtype", None)
+    return dtype is not None and getattr(x, "ndim", None) == 0 and (
+        jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer))
+
+
+def _check_offset(offset, batch: int, name: str):
+    """A Python int stays an int (static); anything else becomes int32 ``[B]``."""
+    if isinstance(offset, (bool, np.bool_)):
+        raise ScoreModShapeError(f"{name} must be an int or an int array [B]; got {offset!r}")
+    if isinstance(offset, (int, np.integer)):
+        return int(offset)
+    dtype = getattr(offset, "dtype", None)
+    if dtype is None or not jnp.issubdtype(dtype, jnp.integer):
+        raise ScoreModShapeError(f"{name} must be an int or an int array [B]; got "
+                                 f"{getattr(offset, 'dtype', type(offset).__name__)}")
+    if offset.ndim == 0:
+        return jnp.broadcast_to(jnp.asarray(offset, jnp.int32), (batch,))
+    if offset.shape != (batch,):
+        raise ScoreModShapeError(f"{name} must be an int or an int array [B] with B={batch}; got shape "
+                                 f"{tuple(offset.shape)}")
+    return jnp.asarray(offset, jnp.int32)
+
+
+def check_tensors(mod: Mod, tensors: dict, *, batch: int, heads: int, q_len: int, kv_len: int,
+                  q_offset=0, kv_offset=0) -> dict:
+    """Check the tensor parameters against how ``mod`` reads them; return them as jax arrays.
+
+    * no tensor name collides with ``attention()``'s own keywords;
+    * ``scoremod.compiler.tensors.check_tensors``: every tensor the mod reads is given
+      and nothing else; a read with n indices has rank <= n (indices align right; a bare
+      name is a scalar); an axis indexed by ``b``/``h`` has size B/N or 1; one indexed by
+      ``q``/``kv`` covers the largest position read, offset included (or has size 1);
+    * a tensor used inside an index is an integer (or bool) array.
+
+    Python ints become int32, floats float32. Raises ``ScoreModTensorError``.
+    """
+    source = str(mod)
+    collide = [n for n in mod.tensors if n in RESERVED_KEYWORDS]
+    if collide:
+        raise ScoreModTensorError(f"tensor parameter '{collide[0]}' collides with attention()'s own keyword "
+                                  f"'{collide[0]}', so it cannot be passed", source=source,
+                                  hint=f"rename it in the source (e.g. {collide[0]}_t)")
+    try:
+        check_read_shapes(mod, tensors, batch, heads, q_len, kv_len, q_offset=q_offset, kv_offset=kv_offset)
+    except ScoreModTensorError as exc:
+        raise ScoreModTensorError(exc.message, source=source, hint=exc.hint) from None
+    arrays = {name: _as_tensor(name, value, source) for name, value in tensors.items()}
+    for part in (mod.canonical.mask, mod.canonical.transform, mod.canonical.bias):
+        for node in walk(part) if part is not None else ():
+            if not isinstance(node, Tensor):
+                continue
+            for index in node.indices:
+                for inner in walk(index):
+                    if isinstance(inner, Tensor) and jnp.issubdtype(arrays[inner.name].dtype, jnp.floating):
+                        raise ScoreModTensorError(
+                            f"tensor '{inner.name}' is used in an index of {node} but has dtype "
+                            f"{arrays[inner.name].dtype}; indices must be integers", source=source,
+                            hint=f"pass {inner.name} as an int array")
+    return arrays
+
+
+def _as_tensor(name: str, value, source: str):
+    if isinstance(value, (bool, np.bool_)):
+        return jnp.asarray(value, jnp.bool_)
+    if isinstance(value, (int, np.integer)):
+        return jnp.asarray(value, jnp.int32)
+    if isinstance(value, (float, np.floating)):
+        return jnp.asarray(value, jnp.float32)
+    if isinstance(value, (list, tuple)):
+        value = np.asarray(value)
+    dtype = getattr(value, "dtype", None)
+    if dtype is None or not (jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)
+                             or dtype == np.bool_):
+        raise ScoreModTensorError(f"tensor parameter '{name}' must be a number or an int, float or bool array; "
+                                  f"got {getattr(value, 'dtype', type(value).__name__)}", source=source)
+    return jnp.asarray(value)
+
+
+# ---- implementations -------------------------------------------------------------------------
+# Each runner takes validated inputs and returns (out, lse) (lse None unless return_lse),
+# or raises NotImplementedError saying why it cannot run this call.
+
+def _run_reference(query, key, value, *, return_lse, **call):
+    from scoremod.runtime.reference import reference_attention
+    return reference_attention(query, key, value, **call)
+
+
+def _run_xla(query, key, value, *, return_lse, **call):
+    from scoremod.runtime.xla import xla_attention
+    return xla_attention(query, key, value, **call)
+
+
+def _run_pallas(query, key, value, *, return_lse, **call):
+    from scoremod.runtime.pallas_attention import pallas_attention
+    result = pallas_attention(query, key, value, return_lse=return_lse, **call)
+    if not return_lse:
+        return result, None
+    out, lse = result
+    return out, jnp.transpose(lse, (0, 2, 1))   # the kernel's lse is [B, N, T]; ours is [B, T, N]
+
+
+def _run_mosaic(query, key, value, **call):
+    raise NotImplementedError("not built yet")
+
+
+def _run_cudnn(query, key, value, *, mod, scale, q_offset, kv_offset, return_lse, tensors):
+    if return_lse:
+        raise NotImplementedError("jax.nn.dot_product_attention does not return the log-sum-exp")
+    if jax.default_backend() != "gpu":
+        raise NotImplementedError(f"cuDNN needs a GPU; the default backend is {jax.default_backend()}")
+    canonical = mod.canonical
+    causal = canonical.mask == compile_mod("causal").canonical.mask
+    if canonical.transform is not None or canonical.bias is not None or not (causal or not canonical.has_mask):
+        raise NotImplementedError(f"cuDNN runs only dense or causal attention without bias; got {str(mod)!r}")
+    if not (isinstance(q_offset, int) and isinstance(kv_offset, int) and q_offset == 0 and kv_offset == 0):
+        raise NotImplementedError("cuDNN runs only q_offset = kv_offset = 0")
+    if query.shape[1] != key.shape[1]:
+        raise NotImplementedError(f"cuDNN path runs only T == S; got T={query.shape[1]}, S={key.shape[1]}")
+    if jnp.dtype(query.dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        raise NotImplementedError(f"cuDNN flash attention takes bf16/f16; got {query.dtype}")
+    head_dim = query.shape[-1]
+    if head_dim % 8 or head_dim > 256:
+        raise NotImplementedError(f"cuDNN needs a head dim that is a multiple of 8 and <= 256; got {head_dim}")
+    out = jax.nn.dot_product_attention(query, key, value, scale=scale, is_causal=causal,
+                                       implementation="cudnn")
+    return out, None
+
+_RUNNERS = {"reference": _run_reference, "xla": _run_xla, "pallas": _run_pallas,
+            "mosaic": _run_mosaic, "cudnn": _run_cudnn}

@@ -1,0 +1,316 @@
+"""The "xla" implementation: the mod's score_mod closure on kv-chunks, with an online softmax.
+
+Queries are cut into blocks of ``block_q`` rows and keys into chunks of ``block_kv``
+columns (the last ones padded, the padding masked). For each q-block a loop visits only
+the kv-chunks the block plan does not prove EMPTY, keeping the running max ``m``, sum
+``l`` and output accumulator in float32 (FlashAttention's recurrence). Scores live one
+``[B, N, block_q, block_kv]`` tile at a time: memory O(T * block_kv), not O(T * S).
+
+The gradient is a ``custom_vjp`` that recomputes each tile from the saved
+log-sum-exp (FlashAttention-2's backward), so the backward pass is O(T * block_kv)
+too: one scan over kv-chunks, each visiting the q-blocks the plan lists for it,
+accumulating dK/dV for the chunk and adding into dQ. The score_mod's own derivative
+(a transform such as softcap) comes from ``jax.vjp`` of the closure on the tile.
+Tensor parameters are constants (zero cotangent). Forward-mode autodiff (``jvp``)
+is not supported, as for any ``custom_vjp``.
+
+Rows with no allowed key: ``l == 0``; they give 0, lse -inf, and zero gradients.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from scoremod.compiler.mod import Mod
+from scoremod.compiler.plan import EMPTY, build_plan
+
+__all__ = ["xla_attention", "BlockSizes"]
+
+
+@dataclass(frozen=True)
+class BlockSizes:
+    """Tile sizes of the xla path: ``block_q`` query rows by ``block_kv`` key columns.
+
+    Powers of two (block plans take powers of two); each is clamped to the smallest power
+    of two covering T (resp. S), and the last block is padded.
+    """
+    block_q: int = 512
+    block_kv: int = 512
+
+    def __post_init__(self):
+        for name in ("block_q", "block_kv"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0 or value & (value - 1):
+                raise ValueError(f"{name}={value!r} must be a power of two")
+
+    @classmethod
+    def get_default(cls) -> "BlockSizes":
+        return cls()
+
+
+@dataclass(frozen=True)
+class _Config:
+    """Everything static about one call (hashable: the custom_vjp's nondiff argument)."""
+    mod: Mod
+    scale: float
+    q_len: int
+    kv_len: int
+    block_q: int
+    block_kv: int
+    static_offsets: tuple[int, int] | None   # both offsets, when both are Python ints
+
+    @property
+    def num_q_blocks(self) -> int:
+        return -(-self.q_len // self.block_q)
+
+    @property
+    def num_kv_blocks(self) -> int:
+        return -(-self.kv_len // self.block_kv)
+
+
+def xla_attention(query, key, value, *, mod: Mod, scale: float, q_offset=0, kv_offset=0,
+                  tensors=None, block_sizes: BlockSizes | None = None):
+    """Chunked attention with an online softmax (inputs already validated by ``attention()``).
+
+    Args:
+      query: ``[B, T, N, H]``; key, value: ``[B, S, K, H]`` with N % K == 0.
+      mod: a compiled ``scoremod.Mod``; scale: float.
+      q_offset, kv_offset: int or int32 ``[B]``.
+      tensors: dict of the mod's tensor parameters.
+      block_sizes: tile sizes (default ``BlockSizes.get_default()``; clamped to T and S).
+
+    Returns:
+      ``(out [B, T, N, H] in query's dtype, lse f32 [B, T, N])``.
+
+    Example::
+
+        >>> out, lse = xla_attention(q, k, v, mod=scoremod.compile("causal"), scale=0.125,
+        ...                          block_sizes=BlockSizes(block_q=64, block_kv=64))
+    """
+    block_sizes = block_sizes or BlockSizes.get_default()
+    B, T = query.shape[:2]
+    S = key.shape[1]
+    static = (q_offset, kv_offset) if isinstance(q_offset, int) and isinstance(kv_offset, int) else None
+    cfg = _Config(mod, float(scale), T, S, _clamp(block_sizes.block_q, T), _clamp(block_sizes.block_kv, S), static)
+    return _attention(cfg, query, key, value, dict(tensors or {}),
+                      _offset_array(q_offset, B), _offset_array(kv_offset, B))
+
+
+def _clamp(block: int, length: int) -> int:
+    """The block, or the smallest power of two >= length when that is smaller (plans take powers of two)."""
+    return min(block, 1 << max(0, length - 1).bit_length())
+
+
+def _offset_array(offset, batch: int):
+    if isinstance(offset, int):
+        return jnp.full((batch,), offset, jnp.int32)
+    return jnp.asarray(offset, jnp.int32)
+
+
+# ---- which tiles to visit -------------------------------------------------------------------
+
+def _visit_lists(cfg: _Config, tensors, q_off, kv_off, batch: int, heads: int):
+    """Per q-block, the kv-chunks to visit, and the transpose (for the backward).
+
+    Returns ``(kv_counts [nq], kv_indices [nq, nk], q_counts [nk], q_indices [nk, nq])``,
+    int32 (NumPy when decided at trace time); row i lists its non-empty blocks first, in
+    increasing order. A tile is visited when it may be non-empty for some batch element
+    or head.
+    """
+    nonempty = _nonempty_tiles(cfg, tensors, q_off, kv_off, batch, heads)
+    return _lists(nonempty) + _lists(nonempty.T)
+
+
+def _lists(nonempty):
+    if isinstance(nonempty, np.ndarray):
+        return (nonempty.sum(axis=1).astype(np.int32),
+                np.argsort(~nonempty, axis=1, kind="stable").astype(np.int32))
+    return (nonempty.sum(axis=1).astype(jnp.int32),
+            jnp.argsort(~nonempty, axis=1, stable=True).astype(jnp.int32))
+
+
+def _nonempty_tiles(cfg: _Config, tensors, q_off, kv_off, batch: int, heads: int):
+    """bool ``[nq, nk]``: tiles the block plan does not prove EMPTY for every b and h.
+
+    NumPy for static masks (decided at trace time, cached by ``build_plan``); a jax array
+    for masks that read tensors or take array offsets (built inside the trace: new
+    values never recompile).
+    """
+    if not cfg.mod.canonical.has_mask:
+        return np.ones((cfg.num_q_blocks, cfg.num_kv_blocks), bool)
+    static = cfg.static_offsets
+    plan = build_plan(cfg.mod, q_len=cfg.q_len, kv_len=cfg.kv_len, block_q=cfg.block_q, block_kv=cfg.block_kv,
+                      batch=batch, heads=heads, q_offset=static[0] if static else q_off,
+                      kv_offset=static[1] if static else kv_off, tensors=tensors)
+    return (plan.classes != EMPTY).any(axis=(0, 1))
+
+
+# ---- the tiles ------------------------------------------------------------------------------
+
+def _layout(cfg: _Config, query, key, value):
+    """Padded, head-grouped views: q ``[B, K, G, Tp, H]``, k and v ``[B, K, Sp, H]``."""
+    B, T, N, H = query.shape
+    S, K = key.shape[1], key.shape[2]
+    Tp, Sp = cfg.num_q_blocks * cfg.block_q, cfg.num_kv_blocks * cfg.block_kv
+    q = jnp.pad(query, ((0, 0), (0, Tp - T), (0, 0), (0, 0)))
+    q = q.reshape(B, Tp, K, N // K, H).transpose(0, 2, 3, 1, 4)
+    k = jnp.pad(key, ((0, 0), (0, Sp - S), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
+    v = jnp.pad(value, ((0, 0), (0, Sp - S), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
+    return q, k, v
+
+
+def _grouped(x, cfg: _Config, K: int, fill):
+    """``[B, T, N]`` -> padded ``[B, K, G, Tp]`` (padding rows get ``fill``)."""
+    B, T, N = x.shape
+    Tp = cfg.num_q_blocks * cfg.block_q
+    x = jnp.pad(x, ((0, 0), (0, Tp - T), (0, 0)), constant_values=fill)
+    return x.reshape(B, Tp, K, N // K).transpose(0, 2, 3, 1)
+
+
+def _tile_logits_fn(cfg: _Config, tensors, q_off, kv_off, B: int, K: int, G: int):
+    """``tile_logits(scores [B, K, G, bq, bk], qi, c)``: the mod's logits of tile (qi, c)."""
+    score_mod = cfg.mod.score_mod(**tensors)
+    b = jnp.arange(B, dtype=jnp.int32)[:, None, None, None, None]
+    h = jnp.arange(K * G, dtype=jnp.int32).reshape(1, K, G, 1, 1)
+    rows = jnp.arange(cfg.block_q, dtype=jnp.int32)
+    cols = jnp.arange(cfg.block_kv, dtype=jnp.int32)
+
+    def tile_logits(scores, qi, c):
+        qpos = (q_off[:, None] + qi * cfg.block_q + rows)[:, None, None, :, None]
+        kv_col = c * cfg.block_kv + cols
+        kvpos = (kv_off[:, None] + kv_col)[:, None, None, None, :]
+        logits = jnp.broadcast_to(score_mod(scores, b, h, qpos, kvpos), scores.shape)
+        return jnp.where(kv_col < cfg.kv_len, logits, -jnp.inf)   # padding columns do not exist
+
+    return tile_logits
+
+
+def _scores(cfg, q_blk, k_c):
+    s = jnp.einsum("bkgqh,bkch->bkgqc", q_blk, k_c, preferred_element_type=jnp.float32)
+    return s * cfg.scale
+
+
+def _forward(cfg: _Config, query, key, value, tensors, q_off, kv_off):
+    B, T, N, H = query.shape
+    K = key.shape[2]
+    G = N // K
+    bq, bk = cfg.block_q, cfg.block_kv
+    q, k, v = _layout(cfg, query, key, value)
+    kv_counts, kv_indices, _, _ = _visit_lists(cfg, tensors, q_off, kv_off, B, N)
+    tile_logits = _tile_logits_fn(cfg, tensors, q_off, kv_off, B, K, G)
+
+    def q_block(qi):
+        q_blk = lax.dynamic_slice_in_dim(q, qi * bq, bq, axis=3)
+
+        def visit(j, carry):
+            m, l, acc = carry
+            c = jnp.asarray(kv_indices)[qi, j]
+            k_c = lax.dynamic_slice_in_dim(k, c * bk, bk, axis=2)
+            v_c = lax.dynamic_slice_in_dim(v, c * bk, bk, axis=2)
+            logits = tile_logits(_scores(cfg, q_blk, k_c), qi, c)
+            m_new = jnp.maximum(m, logits.max(axis=-1))
+            m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)   # all -inf so far: exp(-inf - 0) = 0
+            alpha = jnp.exp(m - m_safe)
+            p = jnp.exp(logits - m_safe[..., None])
+            l = alpha * l + p.sum(axis=-1)
+            pv = jnp.einsum("bkgqc,bkch->bkgqh", p.astype(v.dtype), v_c, preferred_element_type=jnp.float32)
+            return m_new, l, alpha[..., None] * acc + pv
+
+        init = (jnp.full((B, K, G, bq), -jnp.inf, jnp.float32), jnp.zeros((B, K, G, bq), jnp.float32),
+                jnp.zeros((B, K, G, bq, H), jnp.float32))
+        m, l, acc = lax.fori_loop(0, jnp.asarray(kv_counts)[qi], visit, init)
+        has_key = l > 0
+        l_safe = jnp.where(has_key, l, 1.0)
+        out = jnp.where(has_key[..., None], acc / l_safe[..., None], 0.0)
+        lse = jnp.where(has_key, m + jnp.log(l_safe), -jnp.inf)
+        return out.astype(query.dtype), lse
+
+    outs, lses = lax.map(q_block, jnp.arange(cfg.num_q_blocks, dtype=jnp.int32))
+    # [nq, B, K, G, bq, H] -> [B, nq * bq, K * G, H]
+    out = outs.transpose(1, 0, 4, 2, 3, 5).reshape(B, -1, N, H)[:, :T]
+    lse = lses.transpose(1, 0, 4, 2, 3).reshape(B, -1, N)[:, :T]
+    return out, lse
+
+
+def _backward(cfg: _Config, query, key, value, tensors, q_off, kv_off, out, lse, dout, dlse):
+    B, T, N, H = query.shape
+    S, K = key.shape[1], key.shape[2]
+    G = N // K
+    bq, bk = cfg.block_q, cfg.block_kv
+    q, k, v = _layout(cfg, query, key, value)
+    do = _layout(cfg, dout.astype(query.dtype), key, value)[0]
+    delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)   # [B, T, N]
+    lse = _grouped(lse, cfg, K, -jnp.inf)           # padding rows: no keys, so p = 0
+    delta = _grouped(delta, cfg, K, 0.0)
+    dlse = _grouped(dlse.astype(jnp.float32), cfg, K, 0.0)
+    _, _, q_counts, q_indices = _visit_lists(cfg, tensors, q_off, kv_off, B, N)
+    tile_logits = _tile_logits_fn(cfg, tensors, q_off, kv_off, B, K, G)
+
+    def kv_chunk(dq, c):
+        k_c = lax.dynamic_slice_in_dim(k, c * bk, bk, axis=2)
+        v_c = lax.dynamic_slice_in_dim(v, c * bk, bk, axis=2)
+
+        def visit(j, carry):
+            dq, dk_c, dv_c = carry
+            qi = jnp.asarray(q_indices)[c, j]
+            rows = lambda x: lax.dynamic_slice_in_dim(x, qi * bq, bq, axis=3)
+            q_blk, do_blk, lse_blk, delta_blk, dlse_blk = map(rows, (q, do, lse, delta, dlse))
+            logits, logits_vjp = jax.vjp(lambda s: tile_logits(s, qi, c), _scores(cfg, q_blk, k_c))
+            has_key = jnp.isfinite(lse_blk)[..., None]
+            p = jnp.where(has_key, jnp.exp(logits - jnp.where(has_key, lse_blk[..., None], 0.0)), 0.0)
+            dv_c = dv_c + jnp.einsum("bkgqc,bkgqh->bkch", p.astype(do.dtype), do_blk,
+                                     preferred_element_type=jnp.float32)
+            dp = jnp.einsum("bkgqh,bkch->bkgqc", do_blk, v_c, preferred_element_type=jnp.float32)
+            dlogits = p * (dp - delta_blk[..., None] + dlse_blk[..., None])
+            ds = (logits_vjp(dlogits)[0] * cfg.scale).astype(q.dtype)
+            dq_blk = jnp.einsum("bkgqc,bkch->bkgqh", ds, k_c, preferred_element_type=jnp.float32)
+            dq = lax.dynamic_update_slice_in_dim(dq, rows(dq) + dq_blk, qi * bq, axis=3)
+            dk_c = dk_c + jnp.einsum("bkgqc,bkgqh->bkch", ds, q_blk, preferred_element_type=jnp.float32)
+            return dq, dk_c, dv_c
+
+        zeros = jnp.zeros((B, K, bk, H), jnp.float32)
+        dq, dk_c, dv_c = lax.fori_loop(0, jnp.asarray(q_counts)[c], visit, (dq, zeros, zeros))
+        return dq, (dk_c, dv_c)
+
+    dq, (dk, dv) = lax.scan(kv_chunk, jnp.zeros(q.shape, jnp.float32),
+                            jnp.arange(cfg.num_kv_blocks, dtype=jnp.int32))
+    dq = dq.transpose(0, 3, 1, 2, 4).reshape(B, -1, N, H)[:, :T]
+    # [nk, B, K, bk, H] -> [B, nk * bk, K, H]
+    dk = dk.transpose(1, 0, 3, 2, 4).reshape(B, -1, K, H)[:, :S]
+    dv = dv.transpose(1, 0, 3, 2, 4).reshape(B, -1, K, H)[:, :S]
+    return dq.astype(query.dtype), dk.astype(key.dtype), dv.astype(value.dtype)
+
+
+# ---- custom_vjp ---------------------------------------------------------------------------
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _attention(cfg, query, key, value, tensors, q_off, kv_off):
+    return _forward(cfg, query, key, value, tensors, q_off, kv_off)
+
+
+def _attention_fwd(cfg, query, key, value, tensors, q_off, kv_off):
+    out, lse = _forward(cfg, query, key, value, tensors, q_off, kv_off)
+    return (out, lse), (query, key, value, tensors, q_off, kv_off, out, lse)
+
+
+def _attention_bwd(cfg, residuals, cotangents):
+    query, key, value, tensors, q_off, kv_off, out, lse = residuals
+    dout, dlse = cotangents
+    dq, dk, dv = _backward(cfg, query, key, value, tensors, q_off, kv_off, out, lse, dout, dlse)
+    # Tensor parameters and offsets are constants (LANGUAGE.md §5).
+    return dq, dk, dv, jax.tree.map(_zero_cotangent, tensors), _zero_cotangent(q_off), _zero_cotangent(kv_off)
+
+
+def _zero_cotangent(x):
+    if jnp.issubdtype(x.dtype, jnp.floating):
+        return jnp.zeros_like(x)
+    return np.zeros(x.shape, dtype=jax.dtypes.float0)
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)

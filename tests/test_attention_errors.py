@@ -1,0 +1,95 @@
+"""Bad calls to attention(): a ScoreModError subclass that says what was expected and what was given,
+raised from shapes and dtypes alone (also under jit), before any implementation runs."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import scoremod
+from scoremod import ScoreModError, ScoreModShapeError, ScoreModTensorError
+
+B, T, S, N, K, H = 2, 8, 10, 4, 2, 16
+Q = jnp.zeros((B, T, N, H))
+KV = jnp.zeros((B, S, K, H))
+IDS = jnp.zeros((B, S), jnp.int32)
+
+
+def call(q=Q, k=KV, v=KV, **kw):
+    return scoremod.attention(q, k, v, **kw)
+
+
+BAD = [
+    # id, call, error class, fragments the message must contain
+    ("query-rank", lambda: call(q=Q[0]), ScoreModShapeError, ["query", "rank 4", "[B, T, N, H]", "(8, 4, 16)"]),
+    ("key-rank", lambda: call(k=KV[..., 0]), ScoreModShapeError, ["key", "rank 4", "(2, 10, 2)"]),
+    ("batch", lambda: call(k=KV[:1], v=KV[:1]), ScoreModShapeError, ["B=2", "B=1"]),
+    ("head-dim", lambda: call(k=KV[..., :8], v=KV[..., :8]), ScoreModShapeError, ["H=16", "H=8"]),
+    ("k-v-shapes", lambda: call(v=KV[:, :5]), ScoreModShapeError, ["same shape", "(2, 10, 2, 16)", "(2, 5, 2, 16)"]),
+    ("gqa", lambda: call(k=jnp.zeros((B, S, 3, H)), v=jnp.zeros((B, S, 3, H))), ScoreModShapeError,
+     ["N=4", "K=3", "multiple"]),
+    ("int-dtype", lambda: call(q=Q.astype(jnp.int32)), ScoreModShapeError, ["query", "int32", "bfloat16"]),
+    ("mixed-dtypes", lambda: call(q=Q.astype(jnp.bfloat16)), ScoreModShapeError, ["one dtype", "bfloat16", "float32"]),
+    ("not-an-array", lambda: call(q=[[1.0]]), ScoreModShapeError, ["query", "array", "list"]),
+    ("scale", lambda: call(scale="big"), ScoreModShapeError, ["scale", "'big'"]),
+    ("return-lse", lambda: call(return_lse="yes"), ScoreModShapeError, ["return_lse"]),
+    ("offset-float", lambda: call(q_offset=1.5), ScoreModShapeError, ["q_offset", "int"]),
+    ("offset-shape", lambda: call(kv_offset=jnp.zeros(3, jnp.int32)), ScoreModShapeError, ["kv_offset", "B=2", "(3,)"]),
+    ("mod-type", lambda: call(mod=3), ScoreModError, ["mod", "string", "int"]),
+    ("implementation", lambda: call(implementation="fast"), ScoreModError, ["'fast'", "reference", "xla", "pallas"]),
+    ("implementation-empty", lambda: call(implementation=()), ScoreModError, ["implementation"]),
+    ("tensor-missing", lambda: call(mod="causal & doc(ids)"), ScoreModTensorError, ["missing", "'ids'", "ids[b, q]"]),
+    ("tensor-extra", lambda: call(mod="causal & doc(ids)", ids=IDS, idz=IDS), ScoreModTensorError,
+     ["unexpected", "'idz'"]),
+    ("tensor-for-no-tensors", lambda: call(mod="causal", ids=IDS), ScoreModTensorError, ["unexpected", "'ids'"]),
+    ("tensor-short", lambda: call(mod="doc(ids)", ids=IDS[:, :5]), ScoreModTensorError,
+     ["'ids'", "[2, 5]", "too short"]),
+    ("tensor-short-offset", lambda: call(mod="doc(ids)", ids=IDS, q_offset=5), ScoreModTensorError,
+     ["'ids'", "q", "12", ">=13"]),
+    ("tensor-batch", lambda: call(mod="doc(ids)", ids=jnp.zeros((3, S), jnp.int32)), ScoreModTensorError,
+     ["'ids'", "b", "3", "2"]),
+    ("tensor-rank", lambda: call(mod="doc(ids)", ids=jnp.zeros((2, B, S), jnp.int32)), ScoreModTensorError,
+     ["'ids'", "rank 3", "2 indices"]),
+    ("tensor-scalar", lambda: call(mod="causal & window(w)", w=jnp.ones(3, jnp.int32)), ScoreModTensorError,
+     ["'w'", "scalar"]),
+    ("tensor-heads", lambda: call(mod="relpos(rp, 2)", rp=jnp.zeros((3, 5))), ScoreModTensorError,
+     ["'rp'", "h", "3", "4"]),
+    ("tensor-dtype", lambda: call(mod="causal & window(w)", w="wide"), ScoreModTensorError, ["'w'"]),
+    ("float-index", lambda: call(mod="t[ids[b, q]] > 0", ids=IDS.astype(jnp.float32), t=jnp.ones(4)),
+     ScoreModTensorError, ["'ids'", "index", "float32", "int"]),
+    ("keyword-collision", lambda: call(mod="bias(scale)", scale=1.0), ScoreModError, ["scale"]),
+]
+
+
+@pytest.mark.parametrize("bad", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_raises_a_clear_error(bad):
+    _, fn, error, fragments = bad
+    with pytest.raises(error) as info:
+        fn()
+    message = str(info.value)
+    for fragment in fragments:
+        assert fragment in message, f"{fragment!r} not in {message!r}"
+
+
+def test_errors_are_raised_under_jit_before_running():
+    @jax.jit
+    def f(q, ids):
+        return scoremod.attention(q, KV, KV, mod="causal & doc(ids)", ids=ids)
+    with pytest.raises(ScoreModTensorError, match="ids"):
+        f(Q, IDS[:, :3])
+    with pytest.raises(ScoreModShapeError, match="rank 4"):
+        jax.jit(lambda q: scoremod.attention(q, KV, KV))(Q[0])
+
+
+def test_traced_scale_is_refused_and_traced_offsets_are_accepted():
+    with pytest.raises(ScoreModShapeError, match="static"):
+        jax.jit(lambda s: scoremod.attention(Q, KV, KV, scale=s))(0.5)
+    out = jax.jit(lambda o: scoremod.attention(Q, KV, KV, mod="causal", q_offset=o))(jnp.array([0, 2], jnp.int32))
+    assert out.shape == Q.shape
+
+
+def test_python_numbers_and_broadcast_tensors_are_accepted():
+    out = call(mod="causal & window(w) & doc(ids)", w=3, ids=np.zeros((1, S), np.int32), implementation="reference")
+    assert out.shape == Q.shape and bool(jnp.all(jnp.isfinite(out)))
