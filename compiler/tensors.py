@@ -154,6 +154,32 @@ def _index_range(index: Node, *, batch: int, heads: int, q_len: int, kv_len: int
     return int(np.min(iv.lo)), int(np.max(iv.hi))
 
 
+def expected_shape_of_reads(reads: list[Tensor], *, batch: int, heads: int, q_end: int | None,
+                            kv_end: int | None) -> str:
+    """Expected shape of a tensor read several ways (``ids[b, q]`` and ``ids[b, kv]``): each
+    axis (aligned right) must satisfy every read, e.g. ``[2, >=max(T, S)]``."""
+    if len(reads) == 1:
+        return expected_shape(reads[0], batch=batch, heads=heads, q_end=q_end, kv_end=kv_end)
+    rank = min(len(r.indices) for r in reads)
+    if rank == 0:
+        return expected_shape(reads[0], batch=batch, heads=heads, q_end=q_end, kv_end=kv_end)
+    dims = []
+    for axis in range(rank):
+        roles = {axis_roles(r.indices[len(r.indices) - rank:])[axis] for r in reads}
+        ends = [e for role, e in (("q", q_end), ("kv", kv_end)) if role in roles]
+        if ends and all(e is not None for e in ends):
+            dims.append(f">={max(ends)}")
+        elif ends:
+            dims.append("T" if roles == {"q"} else "S" if roles == {"kv"} else "max(T, S)")
+        elif roles == {"b"}:
+            dims.append(str(batch))
+        elif roles == {"h"}:
+            dims.append(str(heads))
+        else:
+            dims.append("*")
+    return f"[{', '.join(dims)}] ({_SHAPE_HINT})"
+
+
 def check_tensors(mod_or_canonical, tensors: Mapping[str, Any], batch: int, heads: int, q_len: int,
                   kv_len: int, *, q_offset=0, kv_offset=0) -> None:
     """Check the tensor parameters of a mod before running it.
@@ -184,7 +210,7 @@ def check_tensors(mod_or_canonical, tensors: Mapping[str, Any], batch: int, head
     for name, rs in reads.items():
         if name not in tensors:
             raise ScoreModTensorError(
-                f"missing tensor '{name}': the mod reads {rs[0]}; expected shape {expected_shape(rs[0], **fmt)}",
+                f"missing tensor '{name}': the mod reads {rs[0]}; expected shape {expected_shape_of_reads(rs, **fmt)}",
                 hint=f"pass it by keyword, e.g. {name}=array")
     extra = [n for n in tensors if n not in reads]
     if extra:
@@ -200,18 +226,19 @@ def check_tensors(mod_or_canonical, tensors: Mapping[str, Any], batch: int, head
         if dtype.kind not in "biuf":
             raise ScoreModTensorError(
                 f"tensor '{name}' has dtype {dtype}; expected int, float or bool values, shape "
-                f"{expected_shape(rs[0], **fmt)}")
+                f"{expected_shape_of_reads(rs, **fmt)}")
         if 0 in shape:
             raise ScoreModTensorError(
-                f"tensor '{name}' is empty (shape {list(shape)}); expected shape {expected_shape(rs[0], **fmt)}")
+                f"tensor '{name}' is empty (shape {list(shape)}); expected shape {expected_shape_of_reads(rs, **fmt)}")
         for read in rs:
             _check_read(name, read, shape, **fmt, q_len=q_len, kv_len=kv_len,
-                        q_offset=q_offset, kv_offset=kv_offset)
+                        q_offset=q_offset, kv_offset=kv_offset, all_reads=rs)
 
 
-def _check_read(name, read: Tensor, shape, *, batch, heads, q_end, kv_end, q_len, kv_len, q_offset, kv_offset):
+def _check_read(name, read: Tensor, shape, *, batch, heads, q_end, kv_end, q_len, kv_len, q_offset, kv_offset,
+                all_reads):
     rank = len(shape)
-    expected = expected_shape(read, batch=batch, heads=heads, q_end=q_end, kv_end=kv_end)
+    expected = expected_shape_of_reads(all_reads, batch=batch, heads=heads, q_end=q_end, kv_end=kv_end)
     if rank > len(read.indices):
         raise ScoreModTensorError(
             f"tensor '{name}' has rank {rank} (shape {list(shape)}) but is read as {read} with "
