@@ -17,16 +17,16 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scoremod.errors import ScoreModError, ScoreModShapeError, ScoreModTensorError
+from scoremod.errors import ScoreModShapeError, ScoreModTensorError
 from scoremod.dsl.ast import Tensor, walk
 from scoremod.compiler.tensors import check_tensors as check_read_shapes
 from scoremod.compiler.mod import Mod, compile_mod
+from scoremod.runtime._dispatch import as_mod, implementation_names
 
 __all__ = ["attention", "check_inputs", "check_tensors", "IMPLEMENTATIONS", "RESERVED_KEYWORDS"]
 
@@ -36,7 +36,6 @@ IMPLEMENTATIONS = ("reference", "xla", "pallas", "mosaic", "cudnn")
 RESERVED_KEYWORDS = ("query", "key", "value", "mod", "scale", "q_offset", "kv_offset",
                      "implementation", "return_lse")
 _DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
-_NO_MASK = "true"
 
 
 def attention(query, key, value, *, mod=None, scale=None, q_offset=0, kv_offset=0,
@@ -69,8 +68,9 @@ def attention(query, key, value, *, mod=None, scale=None, q_offset=0, kv_offset=
         >>> scoremod.attention(q, k, v, mod="causal & doc(ids)", ids=ids).shape
         (2, 128, 4, 64)
     """
-    mod = _as_mod(mod)
-    names = _implementation_names(implementation)
+    mod = as_mod(mod)
+    names = implementation_names(implementation, known=IMPLEMENTATIONS, on_gpu=("pallas", "xla"),
+                                 elsewhere=("xla",), what="attention")
     scale = check_inputs(query, key, value, scale=scale, return_lse=return_lse)
     batch, q_len, heads, head_dim = query.shape
     kv_len = key.shape[1]
@@ -103,29 +103,6 @@ def attention(query, key, value, *, mod=None, scale=None, q_offset=0, kv_offset=
 
 
 # ---- validation ------------------------------------------------------------------------------
-
-def _as_mod(mod) -> Mod:
-    if mod is None:
-        return compile_mod(_NO_MASK)
-    if not isinstance(mod, (str, Mod)):
-        raise ScoreModError(f"mod must be a source string, a scoremod.Mod or None; got "
-                            f"{type(mod).__name__}", hint='for example mod="causal & window(1024)"')
-    return compile_mod(mod)
-
-
-def _implementation_names(implementation) -> tuple[str, ...]:
-    if implementation is None:
-        return ("pallas", "xla") if jax.default_backend() == "gpu" else ("xla",)
-    names = (implementation,) if isinstance(implementation, str) else implementation
-    if not isinstance(names, Sequence) or not names:
-        raise ScoreModError(f"implementation must be None, a name or a non-empty sequence of names; "
-                            f"got {implementation!r}", hint=f"names: {', '.join(IMPLEMENTATIONS)}")
-    for name in names:
-        if name not in IMPLEMENTATIONS:
-            raise ScoreModError(f"unknown implementation {name!r}; expected one of "
-                                f"{', '.join(IMPLEMENTATIONS)} (or None for the best available)")
-    return tuple(names)
-
 
 def check_inputs(query, key, value, *, scale=None, return_lse=False) -> float:
     """Check query/key/value shapes and dtypes and the options; return the scale (a float).

@@ -36,7 +36,6 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import jax
@@ -46,7 +45,8 @@ import numpy as np
 from scoremod.errors import ScoreModError, ScoreModShapeError, ScoreModTensorError
 from scoremod.dsl.ast import Var, mentions
 from scoremod.compiler.lowering import gather_read
-from scoremod.compiler.mod import Mod, compile_mod
+from scoremod.compiler.mod import Mod
+from scoremod.runtime._dispatch import as_mod, implementation_names
 from scoremod.compiler.tile import TileProgram
 from scoremod.runtime import _paged_kernel as _k
 
@@ -119,8 +119,9 @@ def paged_attention(q, k_pages, v_pages, block_tables, lengths, *, mod=None, sca
         >>> out = scoremod.paged_attention(q, k_pages, v_pages, tables, lengths,
         ...                                mod="causal & doc(ids)", ids=ids)
     """
-    mod = _as_mod(mod)
-    names = _implementation_names(implementation)
+    mod = as_mod(mod)
+    names = implementation_names(implementation, known=PAGED_IMPLEMENTATIONS, on_gpu=("pallas", "reference"),
+                                 elsewhere=("reference",), what="paged_attention")
     scale = _check_arrays(q, k_pages, v_pages, block_tables, lengths, scale)
     block_tables = jnp.asarray(block_tables, jnp.int32)
     lengths = jnp.asarray(lengths, jnp.int32)
@@ -154,29 +155,6 @@ def paged_attention(q, k_pages, v_pages, block_tables, lengths, *, mod=None, sca
         return out
     raise NotImplementedError(f"no implementation among {', '.join(names)} can run {str(mod)!r}: "
                               + "; ".join(reasons))
-
-
-def _as_mod(mod) -> Mod:
-    if mod is None:
-        return compile_mod("true")
-    if not isinstance(mod, (str, Mod)):
-        raise ScoreModError(f"mod must be a source string, a scoremod.Mod or None; got {type(mod).__name__}",
-                            hint='for example mod="causal & window(4096)"')
-    return compile_mod(mod)
-
-
-def _implementation_names(implementation) -> tuple[str, ...]:
-    if implementation is None:
-        return ("pallas", "reference") if jax.default_backend() == "gpu" else ("reference",)
-    names = (implementation,) if isinstance(implementation, str) else implementation
-    if not isinstance(names, Sequence) or not names:
-        raise ScoreModError(f"implementation must be None, a name or a non-empty sequence of names; "
-                            f"got {implementation!r}", hint=f"names: {', '.join(PAGED_IMPLEMENTATIONS)}")
-    for name in names:
-        if name not in PAGED_IMPLEMENTATIONS:
-            raise ScoreModError(f"unknown implementation {name!r} for paged_attention; expected one of "
-                                f"{', '.join(PAGED_IMPLEMENTATIONS)} (or None for the best available)")
-    return tuple(names)
 
 
 # ---- validation -----------------------------------------------------------------------------
@@ -344,7 +322,7 @@ def page_classes(mod, lengths, num_tokens: int, page_size: int, max_pages: int, 
     every (head, query, key) position instead: exact for any mask (unsorted ids,
     ``dilated``), at O(B * T * max_pages * page_size) (times N when the mask reads ``h``).
     """
-    return _page_classes(_as_mod(mod), jnp.asarray(lengths, jnp.int32), dict(tensors or {}),
+    return _page_classes(as_mod(mod), jnp.asarray(lengths, jnp.int32), dict(tensors or {}),
                          num_tokens=num_tokens, page_size=page_size, max_pages=max_pages, heads=heads,
                          exact=exact)
 
