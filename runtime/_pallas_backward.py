@@ -1,0 +1,292 @@
+"""Backward block-sparse flash-attention kernels (Pallas, Triton lowering or interpret).
+
+Two kernels, each visiting only the tiles its plan lists:
+
+* dQ, grid ``(nq, B, N)``: walks a q-block's kv lists (the q-major plan).
+* dK/dV, grid ``(nk, B, N)``: walks a kv-block's q lists (the transposed plan).
+
+Each plan row arrives split into a FULL and a PARTIAL list (``split_lists``): a
+branch-free loop over FULL tiles (no mask evaluation), then one over PARTIAL tiles. One program per *query* head; with GQA (N > K) each writes its
+  head's share in f32 and the caller sums the G heads of a group.
+
+With ``p = exp(logit - lse)``, ``dP = dO V^T`` and ``delta = rowsum(O * dO) - dlse``:
+``dlogit = p (dP - delta)``, ``dscore = dlogit * T'(score)`` (TileProgram.dscore),
+``dQ = scale dscore K``, ``dK = scale dscore^T Q``, ``dV = p^T dO``. Masked entries have
+``p = 0``; ``T'`` is only used where ``p > 0`` so a transform undefined off the mask
+cannot leak NaN. Rows with lse = -inf (nothing allowed) get p = 0 and zero gradients.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from scoremod.runtime._pallas_common import (
+    LOG2E, KernelConfig, ReadSet, compiler_params, dot, exp2, dscore, fixed_reads, load, plan_spec_rows,
+    read_spec, store, tile_logits2, tile_reads)
+from scoremod.runtime._pallas_forward import _and
+
+
+def _other(mask):
+    return 0.0 if mask is not None else None
+
+
+def _safe_lse2(lse):
+    # lse = -inf only on rows whose logits are all -inf; 0 there makes p = exp2(-inf) = 0.
+    return jnp.where(lse == -jnp.inf, 0.0, lse * LOG2E)
+
+
+def _ds(cfg, p, dp, delta, s, *, b, h, q_pos, kv_pos, reads):
+    ds = p * (dp - delta[:, None])
+    dT = dscore(cfg, s, b=b, h=h, q_pos=q_pos, kv_pos=kv_pos, reads=reads)
+    if dT is not None:
+        ds = jnp.where(p > 0.0, ds * dT, 0.0)
+    return ds
+
+
+# ---- dQ ---------------------------------------------------------------------------------
+
+def _dq_kernel(qoff_ref, kvoff_ref, fcount_ref, fidx_ref, pcount_ref, pidx_ref, q_ref, k_ref,
+               v_ref, do_ref, lse_ref, delta_ref, *refs, cfg: KernelConfig, read_set: ReadSet):
+    read_refs = refs[:read_set.n]
+    (dq_ref,) = refs[read_set.n:]
+    bq, bkv = cfg.block_q_dq, cfg.block_kv_dq
+    hp = cfg.head_dim_padded
+    ragged_q = cfg.q_len % bq != 0
+    ragged_kv = cfg.kv_len % bkv != 0
+
+    i = pl.num_programs(0) - 1 - pl.program_id(0)   # heaviest (last) q-blocks first
+    b, h = pl.program_id(1), pl.program_id(2)
+    q_start = i * bq
+    rows = q_start + jnp.arange(bq, dtype=jnp.int32)
+    q_valid = rows < cfg.q_len if ragged_q else None
+    head_ok = (jnp.arange(hp) < cfg.head_dim)[None, :] if hp != cfg.head_dim else None
+    q_mask = _and(None if q_valid is None else q_valid[:, None], head_ok, (bq, hp))
+    q = load(q_ref, mask=q_mask, other=_other(q_mask))
+    do = load(do_ref, mask=q_mask, other=_other(q_mask))
+    lse2 = _safe_lse2(load(lse_ref, mask=q_valid, other=_other(q_valid)))
+    delta = load(delta_ref, mask=q_valid, other=_other(q_valid))
+    q_pos = (qoff_ref[b] + rows)[:, None]
+    kv_base = kvoff_ref[b]
+    fixed = fixed_reads(read_set, read_refs, q_start=q_start, block_q=bq, q_valid=q_valid)
+
+    def make_body(is_full):
+        # True / False: the FULL / PARTIAL list; None: one merged list (fidx_ref: blocks,
+        # pidx_ref: their FULL flags) with a per-tile branch (BlockSizes.bwd_one_loop).
+        idx_ref = pidx_ref if is_full is False else fidx_ref
+
+        def body(j, dq):
+            kb = idx_ref[j]
+            full = is_full if is_full is not None else pidx_ref[j] != 0
+            kv_start = kb * bkv
+            cols = kv_start + jnp.arange(bkv, dtype=jnp.int32)
+            kv_valid = cols < cfg.kv_len if (ragged_kv and is_full is not True) else None
+            kv_mask = _and(None if kv_valid is None else kv_valid[:, None], head_ok, (bkv, hp))
+            k = load(k_ref.at[pl.ds(kv_start, bkv), :], mask=kv_mask, other=_other(kv_mask))
+            v = load(v_ref.at[pl.ds(kv_start, bkv), :], mask=kv_mask, other=_other(kv_mask))
+            kv_pos = (kv_base + cols)[None, :]
+            s = dot(q, k, trans_b=True)
+            rv = tile_reads(read_set, read_refs, q_start=q_start, block_q=bq, q_valid=q_valid,
+                            kv_start=kv_start, block_kv=bkv, kv_valid=kv_valid, fixed=fixed,
+                            which="values")
+
+            def reads_all():
+                return tile_reads(read_set, read_refs, q_start=q_start, block_q=bq,
+                                  q_valid=q_valid, kv_start=kv_start, block_kv=bkv,
+                                  kv_valid=kv_valid, which="all",
+                                  fixed={**fixed, **{n: t for n, t in enumerate(rv) if t is not None}})
+
+            logits = tile_logits2(cfg, s, full=full, b=b, h=h, q_pos=q_pos, kv_pos=kv_pos,
+                                  valid=None if kv_valid is None else kv_valid[None, :],
+                                  reads_values=lambda: rv, reads_all=reads_all)
+            p = exp2(logits - lse2[:, None], fast=not cfg.interpret)
+            dp = dot(do, v, trans_b=True)
+            ds = _ds(cfg, p, dp, delta, s, b=b, h=h, q_pos=q_pos, kv_pos=kv_pos, reads=rv)
+            return dq + dot(ds.astype(k.dtype), k)
+        return body
+
+    dq = jnp.zeros((bq, hp), jnp.float32)
+    if cfg.bwd_one_loop:
+        dq = lax.fori_loop(0, fcount_ref[i], make_body(None), dq)
+    else:
+        dq = lax.fori_loop(0, fcount_ref[i], make_body(True), dq)
+        dq = lax.fori_loop(0, pcount_ref[i], make_body(False), dq)
+    store(dq_ref, (dq * cfg.scale).astype(dq_ref.dtype), mask=q_mask)
+
+
+def backward_dq(cfg: KernelConfig, q, k, v, do, lse, delta, plan_arrays, reads, q_off, kv_off):
+    """dQ (in q's dtype). plan_arrays: the split q-major lists of (block_q_dq, block_kv_dq)."""
+    fcounts, findices, pcounts, pindices = plan_arrays
+    B, T, N, H = q.shape
+    G = cfg.groups
+    hp = cfg.head_dim_padded
+    bq = cfg.block_q_dq
+    nq = pl.cdiv(T, bq)
+    read_set = ReadSet(cfg.program, cfg.read_shapes)
+
+    def grid_fn(i, b, h):
+        return b, h, nq - 1 - i
+
+    q_spec = pl.BlockSpec((None, bq, None, hp), lambda i, b, h: (b, nq - 1 - i, h, 0))
+    kv_spec = pl.BlockSpec((None, cfg.kv_len, None, hp), lambda i, b, h: (b, 0, h // G, 0))
+    row_spec = pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, nq - 1 - i))
+    in_specs = [
+        pl.BlockSpec((B,), lambda i, b, h: (0,)),
+        pl.BlockSpec((B,), lambda i, b, h: (0,)),
+        plan_spec_rows(fcounts.shape, grid_fn),
+        plan_spec_rows(findices.shape, grid_fn),
+        plan_spec_rows(pcounts.shape, grid_fn),
+        plan_spec_rows(pindices.shape, grid_fn),
+        q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec,
+    ] + [read_spec(s, grid_fn) for s in cfg.read_shapes]
+    kernel = functools.partial(_dq_kernel, cfg=cfg, read_set=read_set)
+    return pl.pallas_call(
+        kernel,
+        grid=(nq, B, N),
+        in_specs=in_specs,
+        out_specs=q_spec,
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        compiler_params=None if cfg.interpret else compiler_params(cfg.num_warps_bwd,
+                                                                   cfg.num_stages_bwd),
+        interpret=cfg.interpret,
+        name="scoremod_flash_dq",
+    )(q_off, kv_off, fcounts, findices, pcounts, pindices, q, k, v, do, lse, delta, *reads)
+
+
+# ---- dK / dV ----------------------------------------------------------------------------
+
+def _dkv_kernel(qoff_ref, kvoff_ref, fcount_ref, fidx_ref, pcount_ref, pidx_ref, q_ref, k_ref,
+                v_ref, do_ref, lse_ref, delta_ref, *refs, cfg: KernelConfig, read_set: ReadSet):
+    read_refs = refs[:read_set.n]
+    dk_ref, dv_ref = refs[read_set.n:]
+    bq, bkv = cfg.block_q_dkv, cfg.block_kv_dkv
+    hp = cfg.head_dim_padded
+    ragged_q = cfg.q_len % bq != 0
+    ragged_kv = cfg.kv_len % bkv != 0
+
+    kb, b, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    kv_start = kb * bkv
+    cols = kv_start + jnp.arange(bkv, dtype=jnp.int32)
+    kv_valid = cols < cfg.kv_len if ragged_kv else None
+    head_ok = (jnp.arange(hp) < cfg.head_dim)[None, :] if hp != cfg.head_dim else None
+    kv_mask = _and(None if kv_valid is None else kv_valid[:, None], head_ok, (bkv, hp))
+    k = load(k_ref, mask=kv_mask, other=_other(kv_mask))
+    v = load(v_ref, mask=kv_mask, other=_other(kv_mask))
+    kv_pos = (kvoff_ref[b] + cols)[None, :]
+    q_base = qoff_ref[b]
+    fixed = fixed_reads(read_set, read_refs, q_start=0, block_q=1, q_valid=None,
+                        kv_start=kv_start, block_kv=bkv, kv_valid=kv_valid, kv_fixed=True)
+
+    def make_body(is_full):
+        idx_ref = pidx_ref if is_full is False else fidx_ref
+
+        def body(j, carry):
+            dk, dv = carry
+            qb = idx_ref[j]
+            full = is_full if is_full is not None else pidx_ref[j] != 0
+            q_start = qb * bq
+            rows = q_start + jnp.arange(bq, dtype=jnp.int32)
+            # FULL lists hold neither the ragged last q-block nor any tile of a ragged last
+            # kv-block (the wrapper moves those to the PARTIAL lists).
+            q_valid = rows < cfg.q_len if (ragged_q and is_full is not True) else None
+            q_mask = _and(None if q_valid is None else q_valid[:, None], head_ok, (bq, hp))
+            q = load(q_ref.at[pl.ds(q_start, bq), :], mask=q_mask, other=_other(q_mask))
+            do = load(do_ref.at[pl.ds(q_start, bq), :], mask=q_mask, other=_other(q_mask))
+            lse2 = _safe_lse2(load(lse_ref.at[pl.ds(q_start, bq)], mask=q_valid,
+                                   other=_other(q_valid)))
+            delta = load(delta_ref.at[pl.ds(q_start, bq)], mask=q_valid, other=_other(q_valid))
+            q_pos = (q_base + rows)[:, None]
+            s = dot(q, k, trans_b=True)
+            rv = tile_reads(read_set, read_refs, q_start=q_start, block_q=bq, q_valid=q_valid,
+                            kv_start=kv_start, block_kv=bkv, kv_valid=kv_valid, fixed=fixed,
+                            which="values")
+
+            def reads_all():
+                return tile_reads(read_set, read_refs, q_start=q_start, block_q=bq,
+                                  q_valid=q_valid, kv_start=kv_start, block_kv=bkv,
+                                  kv_valid=kv_valid, which="all",
+                                  fixed={**fixed, **{n: t for n, t in enumerate(rv) if t is not None}})
+
+            valid = None if is_full is True else _valid(q_valid, kv_valid)
+            logits = tile_logits2(cfg, s, full=full, b=b, h=h, q_pos=q_pos, kv_pos=kv_pos,
+                                  valid=valid, reads_values=lambda: rv, reads_all=reads_all)
+            p = exp2(logits - lse2[:, None], fast=not cfg.interpret)
+            dv = dv + dot(p.astype(do.dtype), do, trans_a=True)
+            dp = dot(do, v, trans_b=True)
+            ds = _ds(cfg, p, dp, delta, s, b=b, h=h, q_pos=q_pos, kv_pos=kv_pos, reads=rv)
+            dk = dk + dot(ds.astype(q.dtype), q, trans_a=True)
+            return dk, dv
+        return body
+
+    zeros = jnp.zeros((bkv, hp), jnp.float32)
+    if cfg.bwd_one_loop:
+        dk, dv = lax.fori_loop(0, fcount_ref[kb], make_body(None), (zeros, zeros))
+    else:
+        carry = lax.fori_loop(0, fcount_ref[kb], make_body(True), (zeros, zeros))
+        dk, dv = lax.fori_loop(0, pcount_ref[kb], make_body(False), carry)
+    store(dk_ref, (dk * cfg.scale).astype(dk_ref.dtype), mask=kv_mask)
+    store(dv_ref, dv.astype(dv_ref.dtype), mask=kv_mask)
+
+
+def _valid(q_valid, kv_valid):
+    if q_valid is None and kv_valid is None:
+        return None
+    if q_valid is None:
+        return kv_valid[None, :]
+    if kv_valid is None:
+        return q_valid[:, None]
+    return q_valid[:, None] & kv_valid[None, :]
+
+
+def backward_dkv(cfg: KernelConfig, q, k, v, do, lse, delta, plan_arrays, reads, q_off, kv_off):
+    """dK, dV (in k's dtype). plan_arrays: the split kv-major (transposed) lists."""
+    fcounts, findices, pcounts, pindices = plan_arrays
+    B, T, N, H = q.shape
+    S = k.shape[1]
+    G = cfg.groups
+    hp = cfg.head_dim_padded
+    bkv = cfg.block_kv_dkv
+    nk = pl.cdiv(S, bkv)
+    read_set = ReadSet(cfg.program, cfg.read_shapes)
+
+    def grid_fn(kb, b, h):
+        return b, h, kb
+
+    q_spec = pl.BlockSpec((None, T, None, hp), lambda kb, b, h: (b, 0, h, 0))
+    kv_spec = pl.BlockSpec((None, bkv, None, hp), lambda kb, b, h: (b, kb, h // G, 0))
+    row_spec = pl.BlockSpec((None, None, T), lambda kb, b, h: (b, h, 0))
+    in_specs = [
+        pl.BlockSpec((B,), lambda kb, b, h: (0,)),
+        pl.BlockSpec((B,), lambda kb, b, h: (0,)),
+        plan_spec_rows(fcounts.shape, grid_fn),
+        plan_spec_rows(findices.shape, grid_fn),
+        plan_spec_rows(pcounts.shape, grid_fn),
+        plan_spec_rows(pindices.shape, grid_fn),
+        q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec,
+    ] + [read_spec(s, grid_fn) for s in cfg.read_shapes]
+    if G == 1:
+        out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
+    else:  # one share per query head, summed over the group below
+        out_shape = [jax.ShapeDtypeStruct((B, S, N, H), jnp.float32)] * 2
+    out_spec = pl.BlockSpec((None, bkv, None, hp), lambda kb, b, h: (b, kb, h, 0))
+    kernel = functools.partial(_dkv_kernel, cfg=cfg, read_set=read_set)
+    dk, dv = pl.pallas_call(
+        kernel,
+        grid=(nk, B, N),
+        in_specs=in_specs,
+        out_specs=[out_spec, out_spec],
+        out_shape=out_shape,
+        compiler_params=None if cfg.interpret else compiler_params(cfg.num_warps_bwd,
+                                                                   cfg.num_stages_bwd),
+        interpret=cfg.interpret,
+        name="scoremod_flash_dkv",
+    )(q_off, kv_off, fcounts, findices, pcounts, pindices, q, k, v, do, lse, delta, *reads)
+    if G > 1:
+        K = cfg.kv_heads
+        dk = dk.reshape(B, S, K, G, H).sum(axis=3).astype(k.dtype)
+        dv = dv.reshape(B, S, K, G, H).sum(axis=3).astype(v.dtype)
+    return dk, dv

@@ -1,0 +1,278 @@
+"""Pieces the Pallas forward and backward kernels share.
+
+* ``KernelConfig``: everything static about one call (shapes, blocks, the tile program).
+* ``compiler_params``: the Triton ``CompilerParams`` across jax versions.
+* ``TileLogits``: the logits of one (q-block, kv-block) tile, FULL fast path or PARTIAL
+  path (mask evaluated), with ragged edges masked, in base 2 (``log2(e) * logit``).
+* read helpers: tensor reads of the ``TileProgram`` arrive as 4-D arrays
+  ``[B|1, N|1, T|1, S|1]``; each kernel gets a BlockSpec that selects the program's
+  (b, h) and keeps whole T|1 and S|1 axes, and loads the tile's slice by dynamic index.
+
+All loads that can run past the end of an array go through ``plgpu.load`` with a mask
+and ``other``: Triton reads raw pointers (an unmasked load past the end reads garbage),
+and interpret mode pads with NaN.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+try:  # the Triton flavour of Pallas (jax 0.10.2 and 0.11.2 both have it)
+    from jax.experimental.pallas import triton as plgpu
+except ImportError:  # pragma: no cover - very old or stripped jax
+    plgpu = None
+
+from scoremod.compiler.tile import TileProgram
+
+LOG2E = math.log2(math.e)
+LN2 = math.log(2.0)
+
+# jax 0.11 warns on every lowering that the Triton backend is deprecated; it still works
+# and is what this module opts into on purpose (DESIGN.md §4).
+warnings.filterwarnings("ignore", message=".*Pallas Triton backend is deprecated.*")
+
+
+def dot(a, b, trans_a=False, trans_b=False):
+    """Matrix product of two 2-D tiles with f32 accumulation (Triton ``tl.dot``)."""
+    fn = getattr(plgpu, "dot", None) or pl.dot
+    return fn(a, b, trans_a=trans_a, trans_b=trans_b)
+
+
+def exp2(x, *, fast: bool):
+    """``2**x`` in f32. fast: one ``ex2.approx.ftz.f32`` per element (what Triton's own
+    ``tl.exp2`` emits) instead of libdevice's ``__nv_exp2f`` that ``jnp.exp2`` lowers to;
+    ``exp2(-inf) = 0`` either way. Interpret mode always uses ``jnp.exp2``."""
+    if not fast or plgpu is None or not hasattr(plgpu, "elementwise_inline_asm"):
+        return jnp.exp2(x)
+    [y] = plgpu.elementwise_inline_asm(
+        "ex2.approx.ftz.f32 $0, $1;", args=[x], constraints="=f,f", pack=1,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.float32)])
+    return y
+
+
+def load(ref, *, mask=None, other=None):
+    """``plgpu.load`` with ``other`` only where a mask is given (Triton's rule)."""
+    if plgpu is None:
+        return ref[...]
+    if mask is None:
+        return plgpu.load(ref)
+    return plgpu.load(ref, mask=mask, other=other)
+
+
+def store(ref, value, *, mask=None):
+    if plgpu is None or mask is None:
+        ref[...] = value
+        return
+    plgpu.store(ref, value, mask=mask)
+
+
+def compiler_params(num_warps: int, num_stages: int):
+    """The Triton compiler params (opts the call into the Triton lowering on GPU)."""
+    if plgpu is None:
+        return None
+    cls = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams", None)
+    if cls is None:  # pragma: no cover
+        cls = getattr(pl, "TritonCompilerParams")
+    return cls(num_warps=num_warps, num_stages=num_stages)
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Static description of one attention call (hashable: a jit/custom_vjp static arg)."""
+    program: TileProgram          # hashed by identity; TileProgram.build is cached
+    scale: float
+    batch: int
+    q_len: int
+    kv_len: int
+    heads: int                    # N, query heads
+    kv_heads: int                 # K
+    head_dim: int
+    read_shapes: tuple            # 4-D shape of each materialized read
+    interpret: bool
+    # forward
+    block_q: int
+    block_kv: int
+    num_warps: int
+    num_stages: int
+    # backward: dQ (q-major plan) and dK/dV (kv-major plan)
+    block_q_dq: int
+    block_kv_dq: int
+    block_q_dkv: int
+    block_kv_dkv: int
+    num_warps_bwd: int
+    num_stages_bwd: int
+    fwd_one_loop: bool = False
+    bwd_one_loop: bool = False
+    debug_counts: bool = False
+
+    @property
+    def groups(self) -> int:
+        return self.heads // self.kv_heads
+
+    @property
+    def head_dim_padded(self) -> int:
+        return max(16, pl.next_power_of_2(self.head_dim))
+
+    @property
+    def base2(self) -> bool:
+        """Mask-only mods: the logit is the score, so scale by log2(e) in the product."""
+        return self.program.canonical.kind == "mask"
+
+
+# ---- plans ------------------------------------------------------------------------------
+
+def plan_spec_rows(arr_shape, grid_fn):
+    """BlockSpec for a plan array ``[B', H', n, m]`` (or ``[B', H', n]``) that selects the
+    program's (b', h') row. ``grid_fn(*pids) -> (b, h, row)`` gives the batch, query head
+    and plan row of a program."""
+    bp, hp = arr_shape[0], arr_shape[1]
+    if len(arr_shape) == 3:
+        def index_map(*pids):
+            b, h, _ = grid_fn(*pids)
+            return (b if bp > 1 else 0, h if hp > 1 else 0, 0)
+        return pl.BlockSpec((None, None, arr_shape[2]), index_map)
+
+    def index_map(*pids):
+        b, h, row = grid_fn(*pids)
+        return (b if bp > 1 else 0, h if hp > 1 else 0, row, 0)
+    return pl.BlockSpec((None, None, None, arr_shape[3]), index_map)
+
+
+# ---- tensor reads -------------------------------------------------------------------------
+
+def read_spec(shape, grid_fn):
+    """BlockSpec for one materialized read ``[B|1, N|1, T|1, S|1]``: the program's (b, h)."""
+    b1, h1, t1, s1 = shape
+
+    def index_map(*pids):
+        b, h, _ = grid_fn(*pids)
+        return (b if b1 > 1 else 0, h if h1 > 1 else 0, 0, 0)
+    return pl.BlockSpec((None, None, t1, s1), index_map)
+
+
+def load_read(ref, shape, *, q_start, block_q, q_valid, kv_start, block_kv, kv_valid):
+    """The tile of a read: ``[bq|1, bkv|1]`` (int32 or f32), zeros past the ends."""
+    _, _, t1, s1 = shape
+    rows = pl.ds(q_start, block_q) if t1 > 1 else pl.ds(0, 1)
+    cols = pl.ds(kv_start, block_kv) if s1 > 1 else pl.ds(0, 1)
+    mask = None
+    if t1 > 1 and q_valid is not None:
+        mask = q_valid[:, None]
+    if s1 > 1 and kv_valid is not None:
+        mask = kv_valid[None, :] if mask is None else mask & kv_valid[None, :]
+    if mask is not None:
+        out_shape = (block_q if t1 > 1 else 1, block_kv if s1 > 1 else 1)
+        mask = jnp.broadcast_to(mask, out_shape)
+    return load(ref.at[rows, cols], mask=mask, other=0 if mask is not None else None)
+
+
+class ReadSet:
+    """Which reads a tile needs and when: q-only reads once per program, kv reads per tile;
+    reads only the mask uses are loaded on PARTIAL tiles only."""
+
+    def __init__(self, program: TileProgram, shapes):
+        self.shapes = tuple(shapes)
+        n = len(self.shapes)
+        mask_reads = set(program.mask_reads())
+        self.mask_only = frozenset(i for i in mask_reads if not self._used_by_values(program, i))
+        self.kv_dependent = frozenset(i for i in range(n) if self.shapes[i][3] > 1)
+        self.n = n
+
+    @staticmethod
+    def _used_by_values(program: TileProgram, i: int) -> bool:
+        from scoremod.dsl.ast import walk
+        node = program.reads[i].node
+        for part in (program.canonical.transform, program.canonical.bias):
+            if part is not None and any(n == node for n in walk(part)):
+                return True
+        return False
+
+
+def tile_reads(read_set: ReadSet, refs, *, q_start, block_q, q_valid, kv_start, block_kv,
+               kv_valid, fixed, which):
+    """List of read tiles for the TileProgram (None where not needed).
+
+    fixed: tiles already loaded once per program (kv-independent reads), by index.
+    which: "values" (reads the FULL path needs) or "all" (PARTIAL path).
+    """
+    out = []
+    for i in range(read_set.n):
+        if which == "values" and i in read_set.mask_only:
+            out.append(None)
+        elif i in fixed:
+            out.append(fixed[i])
+        else:
+            out.append(load_read(refs[i], read_set.shapes[i], q_start=q_start, block_q=block_q,
+                                 q_valid=q_valid, kv_start=kv_start, block_kv=block_kv,
+                                 kv_valid=kv_valid))
+    return out
+
+
+def fixed_reads(read_set: ReadSet, refs, *, q_start, block_q, q_valid, kv_start=0, block_kv=1,
+                kv_valid=None, kv_fixed=False):
+    """Reads that do not change along the loop, loaded once per program.
+
+    kv_fixed=False (q-major kernels): reads that do not depend on kv.
+    kv_fixed=True (kv-major kernels): reads that do not depend on q.
+    """
+    out = {}
+    for i in range(read_set.n):
+        t1, s1 = read_set.shapes[i][2], read_set.shapes[i][3]
+        if (not kv_fixed and s1 == 1) or (kv_fixed and t1 == 1):
+            out[i] = load_read(refs[i], read_set.shapes[i], q_start=q_start, block_q=block_q,
+                               q_valid=q_valid, kv_start=kv_start, block_kv=block_kv,
+                               kv_valid=kv_valid)
+    return out
+
+
+# ---- logits of one tile -------------------------------------------------------------------
+
+def tile_logits2(cfg: KernelConfig, s, *, full, b, h, q_pos, kv_pos, valid, reads_values,
+                 reads_all):
+    """Base-2 logits ``log2(e) * where(M, T(scale*s) + B, -inf)`` of a tile.
+
+    s: f32 [bq, bkv] raw q.k products. full: traced bool (FULL tile: no mask evaluation)
+    or a Python bool. valid: bool [bq|1, bkv|1] of rows/columns that exist, or None.
+    reads_values / reads_all: thunks returning the read tiles for each path.
+    """
+    prog = cfg.program
+    has_mask = prog.canonical.has_mask
+
+    def values():
+        if cfg.base2:
+            return s * (cfg.scale * LOG2E)
+        sn = s * cfg.scale
+        return prog.values(sn, b=b, h=h, q=q_pos, kv=kv_pos, reads=reads_values()) * LOG2E
+
+    def masked():
+        if cfg.base2:
+            v = s * (cfg.scale * LOG2E)
+            m = prog.mask(b=b, h=h, q=q_pos, kv=kv_pos, reads=reads_all()) if has_mask else None
+        else:
+            sn = s * cfg.scale
+            rd = reads_all()
+            v = prog.values(sn, b=b, h=h, q=q_pos, kv=kv_pos, reads=rd) * LOG2E
+            m = prog.mask(b=b, h=h, q=q_pos, kv=kv_pos, reads=rd) if has_mask else None
+        if valid is not None:
+            m = valid if m is None else m & valid
+        if m is None:
+            return v
+        return jnp.where(m, v, -jnp.inf)
+
+    if isinstance(full, bool):
+        return values() if full else masked()
+    return lax.cond(full, values, masked)
+
+
+def dscore(cfg: KernelConfig, s, *, b, h, q_pos, kv_pos, reads):
+    """``dT/dscore`` on a tile, or None when T is the identity."""
+    if cfg.program.dtransform is None:
+        return None
+    return cfg.program.dscore(s * cfg.scale, b=b, h=h, q=q_pos, kv=kv_pos, reads=reads)

@@ -1,0 +1,175 @@
+"""Forward block-sparse flash-attention kernel (Pallas, Triton lowering or interpret mode).
+
+Grid ``(nq, B, N)``: one program per (q-block, batch, query head), heaviest q-blocks
+launched first. Each program walks its q-block's non-empty kv-blocks from the BlockPlan,
+loading K/V blocks by dynamic index and keeping an online softmax in f32 (base 2). FULL
+tiles skip the mask; PARTIAL tiles (and ragged last blocks) evaluate it. Either one loop
+over a merged list with a per-tile branch (``fwd_one_loop``) or two branch-free loops
+(FULL list, then PARTIAL list). Writes ``out [B, T, N, H]`` and ``lse [B, N, T]``
+(natural log; ``-inf`` on rows with no allowed key, whose output is 0).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from scoremod.runtime._pallas_common import (
+    LN2, KernelConfig, ReadSet, compiler_params, dot, exp2, fixed_reads, load, plan_spec_rows, read_spec,
+    store, tile_logits2, tile_reads)
+
+
+def _forward_kernel(qoff_ref, kvoff_ref, fcount_ref, fidx_ref, pcount_ref, pidx_ref, q_ref, k_ref,
+                    v_ref, *refs, cfg: KernelConfig, read_set: ReadSet):
+    read_refs = refs[:read_set.n]
+    o_ref, lse_ref = refs[read_set.n:read_set.n + 2]
+    debug_ref = refs[read_set.n + 2] if cfg.debug_counts else None
+
+    bq, bkv = cfg.block_q, cfg.block_kv
+    hp = cfg.head_dim_padded
+    ragged_q = cfg.q_len % bq != 0
+    ragged_kv = cfg.kv_len % bkv != 0
+
+    i = pl.num_programs(0) - 1 - pl.program_id(0)   # heaviest (last) q-blocks first
+    b = pl.program_id(1)
+    h = pl.program_id(2)
+
+    q_start = i * bq
+    rows = q_start + jnp.arange(bq, dtype=jnp.int32)
+    q_valid = rows < cfg.q_len if ragged_q else None
+    head_ok = (jnp.arange(hp) < cfg.head_dim)[None, :] if hp != cfg.head_dim else None
+    q_mask = _and(None if q_valid is None else q_valid[:, None], head_ok, (bq, hp))
+    q = load(q_ref, mask=q_mask, other=0.0 if q_mask is not None else None)
+
+    q_pos = (qoff_ref[b] + rows)[:, None]
+    kv_base = kvoff_ref[b]
+    fixed = fixed_reads(read_set, read_refs, q_start=q_start, block_q=bq, q_valid=q_valid)
+    fast = not cfg.interpret
+
+    def make_body(is_full):
+        # is_full: True / False for the FULL / PARTIAL list; None for one merged list
+        # (``BlockSizes.fwd_one_loop``: fidx_ref holds every listed block, pidx_ref their
+        # FULL flags, and each tile branches).
+        idx_ref = pidx_ref if is_full is False else fidx_ref
+
+        def body(j, carry):
+            acc, m_prev, l_prev = carry
+            kb = idx_ref[j]
+            full = is_full if is_full is not None else pidx_ref[j] != 0
+            kv_start = kb * bkv
+            cols = kv_start + jnp.arange(bkv, dtype=jnp.int32)
+            # FULL lists never hold the ragged last kv-block (the wrapper moves it).
+            kv_valid = cols < cfg.kv_len if (ragged_kv and is_full is not True) else None
+            kv_mask = _and(None if kv_valid is None else kv_valid[:, None], head_ok, (bkv, hp))
+            k = load(k_ref.at[pl.ds(kv_start, bkv), :], mask=kv_mask,
+                     other=0.0 if kv_mask is not None else None)
+            s = dot(q, k, trans_b=True)
+            kv_pos = (kv_base + cols)[None, :]
+
+            def reads(which):
+                return tile_reads(read_set, read_refs, q_start=q_start, block_q=bq,
+                                  q_valid=q_valid, kv_start=kv_start, block_kv=bkv,
+                                  kv_valid=kv_valid, fixed=fixed, which=which)
+
+            logits = tile_logits2(cfg, s, full=full, b=b, h=h, q_pos=q_pos, kv_pos=kv_pos,
+                                  valid=None if kv_valid is None else kv_valid[None, :],
+                                  reads_values=lambda: reads("values"),
+                                  reads_all=lambda: reads("all"))
+
+            m_new = jnp.maximum(m_prev, jnp.max(logits, axis=1))
+            if is_full is True and cfg.base2:
+                m_safe = m_new   # a FULL tile of a mask-only mod has finite logits
+            else:
+                m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+            alpha = exp2(m_prev - m_safe, fast=fast)
+            p = exp2(logits - m_safe[:, None], fast=fast)
+            l_new = l_prev * alpha + jnp.sum(p, axis=1)
+            v = load(v_ref.at[pl.ds(kv_start, bkv), :], mask=kv_mask,
+                     other=0.0 if kv_mask is not None else None)
+            acc = acc * alpha[:, None] + dot(p.astype(v.dtype), v)
+            return acc, m_new, l_new
+        return body
+
+    carry = (jnp.zeros((bq, hp), jnp.float32), jnp.full((bq,), -jnp.inf, jnp.float32),
+             jnp.zeros((bq,), jnp.float32))
+    if cfg.fwd_one_loop:
+        n_full, n_part = fcount_ref[i], 0
+        acc, m, l = lax.fori_loop(0, n_full, make_body(None), carry)
+    else:
+        n_full = fcount_ref[i]
+        n_part = pcount_ref[i]
+        carry = lax.fori_loop(0, n_full, make_body(True), carry)
+        acc, m, l = lax.fori_loop(0, n_part, make_body(False), carry)
+
+    empty = l == 0.0
+    out = acc / jnp.where(empty, 1.0, l)[:, None]
+    lse = jnp.where(empty, -jnp.inf, (m + jnp.log2(jnp.where(empty, 1.0, l))) * LN2)
+    out_mask = _and(None if q_valid is None else q_valid[:, None], head_ok, (bq, hp))
+    store(o_ref, out.astype(o_ref.dtype), mask=out_mask)
+    store(lse_ref, lse, mask=q_valid)
+    if debug_ref is not None:
+        debug_ref[0] = n_full + n_part
+        debug_ref[1] = n_part
+
+
+def _and(a, b, shape):
+    if a is None and b is None:
+        return None
+    if a is None:
+        return jnp.broadcast_to(b, shape)
+    if b is None:
+        return jnp.broadcast_to(a, shape)
+    return jnp.broadcast_to(a & b, shape)
+
+
+def forward(cfg: KernelConfig, q, k, v, plan_arrays, reads, q_off, kv_off):
+    """Run the forward kernel. Returns (out [B,T,N,H], lse f32[B,N,T][, debug int32[B,N,nq,2]]).
+
+    plan_arrays: (full_counts, full_indices, partial_counts, partial_indices): the q-major
+    plan of (block_q, block_kv) split into FULL and PARTIAL lists (``split_lists``).
+    """
+    fcounts, findices, pcounts, pindices = plan_arrays
+    B, T, N, H = q.shape
+    G = cfg.groups
+    hp = cfg.head_dim_padded
+    nq = pl.cdiv(T, cfg.block_q)
+    read_set = ReadSet(cfg.program, cfg.read_shapes)
+
+    def grid_fn(i, b, h):
+        return b, h, nq - 1 - i
+
+    in_specs = [
+        pl.BlockSpec((B,), lambda i, b, h: (0,)),
+        pl.BlockSpec((B,), lambda i, b, h: (0,)),
+        plan_spec_rows(fcounts.shape, grid_fn),
+        plan_spec_rows(findices.shape, grid_fn),
+        plan_spec_rows(pcounts.shape, grid_fn),
+        plan_spec_rows(pindices.shape, grid_fn),
+        pl.BlockSpec((None, cfg.block_q, None, hp), lambda i, b, h: (b, nq - 1 - i, h, 0)),
+        pl.BlockSpec((None, cfg.kv_len, None, hp), lambda i, b, h: (b, 0, h // G, 0)),
+        pl.BlockSpec((None, cfg.kv_len, None, hp), lambda i, b, h: (b, 0, h // G, 0)),
+    ] + [read_spec(s, grid_fn) for s in cfg.read_shapes]
+    out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype),
+                 jax.ShapeDtypeStruct((B, N, T), jnp.float32)]
+    out_specs = [pl.BlockSpec((None, cfg.block_q, None, hp), lambda i, b, h: (b, nq - 1 - i, h, 0)),
+                 pl.BlockSpec((None, None, cfg.block_q), lambda i, b, h: (b, h, nq - 1 - i))]
+    if cfg.debug_counts:
+        out_shape.append(jax.ShapeDtypeStruct((B, N, nq, 2), jnp.int32))
+        out_specs.append(pl.BlockSpec((None, None, None, 2), lambda i, b, h: (b, h, nq - 1 - i, 0)))
+
+    kernel = functools.partial(_forward_kernel, cfg=cfg, read_set=read_set)
+    outs = pl.pallas_call(
+        kernel,
+        grid=(nq, B, N),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        compiler_params=None if cfg.interpret else compiler_params(cfg.num_warps, cfg.num_stages),
+        interpret=cfg.interpret,
+        name="scoremod_flash_forward",
+    )(q_off, kv_off, fcounts, findices, pcounts, pindices, q, k, v, *reads)
+    return tuple(outs)

@@ -1,0 +1,329 @@
+"""Portable block-sparse flash attention in Pallas (Triton lowering on GPU, interpret on CPU).
+
+``pallas_attention(query, key, value, *, mod, ...)`` runs a fused flash-attention kernel
+that visits only the tiles the mod's ``BlockPlan`` lists, skips mask evaluation on FULL
+tiles, and applies the mod's ``TileProgram`` on every tile it visits. Forward and
+backward (``jax.custom_vjp``: dQ over the q-major plan, dK/dV over the transposed plan)
+are Pallas kernels; see ``docs/kernels.md``.
+
+Layout BTNH like ``jax.nn.dot_product_attention``: query ``[B, T, N, H]``, key/value
+``[B, S, K, H]`` with ``N % K == 0`` (GQA). Any T and S (ragged last blocks are masked in
+the kernel, nothing is padded). ``lse`` is ``f32[B, N, T]`` (natural log, ``-inf`` on rows
+with no allowed key, whose output is 0).
+
+    out = pallas_attention(q, k, v, mod="causal & doc(ids)", tensors={"ids": ids})
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import math
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from scoremod.compiler.mod import Mod, compile_mod
+from scoremod.compiler.tile import TileProgram
+from scoremod.runtime._pallas_common import KernelConfig, plgpu
+from scoremod.runtime._pallas_forward import forward as _forward
+from scoremod.runtime._pallas_backward import backward_dkv as _backward_dkv
+from scoremod.runtime._pallas_backward import backward_dq as _backward_dq
+
+__all__ = ["BlockSizes", "pallas_attention"]
+
+logger = logging.getLogger("scoremod")
+
+MAX_HEAD_DIM = 256
+_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
+
+
+@dataclass(frozen=True)
+class BlockSizes:
+    """Tile sizes and Triton launch parameters of the Pallas kernels.
+
+    Attributes:
+      block_q, block_kv: forward tile (query rows x key columns). Powers of two >= 16.
+      num_warps, num_stages: forward launch (warps per program, software-pipelining depth).
+      block_q_dq, block_kv_dq: dQ kernel tile (walks the q-major plan).
+      block_q_dkv, block_kv_dkv: dK/dV kernel tile (walks the transposed plan).
+      num_warps_bwd, num_stages_bwd: launch parameters of both backward kernels.
+      fwd_one_loop, bwd_one_loop: the forward / backward kernels walk one list with a
+        per-tile FULL/PARTIAL branch instead of two branch-free loops (one per list).
+
+    Each block is clamped to the sequence length (rounded up to a power of two, at least
+    16). The block plan is built for each distinct (block_q, block_kv) pair used.
+    ``get_default`` picks values measured on an H100 (benchmarks/NOTES_pallas.md).
+    """
+    block_q: int = 128
+    block_kv: int = 64
+    num_warps: int = 8
+    num_stages: int = 3
+    block_q_dq: int = 64
+    block_kv_dq: int = 64
+    block_q_dkv: int = 64
+    block_kv_dkv: int = 64
+    num_warps_bwd: int = 4
+    num_stages_bwd: int = 2
+    fwd_one_loop: bool = False
+    bwd_one_loop: bool = False
+
+    @classmethod
+    def get_default(cls, head_dim: int, dtype=jnp.bfloat16, *, masked: bool = True) -> "BlockSizes":
+        """Defaults for a head dimension, input dtype and whether the mod has a mask.
+
+        head_dim <= 64: fwd 128x64, 4 warps, 3 stages; bwd 64x64, 4 warps, 2 stages.
+        head_dim <= 128: fwd 128x128, 8 warps, 3 stages, one loop (no mask: 128x64,
+          4 warps, 3 stages); bwd 64x64, 4 warps, 2 stages.
+        head_dim <= 256: fwd 64x32, 4 warps, 2 stages; bwd 32x32, 4 warps, 1 stage.
+        float32 inputs halve the kv block (shared memory) where it stays >= 16.
+        """
+        if head_dim <= 64:
+            bs = cls(128, 64, 4, 3, 64, 64, 64, 64, 4, 2)
+        elif head_dim <= 128:
+            bs = (cls(128, 128, 8, 3, 64, 64, 64, 64, 4, 2, fwd_one_loop=True) if masked
+                  else cls(128, 64, 4, 3, 64, 64, 64, 64, 4, 2))
+        else:
+            bs = cls(64, 32, 4, 2, 32, 32, 32, 32, 4, 1)
+        if jnp.dtype(dtype) == jnp.float32:
+            bs = dataclasses.replace(bs, block_kv=max(16, bs.block_kv // 2),
+                                     block_kv_dq=max(16, bs.block_kv_dq // 2),
+                                     block_q_dkv=max(16, bs.block_q_dkv // 2))
+        return bs
+
+
+def _clamp(block: int, length: int) -> int:
+    if block < 16 or block & (block - 1):
+        raise ValueError(f"block sizes must be powers of two >= 16, got {block}")
+    return max(16, min(block, 1 << max(0, (length - 1).bit_length())))
+
+
+def _resolve_interpret(interpret):
+    if interpret is not None:
+        return bool(interpret)
+    backend = jax.default_backend()
+    if backend == "gpu" or backend == "cuda":
+        return False
+    _log_interpret_once(backend)
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def _log_interpret_once(backend):
+    logger.warning("pallas attention on %s runs in Pallas interpret mode (slow; for testing)",
+                   backend)
+
+
+def _as_mod(mod) -> Mod:
+    if mod is None:
+        return compile_mod("true")
+    return compile_mod(mod)
+
+
+def _build_plan(mod, **kw):
+    """The block plan (``scoremod.compiler.plan.build_plan``)."""
+    from scoremod.compiler import plan as plan_mod
+    builder = getattr(plan_mod, "build_plan", None)
+    if builder is None:
+        raise NotImplementedError("block plans are not available (compiler.plan.build_plan missing)")
+    return builder(mod, **kw)
+
+
+def check_supported(mod, query, key, value, tensors=None) -> TileProgram:
+    """The TileProgram for this call, or NotImplementedError saying why the kernel can't run."""
+    mod = _as_mod(mod)
+    tensors = tensors or {}
+    if plgpu is None:
+        raise NotImplementedError("this jax has no Pallas Triton support (jax.experimental.pallas.triton)")
+    if query.ndim != 4 or key.ndim != 4 or value.ndim != 4:
+        raise NotImplementedError("the pallas kernel takes 4-D BTNH query/key/value")
+    H = query.shape[-1]
+    if key.shape[-1] != H or value.shape[-1] != H:
+        raise NotImplementedError(f"the pallas kernel needs equal head dims for q, k, v "
+                                  f"(got {query.shape[-1]}, {key.shape[-1]}, {value.shape[-1]})")
+    if H > MAX_HEAD_DIM:
+        raise NotImplementedError(f"head dim {H} > {MAX_HEAD_DIM} is not supported by the pallas kernel")
+    for name, x in (("query", query), ("key", key), ("value", value)):
+        if jnp.dtype(x.dtype) not in _DTYPES:
+            raise NotImplementedError(f"{name} dtype {x.dtype} is not supported by the pallas kernel "
+                                      "(bfloat16, float16, float32)")
+    if not (query.dtype == key.dtype == value.dtype):
+        raise NotImplementedError("the pallas kernel needs one dtype for query, key and value")
+    if query.shape[2] % key.shape[2]:
+        raise NotImplementedError(f"query heads {query.shape[2]} not a multiple of kv heads {key.shape[2]}")
+    program = TileProgram.build(mod.canonical, {n: jnp.ndim(t) for n, t in tensors.items()})
+    ok, why = program.kernel_support()
+    if not ok:
+        raise NotImplementedError(f"pallas kernel cannot run {mod}: {why}")
+    return program
+
+
+def pallas_attention(query, key, value, *, mod=None, scale=None, q_offset=0, kv_offset=0,
+                     return_lse=False, tensors=None, block_sizes: BlockSizes | None = None,
+                     interpret=None, _debug_counts=False):
+    """Block-sparse flash attention with a scoremod mod.
+
+    Args:
+      query: ``[B, T, N, H]``; key, value: ``[B, S, K, H]`` (bf16, f16 or f32; one dtype).
+      mod: source string, compiled ``Mod`` or None (plain attention).
+      scale: score scale (default ``1/sqrt(H)``).
+      q_offset, kv_offset: int or ``int32[B]`` absolute position of row/column 0.
+      return_lse: also return ``lse f32[B, N, T]``.
+      tensors: the mod's tensor parameters by name.
+      block_sizes: ``BlockSizes`` (default ``BlockSizes.get_default(H, dtype)``).
+      interpret: run Pallas in interpret mode (default: on any non-GPU backend).
+
+    Raises NotImplementedError (with the reason) for calls the kernel cannot run.
+    """
+    mod = _as_mod(mod)
+    tensors = dict(tensors or {})
+    program = check_supported(mod, query, key, value, tensors)
+    B, T, N, H = query.shape
+    S, K = key.shape[1], key.shape[2]
+    if key.shape[0] != B or value.shape[:3] != key.shape[:3]:
+        raise ValueError(f"key/value shapes {key.shape}, {value.shape} do not match query {query.shape}")
+    scale = 1.0 / math.sqrt(H) if scale is None else float(scale)
+    bs = block_sizes or BlockSizes.get_default(H, query.dtype, masked=program.canonical.has_mask)
+    interpret = _resolve_interpret(interpret)
+
+    cfg = KernelConfig(
+        program=program, scale=scale, batch=B, q_len=T, kv_len=S, heads=N, kv_heads=K,
+        head_dim=H, read_shapes=(), interpret=interpret,
+        block_q=_clamp(bs.block_q, T), block_kv=_clamp(bs.block_kv, S),
+        num_warps=bs.num_warps, num_stages=bs.num_stages,
+        block_q_dq=_clamp(bs.block_q_dq, T), block_kv_dq=_clamp(bs.block_kv_dq, S),
+        block_q_dkv=_clamp(bs.block_q_dkv, T), block_kv_dkv=_clamp(bs.block_kv_dkv, S),
+        num_warps_bwd=bs.num_warps_bwd, num_stages_bwd=bs.num_stages_bwd,
+        fwd_one_loop=bool(bs.fwd_one_loop), bwd_one_loop=bool(bs.bwd_one_loop),
+        debug_counts=bool(_debug_counts))
+
+    q_off = jnp.broadcast_to(jnp.asarray(q_offset, jnp.int32), (B,))
+    kv_off = jnp.broadcast_to(jnp.asarray(kv_offset, jnp.int32), (B,))
+    q_positions = q_off[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
+    kv_positions = kv_off[:, None] + jnp.arange(S, dtype=jnp.int32)[None, :]
+    reads = program.materialize_reads(tensors, B, N, q_positions, kv_positions)
+    cfg = dataclasses.replace(cfg, read_shapes=tuple(tuple(r.shape) for r in reads))
+
+    plans = {}
+
+    def plan(bq, bkv):
+        if (bq, bkv) not in plans:
+            plans[bq, bkv] = _build_plan(mod, q_len=T, kv_len=S, block_q=bq, block_kv=bkv,
+                                         batch=B, heads=N, q_offset=q_offset,
+                                         kv_offset=kv_offset, tensors=tensors)
+        return plans[bq, bkv]
+
+    fp = plan(cfg.block_q, cfg.block_kv)
+    dqp = plan(cfg.block_q_dq, cfg.block_kv_dq)
+    dkvp = plan(cfg.block_q_dkv, cfg.block_kv_dkv)
+    aux = dict(
+        fwd=(merged_list(fp.kv_counts, fp.kv_indices, fp.kv_full, entry_edge=_edge(S, cfg.block_kv))
+             if cfg.fwd_one_loop else
+             split_lists(fp.kv_counts, fp.kv_indices, fp.kv_full, entry_edge=_edge(S, cfg.block_kv))),
+        dq=(merged_list if cfg.bwd_one_loop else split_lists)(
+            dqp.kv_counts, dqp.kv_indices, dqp.kv_full, entry_edge=_edge(S, cfg.block_kv_dq)),
+        dkv=(merged_list if cfg.bwd_one_loop else split_lists)(
+            dkvp.q_counts, dkvp.q_indices, dkvp.q_full, entry_edge=_edge(T, cfg.block_q_dkv),
+            row_edge=_edge(S, cfg.block_kv_dkv)),
+        reads=tuple(reads), q_off=q_off, kv_off=kv_off)
+
+    if _debug_counts:
+        out, lse, counts = _forward(cfg, query, key, value, aux["fwd"], aux["reads"],
+                                    q_off, kv_off)
+        return out, lse, counts
+    out, lse = _flash(cfg, query, key, value, aux)
+    return (out, lse) if return_lse else out
+
+
+def _edge(length: int, block: int):
+    """Index of the ragged last block, or None when the length is a block multiple."""
+    return None if length % block == 0 else length // block
+
+
+def merged_list(counts, indices, full, *, entry_edge=None, row_edge=None):
+    """One list with FULL flags (ragged last blocks flagged PARTIAL, as in ``split_lists``),
+    in the layout the one-loop kernels read: (counts, indices, counts (unused), flags int8)."""
+    xp = np if all(isinstance(x, np.ndarray) for x in (counts, indices, full)) else jnp
+    counts, indices, full = xp.asarray(counts), xp.asarray(indices), xp.asarray(full)
+    flags = full != 0
+    if entry_edge is not None:
+        flags = flags & (indices != entry_edge)
+    if row_edge is not None:
+        flags = flags & (xp.arange(indices.shape[-2]) != row_edge)[None, None, :, None]
+    return (counts.astype(np.int32), indices.astype(np.int32), counts.astype(np.int32),
+            flags.astype(np.int8))
+
+
+def split_lists(counts, indices, full, *, entry_edge=None, row_edge=None):
+    """Split a plan's lists into FULL and PARTIAL lists for the kernels' two loops.
+
+    counts int32[B', H', R], indices int32[B', H', R, E], full int8[B', H', R, E] (a plan's
+    kv_* lists, R = q-blocks; or its q_* lists, R = kv-blocks). A ragged last block must
+    have its rows/columns masked, so entries equal to ``entry_edge`` and every entry of
+    row ``row_edge`` go to the PARTIAL list whatever the plan says.
+
+    Returns (full_counts [B',H',R], full_indices [B',H',R,E], partial_counts,
+    partial_indices), each list in increasing order; entries past a count are unused.
+    NumPy in, NumPy out (static plans cost nothing at run time); jax arrays otherwise.
+    """
+    xp = np if all(isinstance(x, np.ndarray) for x in (counts, indices, full)) else jnp
+    counts, indices, full = xp.asarray(counts), xp.asarray(indices), xp.asarray(full)
+    n_rows, n_entries = indices.shape[-2], indices.shape[-1]
+    listed = xp.arange(n_entries)[None, None, None, :] < counts[..., None]
+    is_full = listed & (full != 0)
+    if entry_edge is not None:
+        is_full = is_full & (indices != entry_edge)
+    if row_edge is not None:
+        is_full = is_full & (xp.arange(n_rows) != row_edge)[None, None, :, None]
+    is_part = listed & ~is_full
+
+    def compact(sel):
+        key = (~sel).astype(np.int8)
+        order = (np.argsort(key, axis=-1, kind="stable") if xp is np
+                 else jnp.argsort(key, axis=-1, stable=True))
+        return (sel.sum(-1).astype(np.int32),
+                xp.take_along_axis(indices, order, axis=-1).astype(np.int32))
+
+    return (*compact(is_full), *compact(is_part))
+
+
+# ---- custom_vjp ---------------------------------------------------------------------------
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _flash(cfg, q, k, v, aux):
+    out, lse = _forward(cfg, q, k, v, aux["fwd"], aux["reads"], aux["q_off"], aux["kv_off"])
+    return out, lse
+
+
+def _flash_fwd(cfg, q, k, v, aux):
+    out, lse = _forward(cfg, q, k, v, aux["fwd"], aux["reads"], aux["q_off"], aux["kv_off"])
+    return (out, lse), (q, k, v, aux, out, lse)
+
+
+def _flash_bwd(cfg, res, cotangents):
+    q, k, v, aux, out, lse = res
+    dout, dlse = cotangents
+    dout = dout.astype(q.dtype)
+    # delta = rowsum(O * dO) - dlse: the lse cotangent enters as p * dlse on every logit.
+    delta = jnp.einsum("btnh,btnh->bnt", out.astype(jnp.float32), dout.astype(jnp.float32))
+    if dlse is not None:
+        delta = delta - jnp.where(jnp.isfinite(lse), dlse.astype(jnp.float32), 0.0)
+    dq = _backward_dq(cfg, q, k, v, dout, lse, delta, aux["dq"], aux["reads"],
+                      aux["q_off"], aux["kv_off"])
+    dk, dv = _backward_dkv(cfg, q, k, v, dout, lse, delta, aux["dkv"], aux["reads"],
+                           aux["q_off"], aux["kv_off"])
+    aux_ct = jax.tree_util.tree_map(_zero_cotangent, aux)
+    return dq, dk, dv, aux_ct
+
+
+def _zero_cotangent(x):
+    x = jnp.asarray(x)
+    if jnp.issubdtype(x.dtype, jnp.floating):
+        return jnp.zeros_like(x)
+    return np.zeros(x.shape, dtype=jax.dtypes.float0)
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
