@@ -73,7 +73,7 @@ class PagedBlockSizes:
     num_warps, num_stages: Triton launch parameters.
     """
     # Defaults: the fastest of the configurations benchmarks/paged_bench.py --tune tried on
-    # an H100 (bf16, N=32, K=8, H=128, pages of 16; see benchmarks/RESULTS_paged.md).
+    # an H100 (bf16, N=32, K=8, H=128, pages of 16; see benchmarks/RESULTS.md).
     block_kv: int = 128
     num_splits: int | None = None
     num_warps: int = 8
