@@ -43,7 +43,9 @@ def main():
     err = float(jnp.max(jnp.abs(out - ref)))
     print(f"\nattention(q {q.shape}, k {k.shape}, v {v.shape}, mod='causal & doc(ids)') -> {out.shape}")
     print(f"max |default - reference| = {err:.2e}")
-    assert err < 1e-4, err
+    # On GPUs float32 matrix products run in TF32 by default (as in jax.nn.dot_product_attention).
+    tolerance = 5e-3 if jax.default_backend() == "gpu" else 1e-4
+    assert err < tolerance, err
 
 
 if __name__ == "__main__":
