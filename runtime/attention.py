@@ -128,6 +128,10 @@ def check_inputs(query, key, value, *, scale=None, return_lse=False) -> float:
         raise ScoreModShapeError(f"batch sizes differ: query has B={B}, key/value have B={Bk}")
     if Hk != H:
         raise ScoreModShapeError(f"head dims differ: query has H={H}, key/value have H={Hk}")
+    if B == 0 or N == 0 or H == 0:
+        empty = "batch" if B == 0 else "heads" if N == 0 else "head dim"
+        raise ScoreModShapeError(f"query {tuple(query.shape)} has an empty {empty}; B, N and H must be "
+                                 "at least 1 (T and S may be 0)")
     if K == 0 or N % K:
         raise ScoreModShapeError(f"query heads N={N} must be a multiple of key/value heads K={K} "
                                  "(GQA: query head h reads kv head h // (N // K))")
