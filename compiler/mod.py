@@ -86,6 +86,11 @@ class Mod:
     def mask_mod(self, **tensors):
         """A jnp ``mask_mod(b_idx, h_idx, q_idx, kv_idx) -> bool`` closure for the mask M."""
         from scoremod.compiler.lowering import mask_mod_fn
+        from scoremod.dsl.ast import mentions
+        if mentions(self.canonical.mask, "score"):
+            from scoremod.errors import ScoreModError
+            raise ScoreModError(f"the mask of {self} reads score, which a mask_mod(b, h, q, kv) does not see",
+                                hint="use score_mod(), which applies the whole mod to the scores")
         return mask_mod_fn(self.canonical, self._checked_tensors(tensors))
 
     def _checked_tensors(self, tensors: dict) -> dict:

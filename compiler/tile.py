@@ -18,7 +18,7 @@ from functools import lru_cache
 
 import jax.numpy as jnp
 
-from scoremod.dsl.ast import Node, Tensor, Var, walk
+from scoremod.dsl.ast import Node, Tensor, Var, mentions, walk
 from scoremod.compiler.canonical import Canonical
 from scoremod.compiler.lowering import derivative, emit, gather_read, logits_from_canonical, values_from_canonical
 
@@ -87,6 +87,8 @@ class TileProgram:
 
     def kernel_support(self) -> tuple[bool, str]:
         """(True, "") when a kernel can run this program, else (False, why)."""
+        if mentions(self.canonical.mask, "score"):
+            return False, "the mask reads score; kernels decide masks from positions and tensors only"
         for r in self.reads:
             if r.gather:
                 return False, (f"tensor read {r.node} indexes by computed positions; "

@@ -90,3 +90,15 @@ def test_closures_check_tensor_names():
         mod.score_mod()
     with pytest.raises(scoremod.ScoreModTensorError, match="unexpected tensor parameter 'idz'"):
         mod.mask_mod(ids=jnp.zeros(4, jnp.int32), idz=1)
+
+
+def test_a_mask_that_reads_score_has_no_mask_mod_and_no_kernel():
+    from scoremod.compiler.tile import TileProgram
+    mod = scoremod.compile("(score > 0) & causal")
+    with pytest.raises(scoremod.ScoreModError, match="reads score"):
+        mod.mask_mod()
+    ok, why = TileProgram.build(mod.canonical, {}).kernel_support()
+    assert not ok and "reads score" in why
+    sm = mod.score_mod()
+    out = np.asarray(sm(jnp.asarray([[1.0, -1.0], [2.0, 3.0]]), 0, 0, jnp.arange(2)[:, None], jnp.arange(2)[None]))
+    np.testing.assert_array_equal(out, [[1.0, -np.inf], [2.0, 3.0]])
