@@ -61,6 +61,16 @@ class Mod:
     def tensors(self) -> tuple[str, ...]:
         return self.canonical.tensors
 
+    @property
+    def source_tensors(self) -> tuple[str, ...]:
+        """Every tensor parameter the source names, also those simplification removed
+        (``where(true, alibi(8), bias(t))`` reads no tensor but names ``t``). Passing
+        them is allowed; they are ignored."""
+        from scoremod.dsl.ast import tensor_names
+        names = dict.fromkeys(self.tensors)
+        names.update(dict.fromkeys(tensor_names(self.expr) if self.expr is not None else ()))
+        return tuple(names)
+
     def __eq__(self, other):
         return isinstance(other, Mod) and self.canonical == other.canonical
 
@@ -96,14 +106,14 @@ class Mod:
     def _checked_tensors(self, tensors: dict) -> dict:
         from scoremod.errors import ScoreModTensorError
         missing = [n for n in self.tensors if n not in tensors]
-        extra = [n for n in tensors if n not in self.tensors]
+        extra = [n for n in tensors if n not in self.source_tensors]
         if missing:
             raise ScoreModTensorError(f"missing tensor parameter '{missing[0]}' for {self}",
                                       hint=f"pass it by keyword: {missing[0]}=...")
         if extra:
             raise ScoreModTensorError(f"unexpected tensor parameter '{extra[0]}'; this mod reads "
                                       f"{', '.join(self.tensors) or 'no tensors'}")
-        return tensors
+        return {name: value for name, value in tensors.items() if name in self.tensors}
 
     def explain(self, q_len: int, kv_len: int | None = None, block=(128, 128), batch: int = 1,
                 heads: int = 1, *, q_offset=0, kv_offset=0, width: int | None = None, **tensors):

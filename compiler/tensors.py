@@ -180,6 +180,13 @@ def expected_shape_of_reads(reads: list[Tensor], *, batch: int, heads: int, q_en
     return f"[{', '.join(dims)}] ({_SHAPE_HINT})"
 
 
+def read_tensors(mod_or_canonical, tensors: Mapping[str, Any]) -> dict:
+    """``tensors`` restricted to the ones the canonical form reads (after ``check_tensors``)."""
+    canonical = getattr(mod_or_canonical, "canonical", mod_or_canonical)
+    names = canonical.tensors if hasattr(canonical, "tensors") else tuple(tensor_reads(canonical))
+    return {name: value for name, value in tensors.items() if name in names}
+
+
 def check_tensors(mod_or_canonical, tensors: Mapping[str, Any], batch: int, heads: int, q_len: int,
                   kv_len: int, *, q_offset=0, kv_offset=0) -> None:
     """Check the tensor parameters of a mod before running it.
@@ -212,7 +219,9 @@ def check_tensors(mod_or_canonical, tensors: Mapping[str, Any], batch: int, head
             raise ScoreModTensorError(
                 f"missing tensor '{name}': the mod reads {rs[0]}; expected shape {expected_shape_of_reads(rs, **fmt)}",
                 hint=f"pass it by keyword, e.g. {name}=array")
-    extra = [n for n in tensors if n not in reads]
+    # Names the source wrote but simplification removed may still be passed (and are ignored).
+    allowed = set(reads) | set(getattr(mod_or_canonical, "source_tensors", ()))
+    extra = [n for n in tensors if n not in allowed]
     if extra:
         from scoremod.dsl.definitions import closest_name
         guess = closest_name(extra[0], list(reads))

@@ -24,7 +24,7 @@ import numpy as np
 
 from scoremod.errors import ScoreModShapeError, ScoreModTensorError
 from scoremod.dsl.ast import Tensor, walk
-from scoremod.compiler.tensors import check_tensors as check_read_shapes
+from scoremod.compiler.tensors import check_tensors as check_read_shapes, read_tensors
 from scoremod.compiler.mod import Mod, compile_mod
 from scoremod.runtime._dispatch import as_mod, implementation_names
 
@@ -205,7 +205,7 @@ def check_tensors(mod: Mod, tensors: dict, *, batch: int, heads: int, q_len: int
         check_read_shapes(mod, tensors, batch, heads, q_len, kv_len, q_offset=q_offset, kv_offset=kv_offset)
     except ScoreModTensorError as exc:
         raise ScoreModTensorError(exc.message, source=source, hint=exc.hint) from None
-    arrays = {name: _as_tensor(name, value, source) for name, value in tensors.items()}
+    arrays = {name: _as_tensor(name, value, source) for name, value in read_tensors(mod, tensors).items()}
     for part in (mod.canonical.mask, mod.canonical.transform, mod.canonical.bias):
         for node in walk(part) if part is not None else ():
             if not isinstance(node, Tensor):

@@ -255,7 +255,7 @@ def _check_tensors(mod: Mod, tensors: dict, q, block_tables, lengths, page_size:
         raise ScoreModTensorError(f"tensor parameter '{collide[0]}' collides with paged_attention()'s own "
                                   f"keyword '{collide[0]}', so it cannot be passed", source=str(mod),
                                   hint=f"rename it in the source (e.g. {collide[0]}_t)")
-    from scoremod.compiler.tensors import check_tensors
+    from scoremod.compiler.tensors import check_tensors, read_tensors
     B, T, N, _ = q.shape
     lens = _concrete(lengths)
     if lens is not None:
@@ -268,7 +268,7 @@ def _check_tensors(mod: Mod, tensors: dict, q, block_tables, lengths, page_size:
         check_tensors(mod, tensors, B, N, T, q_offset=q_offset, **kv)
     except ScoreModTensorError as exc:
         raise ScoreModTensorError(exc.message, source=str(mod), hint=exc.hint) from None
-    return {name: _as_array(name, value) for name, value in tensors.items()}
+    return {name: _as_array(name, value) for name, value in read_tensors(mod, tensors).items()}
 
 
 def _as_array(name: str, value):

@@ -96,3 +96,14 @@ def test_traced_scale_is_refused_and_traced_offsets_are_accepted():
 def test_python_numbers_and_broadcast_tensors_are_accepted():
     out = call(mod="causal & window(w) & doc(ids)", w=3, ids=np.zeros((1, S), np.int32), implementation="reference")
     assert out.shape == Q.shape and bool(jnp.all(jnp.isfinite(out)))
+
+
+def test_tensors_the_source_names_but_simplification_removed_are_accepted_and_ignored():
+    source = "causal & where(true, alibi(2), bias(t))"
+    mod = scoremod.compile(source)
+    assert mod.tensors == () and mod.source_tensors == ("t",)
+    with_t = call(mod=source, t=jnp.ones((B, N, T, S)))
+    without = call(mod=source)
+    np.testing.assert_array_equal(np.asarray(with_t), np.asarray(without))
+    with pytest.raises(ScoreModTensorError, match="unexpected tensor 'u'"):
+        call(mod=source, u=1)
