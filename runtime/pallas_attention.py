@@ -26,8 +26,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scoremod.compiler.mod import Mod, compile_mod
+from scoremod.compiler.plan import build_plan
 from scoremod.compiler.tile import TileProgram
+from scoremod.errors import ScoreModShapeError
+from scoremod.runtime._dispatch import as_mod
 from scoremod.runtime._pallas_common import KernelConfig, plgpu
 from scoremod.runtime._pallas_forward import forward as _forward
 from scoremod.runtime._pallas_backward import backward_dkv as _backward_dkv
@@ -97,7 +99,7 @@ class BlockSizes:
 
 def _clamp(block: int, length: int) -> int:
     if block < 16 or block & (block - 1):
-        raise ValueError(f"block sizes must be powers of two >= 16, got {block}")
+        raise ScoreModShapeError(f"block sizes must be powers of two >= 16, got {block}")
     return max(16, min(block, 1 << max(0, (length - 1).bit_length())))
 
 
@@ -117,24 +119,9 @@ def _log_interpret_once(backend):
                    backend)
 
 
-def _as_mod(mod) -> Mod:
-    if mod is None:
-        return compile_mod("true")
-    return compile_mod(mod)
-
-
-def _build_plan(mod, **kw):
-    """The block plan (``scoremod.compiler.plan.build_plan``)."""
-    from scoremod.compiler import plan as plan_mod
-    builder = getattr(plan_mod, "build_plan", None)
-    if builder is None:
-        raise NotImplementedError("block plans are not available (compiler.plan.build_plan missing)")
-    return builder(mod, **kw)
-
-
 def check_supported(mod, query, key, value, tensors=None) -> TileProgram:
     """The TileProgram for this call, or NotImplementedError saying why the kernel can't run."""
-    mod = _as_mod(mod)
+    mod = as_mod(mod)
     tensors = tensors or {}
     if plgpu is None:
         raise NotImplementedError("this jax has no Pallas Triton support (jax.experimental.pallas.triton)")
@@ -178,13 +165,13 @@ def pallas_attention(query, key, value, *, mod=None, scale=None, q_offset=0, kv_
 
     Raises NotImplementedError (with the reason) for calls the kernel cannot run.
     """
-    mod = _as_mod(mod)
+    mod = as_mod(mod)
     tensors = dict(tensors or {})
     program = check_supported(mod, query, key, value, tensors)
     B, T, N, H = query.shape
     S, K = key.shape[1], key.shape[2]
     if key.shape[0] != B or value.shape[:3] != key.shape[:3]:
-        raise ValueError(f"key/value shapes {key.shape}, {value.shape} do not match query {query.shape}")
+        raise ScoreModShapeError(f"key/value shapes {key.shape}, {value.shape} do not match query {query.shape}")
     scale = 1.0 / math.sqrt(H) if scale is None else float(scale)
     bs = block_sizes or BlockSizes.get_default(H, query.dtype, masked=program.canonical.has_mask)
     interpret = _resolve_interpret(interpret)
@@ -211,7 +198,7 @@ def pallas_attention(query, key, value, *, mod=None, scale=None, q_offset=0, kv_
 
     def plan(bq, bkv):
         if (bq, bkv) not in plans:
-            plans[bq, bkv] = _build_plan(mod, q_len=T, kv_len=S, block_q=bq, block_kv=bkv,
+            plans[bq, bkv] = build_plan(mod, q_len=T, kv_len=S, block_q=bq, block_kv=bkv,
                                          batch=B, heads=N, q_offset=q_offset,
                                          kv_offset=kv_offset, tensors=tensors)
         return plans[bq, bkv]

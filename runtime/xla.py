@@ -28,6 +28,7 @@ import numpy as np
 from jax import lax
 
 from scoremod.compiler.mod import Mod
+from scoremod.errors import ScoreModShapeError
 from scoremod.compiler.plan import EMPTY, build_plan
 
 __all__ = ["xla_attention", "BlockSizes"]
@@ -47,7 +48,7 @@ class BlockSizes:
         for name in ("block_q", "block_kv"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0 or value & (value - 1):
-                raise ValueError(f"{name}={value!r} must be a power of two")
+                raise ScoreModShapeError(f"{name}={value!r} must be a power of two")
 
     @classmethod
     def get_default(cls) -> "BlockSizes":

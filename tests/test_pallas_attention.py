@@ -21,7 +21,6 @@ import jax.numpy as jnp
 sys.path.insert(0, os.path.dirname(__file__))
 from evaluator import attention_reference  # noqa: E402  (independent float64 oracle)
 
-from scoremod.compiler import plan as plan_module  # noqa: E402
 from scoremod.compiler.mod import compile_mod  # noqa: E402
 from scoremod.compiler.plan import BlockPlan  # noqa: E402
 from scoremod.runtime import pallas_attention as pa  # noqa: E402
@@ -122,14 +121,6 @@ SMALL = pa.BlockSizes(16, 16, 4, 2, 16, 16, 16, 16, 4, 2)
 INTERPRET = None if ON_GPU else True
 
 
-@pytest.fixture(autouse=True)
-def _plan_builder(monkeypatch):
-    """Use the dense test builder until compiler.plan.build_plan exists."""
-    if getattr(plan_module, "build_plan", None) is None:
-        monkeypatch.setattr(pa, "_build_plan", dense_plan)
-    yield
-
-
 def _inputs(key, B, T, S, N, K, H, dtype):
     kq, kk, kv, kd = jax.random.split(key, 4)
     q = jax.random.normal(kq, (B, T, N, H), jnp.float32).astype(dtype)
@@ -151,7 +142,7 @@ def _check(mod, *, B=1, T=40, S=40, N=2, K=2, H=16, dtype=jnp.float32, q_offset=
            tensors=None, seed=0, grads=True, block_sizes=SMALL, plan_builder=None,
            monkeypatch=None):
     if plan_builder is not None:
-        monkeypatch.setattr(pa, "_build_plan", plan_builder)
+        monkeypatch.setattr(pa, "build_plan", plan_builder)
     q, k, v, do = _inputs(jax.random.PRNGKey(seed), B, T, S, N, K, H, dtype)
     kw = dict(mod=mod, q_offset=q_offset, kv_offset=kv_offset, tensors=tensors)
     out, lse = pa.pallas_attention(q, k, v, return_lse=True, block_sizes=block_sizes,
