@@ -329,7 +329,6 @@ def page_classes(mod, lengths, num_tokens: int, page_size: int, max_pages: int, 
 
 @functools.partial(jax.jit, static_argnames=("mod", "num_tokens", "page_size", "max_pages", "heads", "exact"))
 def _page_classes(mod, lengths, tensors, *, num_tokens, page_size, max_pages, heads, exact):
-    B = lengths.shape[0]
     page = jnp.arange(max_pages, dtype=jnp.int32)[None, :]
     holds_keys = page * page_size < lengths[:, None]                              # [B, max_pages]
     whole = (page + 1) * page_size <= lengths[:, None]

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 import jax
-import jax.numpy as jnp
 
 from test_paged_attention import make_cache, oracle
 
