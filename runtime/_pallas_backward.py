@@ -27,7 +27,7 @@ from jax.experimental import pallas as pl
 
 from scoremod.runtime._pallas_common import (
     LOG2E, KernelConfig, ReadSet, compiler_params, dot, exp2, dscore, fixed_reads, load, plan_spec_rows,
-    read_spec, store, tile_logits2, tile_reads)
+    read_spec, store, tile_logits2, values_and_all_reads)
 from scoremod.runtime._pallas_forward import _and
 
 
@@ -90,15 +90,9 @@ def _dq_kernel(qoff_ref, kvoff_ref, fcount_ref, fidx_ref, pcount_ref, pidx_ref, 
             v = load(v_ref.at[pl.ds(kv_start, bkv), :], mask=kv_mask, other=_other(kv_mask))
             kv_pos = (kv_base + cols)[None, :]
             s = dot(q, k, trans_b=True)
-            rv = tile_reads(read_set, read_refs, q_start=q_start, block_q=bq, q_valid=q_valid,
-                            kv_start=kv_start, block_kv=bkv, kv_valid=kv_valid, fixed=fixed,
-                            which="values")
-
-            def reads_all():
-                return tile_reads(read_set, read_refs, q_start=q_start, block_q=bq,
-                                  q_valid=q_valid, kv_start=kv_start, block_kv=bkv,
-                                  kv_valid=kv_valid, which="all",
-                                  fixed={**fixed, **{n: t for n, t in enumerate(rv) if t is not None}})
+            rv, reads_all = values_and_all_reads(read_set, read_refs, q_start=q_start, block_q=bq,
+                                                 q_valid=q_valid, kv_start=kv_start, block_kv=bkv,
+                                                 kv_valid=kv_valid, fixed=fixed)
 
             logits = tile_logits2(cfg, s, full=full, b=b, h=h, q_pos=q_pos, kv_pos=kv_pos,
                                   valid=None if kv_valid is None else kv_valid[None, :],
@@ -201,15 +195,9 @@ def _dkv_kernel(qoff_ref, kvoff_ref, fcount_ref, fidx_ref, pcount_ref, pidx_ref,
             delta = load(delta_ref.at[pl.ds(q_start, bq)], mask=q_valid, other=_other(q_valid))
             q_pos = (q_base + rows)[:, None]
             s = dot(q, k, trans_b=True)
-            rv = tile_reads(read_set, read_refs, q_start=q_start, block_q=bq, q_valid=q_valid,
-                            kv_start=kv_start, block_kv=bkv, kv_valid=kv_valid, fixed=fixed,
-                            which="values")
-
-            def reads_all():
-                return tile_reads(read_set, read_refs, q_start=q_start, block_q=bq,
-                                  q_valid=q_valid, kv_start=kv_start, block_kv=bkv,
-                                  kv_valid=kv_valid, which="all",
-                                  fixed={**fixed, **{n: t for n, t in enumerate(rv) if t is not None}})
+            rv, reads_all = values_and_all_reads(read_set, read_refs, q_start=q_start, block_q=bq,
+                                                 q_valid=q_valid, kv_start=kv_start, block_kv=bkv,
+                                                 kv_valid=kv_valid, fixed=fixed)
 
             valid = None if is_full is True else _valid(q_valid, kv_valid)
             logits = tile_logits2(cfg, s, full=full, b=b, h=h, q_pos=q_pos, kv_pos=kv_pos,

@@ -215,6 +215,21 @@ def tile_reads(read_set: ReadSet, refs, *, q_start, block_q, q_valid, kv_start, 
     return out
 
 
+def values_and_all_reads(read_set: ReadSet, refs, *, q_start, block_q, q_valid, kv_start, block_kv,
+                         kv_valid, fixed):
+    """The read tiles a FULL tile needs, loaded now, and a thunk for every read tile (the
+    PARTIAL path) that reuses the ones already loaded. Returns ``(values, all_reads)``."""
+    where = dict(q_start=q_start, block_q=block_q, q_valid=q_valid, kv_start=kv_start,
+                 block_kv=block_kv, kv_valid=kv_valid)
+    values = tile_reads(read_set, refs, **where, fixed=fixed, which="values")
+
+    def all_reads():
+        loaded = {n: t for n, t in enumerate(values) if t is not None}
+        return tile_reads(read_set, refs, **where, fixed={**fixed, **loaded}, which="all")
+
+    return values, all_reads
+
+
 def fixed_reads(read_set: ReadSet, refs, *, q_start, block_q, q_valid, kv_start=0, block_kv=1,
                 kv_valid=None, kv_fixed=False):
     """Reads that do not change along the loop, loaded once per program.
