@@ -76,17 +76,22 @@ def test_tile_dscore_matches_finite_differences(src, shape, seed):
     prog = TileProgram.build(mod.canonical, {})
     scores = np.random.default_rng(seed).normal(size=(B, N, T, S)) * 2
     eps = 1e-4
-    up = evaluate_expr(str(mod.canonical.transform), B, N, T, S, scores=scores + eps)
-    down = evaluate_expr(str(mod.canonical.transform), B, N, T, S, scores=scores - eps)
+    expr = str(mod.canonical.transform)
+    at = lambda shift: evaluate_expr(expr, B, N, T, S, scores=scores + shift)  # noqa: E731
+    up, mid, down = at(eps), at(0.0), at(-eps)
+    forward, backward = (up - mid) / eps, (mid - down) / eps
     numeric = (up - down) / (2 * eps)
+    # Compare only where the function is smooth around the point: a kink or a jump
+    # (abs, clip, floor, %) between score - eps and score + eps makes the one-sided
+    # differences disagree.
+    smooth = np.isfinite(numeric) & (np.abs(forward - backward) <= 1e-3 * (1 + np.abs(numeric)))
+    assert smooth.mean() > 0.5, "too few smooth points to test"
     q = jnp.arange(T, dtype=jnp.int32)[:, None]
     kv = jnp.arange(S, dtype=jnp.int32)[None, :]
     for b in range(B):
         for h in range(N):
             got = np.asarray(prog.dscore(jnp.asarray(scores[b, h], jnp.float32), b=jnp.int32(b),
                                          h=jnp.int32(h), q=q, kv=kv), np.float64)
-            num = numeric[b, h]
-            # derivatives of kinks (abs, clip, floor, %) are compared away from them only
-            smooth = np.isfinite(num) & (np.abs(num) < 1e6)
-            close = np.isclose(got, num, rtol=2e-2, atol=2e-2)
-            assert np.mean(close[smooth]) > 0.9 if smooth.any() else True, (src.text, got, num)
+            ok = smooth[b, h]
+            np.testing.assert_allclose(got[ok], numeric[b, h][ok], rtol=1e-2, atol=1e-2,
+                                       err_msg=src.text)
