@@ -16,7 +16,7 @@ from scoremod.dsl.ast import Binary, BoolLit, Call, IntLit, Node, RealLit, Tenso
 from scoremod.dsl.printer import to_source
 from scoremod.dsl.typecheck import BOOL, INT, type_of
 
-__all__ = ["RULE_SETS", "simplify", "fold_constant"]
+__all__ = ["RULE_SETS", "simplify", "fold_constant", "linear_form", "linear_bound"]
 
 _INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
 
@@ -217,13 +217,13 @@ def _pure_int(node: Node) -> bool:
     return True
 
 
-def _linear(node: Node) -> tuple[dict, int] | None:
+def linear_form(node: Node) -> tuple[dict, int] | None:
     """A pure-int expression as ({atom: coefficient}, constant); non-linear parts
     (``abs(q - kv)``, ``q // 64``) are atoms. None when not pure int."""
     if isinstance(node, IntLit):
         return {}, node.value
     if isinstance(node, Binary) and node.op in ("+", "-"):
-        a, b = _linear(node.lhs), _linear(node.rhs)
+        a, b = linear_form(node.lhs), linear_form(node.rhs)
         if a is None or b is None:
             return None
         sign = 1 if node.op == "+" else -1
@@ -232,24 +232,24 @@ def _linear(node: Node) -> tuple[dict, int] | None:
             terms[atom] = terms.get(atom, 0) + sign * c
         return {k: v for k, v in terms.items() if v}, a[1] + sign * b[1]
     if isinstance(node, Unary) and node.op == "-":
-        a = _linear(node.operand)
+        a = linear_form(node.operand)
         return None if a is None else ({k: -v for k, v in a[0].items()}, -a[1])
     if isinstance(node, Binary) and node.op == "*" and (isinstance(node.lhs, IntLit) or isinstance(node.rhs, IntLit)):
         k, x = (node.lhs.value, node.rhs) if isinstance(node.lhs, IntLit) else (node.rhs.value, node.lhs)
-        a = _linear(x)
+        a = linear_form(x)
         return None if a is None else ({t: k * v for t, v in a[0].items() if k * v}, k * a[1])
     if _pure_int(node):
         return {node: 1}, 0
     return None
 
 
-def _bound(node: Node):
+def linear_bound(node: Node):
     """A comparison of pure ints as ``(form, lo, hi)``: ``lo <= form <= hi`` (None = unbounded),
     with ``form`` a normalised linear form (sorted atoms, coprime coefficients, the first
     positive). ``q >= kv`` and ``kv <= q + 0`` give the same form. None for anything else."""
     if not (isinstance(node, Binary) and node.op in ("<", "<=", ">", ">=", "==")):
         return None
-    lhs, rhs = _linear(node.lhs), _linear(node.rhs)
+    lhs, rhs = linear_form(node.lhs), linear_form(node.rhs)
     if lhs is None or rhs is None:
         return None
     terms = dict(lhs[0])
@@ -286,7 +286,7 @@ def _bound(node: Node):
 @lru_cache(maxsize=4096)
 def _facts(n: Node) -> tuple:
     """What the merging rules know of a mask: (bound, same quotient, zero residue)."""
-    return _bound(n), _same_quotient(n), _zero_residue(n)
+    return linear_bound(n), _same_quotient(n), _zero_residue(n)
 
 
 def _implies(fa: tuple, fb: tuple) -> bool:

@@ -459,6 +459,25 @@ def masks(with_tensors: bool = True, with_definitions: bool = True, max_depth: i
     return sources(kind="mask", with_tensors=with_tensors, with_definitions=with_definitions, max_depth=max_depth)
 
 
+@st.composite
+def diagonal_masks(draw, depth: int = 3) -> str:
+    """Masks built from the pieces the band understands, and some it does not."""
+    if depth == 0 or draw(st.integers(0, 2)) == 0:
+        c = draw(st.integers(-6, 6))
+        w = draw(st.integers(0, 8))
+        return draw(st.sampled_from([
+            "causal", f"window({w})", f"window({abs(c)}, {w})", f"chunk({w + 1})", f"sink({w})",
+            f"q - kv <= {c}", f"kv - q < {c}", f"q >= kv + {c}", f"q == kv + {c}", f"abs(q - kv + {c}) <= {w}",
+            f"abs(kv - q) > {w}", f"q // {w + 1} - kv // {w + 1} <= {c}", "doc(ids)", "true", "false",
+            f"2 * q - 2 * kv < {c}", f"q - 2 * kv < {c}",
+        ]))
+    op = draw(st.sampled_from(["&", "|", "~"]))
+    if op == "~":
+        return f"~({draw(diagonal_masks(depth - 1))})"
+    return f"({draw(diagonal_masks(depth - 1))}) {op} ({draw(diagonal_masks(depth - 1))})"
+
+
+
 # One call per prelude name, with arguments (tensor names as tensors_for expects them).
 PRELUDE_EXAMPLES = {
     "causal": ["causal"],

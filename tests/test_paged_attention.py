@@ -20,11 +20,12 @@ import jax
 import jax.numpy as jnp
 
 from evaluator import evaluate_logits, evaluate_mask
-from strategies import sources, tensors_for
+from strategies import diagonal_masks, prelude_masks, sources, tensors_for
 
 from scoremod.compiler.mod import compile_mod
-from scoremod.runtime.paged import (EMPTY, FULL, PagedBlockSizes, compact_pages, page_classes,
-                                    paged_attention, _program)
+from scoremod.compiler.band import diagonal_band
+from scoremod.runtime.paged import (EMPTY, FULL, PagedBlockSizes, WalkPlan, compact_pages, page_classes,
+                                    paged_attention, walk_pages, _program)
 
 ON_GPU = jax.default_backend() == "gpu"
 
@@ -222,6 +223,57 @@ def test_page_classes(source, tight):
         if exact or tight:
             np.testing.assert_array_equal(classes != EMPTY, nonempty)
             np.testing.assert_array_equal(classes == FULL, full)
+
+
+def check_walk(text, lengths, T, N, ps, max_pages, rng, multiple_of=1):
+    """walk_pages lists every page the brute force needs, in order, only pages holding keys,
+    and exactly the needed pages when the band is exact (or the mask a prelude mask)."""
+    B = len(lengths)
+    pool = B * max_pages + 2
+    tables = rng.permutation(pool)[:B * max_pages].reshape(B, max_pages).astype(np.int32)
+    tensors = _tensors(text, B, N, T, max_pages * ps, lengths, rng)
+    mod = compile_mod(text)
+    logical, physical, counts = map(np.asarray, walk_pages(
+        mod, jnp.asarray(lengths), jnp.asarray(tables), {k: jnp.asarray(v) for k, v in tensors.items()},
+        num_tokens=T, page_size=ps, heads=N, num_pool_pages=pool, multiple_of=multiple_of))
+    assert logical.shape[1] % multiple_of == 0
+    needed = nonempty_pages(text, lengths, T, N, ps, max_pages, tensors)
+    for b in range(B):
+        listed = logical[b, :counts[b]]
+        assert (np.diff(listed) > 0).all(), f"{text!r}: pages out of order {listed}"
+        assert (listed >= 0).all() and (listed * ps < lengths[b]).all(), f"{text!r}: a page without keys {listed}"
+        missing = set(np.nonzero(needed[b])[0]) - set(listed.tolist())
+        assert not missing, f"{text!r}: sequence {b} (length {lengths[b]}) misses pages {sorted(missing)}"
+        np.testing.assert_array_equal(physical[b, :counts[b]], tables[b, listed])
+        if counts[b]:
+            assert (logical[b, counts[b]:] == listed[-1]).all()
+    return mod, needed, counts
+
+
+@given(st.one_of(diagonal_masks(), prelude_masks().map(lambda s: s.text)), st.sampled_from([1, 3]),
+       st.sampled_from([1, 4, 8]), st.integers(0, 2**32 - 1))
+def test_walk_pages_against_brute_force(text, T, ps, seed):
+    rng = np.random.default_rng(seed)
+    max_pages = 40 // ps + 1
+    lengths = rng.integers(T, max_pages * ps + 1, size=3).astype(np.int32)
+    mod, needed, counts = check_walk(text, lengths, T, 4, ps, max_pages, rng, multiple_of=int(rng.integers(1, 4)))
+    if diagonal_band(mod.canonical.mask).exact:
+        np.testing.assert_array_equal(counts, needed.sum(1), err_msg=text)
+
+
+def test_walk_is_bounded_by_the_window():
+    """A sliding window's candidate list does not grow with the table (time flat in context)."""
+    for max_pages in (512, 8192):
+        plan = WalkPlan.build(compile_mod("causal & window(4096)"), 1, 16, max_pages)
+        assert plan.exact and plan.num_candidates == 257
+        plan = WalkPlan.build(compile_mod("causal & chunk(1024) & doc(ids)"), 3, 16, max_pages)
+        assert not plan.exact and plan.num_candidates == 66
+    assert WalkPlan.build(compile_mod("causal & doc(ids)"), 1, 16, 8192).num_candidates == 8192
+    rng = np.random.default_rng(5)
+    lengths = np.array([3, 200, 37, 64], np.int32)
+    _, needed, counts = check_walk("causal & window(20)", lengths, 3, 4, 8, 25, rng)
+    np.testing.assert_array_equal(counts, needed.sum(1))
+    assert counts.max() <= 4
 
 
 @settings(max_examples=4)
