@@ -16,10 +16,10 @@ Contenders, each checked against a reference before it is timed:
   already gathered context (for the window row: over the last 4096 keys only, the
   least a dense kernel could read).
 
-Time: each call runs ``--iters`` times inside one jitted ``fori_loop`` whose carry feeds
-the next query and length (so nothing is hoisted: page classification, compaction and
-the split combine are timed with the kernel), the median of ``--reps`` such loops,
-divided by the iterations. Bandwidth: the bytes of K and V the mask needs
+Time: each call runs n times inside one jitted, unrolled ``fori_loop`` whose carry feeds
+the next query and length (so nothing is hoisted: finding the pages and the split
+combine are timed with the kernel); per call = (loop of n - loop of n/4) / (3n/4),
+median over ``--reps`` (the cost of launching a loop cancels out). Bandwidth: the bytes of K and V the mask needs
 (``B * keys * K * H * 2 bytes * 2``) over that time, compared to a measured
 device-to-device copy (bytes read + written) and to the card's nominal peak.
 Writes JSON (``--json``) and prints a Markdown table.
@@ -51,7 +51,7 @@ NOMINAL_HBM = {"H100": 3.35e12, "H200": 4.8e12}
 # ---- timing -------------------------------------------------------------------------------------
 
 def loop_timer(fn, iters: int):
-    """A jitted ``fori_loop`` of ``iters`` calls of ``fn(q, lengths, *arrays)``; each call's
+    """A jitted, unrolled ``fori_loop`` of ``iters`` calls of ``fn(q, lengths, *arrays)``; each call's
     query and lengths depend on the previous output, so XLA can hoist nothing out of the
     loop. Every array is an argument (closing over a KV pool would embed it as a constant)."""
     @jax.jit
@@ -61,23 +61,32 @@ def loop_timer(fn, iters: int):
             li = lengths + (carry > 1e30).astype(lengths.dtype)
             out = fn(qi, li, *arrays)
             return carry + out.reshape(-1)[0].astype(jnp.float32) * 0.0
-        return lax.fori_loop(0, iters, body, jnp.float32(0))
+        # Unrolled: a rolled loop pays a device-to-host sync of its predicate per trip
+        # (about 10 us on an H100), which would be counted as part of every call.
+        return lax.fori_loop(0, iters, body, jnp.float32(0), unroll=True)
     return run
 
 
 def time_call(fn, q, lengths, arrays, *, iters: int, reps: int) -> float:
-    """Seconds per call (median over reps)."""
-    run = loop_timer(fn, iters)
-    jax.block_until_ready(run(q, lengths, *arrays))           # compile + warm up
+    """Seconds per call: the median over reps of (time of an ``iters``-call loop minus
+    that of a loop a quarter as long) / the difference in calls, so the fixed cost of
+    launching a loop and waiting for it cancels out."""
+    short = max(1, iters // 4)
+    long_run, short_run = loop_timer(fn, iters), loop_timer(fn, short)
+    jax.block_until_ready(long_run(q, lengths, *arrays))      # compile + warm up
+    jax.block_until_ready(short_run(q, lengths, *arrays))
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
-        jax.block_until_ready(run(q, lengths, *arrays))
-        times.append((time.perf_counter() - t0) / iters)
+        jax.block_until_ready(long_run(q, lengths, *arrays))
+        t1 = time.perf_counter()
+        jax.block_until_ready(short_run(q, lengths, *arrays))
+        t2 = time.perf_counter()
+        times.append(((t1 - t0) - (t2 - t1)) / (iters - short))
     return statistics.median(times)
 
 
-def iterations(nbytes: int, target_s: float, lo: int = 3, hi: int = 200) -> int:
+def iterations(nbytes: int, target_s: float, lo: int = 4, hi: int = 40) -> int:
     """Loop length for about ``target_s`` seconds, guessing 2 TB/s plus 20 us a call."""
     return int(min(hi, max(lo, target_s / (nbytes / 2e12 + 20e-6))))
 
@@ -301,10 +310,10 @@ def dense_kv(k_pool, v_pool, tables, first: int, last: int):
 
 
 TUNE_CONFIGS = (
-    PagedBlockSizes(128, None, 4, 2, 2),
-    PagedBlockSizes(128, None, 8, 2, 2),
+    PagedBlockSizes(64, None, 4, 4, 8),
+    PagedBlockSizes(64, None, 4, 4, 4),
+    PagedBlockSizes(128, None, 8, 3, 8),
     PagedBlockSizes(128, None, 8, 3, 4),
-    PagedBlockSizes(256, None, 8, 2, 4),
 )
 
 

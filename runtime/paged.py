@@ -73,13 +73,13 @@ class PagedBlockSizes:
       with few sequences need the split to fill the GPU).
     num_warps, num_stages: Triton launch parameters.
     """
-    # Defaults: the fastest of the configurations benchmarks/paged_bench.py --tune tried on
-    # an H100 (bf16, N=32, K=8, H=128, pages of 16; see benchmarks/RESULTS.md).
-    block_kv: int = 128
+    # Defaults: the best all-round setting of benchmarks/paged_profile.py's sweep on an
+    # H100 (bf16, N=32, K=8, H=128, pages of 16, B 1-32, contexts 8k-128k; RESULTS.md).
+    block_kv: int = 64
     num_splits: int | None = None
-    num_warps: int = 8
-    num_stages: int = 3
-    programs_per_core: int = 4
+    num_warps: int = 4
+    num_stages: int = 4
+    programs_per_core: int = 8
 
     @classmethod
     def get_default(cls) -> "PagedBlockSizes":
