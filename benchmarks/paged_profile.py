@@ -30,7 +30,7 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 
-from paged_bench import copy_bandwidth, iterations, loop_timer, time_call
+from paged_bench import copy_bandwidth, iterations, time_call
 
 from scoremod.compiler.mod import compile_mod
 from scoremod.runtime import _paged_kernel as kern
