@@ -9,6 +9,7 @@ Parts:
              ``PagedBlockSizes`` at a few (batch, context) points;
   breakdown  the pieces of one call timed alone: walk (which pages), kernel (the
              partials), combine (merging the splits), and the whole call;
+  splits     the whole call with explicit split counts (a pool as large as paged_bench's);
   layout     the same bytes and the same number of (sequence, KV head) programs with
              K = 8 (a page of one head is page_size rows of 256 B at a 2 KB stride) and
              K = 1 (one contiguous run per page): does the pool layout cost bandwidth?
@@ -99,8 +100,36 @@ def sweep(points, N, K, H, ps, args, out):
                 rows.append({"block_sizes": dict(bs.__dict__), "mask": mod, "B": B, "context": ctx,
                              "error": str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__})
         print(f"| {bs.block_kv} | {bs.num_warps} | {bs.num_stages} | {bs.programs_per_core} | "
-              " | ".join(cells) + " |", flush=True)
+              + " | ".join(cells) + " |", flush=True)
     out["sweep"] = rows
+
+
+def splits(points, N, K, H, ps, args, out, pool_tokens):
+    """The whole call (causal, default tiling) with explicit split counts, on a pool of
+    ``pool_tokens`` tokens (random pages spread over all of it, as in paged_bench.py)."""
+    rows = []
+    base = PagedBlockSizes.get_default()
+    print(f"\n{base}, pool of {pool_tokens} tokens\n\n| B | context | splits | programs | time | TB/s |"
+          "\n|---|---|---|---|---|---|", flush=True)
+    pool = pool_tokens // ps
+    key = jax.random.PRNGKey(3)
+    kp = jax.random.normal(key, (pool, ps, K, H), jnp.bfloat16)
+    vp = jax.random.normal(jax.random.fold_in(key, 1), (pool, ps, K, H), jnp.bfloat16)
+    for B, ctx, counts in points:
+        rng = np.random.default_rng(B + ctx)
+        max_pages = ctx // ps
+        tables = jnp.asarray(rng.permutation(pool)[:B * max_pages].reshape(B, max_pages).astype(np.int32))
+        lengths = jnp.full((B,), ctx, jnp.int32)
+        q = jax.random.normal(jax.random.fold_in(key, B * ctx), (B, 1, N, H), jnp.bfloat16)
+        nbytes = kv_bytes(B, ctx, K, H)
+        for n in counts:
+            bs = PagedBlockSizes(base.block_kv, n, base.num_warps, base.num_stages, base.programs_per_core)
+            t = time_call(whole_call("causal", bs, args.interpret), q, lengths, (kp, vp, tables),
+                          iters=args.iters or iterations(nbytes, args.target_s), reps=args.reps)
+            rows.append({"B": B, "context": ctx, "splits": n, "time_us": t * 1e6, "TBps": nbytes / t / 1e12})
+            print(f"| {B} | {ctx // 1024}k | {n} | {B * K * n} | {t * 1e6:.1f} µs | {nbytes / t / 1e12:.2f} |",
+                  flush=True)
+    out["splits"] = rows
 
 
 def breakdown(cases, N, K, H, ps, bs, args, out):
@@ -205,6 +234,13 @@ def main(argv=None):
                   ("causal", 32, 512 * scale, 512 * scale), ("causal", 2, 128 * scale, 128 * scale),
                   (f"causal & window({w})", 8, 2048 * scale, w), (f"causal & window({w})", 1, 2048 * scale, w)]
         sweep(points if not args.quick else points[:2], N, K, H, ps, args, out)
+    if "splits" in parts:
+        pts = [(1, 2048 * scale, (16, 33, 66, 132)), (1, 512 * scale, (8, 16, 33, 66)),
+               (8, 2048 * scale, (2, 4, 8, 17, 33)), (8, 512 * scale, (2, 4, 8, 17, 33)),
+               (8, 128 * scale, (2, 4, 8, 17)), (2, 512 * scale, (8, 16, 33, 66))]
+        if args.quick:
+            pts = [(1, 2048 * scale, (1, 2))]
+        splits(pts, N, K, H, ps, args, out, pool_tokens=2048 * 1024 if not args.quick else 4096)
     if "breakdown" in parts:
         w = 64 * scale
         cases = [("causal", 1, 2048 * scale, 2048 * scale), ("causal", 8, 2048 * scale, 2048 * scale),

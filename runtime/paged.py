@@ -73,13 +73,15 @@ class PagedBlockSizes:
       with few sequences need the split to fill the GPU).
     num_warps, num_stages: Triton launch parameters.
     """
-    # Defaults: the best all-round setting of benchmarks/paged_profile.py's sweep on an
+    # Defaults: the best all-round setting of benchmarks/paged_profile.py's sweeps on an
     # H100 (bf16, N=32, K=8, H=128, pages of 16, B 1-32, contexts 8k-128k; RESULTS.md).
+    # 4 stages of 64 keys take 128 KB of shared memory: one program per SM, so
+    # programs_per_core is the number of waves of programs.
     block_kv: int = 64
     num_splits: int | None = None
     num_warps: int = 4
     num_stages: int = 4
-    programs_per_core: int = 8
+    programs_per_core: int = 4
 
     @classmethod
     def get_default(cls) -> "PagedBlockSizes":
@@ -540,6 +542,9 @@ def _paged_reference_jit(q, k_pages, v_pages, block_tables, lengths, tensors, *,
 # ---- the Pallas path --------------------------------------------------------------------------
 
 def _num_splits(block_sizes: PagedBlockSizes, programs: int, max_chunks: int) -> int:
+    """Programs per (sequence, KV head): as many as keep ``programs * splits`` at most
+    ``programs_per_core`` per SM (rounded down: a last, partly filled wave of programs
+    costs as much as a full one), at least 1 and at most one per chunk."""
     if block_sizes.num_splits is not None:
         return max(1, min(int(block_sizes.num_splits), max_chunks))
     cores = 0
@@ -548,7 +553,7 @@ def _num_splits(block_sizes: PagedBlockSizes, programs: int, max_chunks: int) ->
     except Exception:  # noqa: BLE001 - a device without the attribute
         cores = 0
     target = block_sizes.programs_per_core * (cores or 132)
-    return max(1, min(max_chunks, -(-target // max(programs, 1))))
+    return max(1, min(max_chunks, target // max(programs, 1)))
 
 
 def _layout_reads(program: TileProgram, tensors: dict, *, batch, heads, kv_heads, num_tokens, rows,
