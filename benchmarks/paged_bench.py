@@ -28,6 +28,7 @@ Writes JSON (``--json``) and prints a Markdown table.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import platform
@@ -122,6 +123,10 @@ def main(argv=None):
     ap.add_argument("--iters-target-s", type=float, default=0.03)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--tune", action="store_true", help="try a few block sizes first and keep the fastest")
+    ints = lambda text: [int(x) for x in text.split(",")]  # noqa: E731
+    ap.add_argument("--batches", type=ints, default=None, help="only these batch sizes (e.g. 1,8)")
+    ap.add_argument("--contexts", type=ints, default=None, help="only these context lengths")
+    ap.add_argument("--num-splits", type=int, default=None, help="fix the kernel's split count")
     ap.add_argument("--max-tokens", type=int, default=2 * 1024 * 1024, help="largest batch * context")
     args = ap.parse_args(argv)
     start = time.perf_counter()
@@ -144,7 +149,9 @@ def main(argv=None):
     points = [(ps, B, ctx) for ps in page_sizes for B in batches for ctx in contexts
               if B * ctx <= args.max_tokens and (B < 64 or ctx >= 8192)
               and (ps == 16 or (B, ctx) in ((8, 131072), (2, 1024)))]
-    max_tokens = max(B * ctx for _, B, ctx in points)
+    max_tokens = max(B * ctx for _, B, ctx in points)      # the pool's size, whatever is selected below
+    points = [(ps, B, ctx) for ps, B, ctx in points
+              if (not args.batches or B in args.batches) and (not args.contexts or ctx in args.contexts)]
 
     results = {"device": kind, "jax": jax.__version__, "date": time.strftime("%Y-%m-%d"),
                "shape": {"N": N, "K": K, "H": H, "dtype": "bfloat16", "T": 1, "window": window}, "rows": []}
@@ -162,6 +169,8 @@ def main(argv=None):
 
     key = jax.random.PRNGKey(0)
     block_sizes = PagedBlockSizes.get_default()
+    if args.num_splits:
+        block_sizes = dataclasses.replace(block_sizes, num_splits=args.num_splits)
 
     for ps in page_sizes:
         pool_pages = max_tokens // ps + 8

@@ -116,7 +116,8 @@ def splits(points, N, K, H, ps, args, out, pool_tokens):
     kp = jax.random.normal(key, (pool, ps, K, H), jnp.bfloat16)
     vp = jax.random.normal(jax.random.fold_in(key, 1), (pool, ps, K, H), jnp.bfloat16)
     for B, ctx, counts in points:
-        rng = np.random.default_rng(B + ctx)
+      for seed in args.table_seeds or [B + ctx]:
+        rng = np.random.default_rng(seed)
         max_pages = ctx // ps
         tables = jnp.asarray(rng.permutation(pool)[:B * max_pages].reshape(B, max_pages).astype(np.int32))
         lengths = jnp.full((B,), ctx, jnp.int32)
@@ -126,10 +127,11 @@ def splits(points, N, K, H, ps, args, out, pool_tokens):
             bs = PagedBlockSizes(base.block_kv, n, base.num_warps, base.num_stages, base.programs_per_core)
             t = time_call(whole_call("causal", bs, args.interpret), q, lengths, (kp, vp, tables),
                           iters=args.iters or iterations(nbytes, args.target_s), reps=args.reps)
-            rows.append({"B": B, "context": ctx, "splits": n, "time_us": t * 1e6, "TBps": nbytes / t / 1e12})
-            print(f"| {B} | {ctx // 1024}k | {n} | {B * K * n} | {t * 1e6:.1f} µs | {nbytes / t / 1e12:.2f} |",
-                  flush=True)
-    out["splits"] = rows
+            rows.append({"B": B, "context": ctx, "splits": n, "seed": seed, "time_us": t * 1e6,
+                         "TBps": nbytes / t / 1e12})
+            print(f"| {B} | {ctx // 1024}k | {n} | {B * K * n} | {t * 1e6:.1f} µs | {nbytes / t / 1e12:.2f} | "
+                  f"seed {seed}", flush=True)
+    out.setdefault("splits", []).extend(rows)
 
 
 def breakdown(cases, N, K, H, ps, bs, args, out):
@@ -212,6 +214,11 @@ def main(argv=None):
     ap.add_argument("--target-s", type=float, default=0.02)
     ap.add_argument("--iters", type=int, default=None, help="calls per timed loop (default: about --target-s)")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--extra-gb", type=float, default=0.0, help="splits: hold this much other device memory")
+    ap.add_argument("--table-seeds", type=lambda x: [int(v) for v in x.split(",")], default=None,
+                    help="splits: block-table permutations to try (default: one per point)")
+    ap.add_argument("--repeat", type=int, default=1, help="splits: run the list this many times")
+    ap.add_argument("--split-points", default=None, help="splits: B:context:s1/s2/...,... (default: a fixed list)")
     args = ap.parse_args(argv)
     args.interpret = jax.default_backend() == "cpu"
     if args.quick and args.iters is None:
@@ -235,12 +242,22 @@ def main(argv=None):
                   (f"causal & window({w})", 8, 2048 * scale, w), (f"causal & window({w})", 1, 2048 * scale, w)]
         sweep(points if not args.quick else points[:2], N, K, H, ps, args, out)
     if "splits" in parts:
+        ballast = None
+        if args.extra_gb:
+            # Other arrays in device memory (paged_bench also holds the peers' copies of the pool).
+            ballast = jnp.ones((int(args.extra_gb * 2**30) // 2,), jnp.bfloat16).block_until_ready()
+            print(f"# holding {args.extra_gb} GB of other arrays")
         pts = [(1, 2048 * scale, (16, 33, 66, 132)), (1, 512 * scale, (8, 16, 33, 66)),
                (8, 2048 * scale, (2, 4, 8, 17, 33)), (8, 512 * scale, (2, 4, 8, 17, 33)),
                (8, 128 * scale, (2, 4, 8, 17)), (2, 512 * scale, (8, 16, 33, 66))]
         if args.quick:
             pts = [(1, 2048 * scale, (1, 2))]
-        splits(pts, N, K, H, ps, args, out, pool_tokens=2048 * 1024 if not args.quick else 4096)
+        if args.split_points:
+            pts = [tuple(int(x) for x in p.split(":")[:2]) + (tuple(int(x) for x in p.split(":")[2].split("/")),)
+                   for p in args.split_points.split(",")]
+        for _ in range(args.repeat):
+            splits(pts, N, K, H, ps, args, out, pool_tokens=2048 * 1024 if not args.quick else 4096)
+        del ballast
     if "breakdown" in parts:
         w = 64 * scale
         cases = [("causal", 1, 2048 * scale, 2048 * scale), ("causal", 8, 2048 * scale, 2048 * scale),

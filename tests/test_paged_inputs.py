@@ -154,3 +154,18 @@ def test_ids_by_absolute_position_rank_1_and_2(cache):
 
 def test_block_sizes_default():
     assert PagedBlockSizes.get_default() == PagedBlockSizes()
+
+
+def test_split_count_fills_whole_waves():
+    """Programs per (sequence, KV head): B*K*splits stays within programs_per_core per SM
+    (rounded down), at least 1, at most one per step; num_splits overrides."""
+    from scoremod.runtime.paged import _num_splits
+    cores = int(getattr(jax.devices()[0], "core_count", 0) or 0) or 132
+    bs = PagedBlockSizes(programs_per_core=4)
+    for programs, steps in ((8, 2048), (64, 2048), (512, 512), (4096, 64), (3, 5)):
+        n = _num_splits(bs, programs, steps)
+        assert 1 <= n <= steps
+        assert programs * n <= max(4 * cores, programs)
+        assert n == steps or programs * (n + 1) > 4 * cores
+    assert _num_splits(PagedBlockSizes(num_splits=7), 8, 100) == 7
+    assert _num_splits(PagedBlockSizes(num_splits=700), 8, 100) == 100
