@@ -18,11 +18,12 @@ Tensor parameters are indexed by these absolute positions: ``ids`` for ``doc(ids
 ``[B, max_len]`` or ``[max_len]`` with ``max_len`` covering the longest sequence.
 Rows with no allowed key give 0, never NaN.
 
-Page skipping: before the kernel runs, every (sequence, page) is classified EMPTY,
-PARTIAL or FULL for the mod's mask (``page_classes``), and the kernel walks only the
-non-EMPTY pages of each sequence (``compact_pages``): a sliding window reads the last
-``window / page_size`` pages whatever the context, a document mask the pages of its
-own document.
+Page skipping: before the kernel runs, ``walk_pages`` lists the pages of each sequence
+the kernel must read. The mask's diagonal band (``scoremod.compiler.band``) bounds the
+candidates (a sliding window: its last ``window / page_size + 1`` pages, whatever the
+context); an exact band (``causal``, windows) needs nothing more, and other masks have
+their candidates classified EMPTY/PARTIAL/FULL (``page_classes``) and the non-EMPTY ones
+compacted (``compact_pages``): a document mask reads the pages of its own document.
 
 Validation runs on shapes and dtypes always, and on the values of ``block_tables`` and
 ``lengths`` when they are concrete. Under ``jit`` they are traced: block-table entries
