@@ -127,8 +127,15 @@ def _kernel(q_ref, k_ref, v_ref, logical_ref, physical_ref, count_ref, length_re
     acc, m, l = lax.fori_loop(first, last, body, init)
     seen = l > 0
     m_safe = jnp.where(seen, m, 0.0)
-    o_ref[...] = acc / jnp.where(seen, l, 1.0)[:, None]
-    lse_ref[...] = jnp.where(seen, m_safe + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)
+    o = acc / jnp.where(seen, l, 1.0)[:, None]
+    lse = jnp.where(seen, m_safe + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)
+    out_rows = lse_ref.shape[0]
+    if out_rows < rows:
+        # Only the first out_rows rows are queries (the dot needed 16): write just those.
+        o = jnp.split(o, rows // out_rows, axis=0)[0]
+        lse = jnp.split(lse, rows // out_rows, axis=0)[0]
+    o_ref[...] = o
+    lse_ref[...] = lse
 
 
 def paged_decode_partials(q_rows, k_pages, v_pages, logical, physical, counts, lengths, reads, *,
@@ -142,9 +149,11 @@ def paged_decode_partials(q_rows, k_pages, v_pages, logical, physical, counts, l
     physical: int32[B, L]   the same pages' slots in the pool
     counts:   int32[B]      listed pages per sequence; lengths: int32[B]
     reads:    the tile program's tensor reads, laid out as ``layouts`` say
-    Returns (o f32[B, K, S, R, H], lse f32[B, K, S, R]) with S = num_splits.
+    Returns (o f32[B, K, S, R', H], lse f32[B, K, S, R']) with S = num_splits and
+    R' = min(R, next power of 2 >= T * G) (the padding rows past R' are not written).
     """
     batch, num_kv_heads, rows, head_dim = q_rows.shape
+    out_rows = min(rows, next_power_of_2(num_tokens * group))
     num_pages, page_size = k_pages.shape[:2]
     list_len = logical.shape[1]
 
@@ -164,12 +173,12 @@ def paged_decode_partials(q_rows, k_pages, v_pages, logical, physical, counts, l
         pl.BlockSpec((1,), lambda b, k, s: (b,)),
     ] + [read_spec(layout, r.shape) for layout, r in zip(layouts, reads)]
     out_specs = [
-        pl.BlockSpec((None, None, None, rows, head_dim), lambda b, k, s: (b, k, s, 0, 0)),
-        pl.BlockSpec((None, None, None, rows), lambda b, k, s: (b, k, s, 0)),
+        pl.BlockSpec((None, None, None, out_rows, head_dim), lambda b, k, s: (b, k, s, 0, 0)),
+        pl.BlockSpec((None, None, None, out_rows), lambda b, k, s: (b, k, s, 0)),
     ]
     out_shape = [
-        jax.ShapeDtypeStruct((batch, num_kv_heads, num_splits, rows, head_dim), jnp.float32),
-        jax.ShapeDtypeStruct((batch, num_kv_heads, num_splits, rows), jnp.float32),
+        jax.ShapeDtypeStruct((batch, num_kv_heads, num_splits, out_rows, head_dim), jnp.float32),
+        jax.ShapeDtypeStruct((batch, num_kv_heads, num_splits, out_rows), jnp.float32),
     ]
     kernel = functools.partial(
         _kernel, program=program, layouts=tuple(layouts), num_tokens=num_tokens, group=group,
