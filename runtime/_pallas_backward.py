@@ -26,7 +26,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from scoremod.runtime._pallas_common import (
-    LOG2E, KernelConfig, ReadSet, compiler_params, dot, exp2, dscore, fixed_reads, load, plan_spec_rows,
+    LOG2E, KernelConfig, ReadSet, compiler_params, dot, exp2, dscore, fixed_reads, load, offset_and_plan_specs,
     read_spec, store, tile_logits2, values_and_all_reads)
 from scoremod.runtime._pallas_forward import _and
 
@@ -129,12 +129,7 @@ def backward_dq(cfg: KernelConfig, q, k, v, do, lse, delta, plan_arrays, reads, 
     kv_spec = pl.BlockSpec((None, cfg.kv_len, None, hp), lambda i, b, h: (b, 0, h // G, 0))
     row_spec = pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, nq - 1 - i))
     in_specs = [
-        pl.BlockSpec((B,), lambda i, b, h: (0,)),
-        pl.BlockSpec((B,), lambda i, b, h: (0,)),
-        plan_spec_rows(fcounts.shape, grid_fn),
-        plan_spec_rows(findices.shape, grid_fn),
-        plan_spec_rows(pcounts.shape, grid_fn),
-        plan_spec_rows(pindices.shape, grid_fn),
+        *offset_and_plan_specs(B, (fcounts, findices, pcounts, pindices), grid_fn),
         q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec,
     ] + [read_spec(s, grid_fn) for s in cfg.read_shapes]
     kernel = functools.partial(_dq_kernel, cfg=cfg, read_set=read_set)
@@ -248,12 +243,7 @@ def backward_dkv(cfg: KernelConfig, q, k, v, do, lse, delta, plan_arrays, reads,
     kv_spec = pl.BlockSpec((None, bkv, None, hp), lambda kb, b, h: (b, kb, h // G, 0))
     row_spec = pl.BlockSpec((None, None, T), lambda kb, b, h: (b, h, 0))
     in_specs = [
-        pl.BlockSpec((B,), lambda kb, b, h: (0,)),
-        pl.BlockSpec((B,), lambda kb, b, h: (0,)),
-        plan_spec_rows(fcounts.shape, grid_fn),
-        plan_spec_rows(findices.shape, grid_fn),
-        plan_spec_rows(pcounts.shape, grid_fn),
-        plan_spec_rows(pindices.shape, grid_fn),
+        *offset_and_plan_specs(B, (fcounts, findices, pcounts, pindices), grid_fn),
         q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec,
     ] + [read_spec(s, grid_fn) for s in cfg.read_shapes]
     if G == 1:

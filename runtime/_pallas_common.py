@@ -145,6 +145,14 @@ def plan_spec_rows(arr_shape, grid_fn):
     return pl.BlockSpec((None, None, None, arr_shape[3]), index_map)
 
 
+def offset_and_plan_specs(batch: int, plan_arrays, grid_fn):
+    """The BlockSpecs of the arguments every kernel takes first: the query and key
+    offsets ``int32[B]`` (whole) and the four plan arrays (FULL counts, FULL indices,
+    PARTIAL counts, PARTIAL indices: the program's row, see ``plan_spec_rows``)."""
+    offsets = [pl.BlockSpec((batch,), lambda *pids: (0,)) for _ in range(2)]
+    return offsets + [plan_spec_rows(a.shape, grid_fn) for a in plan_arrays]
+
+
 # ---- tensor reads -------------------------------------------------------------------------
 
 def read_spec(shape, grid_fn):

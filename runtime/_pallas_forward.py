@@ -19,7 +19,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from scoremod.runtime._pallas_common import (
-    LN2, KernelConfig, ReadSet, compiler_params, dot, exp2, fixed_reads, load, plan_spec_rows, read_spec,
+    LN2, KernelConfig, ReadSet, compiler_params, dot, exp2, fixed_reads, load, offset_and_plan_specs, read_spec,
     store, tile_logits2, tile_reads)
 
 
@@ -143,12 +143,7 @@ def forward(cfg: KernelConfig, q, k, v, plan_arrays, reads, q_off, kv_off):
         return b, h, nq - 1 - i
 
     in_specs = [
-        pl.BlockSpec((B,), lambda i, b, h: (0,)),
-        pl.BlockSpec((B,), lambda i, b, h: (0,)),
-        plan_spec_rows(fcounts.shape, grid_fn),
-        plan_spec_rows(findices.shape, grid_fn),
-        plan_spec_rows(pcounts.shape, grid_fn),
-        plan_spec_rows(pindices.shape, grid_fn),
+        *offset_and_plan_specs(B, (fcounts, findices, pcounts, pindices), grid_fn),
         pl.BlockSpec((None, cfg.block_q, None, hp), lambda i, b, h: (b, nq - 1 - i, h, 0)),
         pl.BlockSpec((None, cfg.kv_len, None, hp), lambda i, b, h: (b, 0, h // G, 0)),
         pl.BlockSpec((None, cfg.kv_len, None, hp), lambda i, b, h: (b, 0, h // G, 0)),

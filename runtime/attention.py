@@ -16,7 +16,6 @@ any implementation traces: a ``ScoreModShapeError`` for query/key/value/options,
 from __future__ import annotations
 
 import logging
-import math
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +25,8 @@ from scoremod.errors import ScoreModShapeError, ScoreModTensorError
 from scoremod.dsl.ast import Tensor, walk
 from scoremod.compiler.tensors import check_tensors as check_read_shapes, read_tensors
 from scoremod.compiler.mod import Mod, compile_mod
-from scoremod.runtime._dispatch import as_mod, implementation_names
+from scoremod.runtime._dispatch import (as_mod, check_float_arrays, check_head_groups, implementation_names,
+                                        resolve_scale)
 
 __all__ = ["attention", "check_inputs", "check_tensors", "IMPLEMENTATIONS", "RESERVED_KEYWORDS"]
 
@@ -35,7 +35,6 @@ logger = logging.getLogger("scoremod")
 IMPLEMENTATIONS = ("reference", "xla", "pallas", "mosaic", "cudnn")
 RESERVED_KEYWORDS = ("query", "key", "value", "mod", "scale", "q_offset", "kv_offset",
                      "implementation", "return_lse")
-_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 
 
 def attention(query, key, value, *, mod=None, scale=None, q_offset=0, kv_offset=0,
@@ -132,36 +131,11 @@ def check_inputs(query, key, value, *, scale=None, return_lse=False) -> float:
         empty = "batch" if B == 0 else "heads" if N == 0 else "head dim"
         raise ScoreModShapeError(f"query {tuple(query.shape)} has an empty {empty}; B, N and H must be "
                                  "at least 1 (T and S may be 0)")
-    if K == 0 or N % K:
-        raise ScoreModShapeError(f"query heads N={N} must be a multiple of key/value heads K={K} "
-                                 "(GQA: query head h reads kv head h // (N // K))")
-    dtypes = {str(jnp.dtype(x.dtype)) for x in (query, key, value)}
-    for name, x in (("query", query), ("key", key), ("value", value)):
-        if jnp.dtype(x.dtype) not in [jnp.dtype(d) for d in _DTYPES]:
-            raise ScoreModShapeError(f"{name} must be bfloat16, float16 or float32; got {jnp.dtype(x.dtype)}",
-                                     hint="cast with x.astype(jnp.bfloat16)" if "int" in str(x.dtype) else None)
-    if len(dtypes) > 1:
-        raise ScoreModShapeError(f"query, key and value must share one dtype; got query {query.dtype}, "
-                                 f"key {key.dtype}, value {value.dtype}")
+    check_head_groups(N, K)
+    check_float_arrays({"query": query, "key": key, "value": value})
     if not isinstance(return_lse, (bool, np.bool_)):
         raise ScoreModShapeError(f"return_lse must be True or False; got {return_lse!r}")
-    if scale is None:
-        return 1.0 / math.sqrt(H) if H else 1.0
-    if isinstance(scale, (bool, np.bool_)) or not _is_real_scalar(scale):
-        raise ScoreModShapeError(f"scale must be a real number; got {scale!r}")
-    try:
-        return float(scale)
-    except jax.errors.ConcretizationTypeError:
-        raise ScoreModShapeError("scale must be a static Python number, not a traced value",
-                                 hint="pass it as a constant (or close over it) instead of a jit argument") from None
-
-
-def _is_real_scalar(x) -> bool:
-    if isinstance(x, (int, float)):
-        return True
-    dtype = getattr(x, "dtype", None)
-    return dtype is not None and getattr(x, "ndim", None) == 0 and (
-        jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer))
+    return resolve_scale(scale, H)
 
 
 def _check_offset(offset, batch: int, name: str):

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 from dataclasses import dataclass
 
 import jax
@@ -48,7 +47,8 @@ from scoremod.dsl.ast import Var, mentions
 from scoremod.compiler.band import diagonal_band
 from scoremod.compiler.lowering import gather_read
 from scoremod.compiler.mod import Mod
-from scoremod.runtime._dispatch import as_mod, implementation_names
+from scoremod.runtime._dispatch import (as_mod, check_float_arrays, check_head_groups, implementation_names,
+                                        resolve_scale)
 from scoremod.compiler.tile import TileProgram
 from scoremod.runtime import _paged_kernel as _k
 
@@ -61,7 +61,6 @@ EMPTY, PARTIAL, FULL = 0, 1, 2
 PAGED_IMPLEMENTATIONS = ("pallas", "reference", "xla")
 PAGED_KEYWORDS = ("q", "k_pages", "v_pages", "block_tables", "lengths", "mod", "scale",
                   "implementation", "interpret", "block_sizes")
-_DTYPES = tuple(jnp.dtype(d) for d in (jnp.bfloat16, jnp.float16, jnp.float32))
 
 
 @dataclass(frozen=True)
@@ -193,18 +192,10 @@ def _check_arrays(q, k_pages, v_pages, block_tables, lengths, scale) -> float:
     P, page_size, K, Hk = k_pages.shape
     if Hk != H:
         raise ScoreModShapeError(f"head dims differ: q has H={H}, k_pages/v_pages have H={Hk}")
-    if K == 0 or N % K:
-        raise ScoreModShapeError(f"query heads N={N} must be a multiple of key/value heads K={K} "
-                                 "(GQA: query head h reads kv head h // (N // K))")
+    check_head_groups(N, K)
     if P == 0 or page_size == 0:
         raise ScoreModShapeError(f"the page pool is empty: k_pages has shape {tuple(k_pages.shape)}")
-    for name, x in (("q", q), ("k_pages", k_pages), ("v_pages", v_pages)):
-        if jnp.dtype(x.dtype) not in _DTYPES:
-            raise ScoreModShapeError(f"{name} must be bfloat16, float16 or float32; got {jnp.dtype(x.dtype)}")
-    if not (jnp.dtype(q.dtype) == jnp.dtype(k_pages.dtype) == jnp.dtype(v_pages.dtype)):
-        raise ScoreModShapeError(f"q, k_pages and v_pages must share one dtype; got q {q.dtype}, "
-                                 f"k_pages {k_pages.dtype}, v_pages {v_pages.dtype}",
-                                 hint="cast q with q.astype(k_pages.dtype)")
+    check_float_arrays({"q": q, "k_pages": k_pages, "v_pages": v_pages})
     for name, x in (("block_tables", block_tables), ("lengths", lengths)):
         if not jnp.issubdtype(x.dtype, jnp.integer):
             raise ScoreModShapeError(f"{name} must be an int32 array; got {x.dtype}")
@@ -234,22 +225,7 @@ def _check_arrays(q, k_pages, v_pages, block_tables, lengths, scale) -> float:
             raise ScoreModShapeError(f"block_tables[{b}, {j}]={int(tables[b, j])} points outside the page pool "
                                      f"[0, {P}) (sequence {b} has length {int(lens[b])}, so page {j} holds keys)")
 
-    if scale is None:
-        return 1.0 / math.sqrt(H) if H else 1.0
-    if isinstance(scale, (bool, np.bool_)) or not _is_real_scalar(scale):
-        raise ScoreModShapeError(f"scale must be a real number; got {scale!r}")
-    try:
-        return float(scale)
-    except jax.errors.ConcretizationTypeError:
-        raise ScoreModShapeError("scale must be a static Python number, not a traced value") from None
-
-
-def _is_real_scalar(x) -> bool:
-    if isinstance(x, (int, float)):
-        return True
-    dtype = getattr(x, "dtype", None)
-    return dtype is not None and getattr(x, "ndim", None) == 0 and (
-        jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer))
+    return resolve_scale(scale, H)
 
 
 def _check_tensors(mod: Mod, tensors: dict, q, block_tables, lengths, page_size: int) -> dict:

@@ -29,7 +29,7 @@ import numpy as np
 from scoremod.compiler.plan import build_plan
 from scoremod.compiler.tile import TileProgram
 from scoremod.errors import ScoreModShapeError
-from scoremod.runtime._dispatch import as_mod
+from scoremod.runtime._dispatch import FLOAT_DTYPES, as_mod
 from scoremod.runtime._pallas_common import KernelConfig, plgpu
 from scoremod.runtime._pallas_forward import forward as _forward
 from scoremod.runtime._pallas_backward import backward_dkv as _backward_dkv
@@ -40,7 +40,6 @@ __all__ = ["BlockSizes", "pallas_attention"]
 logger = logging.getLogger("scoremod")
 
 MAX_HEAD_DIM = 256
-_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 
 
 @dataclass(frozen=True)
@@ -134,7 +133,7 @@ def check_supported(mod, query, key, value, tensors=None) -> TileProgram:
     if H > MAX_HEAD_DIM:
         raise NotImplementedError(f"head dim {H} > {MAX_HEAD_DIM} is not supported by the pallas kernel")
     for name, x in (("query", query), ("key", key), ("value", value)):
-        if jnp.dtype(x.dtype) not in _DTYPES:
+        if jnp.dtype(x.dtype) not in FLOAT_DTYPES:
             raise NotImplementedError(f"{name} dtype {x.dtype} is not supported by the pallas kernel "
                                       "(bfloat16, float16, float32)")
     if not (query.dtype == key.dtype == value.dtype):
