@@ -68,7 +68,7 @@ def attention(query, key, value, *, mod=None, scale=None, q_offset=0, kv_offset=
         (2, 128, 4, 64)
     """
     mod = as_mod(mod)
-    names = implementation_names(implementation, known=IMPLEMENTATIONS, on_gpu=("pallas", "xla"),
+    names = implementation_names(implementation, known=IMPLEMENTATIONS, on_gpu=("mosaic", "pallas", "xla"),
                                  elsewhere=("xla",), what="attention")
     scale = check_inputs(query, key, value, scale=scale, return_lse=return_lse)
     batch, q_len, heads, head_dim = query.shape
@@ -234,8 +234,10 @@ def _run_pallas(query, key, value, *, return_lse, **call):
     return out, jnp.transpose(lse, (0, 2, 1))   # the kernel's lse is [B, N, T]; ours is [B, T, N]
 
 
-def _run_mosaic(query, key, value, **call):
-    raise NotImplementedError("not built yet")
+def _run_mosaic(query, key, value, *, return_lse, **call):
+    from scoremod.runtime.mosaic_attention import mosaic_attention
+    out, lse = mosaic_attention(query, key, value, return_lse=True, **call)
+    return out, (jnp.transpose(lse, (0, 2, 1)) if return_lse else None)
 
 
 def _run_cudnn(query, key, value, *, mod, scale, q_offset, kv_offset, return_lse, tensors):

@@ -167,6 +167,26 @@ def pallas_attention(query, key, value, *, mod=None, scale=None, q_offset=0, kv_
     mod = as_mod(mod)
     tensors = dict(tensors or {})
     program = check_supported(mod, query, key, value, tensors)
+    cfg, aux = prepare(mod, program, query, key, value, scale=scale, q_offset=q_offset,
+                       kv_offset=kv_offset, tensors=tensors, block_sizes=block_sizes,
+                       interpret=interpret, debug_counts=_debug_counts)
+    q_off, kv_off = aux["q_off"], aux["kv_off"]
+
+    if _debug_counts:
+        out, lse, counts = _forward(cfg, query, key, value, aux["fwd"], aux["reads"],
+                                    q_off, kv_off)
+        return out, lse, counts
+    out, lse = _flash(cfg, query, key, value, aux)
+    return (out, lse) if return_lse else out
+
+
+def prepare(mod, program: TileProgram, query, key, value, *, scale=None, q_offset=0, kv_offset=0,
+            tensors=None, block_sizes: BlockSizes | None = None, interpret=None,
+            debug_counts=False, forward=True):
+    """The static ``KernelConfig`` and the per-call arrays (plan lists, reads, offsets) of
+    the Pallas kernels for one call. ``forward=False`` leaves out the forward's lists (the
+    mosaic forward reuses the backward kernels through this)."""
+    tensors = dict(tensors or {})
     B, T, N, H = query.shape
     S, K = key.shape[1], key.shape[2]
     if key.shape[0] != B or value.shape[:3] != key.shape[:3]:
@@ -184,7 +204,7 @@ def pallas_attention(query, key, value, *, mod=None, scale=None, q_offset=0, kv_
         block_q_dkv=_clamp(bs.block_q_dkv, T), block_kv_dkv=_clamp(bs.block_kv_dkv, S),
         num_warps_bwd=bs.num_warps_bwd, num_stages_bwd=bs.num_stages_bwd,
         fwd_one_loop=bool(bs.fwd_one_loop), bwd_one_loop=bool(bs.bwd_one_loop),
-        debug_counts=bool(_debug_counts))
+        debug_counts=bool(debug_counts))
 
     q_off = jnp.broadcast_to(jnp.asarray(q_offset, jnp.int32), (B,))
     kv_off = jnp.broadcast_to(jnp.asarray(kv_offset, jnp.int32), (B,))
@@ -202,26 +222,20 @@ def pallas_attention(query, key, value, *, mod=None, scale=None, q_offset=0, kv_
                                          kv_offset=kv_offset, tensors=tensors)
         return plans[bq, bkv]
 
-    fp = plan(cfg.block_q, cfg.block_kv)
     dqp = plan(cfg.block_q_dq, cfg.block_kv_dq)
     dkvp = plan(cfg.block_q_dkv, cfg.block_kv_dkv)
     aux = dict(
-        fwd=(merged_list(fp.kv_counts, fp.kv_indices, fp.kv_full, entry_edge=_edge(S, cfg.block_kv))
-             if cfg.fwd_one_loop else
-             split_lists(fp.kv_counts, fp.kv_indices, fp.kv_full, entry_edge=_edge(S, cfg.block_kv))),
         dq=(merged_list if cfg.bwd_one_loop else split_lists)(
             dqp.kv_counts, dqp.kv_indices, dqp.kv_full, entry_edge=_edge(S, cfg.block_kv_dq)),
         dkv=(merged_list if cfg.bwd_one_loop else split_lists)(
             dkvp.q_counts, dkvp.q_indices, dkvp.q_full, entry_edge=_edge(T, cfg.block_q_dkv),
             row_edge=_edge(S, cfg.block_kv_dkv)),
         reads=tuple(reads), q_off=q_off, kv_off=kv_off)
-
-    if _debug_counts:
-        out, lse, counts = _forward(cfg, query, key, value, aux["fwd"], aux["reads"],
-                                    q_off, kv_off)
-        return out, lse, counts
-    out, lse = _flash(cfg, query, key, value, aux)
-    return (out, lse) if return_lse else out
+    if forward:
+        fp = plan(cfg.block_q, cfg.block_kv)
+        aux["fwd"] = (merged_list if cfg.fwd_one_loop else split_lists)(
+            fp.kv_counts, fp.kv_indices, fp.kv_full, entry_edge=_edge(S, cfg.block_kv))
+    return cfg, aux
 
 
 def _edge(length: int, block: int):
@@ -289,7 +303,9 @@ def _flash_fwd(cfg, q, k, v, aux):
     return (out, lse), (q, k, v, aux, out, lse)
 
 
-def _flash_bwd(cfg, res, cotangents):
+def flash_backward(cfg, res, cotangents):
+    """The Pallas backward: (dq, dk, dv, zero cotangents for aux) from the residuals
+    ``(q, k, v, aux, out, lse [B, N, T])`` (``prepare`` makes cfg and aux)."""
     q, k, v, aux, out, lse = res
     dout, dlse = cotangents
     dout = dout.astype(q.dtype)
@@ -312,4 +328,4 @@ def _zero_cotangent(x):
     return np.zeros(x.shape, dtype=jax.dtypes.float0)
 
 
-_flash.defvjp(_flash_fwd, _flash_bwd)
+_flash.defvjp(_flash_fwd, flash_backward)

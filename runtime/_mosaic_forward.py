@@ -1,0 +1,331 @@
+"""Forward block-sparse flash-attention kernel on Mosaic GPU (Hopper, sm_90).
+
+One CUDA block per (query head, q-block of ``2 * block_q`` rows, batch) with three
+warpgroups, FlashAttention-3 style:
+
+* warpgroup 2, the producer, walks the q-block's row of the BlockPlan (its FULL list,
+  then its PARTIAL list) and brings each listed K and V tile into a ring of
+  ``num_stages`` shared-memory slots with TMA, waiting for a slot to be released
+  before refilling it. Blocks the plan leaves out are never read.
+* warpgroups 0 and 1, the consumers, each own ``block_q`` query rows. For every listed
+  tile: S = Q K^T (wgmma), the tile's logits from the TileProgram (FULL tiles: values
+  only; PARTIAL tiles: values and mask, plus the ragged edge), an online softmax in f32
+  base 2, then O += P V (wgmma). A schedule barrier alternates the two consumers so the
+  softmax of one overlaps the matrix products of the other.
+
+The plan is built with ``block_q = 2 * MosaicConfig.block_q`` (the block's rows): both
+consumers walk the same list, so the barriers pair up whatever the mask.
+
+Inputs are padded to whole blocks by the wrapper (``mosaic_attention``); the ragged last
+kv block is always on the PARTIAL list, where columns past ``kv_len`` are masked.
+Writes ``out [B, Tp, N, H]`` and ``lse f32[B, N, Tp]`` (natural log; ``-inf`` on rows with
+no allowed key, whose output is 0).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jax.experimental import pallas as pl
+
+try:  # Pallas Mosaic GPU; what the kernel needs is checked at call time (mosaic_attention)
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+    IMPORT_ERROR = None
+except ImportError as exc:  # e.g. jax 0.10.2 without absl-py
+    plgpu = None
+    IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+
+from scoremod.compiler.tile import TileProgram
+
+LOG2E = math.log2(math.e)
+LN2 = math.log(2.0)
+
+
+@dataclass(frozen=True)
+class MosaicKernelConfig:
+    """Everything static about one call of the kernel (hashable)."""
+    program: TileProgram
+    scale: float
+    batch: int
+    q_len: int            # T before padding
+    kv_len: int           # S before padding
+    q_len_padded: int
+    kv_len_padded: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    dtype: str
+    read_shapes: tuple    # 4-D shape of each materialized (padded) read
+    block_q: int          # rows per consumer warpgroup
+    block_kv: int
+    num_stages: int
+    plan_b: int           # B' of the plan (1 or batch)
+    plan_h: int           # H' of the plan (1 or heads)
+
+    @property
+    def groups(self) -> int:
+        return self.heads // self.kv_heads
+
+    @property
+    def mask_only(self) -> bool:
+        return self.program.canonical.kind == "mask"
+
+
+def _load(ref, layout):
+    """``plgpu.load`` of a whole (already indexed) ref into registers with ``layout``.
+    jax 0.10 takes the index as a second positional argument, jax 0.11 deprecates it."""
+    if _LOAD_TAKES_INDEX:
+        return plgpu.load(ref, None, layout=layout, optimized=False)
+    return plgpu.load(ref, layout=layout, optimized=False)
+
+
+def _load_takes_index() -> bool:
+    if plgpu is None:
+        return False
+    param = inspect.signature(plgpu.load).parameters.get("idx")
+    return param is not None and param.default is inspect.Parameter.empty
+
+
+_LOAD_TAKES_INDEX = _load_takes_index()
+
+
+def _read_tile(ref, shape, *, b, h, q_start, block_q, kv_start, block_kv):
+    """The tile of one materialized read ``[B|1, N|1, T|1, S|1]``, as a
+    ``[block_q, block_kv]`` array in the WGMMA layout (or a scalar)."""
+    b1, h1, t1, s1 = shape
+    bi = b if b1 > 1 else 0
+    hi = h if h1 > 1 else 0
+    wgmma = plgpu.Layout.WGMMA
+    if t1 == 1 and s1 == 1:
+        return ref[bi, hi, 0, 0]
+    if s1 == 1:
+        row = _load(ref.at[bi, hi, pl.ds(q_start, block_q), 0], wgmma.reduce(1))
+        return lax.broadcast_in_dim(row, (block_q, block_kv), [0])
+    if t1 == 1:
+        col = _load(ref.at[bi, hi, 0, pl.ds(kv_start, block_kv)], wgmma.reduce(0))
+        return lax.broadcast_in_dim(col, (block_q, block_kv), [1])
+    return _load(ref.at[bi, hi, pl.ds(q_start, block_q), pl.ds(kv_start, block_kv)], wgmma)
+
+
+def _logits2(cfg: MosaicKernelConfig, s, *, partial, b, h, q_pos, kv_pos, reads):
+    """Base-2 logits ``log2(e) * where(M, T(scale * s) + B, -inf)`` of a tile.
+
+    s: f32 [block_q, block_kv] raw q.k products (WGMMA layout); q_pos, kv_pos: int32
+    absolute positions of the same shape; reads: thunk returning the read tiles.
+    """
+    prog = cfg.program
+    if cfg.mask_only:
+        v = s * (cfg.scale * LOG2E)
+        rd = reads() if partial and prog.canonical.has_mask else ()
+    else:
+        rd = reads()
+        v = prog.values(s * cfg.scale, b=b, h=h, q=q_pos, kv=kv_pos, reads=rd) * LOG2E
+    if not partial:
+        return v
+    m = prog.mask(b=b, h=h, q=q_pos, kv=kv_pos, reads=rd) if prog.canonical.has_mask else None
+    return v if m is None else jnp.where(m, v, -jnp.inf)
+
+
+def forward(cfg: MosaicKernelConfig, q, k, v, plan_arrays, reads, q_off, kv_off, *, interpret=False):
+    """Run the kernel on padded q ``[B, Tp, N, H]``, k/v ``[B, Sp, K, H]``.
+
+    plan_arrays: (full_counts, full_indices, partial_counts, partial_indices) of the plan
+    built with (2 * block_q, block_kv), ``[B', H', nq]`` / ``[B', H', nq, nk]`` int32.
+    Returns (out [B, Tp, N, H], lse f32[B, N, Tp]).
+    """
+    fcounts, findices, pcounts, pindices = plan_arrays
+    B, Tp, N, H = q.shape
+    dtype = q.dtype
+    bq, bkv, stages = cfg.block_q, cfg.block_kv, cfg.num_stages
+    n_reads = len(reads)
+    G = cfg.groups
+    kv_valid_len = cfg.kv_len
+    nq = Tp // (2 * bq)
+
+    def kernel(qoff_ref, kvoff_ref, fc_ref, fi_ref, pc_ref, pi_ref, q_ref, k_ref, v_ref, *rest):
+        read_refs = rest[:n_reads]
+        out_ref, lse_ref = rest[n_reads:n_reads + 2]
+        (qo_smem2, k_smem, v_smem, lse_smem2), (k_bar, v_bar, q_bar), (k_free, v_free), sched = rest[n_reads + 2:]
+
+        b = lax.axis_index("batch")
+        h = lax.axis_index("heads")
+        i = nq - 1 - lax.axis_index("q_seq")   # heaviest (last) q-blocks first
+        wg = lax.axis_index("wg")
+        pb = b if cfg.plan_b > 1 else 0
+        ph = h if cfg.plan_h > 1 else 0
+        n_full = fc_ref[pb, ph, i]
+        n_part = pc_ref[pb, ph, i]
+        n_steps = n_full + n_part
+
+        def kv_block(step):
+            # The step-th listed block: the FULL list first, then the PARTIAL list.
+            from_full = fi_ref[pb, ph, i, jnp.minimum(step, fi_ref.shape[-1] - 1)]
+            from_part = pi_ref[pb, ph, i, jnp.maximum(step - n_full, 0)]
+            return jnp.where(step < n_full, from_full, from_part)
+
+        def schedule():
+            plgpu.barrier_arrive(sched)
+            plgpu.barrier_wait(sched)
+
+        @pl.when(wg < 2)
+        def _consumer():
+            # 2 x 128 threads x 232 + 128 x 40 registers fill the SM's 64K exactly; more and the
+            # block cannot launch.
+            plgpu.set_max_registers(232, action="increase")
+            qo_smem = qo_smem2.at[wg]
+            lse_smem = lse_smem2.at[wg]
+            q_start = i * (2 * bq) + wg * bq
+            plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(q_start, bq), h], qo_smem, q_bar.at[wg])
+
+            q_base = qoff_ref[b] + q_start
+            kv_base = kvoff_ref[b]
+            rows = plgpu.broadcasted_iota(jnp.int32, (bq, bkv), 0, layout=plgpu.Layout.WGMMA)
+            cols = plgpu.broadcasted_iota(jnp.int32, (bq, bkv), 1, layout=plgpu.Layout.WGMMA)
+
+            m_i = plgpu.layout_cast(jnp.full((bq,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+            l_i = plgpu.layout_cast(jnp.full((bq,), 0.0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+            acc = plgpu.layout_cast(jnp.full((bq, H), 0.0, jnp.float32), plgpu.Layout.WGMMA)
+
+            plgpu.barrier_wait(q_bar.at[wg])
+
+            @pl.when(n_steps > 0)
+            def _():
+                plgpu.barrier_wait(k_bar.at[0])
+
+            pl.when(wg == 1)(schedule)
+
+            def step_fn(step, carry, *, partial):
+                acc, m_i, l_i = carry
+                slot = lax.rem(step, stages)
+
+                def qk_scope(acc_ref):
+                    plgpu.wgmma(acc_ref, qo_smem, k_smem.at[slot].T)
+                    schedule()
+                    return acc_ref[...]
+                s = pl.run_scoped(qk_scope, plgpu.ACC((bq, bkv), jnp.float32))
+                plgpu.barrier_arrive(k_free.at[slot])
+
+                kb = kv_block(step)
+                kv_start = kb * bkv
+
+                def tile_reads():
+                    return [_read_tile(r, shp, b=b, h=h, q_start=q_start, block_q=bq,
+                                       kv_start=kv_start, block_kv=bkv)
+                            for r, shp in zip(read_refs, cfg.read_shapes)]
+
+                needs_pos = partial or not cfg.mask_only
+                q_pos = rows + q_base if needs_pos else None
+                kv_pos = cols + (kv_base + kv_start) if needs_pos else None
+                logits = _logits2(cfg, s, partial=partial, b=b, h=h, q_pos=q_pos, kv_pos=kv_pos,
+                                  reads=tile_reads)
+                if partial and kv_valid_len != cfg.kv_len_padded:
+                    logits = jnp.where(cols + kv_start < kv_valid_len, logits, -jnp.inf)
+
+                m_new = jnp.maximum(m_i, logits.max(axis=1))
+                if partial or not cfg.mask_only:
+                    m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+                else:
+                    m_use = m_new   # a FULL tile of a mask-only mod has finite logits
+                alpha = jnp.exp2(m_i - m_use)
+                p = jnp.exp2(logits - lax.broadcast_in_dim(m_use, logits.shape, [0]))
+                acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+                l_i = l_i * alpha
+                p16 = p.astype(dtype)
+
+                def end_softmax():
+                    plgpu.barrier_arrive(sched)
+                    plgpu.barrier_wait(v_bar.at[slot])
+                    plgpu.barrier_wait(sched)
+                if H <= 128:
+                    l_i = l_i + p.sum(axis=1)
+                    acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
+                    end_softmax()
+                else:
+                    end_softmax()
+                    l_i = l_i + p.sum(axis=1)
+
+                def pv(acc_ref):
+                    plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+                    nxt = step + 1
+
+                    @pl.when(nxt < n_steps)
+                    def _():
+                        plgpu.barrier_wait(k_bar.at[lax.rem(nxt, stages)])
+                acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+                plgpu.barrier_arrive(v_free.at[slot])
+                return acc, m_new, l_i
+
+            carry = (acc, m_i, l_i)
+            carry = lax.fori_loop(0, n_full, functools.partial(step_fn, partial=False), carry)
+            acc, m_i, l_i = lax.fori_loop(n_full, n_steps, functools.partial(step_fn, partial=True), carry)
+            pl.when(wg == 0)(schedule)
+
+            empty = l_i == 0.0
+            l_safe = jnp.where(empty, 1.0, l_i)
+            acc = acc * lax.broadcast_in_dim(1.0 / l_safe, acc.shape, [0])
+            qo_smem[...] = acc.astype(dtype)
+            lse_smem[...] = jnp.where(empty, -jnp.inf, (m_i + jnp.log2(l_safe)) * LN2)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(qo_smem, out_ref.at[b, pl.ds(q_start, bq), h])
+            plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, h, pl.ds(q_start, bq)])
+            plgpu.wait_smem_to_gmem(0)
+
+        @pl.when(wg == 2)
+        def _producer():
+            plgpu.set_max_registers(40, action="decrease")
+            kvh = lax.div(h, jnp.array(G, h.dtype))
+
+            def fetch(step, slot):
+                rows = pl.ds(kv_block(step) * bkv, bkv)
+                plgpu.copy_gmem_to_smem(k_ref.at[b, rows, kvh], k_smem.at[slot], k_bar.at[slot])
+                plgpu.copy_gmem_to_smem(v_ref.at[b, rows, kvh], v_smem.at[slot], v_bar.at[slot])
+
+            for s0 in range(stages):
+                @pl.when(s0 < n_steps)
+                def _():
+                    fetch(jnp.int32(s0), s0)
+
+            @pl.loop(0, jnp.maximum(n_steps - stages, 0))
+            def _(step):
+                slot = lax.rem(step, stages)
+                plgpu.barrier_wait(k_free.at[slot])
+                plgpu.barrier_wait(v_free.at[slot])
+                fetch(step + stages, slot)
+
+    def entry(*refs):
+        tiling = plgpu.TilingTransform((8, 64))
+        swizzle = plgpu.SwizzleTransform(128)
+        scratch = (
+            plgpu.SMEM((2, bq, H), dtype, transforms=(tiling, swizzle)),
+            plgpu.SMEM((stages, bkv, H), dtype, transforms=(tiling, swizzle)),
+            plgpu.SMEM((stages, bkv, H), dtype, transforms=(tiling, swizzle)),
+            plgpu.SMEM((2, bq), jnp.float32),
+        )
+        pl.run_scoped(
+            lambda *scoped: kernel(*refs, *scoped),
+            scratch,
+            (plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
+             plgpu.Barrier(num_barriers=2)),
+            (plgpu.Barrier(num_arrivals=2, num_barriers=stages),) * 2,
+            plgpu.Barrier(num_arrivals=2),
+            collective_axes="wg",
+        )
+
+    out, lse = plgpu.kernel(
+        entry,
+        out_type=(jax.ShapeDtypeStruct(q.shape, dtype), jax.ShapeDtypeStruct((B, N, Tp), jnp.float32)),
+        grid=(N, nq, B),
+        grid_names=("heads", "q_seq", "batch"),
+        num_threads=3,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        **({"interpret": plgpu.InterpretGPUParams()} if interpret else {}),
+    )(q_off, kv_off, fcounts, findices, pcounts, pindices, q, k, v, *reads)
+    return out, lse

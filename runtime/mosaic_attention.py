@@ -1,0 +1,293 @@
+"""Block-sparse flash attention on Mosaic GPU, for Hopper (sm_90).
+
+``mosaic_attention(query, key, value, *, mod, ...)`` runs the forward kernel of
+``runtime/_mosaic_forward.py``: TMA brings only the K/V tiles the mod's ``BlockPlan``
+lists into a shared-memory ring, wgmma computes both products, a producer warpgroup
+feeds two consumer warpgroups (FlashAttention-3's layout), FULL tiles skip the mask and
+the ``TileProgram`` runs on every tile that needs it. ``jax.grad`` works: the backward is
+the Pallas backward (``pallas_attention.flash_backward``) fed with this forward's lse,
+until a Mosaic backward exists.
+
+Same layout and meaning as ``pallas_attention``: query ``[B, T, N, H]``, key/value
+``[B, S, K, H]`` with ``N % K == 0``, any T and S (the wrapper pads to whole blocks and
+the kernel masks the padding), ``lse f32[B, N, T]``.
+
+    out = mosaic_attention(q, k, v, mod="causal & doc(ids)", tensors={"ids": ids})
+
+What it declines (``NotImplementedError`` with the reason; ``attention()`` falls through
+to the next implementation): no sm_90 GPU, a jax without Mosaic GPU, dtypes other than
+bf16/f16, head dims other than 64, 128 and 256, mods the TileProgram cannot run in a
+kernel, and expressions using operations Mosaic GPU cannot lower (real ``//``, ``%``,
+``floor``, ``ceil``, ``**``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from scoremod.compiler.plan import build_plan
+from scoremod.compiler.tile import TileProgram
+from scoremod.errors import ScoreModShapeError
+from scoremod.runtime import _mosaic_forward
+from scoremod.runtime._dispatch import as_mod
+from scoremod.runtime._mosaic_forward import MosaicKernelConfig
+from scoremod.runtime import pallas_attention as _pallas
+
+__all__ = ["MosaicBlockSizes", "mosaic_attention", "check_supported"]
+
+# Head dim 256 is declined (falls through to pallas): on the H200 the kernel hung at 256
+# (64 x 64 tiles, 2 stages; 2026-12-02), cause not yet found.
+HEAD_DIMS = (64, 128)
+DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+_NEEDED = ("kernel", "wgmma", "ACC", "SMEM", "Barrier", "Layout", "layout_cast", "set_max_registers",
+           "copy_gmem_to_smem", "copy_smem_to_gmem", "barrier_wait", "barrier_arrive",
+           "broadcasted_iota", "commit_smem", "wait_smem_to_gmem", "TilingTransform", "SwizzleTransform")
+
+
+@dataclass(frozen=True)
+class MosaicBlockSizes:
+    """Tiling of the Mosaic forward kernel.
+
+    Attributes:
+      block_q: query rows per consumer warpgroup; a CUDA block runs two, so the plan's
+        q-block is ``2 * block_q`` rows. 64 (the wgmma M).
+      block_kv: keys per tile, a multiple of 64.
+      num_stages: K/V tiles in flight (shared-memory ring slots), at least 2.
+
+    ``get_default(head_dim)`` picks values measured on the H200 (benchmarks/RESULTS.md).
+    """
+    block_q: int = 64
+    block_kv: int = 128
+    num_stages: int = 2
+
+    def __post_init__(self):
+        if self.block_q != 64:
+            raise ScoreModShapeError(f"block_q={self.block_q} must be 64 (one wgmma M per warpgroup)")
+        if self.block_kv % 64 or self.block_kv <= 0:
+            raise ScoreModShapeError(f"block_kv={self.block_kv} must be a positive multiple of 64")
+        if self.num_stages < 2:
+            raise ScoreModShapeError(f"num_stages={self.num_stages} must be at least 2")
+
+    @classmethod
+    def get_default(cls, head_dim: int) -> "MosaicBlockSizes":
+        """head dim 64: 64 x 256 tiles, 2 stages; 128: 64 x 128, 2 stages; 256: 64 x 64, 2 stages."""
+        if head_dim <= 64:
+            return cls(64, 256, 2)
+        if head_dim <= 128:
+            return cls(64, 128, 2)
+        return cls(64, 64, 2)
+
+    def smem_bytes(self, head_dim: int, itemsize: int = 2) -> int:
+        """Shared memory the kernel asks for: Q/O of both consumers, the K/V ring, lse."""
+        return (2 * self.block_q * head_dim + 2 * self.num_stages * self.block_kv * head_dim) * itemsize \
+            + 2 * self.block_q * 4
+
+
+SMEM_LIMIT = 227 * 1024   # bytes of shared memory one block may take on sm_90
+
+def _mosaic_missing() -> str | None:
+    if _mosaic_forward.plgpu is None:
+        return (f"jax {jax.__version__} cannot import Pallas Mosaic GPU "
+                f"(jax.experimental.pallas.mosaic_gpu: {_mosaic_forward.IMPORT_ERROR})")
+    missing = [n for n in _NEEDED if not hasattr(_mosaic_forward.plgpu, n)]
+    if missing:
+        return f"jax {jax.__version__}'s Pallas Mosaic GPU lacks {', '.join(missing)}"
+    return None
+
+
+def _device_reason() -> str | None:
+    if jax.default_backend() != "gpu":
+        return f"the mosaic kernel needs an sm_90 GPU; the default backend is {jax.default_backend()}"
+    dev = jax.devices()[0]
+    cc = getattr(dev, "compute_capability", None)
+    if cc is None or not str(cc).startswith("9."):
+        return f"the mosaic kernel is built for sm_90 (Hopper); {dev.device_kind} has compute capability {cc}"
+    return None
+
+
+def _lowering_reason(program: TileProgram, read_dtypes) -> str | None:
+    """Why Mosaic GPU cannot lower the tile program, or None.
+
+    Traces what the kernel evaluates on a PARTIAL tile (values and mask) to a jaxpr and
+    looks up each primitive in Mosaic GPU's own table of lowering rules (lane semantics),
+    so a mod using an operation it cannot lower (``floor`` of a real, ``**``) declines here
+    instead of failing inside the user's ``jit``."""
+    try:
+        from jax._src.pallas.mosaic_gpu import core as gpu_core
+        from jax._src.pallas.mosaic_gpu import lowering as mgpu_lowering
+        rules = mgpu_lowering.mosaic_lowering_rules[gpu_core.LANExWG_SEMANTICS]
+    except (ImportError, AttributeError, KeyError):
+        return f"jax {jax.__version__}'s Mosaic GPU lowering table could not be read"
+    shape = (64, 64)
+    tile = jax.ShapeDtypeStruct(shape, jnp.float32)
+    pos = jax.ShapeDtypeStruct(shape, jnp.int32)
+    scalar = jax.ShapeDtypeStruct((), jnp.int32)
+    read_avals = [jax.ShapeDtypeStruct(shape, jnp.float32 if jnp.issubdtype(dt, jnp.floating) else jnp.int32)
+                  for dt in read_dtypes]
+
+    def on_tile(s, b, h, q, kv, *rd):
+        out = [program.values(s, b=b, h=h, q=q, kv=kv, reads=rd)]
+        if program.canonical.has_mask:
+            out.append(program.mask(b=b, h=h, q=q, kv=kv, reads=rd))
+        return out
+
+    jaxpr = jax.make_jaxpr(on_tile)(tile, scalar, scalar, pos, pos, *read_avals)
+    for prim in _primitives(jaxpr.jaxpr):
+        if prim not in rules:
+            return f"Mosaic GPU has no lowering for {prim.name} (used by the mod's expression)"
+    return None
+
+
+def _primitives(jaxpr):
+    for eqn in jaxpr.eqns:
+        yield eqn.primitive
+        for sub in _sub_jaxprs(eqn.params):
+            yield from _primitives(sub)
+
+
+def _sub_jaxprs(params):
+    for value in params.values():
+        for v in value if isinstance(value, (tuple, list)) else (value,):
+            if hasattr(v, "jaxpr") and hasattr(v.jaxpr, "eqns"):
+                yield v.jaxpr
+            elif hasattr(v, "eqns"):
+                yield v
+
+
+def check_supported(mod, query, key, value, tensors=None, block_sizes: MosaicBlockSizes | None = None
+                    ) -> TileProgram:
+    """The TileProgram for this call, or NotImplementedError saying why mosaic can't run it."""
+    mod = as_mod(mod)
+    tensors = tensors or {}
+    why = _mosaic_missing() or _device_reason()
+    if why:
+        raise NotImplementedError(why)
+    if query.ndim != 4 or key.ndim != 4 or value.ndim != 4:
+        raise NotImplementedError("the mosaic kernel takes 4-D BTNH query/key/value")
+    H = query.shape[-1]
+    if key.shape[-1] != H or value.shape[-1] != H:
+        raise NotImplementedError("the mosaic kernel needs one head dim for query, key and value")
+    if H not in HEAD_DIMS:
+        raise NotImplementedError(f"the mosaic kernel runs head dims {HEAD_DIMS}; got {H}")
+    if not (query.dtype == key.dtype == value.dtype) or jnp.dtype(query.dtype) not in DTYPES:
+        raise NotImplementedError(f"the mosaic kernel runs bfloat16 or float16 (one dtype for q, k, v); "
+                                  f"got {query.dtype}, {key.dtype}, {value.dtype}")
+    if query.shape[2] % key.shape[2]:
+        raise NotImplementedError(f"query heads {query.shape[2]} not a multiple of kv heads {key.shape[2]}")
+    bs = block_sizes or MosaicBlockSizes.get_default(H)
+    if bs.smem_bytes(H) > SMEM_LIMIT:
+        raise NotImplementedError(f"{bs} needs {bs.smem_bytes(H)} bytes of shared memory at head dim {H}; "
+                                  f"sm_90 has {SMEM_LIMIT}")
+    program = TileProgram.build(mod.canonical, {n: jnp.ndim(t) for n, t in tensors.items()})
+    ok, why = program.kernel_support()
+    if not ok:
+        raise NotImplementedError(f"mosaic kernel cannot run {mod}: {why}")
+    why = _lowering_reason(program, [jnp.asarray(tensors[r.name]).dtype for r in program.reads])
+    if why:
+        raise NotImplementedError(f"mosaic kernel cannot run {mod}: {why}")
+    return program
+
+
+def mosaic_attention(query, key, value, *, mod=None, scale=None, q_offset=0, kv_offset=0,
+                     return_lse=False, tensors=None, block_sizes: MosaicBlockSizes | None = None):
+    """Block-sparse flash attention with a scoremod mod, on Mosaic GPU.
+
+    Args:
+      query: ``[B, T, N, H]``; key, value: ``[B, S, K, H]`` (bf16 or f16; one dtype;
+        H in 64, 128, 256; N a multiple of K).
+      mod: source string, compiled ``Mod`` or None (plain attention).
+      scale: score scale (default ``1/sqrt(H)``).
+      q_offset, kv_offset: int or ``int32[B]`` absolute position of row/column 0.
+      return_lse: also return ``lse f32[B, N, T]``.
+      tensors: the mod's tensor parameters by name.
+      block_sizes: ``MosaicBlockSizes`` (default ``MosaicBlockSizes.get_default(H)``).
+
+    Raises NotImplementedError (with the reason) for calls the kernel cannot run.
+
+    Example::
+
+        >>> out = mosaic_attention(q, k, v, mod="causal & window(1024)")   # on an H100/H200
+    """
+    mod = as_mod(mod)
+    tensors = dict(tensors or {})
+    program = check_supported(mod, query, key, value, tensors, block_sizes)
+    B, T, N, H = query.shape
+    S, K = key.shape[1], key.shape[2]
+    if key.shape[0] != B or value.shape != key.shape:
+        raise ScoreModShapeError(f"key/value shapes {key.shape}, {value.shape} do not match query {query.shape}")
+    scale = 1.0 / math.sqrt(H) if scale is None else float(scale)
+    bs = block_sizes or MosaicBlockSizes.get_default(H)
+    rows = 2 * bs.block_q
+    Tp = -(-T // rows) * rows
+    Sp = -(-S // bs.block_kv) * bs.block_kv
+
+    q_off = jnp.broadcast_to(jnp.asarray(q_offset, jnp.int32), (B,))
+    kv_off = jnp.broadcast_to(jnp.asarray(kv_offset, jnp.int32), (B,))
+    q_positions = q_off[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
+    kv_positions = kv_off[:, None] + jnp.arange(S, dtype=jnp.int32)[None, :]
+    reads = program.materialize_reads(tensors, B, N, q_positions, kv_positions)
+    reads = tuple(_pad_read(r, Tp, Sp) for r in reads)
+
+    plan = build_plan(mod, q_len=T, kv_len=S, block_q=rows, block_kv=bs.block_kv, batch=B, heads=N,
+                      q_offset=q_offset, kv_offset=kv_offset, tensors=tensors)
+    lists = _pallas.split_lists(plan.kv_counts, plan.kv_indices, plan.kv_full,
+                                entry_edge=None if S % bs.block_kv == 0 else S // bs.block_kv)
+    lists = tuple(jnp.asarray(x, jnp.int32) for x in lists)
+
+    cfg = MosaicKernelConfig(
+        program=program, scale=scale, batch=B, q_len=T, kv_len=S, q_len_padded=Tp, kv_len_padded=Sp,
+        heads=N, kv_heads=K, head_dim=H, dtype=jnp.dtype(query.dtype).name,
+        read_shapes=tuple(tuple(r.shape) for r in reads), block_q=bs.block_q, block_kv=bs.block_kv,
+        num_stages=bs.num_stages, plan_b=plan.grid_shape[0], plan_h=plan.grid_shape[1])
+    pcfg, paux = _pallas.prepare(mod, program, query, key, value, scale=scale, q_offset=q_offset,
+                                 kv_offset=kv_offset, tensors=tensors, forward=False)
+    aux = dict(lists=lists, reads=reads, q_off=q_off, kv_off=kv_off, pallas=paux)
+    out, lse = _flash(cfg, pcfg, query, key, value, aux)
+    return (out, lse) if return_lse else out
+
+
+def _pad_read(r, Tp: int, Sp: int):
+    b1, h1, t1, s1 = r.shape
+    pad = ((0, 0), (0, 0), (0, Tp - t1 if t1 > 1 else 0), (0, Sp - s1 if s1 > 1 else 0))
+    return jnp.pad(r, pad) if any(p[1] for p in pad) else r
+
+
+def _run_forward(cfg: MosaicKernelConfig, q, k, v, aux):
+    T, S = cfg.q_len, cfg.kv_len
+    Tp, Sp = cfg.q_len_padded, cfg.kv_len_padded
+    if Tp != T:
+        q = jnp.pad(q, ((0, 0), (0, Tp - T), (0, 0), (0, 0)))
+    if Sp != S:
+        k = jnp.pad(k, ((0, 0), (0, Sp - S), (0, 0), (0, 0)))
+        v = jnp.pad(v, ((0, 0), (0, Sp - S), (0, 0), (0, 0)))
+    out, lse = _mosaic_forward.forward(cfg, q, k, v, aux["lists"], aux["reads"], aux["q_off"], aux["kv_off"])
+    if Tp != T:
+        out, lse = out[:, :T], lse[:, :, :T]
+    return out, lse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _flash(cfg, pcfg, q, k, v, aux):
+    return _run_forward(cfg, q, k, v, aux)
+
+
+def _flash_fwd(cfg, pcfg, q, k, v, aux):
+    out, lse = _run_forward(cfg, q, k, v, aux)
+    return (out, lse), (q, k, v, aux, out, lse)
+
+
+def _flash_bwd(cfg, pcfg, res, cotangents):
+    q, k, v, aux, out, lse = res
+    dq, dk, dv, paux_ct = _pallas.flash_backward(pcfg, (q, k, v, aux["pallas"], out, lse), cotangents)
+    aux_ct = jax.tree_util.tree_map(_pallas._zero_cotangent, aux)
+    return dq, dk, dv, aux_ct
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
