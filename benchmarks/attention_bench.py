@@ -6,7 +6,7 @@ Shapes: bf16, B=2, N=16, T=S=8192, H=128 (``--quick``: T=S=2048); masks dense, c
 causal sliding window 1024 ("swa"), causal packed documents with 8 random-length
 documents per batch row ("doc"); forward and forward+backward.
 
-One process per framework: the JAX part (scoremod "pallas" and "xla",
+One process per framework: the JAX part (scoremod "mosaic", "pallas" and "xla",
 jax.nn.dot_product_attention cudnn/xla, JAX's Pallas GPU ``mha``) runs first and saves
 the inputs and a reference slice; the PyTorch part (FlexAttention compiled, SDPA) runs
 after it in a fresh process on the same inputs. Every output is checked against a
@@ -292,7 +292,7 @@ def _jax_impls(q, k, v, ids, scale, block_sizes, one_loop=False):
         causal = mname != "dense"
         return lambda a, b, c: mha(a, b, c, seg, sm_scale=scale, causal=causal)
 
-    return {"pallas": ours("pallas"), "xla": ours("xla"), "jax-cudnn": jax_nn("cudnn"),
+    return {"mosaic": ours("mosaic"), "pallas": ours("pallas"), "xla": ours("xla"), "jax-cudnn": jax_nn("cudnn"),
             "jax-xla": jax_nn("xla"), "jax-pallas-mha": jax_mha}
 
 
@@ -529,18 +529,19 @@ def report(args):
             fl = 4 * B * N * T * S * H * merged[m]["density"] * (3.5 if kind == "fwdbwd" else 1.0)
             cells.append(f"{ms:.3f} ({fl / ms / 1e9:.0f})")
         print(f"| {n} | " + " | ".join(cells) + " |")
-    print("\nratio pallas / peer (time; < 1 means pallas is faster)")
-    print("| peer | " + " | ".join(f"{m} {'fwd' if k == 'fwd' else 'fwd+bwd'}" for m, k in cols) + " |")
-    print("|" + "---|" * (len(cols) + 1))
-    for n in names:
-        if n == "pallas":
-            continue
-        cells = []
-        for m, kind in cols:
-            ours = merged[m]["impls"].get("pallas", {}).get(f"{kind}_ms")
-            theirs = merged[m]["impls"].get(n, {}).get(f"{kind}_ms")
-            cells.append(f"{ours / theirs:.2f}" if ours and theirs else "–")
-        print(f"| {n} | " + " | ".join(cells) + " |")
+    for ours_name in ("mosaic", "pallas"):
+        print(f"\nratio {ours_name} / peer (time; < 1 means {ours_name} is faster)")
+        print("| peer | " + " | ".join(f"{m} {'fwd' if k == 'fwd' else 'fwd+bwd'}" for m, k in cols) + " |")
+        print("|" + "---|" * (len(cols) + 1))
+        for n in names:
+            if n == ours_name:
+                continue
+            cells = []
+            for m, kind in cols:
+                ours = merged[m]["impls"].get(ours_name, {}).get(f"{kind}_ms")
+                theirs = merged[m]["impls"].get(n, {}).get(f"{kind}_ms")
+                cells.append(f"{ours / theirs:.2f}" if ours and theirs else "–")
+            print(f"| {n} | " + " | ".join(cells) + " |")
     print("\nplan construction:", json.dumps(jx.get("plan", {})),
           "| flex create_block_mask:", json.dumps(th.get("block_mask", {})))
     out = dict(shape=sh, jax_info=jx["info"], torch_info=th.get("info"), masks=merged,
