@@ -30,7 +30,11 @@ Soundness details:
     NaN, ``inf - inf``, ``log`` of a negative, division by an interval holding 0) or where
     an int operation may overflow int32; comparisons there answer PARTIAL.
   * Results of real arithmetic are widened outward by ``REAL_EPS`` (relative) so that the
-    float32 rounding of kernels stays inside the interval.
+    float32 rounding of kernels stays inside the interval, and by ``REAL_TINY``
+    (absolute) so that float32 underflow to 0 does too.
+  * Kernels compute reals in float32, where a value past ``F32_SAFE`` may be ``inf``
+    (``exp(89)``, ``q * 1e38``) while NumPy's float64 bounds stay finite: every real
+    result and literal whose bounds reach past ``F32_SAFE`` is ``unknown`` (PARTIAL).
 """
 
 from __future__ import annotations
@@ -55,6 +59,8 @@ EMPTY, PARTIAL, FULL = 0, 1, 2
 INT32_LIMIT = 2.0**31 - 1024
 REAL_EPS = 2.0**-20
 REAL_TINY = 1e-30
+# float32's largest finite value is 3.4028235e38; beyond this a kernel's value may be inf.
+F32_SAFE = 3.0e38
 # numpy classification works on slices of at most this many cells (bounds peak memory).
 _NUMPY_CHUNK_CELLS = 1 << 22
 
@@ -213,7 +219,9 @@ class _Analyzer:
             return Interval(c, c, False, True)
         if isinstance(node, RealLit):
             c = self._float(node.value)
-            return Interval(c, c, False, False)
+            if float(np.float32(node.value)) == float(node.value):
+                return Interval(c, c, False, False)
+            return self._real_result(c, c, False)   # kernels round it to float32
         if isinstance(node, Var):
             return self._var(node.name)
         if isinstance(node, Tensor):
@@ -371,6 +379,15 @@ class _Analyzer:
         hi2 = hi + (xp.abs(hi) * REAL_EPS + REAL_TINY)
         return xp.where(xp.isfinite(lo), lo2, lo), xp.where(xp.isfinite(hi), hi2, hi)
 
+    def _real_result(self, lo, hi, unknown) -> Interval:
+        """A real result: widened for float32 rounding and underflow, and unknown where
+        float32 may overflow (see the module docstring)."""
+        xp = self.xp
+        lo, hi = self._widen(lo, hi)
+        finite_lo, finite_hi = xp.isfinite(lo), xp.isfinite(hi)
+        overflow = (finite_lo & (xp.abs(lo) > F32_SAFE)) | (finite_hi & (xp.abs(hi) > F32_SAFE))
+        return Interval(lo, hi, _or(xp, unknown, overflow), False)
+
     def _real(self, a: Interval) -> Interval:
         """``a`` as a real (int -> float conversion may round in float32: widened)."""
         if not a.is_int:
@@ -482,13 +499,11 @@ class _Analyzer:
             lo, hi = _min_all(xp, corners), _max_all(xp, corners)
             unknown = _or(xp, unknown, zero_b | (has_inf_a & has_inf_b))
             if op == "//":
-                lo, hi = self._widen(lo, hi)
-                unknown = _or(xp, unknown, has_inf_a | has_inf_b)
-                return Interval(xp.floor(lo), xp.floor(hi), unknown, False)
+                r = self._real_result(lo, hi, _or(xp, unknown, has_inf_a | has_inf_b))
+                return Interval(xp.floor(r.lo), xp.floor(r.hi), r.unknown, False)
         else:
             raise ScoreModError(f"cannot analyse operator '{op}'")
-        lo, hi = self._widen(lo, hi)
-        return Interval(lo, hi, unknown, False)
+        return self._real_result(lo, hi, unknown)
 
     def _power(self, a: Interval, b: Interval, node: Binary) -> Interval:
         xp = self.xp
@@ -504,8 +519,7 @@ class _Analyzer:
             else:
                 m = self._abs(a)
                 lo, hi = m.lo ** n, m.hi ** n
-            lo, hi = self._widen(lo, hi)
-            return Interval(lo, hi, a.unknown, False)
+            return self._real_result(lo, hi, a.unknown)
         a, b = self._real(a), self._real(b)
         # x ** y is monotone in each argument where x > 0 (or x >= 0 and y > 0): corners.
         ok = (a.lo > 0) | ((a.lo >= 0) & (b.lo > 0))
@@ -513,10 +527,10 @@ class _Analyzer:
         base_hi = xp.where(ok, a.hi, 1.0)
         corners = [xp.power(base_lo, b.lo), xp.power(base_lo, b.hi), xp.power(base_hi, b.lo),
                    xp.power(base_hi, b.hi)]
-        lo, hi = self._widen(_min_all(xp, corners), _max_all(xp, corners))
-        lo = xp.where(ok, lo, -np.inf)
-        hi = xp.where(ok, hi, np.inf)
-        return Interval(lo, hi, _or(xp, _or(xp, a.unknown, b.unknown), ~ok), False)
+        r = self._real_result(_min_all(xp, corners), _max_all(xp, corners), _or(xp, a.unknown, b.unknown))
+        lo = xp.where(ok, r.lo, -np.inf)
+        hi = xp.where(ok, r.hi, np.inf)
+        return Interval(lo, hi, _or(xp, r.unknown, ~ok), False)
 
     def _abs(self, a: Interval) -> Interval:
         xp = self.xp
@@ -584,8 +598,8 @@ class _Analyzer:
         }
         if fn not in monotone:
             raise ScoreModError(f"cannot analyse function '{fn}'")
-        lo, hi = self._widen(monotone[fn](lo), monotone[fn](hi))
-        return Interval(lo, hi, unknown, False)
+        with np.errstate(over="ignore"):
+            return self._real_result(monotone[fn](lo), monotone[fn](hi), unknown)
 
     # -- comparisons --
     def _compare(self, node: Binary, a: Interval, b: Interval) -> Truth:

@@ -29,6 +29,8 @@ __all__ = ["parse_source", "parse_definitions", "MAX_DEPTH", "MAX_SOURCE_CHARS"]
 
 MAX_DEPTH = 1000
 MAX_SOURCE_CHARS = 1_000_000
+# Reals are float32 in every implementation (docs/language.md, Literals).
+FLOAT32_MAX = 3.4028234663852886e38
 INT32_MAX = 2**31 - 1
 
 # How terminals are named in messages.
@@ -88,9 +90,9 @@ class _Build(Transformer):
     @v_args(inline=True)
     def real_lit(self, tok):
         value = float(str(tok).replace("_", ""))
-        if math.isinf(value):
-            self._error(f"real literal {tok} is too large (it overflows to infinity)", _extent(tok),
-                        "write inf for infinity")
+        if math.isinf(value) or value > FLOAT32_MAX:
+            self._error(f"real literal {tok} is too large: reals are float32 (at most {FLOAT32_MAX:.7g})",
+                        _extent(tok), "write inf for infinity")
         return RealLit(value, span=_extent(tok))
 
     @v_args(inline=True)

@@ -51,9 +51,14 @@ hint: add ')'"""),
 error: empty source: expected an expression
 hint: for example: causal & window(1024)"""),
     ("1e400 * score", ScoreModSyntaxError, """\
-error: real literal 1e400 is too large (it overflows to infinity)
+error: real literal 1e400 is too large: reals are float32 (at most 3.402823e+38)
   1e400 * score
   ^^^^^
+hint: write inf for infinity"""),
+    ("1e39 * score", ScoreModSyntaxError, """\
+error: real literal 1e39 is too large: reals are float32 (at most 3.402823e+38)
+  1e39 * score
+  ^^^^
 hint: write inf for infinity"""),
     ("q ≤ kv", ScoreModSyntaxError, """\
 error: unexpected character '≤' (U+2264)

@@ -230,3 +230,44 @@ def test_large_grid_is_classified_in_slices_without_a_dense_mask():
     assert classes.shape == (1, 1, nq, nq)
     assert int((classes == FULL).sum()) == 16 * expected_full_per_doc
     assert int((classes == PARTIAL).sum()) == nq
+
+
+# ---- sound for the arithmetic kernels run (float32), not only for float64 -------------------
+
+def _float32_mask(source, B, N, T, S, q_offset=0, kv_offset=0):
+    """The mask as the kernels compute it: the Mod's jnp mask_mod, float32 reals, int32 ints."""
+    mm = scoremod.compile(source).mask_mod()
+    b = jnp.arange(B, dtype=jnp.int32)[:, None, None, None]
+    h = jnp.arange(N, dtype=jnp.int32)[None, :, None, None]
+    q = (q_offset + jnp.arange(T, dtype=jnp.int32))[None, None, :, None]
+    kv = (kv_offset + jnp.arange(S, dtype=jnp.int32))[None, None, None, :]
+    return np.broadcast_to(np.asarray(mm(b, h, q, kv)), (B, N, T, S))
+
+
+@pytest.mark.parametrize("source, q_offset", [
+    ("exp(q) * 0.1 >= 1e38", 82),        # exp overflows float32 at 88.7: inf * 0.1 >= 1e38
+    ("q * 1e38 >= 3e38", 0),             # q * 1e38 is inf in float32 from q = 4
+    ("exp(-q) > 0", 80),                 # underflows to 0 in float32 from q = 104
+    ("kv * 0.3 >= 0.9 * (q - q + 1)", 0),   # 0.3 and 0.9 are not float32 numbers
+    ("exp2(q) - exp2(q) >= 0", 120),     # inf - inf is NaN in float32
+    ("1 / exp(q) > 0", 70),
+])
+def test_plans_are_sound_for_float32_arithmetic(source, q_offset):
+    B, N, T, S = 1, 1, 64, 64
+    dense = _float32_mask(source, B, N, T, S, q_offset=q_offset)
+    for bq, bk in ((8, 8), (16, 32), (64, 64)):
+        classes = classify_blocks(simplify(scoremod.compile(source).canonical.mask),
+                                  _grid(B, N, T, S, bq, bk, q_offset))
+        assert_sound(classes, dense, bq, bk, f"{source} q_offset={q_offset}")
+
+
+@settings(max_examples=40, deadline=None)
+@given(src=masks(with_tensors=False), shape=shapes(max_seq=40), bq=block_sizes, bk=block_sizes,
+       big=st.integers(0, 3))
+def test_generated_plans_are_sound_for_float32_arithmetic(src, shape, bq, bk, big):
+    # Large offsets push reals toward float32's range, where float64 and float32 part ways.
+    q_offset = [0, 80, 1000, 2**20][big]
+    dense = _float32_mask(src.text, shape.B, shape.N, shape.T, shape.S, q_offset=q_offset)
+    classes = classify_blocks(simplify(scoremod.compile(src.text).canonical.mask),
+                              _grid(shape.B, shape.N, shape.T, shape.S, bq, bk, q_offset))
+    assert_sound(classes, dense, bq, bk, src.text)
