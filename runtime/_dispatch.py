@@ -11,10 +11,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scoremod.errors import ScoreModError, ScoreModShapeError
+from scoremod.errors import ScoreModError, ScoreModShapeError, ScoreModTensorError
 from scoremod.compiler.mod import Mod, compile_mod
 
 NO_MASK = "true"
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 FLOAT_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 
 
@@ -85,3 +86,58 @@ def _is_real_scalar(x) -> bool:
     dtype = getattr(x, "dtype", None)
     return dtype is not None and getattr(x, "ndim", None) == 0 and (
         jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer))
+
+
+def concrete(x):
+    """``x`` as a NumPy array, or None when it is traced (inside jit/vmap)."""
+    if isinstance(x, jax.core.Tracer):
+        return None
+    try:
+        return np.asarray(x)
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+        return None
+
+
+def int32_range_error(name: str, values) -> str | None:
+    """Why the integers ``values`` do not fit in int32 (what kernels compute in), or None."""
+    values = np.asarray(values)
+    if values.size == 0 or not np.issubdtype(values.dtype, np.integer):
+        return None
+    lo, hi = int(values.min()), int(values.max())
+    if lo < INT32_MIN or hi > INT32_MAX:
+        bad = lo if lo < INT32_MIN else hi
+        return (f"{name} holds {bad}, outside int32 [{INT32_MIN}, {INT32_MAX}]: positions, ids and "
+                "integer tensors are int32 in every implementation")
+    return None
+
+
+def as_tensor(name: str, value, source: str | None = None):
+    """A tensor parameter as a jax array: bool stays bool, ints become int32, reals float32.
+
+    Integers that do not fit in int32 raise ``ScoreModTensorError`` (checked whenever the
+    values are concrete; a traced int64 array under ``jax_enable_x64`` is cast unchecked).
+    """
+    if isinstance(value, (bool, np.bool_)):
+        return jnp.asarray(value, jnp.bool_)
+    if isinstance(value, (int, np.integer)):
+        why = int32_range_error(f"tensor parameter '{name}'", np.asarray(int(value)))
+        if why:
+            raise ScoreModTensorError(why, source=source)
+        return jnp.asarray(value, jnp.int32)
+    if isinstance(value, (float, np.floating)):
+        return jnp.asarray(value, jnp.float32)
+    if isinstance(value, (list, tuple)):
+        value = np.asarray(value)
+    dtype = getattr(value, "dtype", None)
+    if dtype is None or not (jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)
+                             or dtype == np.bool_):
+        raise ScoreModTensorError(f"tensor parameter '{name}' must be a number or an int, float or bool array; "
+                                  f"got {getattr(value, 'dtype', type(value).__name__)}", source=source)
+    if jnp.issubdtype(dtype, jnp.integer):
+        values = concrete(value)
+        why = int32_range_error(f"tensor parameter '{name}'", values) if values is not None else None
+        if why:
+            raise ScoreModTensorError(why, source=source, hint="ids only need to be distinct per document: "
+                                      "renumber them, e.g. with np.unique(ids, return_inverse=True)")
+        return jnp.asarray(value).astype(jnp.int32)
+    return jnp.asarray(value)

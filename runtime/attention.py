@@ -25,7 +25,8 @@ from scoremod.errors import ScoreModShapeError, ScoreModTensorError
 from scoremod.dsl.ast import Tensor, walk
 from scoremod.compiler.tensors import check_tensors as check_read_shapes, read_tensors
 from scoremod.compiler.mod import Mod, compile_mod
-from scoremod.runtime._dispatch import (as_mod, check_float_arrays, check_head_groups, implementation_names,
+from scoremod.runtime._dispatch import (INT32_MAX, INT32_MIN, as_mod, as_tensor, check_float_arrays,
+                                        check_head_groups, concrete, implementation_names,
                                         resolve_scale)
 
 __all__ = ["attention", "check_inputs", "check_tensors", "IMPLEMENTATIONS", "RESERVED_KEYWORDS"]
@@ -73,8 +74,8 @@ def attention(query, key, value, *, mod=None, scale=None, q_offset=0, kv_offset=
     scale = check_inputs(query, key, value, scale=scale, return_lse=return_lse)
     batch, q_len, heads, head_dim = query.shape
     kv_len = key.shape[1]
-    q_offset = _check_offset(q_offset, batch, "q_offset")
-    kv_offset = _check_offset(kv_offset, batch, "kv_offset")
+    q_offset = _check_offset(q_offset, batch, "q_offset", q_len)
+    kv_offset = _check_offset(kv_offset, batch, "kv_offset", kv_len)
     tensors = check_tensors(mod, tensors, batch=batch, heads=heads, q_len=q_len, kv_len=kv_len,
                             q_offset=q_offset, kv_offset=kv_offset)
 
@@ -138,22 +139,38 @@ def check_inputs(query, key, value, *, scale=None, return_lse=False) -> float:
     return resolve_scale(scale, H)
 
 
-def _check_offset(offset, batch: int, name: str):
-    """A Python int stays an int (static); anything else becomes int32 ``[B]``."""
+def _check_offset(offset, batch: int, name: str, length: int):
+    """A Python int stays an int (static); anything else becomes int32 ``[B]``. The
+    positions ``offset .. offset + length - 1`` must fit in int32 (checked whenever the
+    offset is concrete)."""
     if isinstance(offset, (bool, np.bool_)):
         raise ScoreModShapeError(f"{name} must be an int or an int array [B]; got {offset!r}")
     if isinstance(offset, (int, np.integer)):
+        _check_positions(name, np.asarray([int(offset)], dtype=object), length)
         return int(offset)
     dtype = getattr(offset, "dtype", None)
     if dtype is None or not jnp.issubdtype(dtype, jnp.integer):
         raise ScoreModShapeError(f"{name} must be an int or an int array [B]; got "
                                  f"{getattr(offset, 'dtype', type(offset).__name__)}")
-    if offset.ndim == 0:
-        return jnp.broadcast_to(jnp.asarray(offset, jnp.int32), (batch,))
-    if offset.shape != (batch,):
+    if offset.ndim not in (0, 1) or (offset.ndim == 1 and offset.shape != (batch,)):
         raise ScoreModShapeError(f"{name} must be an int or an int array [B] with B={batch}; got shape "
                                  f"{tuple(offset.shape)}")
-    return jnp.asarray(offset, jnp.int32)
+    values = concrete(offset)
+    if values is not None:
+        _check_positions(name, values.reshape(-1).astype(object), length)
+    if offset.ndim == 0:
+        return jnp.broadcast_to(jnp.asarray(offset).astype(jnp.int32), (batch,))
+    return jnp.asarray(offset).astype(jnp.int32)
+
+
+def _check_positions(name: str, offsets, length: int):
+    """Raise when ``offset`` or ``offset + length - 1`` leaves int32 (Python ints: no overflow here)."""
+    if not len(offsets):
+        return
+    lo, hi = min(int(o) for o in offsets), max(int(o) for o in offsets) + max(length - 1, 0)
+    if lo < INT32_MIN or hi > INT32_MAX:
+        raise ScoreModShapeError(f"{name} puts positions at {lo if lo < INT32_MIN else hi}, outside int32 "
+                                 f"[{INT32_MIN}, {INT32_MAX}]: positions are int32 in every implementation")
 
 
 def check_tensors(mod: Mod, tensors: dict, *, batch: int, heads: int, q_len: int, kv_len: int,
@@ -179,7 +196,7 @@ def check_tensors(mod: Mod, tensors: dict, *, batch: int, heads: int, q_len: int
         check_read_shapes(mod, tensors, batch, heads, q_len, kv_len, q_offset=q_offset, kv_offset=kv_offset)
     except ScoreModTensorError as exc:
         raise ScoreModTensorError(exc.message, source=source, hint=exc.hint) from None
-    arrays = {name: _as_tensor(name, value, source) for name, value in read_tensors(mod, tensors).items()}
+    arrays = {name: as_tensor(name, value, source) for name, value in read_tensors(mod, tensors).items()}
     for part in (mod.canonical.mask, mod.canonical.transform, mod.canonical.bias):
         for node in walk(part) if part is not None else ():
             if not isinstance(node, Tensor):
@@ -192,23 +209,6 @@ def check_tensors(mod: Mod, tensors: dict, *, batch: int, heads: int, q_len: int
                             f"{arrays[inner.name].dtype}; indices must be integers", source=source,
                             hint=f"pass {inner.name} as an int array")
     return arrays
-
-
-def _as_tensor(name: str, value, source: str):
-    if isinstance(value, (bool, np.bool_)):
-        return jnp.asarray(value, jnp.bool_)
-    if isinstance(value, (int, np.integer)):
-        return jnp.asarray(value, jnp.int32)
-    if isinstance(value, (float, np.floating)):
-        return jnp.asarray(value, jnp.float32)
-    if isinstance(value, (list, tuple)):
-        value = np.asarray(value)
-    dtype = getattr(value, "dtype", None)
-    if dtype is None or not (jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)
-                             or dtype == np.bool_):
-        raise ScoreModTensorError(f"tensor parameter '{name}' must be a number or an int, float or bool array; "
-                                  f"got {getattr(value, 'dtype', type(value).__name__)}", source=source)
-    return jnp.asarray(value)
 
 
 # ---- implementations -------------------------------------------------------------------------

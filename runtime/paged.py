@@ -47,8 +47,8 @@ from scoremod.dsl.ast import Var, mentions
 from scoremod.compiler.band import diagonal_band
 from scoremod.compiler.lowering import gather_read
 from scoremod.compiler.mod import Mod
-from scoremod.runtime._dispatch import (as_mod, check_float_arrays, check_head_groups, implementation_names,
-                                        resolve_scale)
+from scoremod.runtime._dispatch import (as_mod, as_tensor, check_float_arrays, check_head_groups, concrete,
+                                        implementation_names, int32_range_error, resolve_scale)
 from scoremod.compiler.tile import TileProgram
 from scoremod.runtime import _paged_kernel as _k
 
@@ -164,16 +164,6 @@ def paged_attention(q, k_pages, v_pages, block_tables, lengths, *, mod=None, sca
 
 # ---- validation -----------------------------------------------------------------------------
 
-def _concrete(x):
-    """``x`` as a NumPy array, or None when it is traced (inside jit/vmap)."""
-    if isinstance(x, jax.core.Tracer):
-        return None
-    try:
-        return np.asarray(x)
-    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
-        return None
-
-
 def _check_arrays(q, k_pages, v_pages, block_tables, lengths, scale) -> float:
     """Shapes, dtypes, and (when concrete) the values of block_tables and lengths."""
     for name, x, layout in (("q", q, "[B, T, N, H]"), ("k_pages", k_pages, "[P, page_size, K, H]"),
@@ -206,7 +196,12 @@ def _check_arrays(q, k_pages, v_pages, block_tables, lengths, scale) -> float:
     max_pages = block_tables.shape[1]
     capacity = max_pages * page_size
 
-    lens = _concrete(lengths)
+    for name, x in (("block_tables", block_tables), ("lengths", lengths)):
+        values = concrete(x)
+        why = int32_range_error(name, values) if values is not None else None
+        if why:
+            raise ScoreModShapeError(why)
+    lens = concrete(lengths)
     if lens is not None and B:
         if (lens < T).any():
             b = int(np.argmax(lens < T))
@@ -216,7 +211,7 @@ def _check_arrays(q, k_pages, v_pages, block_tables, lengths, scale) -> float:
             b = int(np.argmax(lens > capacity))
             raise ScoreModShapeError(f"lengths[{b}]={int(lens[b])} exceeds the block table's capacity "
                                      f"max_pages * page_size = {max_pages} * {page_size} = {capacity}")
-    tables = _concrete(block_tables)
+    tables = concrete(block_tables)
     if tables is not None and lens is not None and B and max_pages:
         used = np.arange(max_pages)[None, :] < -(-lens[:, None] // page_size)   # pages holding keys
         bad = used & ((tables < 0) | (tables >= P))
@@ -239,7 +234,7 @@ def _check_tensors(mod: Mod, tensors: dict, q, block_tables, lengths, page_size:
                                   hint=f"rename it in the source (e.g. {collide[0]}_t)")
     from scoremod.compiler.tensors import check_tensors, read_tensors
     B, T, N, _ = q.shape
-    lens = _concrete(lengths)
+    lens = concrete(lengths)
     if lens is not None:
         kv = dict(kv_len=max(int(lens.max()), 1) if B else 1, kv_offset=0)
         q_offset = lens.astype(np.int64) - T
@@ -250,17 +245,7 @@ def _check_tensors(mod: Mod, tensors: dict, q, block_tables, lengths, page_size:
         check_tensors(mod, tensors, B, N, T, q_offset=q_offset, **kv)
     except ScoreModTensorError as exc:
         raise ScoreModTensorError(exc.message, source=str(mod), hint=exc.hint) from None
-    return {name: _as_array(name, value) for name, value in read_tensors(mod, tensors).items()}
-
-
-def _as_array(name: str, value):
-    if isinstance(value, (bool, np.bool_)):
-        return jnp.asarray(value, jnp.bool_)
-    if isinstance(value, (int, np.integer)):
-        return jnp.asarray(value, jnp.int32)
-    if isinstance(value, (float, np.floating)):
-        return jnp.asarray(value, jnp.float32)
-    return jnp.asarray(np.asarray(value) if isinstance(value, (list, tuple)) else value)
+    return {name: as_tensor(name, value, str(mod)) for name, value in read_tensors(mod, tensors).items()}
 
 
 def _check_kernel_support(mod: Mod, q, k_pages, tensors):

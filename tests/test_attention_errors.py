@@ -63,6 +63,15 @@ BAD = [
     ("float-index", lambda: call(mod="t[ids[b, q]] > 0", ids=IDS.astype(jnp.float32), t=jnp.ones(4)),
      ScoreModTensorError, ["'ids'", "index", "float32", "int"]),
     ("keyword-collision", lambda: call(mod="bias(scale)", scale=1.0), ScoreModError, ["scale"]),
+    # int32 is what every implementation computes in: nothing wider is truncated silently.
+    ("ids-int64", lambda: call(mod="causal & doc(ids)", ids=np.arange(B * S, dtype=np.int64).reshape(B, S) << 32),
+     ScoreModTensorError, ["'ids'", "81604378624", "int32", "np.unique"]),
+    ("scalar-int64", lambda: call(mod="causal & window(w)", w=2**40), ScoreModTensorError, ["'w'", "int32"]),
+    ("q-offset-2-32", lambda: call(q_offset=2**32), ScoreModShapeError, ["q_offset", "4294967303", "int32"]),
+    ("positions-past-int32", lambda: call(kv_offset=2**31 - 5), ScoreModShapeError,
+     ["kv_offset", "2147483652", "int32"]),
+    ("offset-array-int64", lambda: call(q_offset=np.array([0, 2**33])), ScoreModShapeError, ["q_offset", "int32"]),
+    ("negative-offset-past-int32", lambda: call(q_offset=-(2**31) - 1), ScoreModShapeError, ["q_offset", "int32"]),
 ]
 
 
