@@ -74,10 +74,13 @@ def resolve_scale(scale, head_dim: int) -> float:
     if isinstance(scale, (bool, np.bool_)) or not _is_real_scalar(scale):
         raise ScoreModShapeError(f"scale must be a real number; got {scale!r}")
     try:
-        return float(scale)
+        value = float(scale)
     except jax.errors.ConcretizationTypeError:
         raise ScoreModShapeError("scale must be a static Python number, not a traced value",
                                  hint="pass it as a constant (or close over it) instead of a jit argument") from None
+    if not math.isfinite(value):
+        raise ScoreModShapeError(f"scale must be a finite number; got {value}")
+    return value
 
 
 def _is_real_scalar(x) -> bool:

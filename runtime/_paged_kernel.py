@@ -125,7 +125,7 @@ def _kernel(q_ref, k_ref, v_ref, logical_ref, physical_ref, count_ref, length_re
             jnp.full((rows,), -jnp.inf, jnp.float32),
             jnp.zeros((rows,), jnp.float32))
     acc, m, l = lax.fori_loop(first, last, body, init)
-    seen = l > 0
+    seen = l != 0    # NaN (a NaN or +inf logit) propagates; only l == 0 saw no key
     m_safe = jnp.where(seen, m, 0.0)
     o = acc / jnp.where(seen, l, 1.0)[:, None]
     lse = jnp.where(seen, m_safe + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)
@@ -205,8 +205,9 @@ def combine_splits(o, lse):
     m_safe = jnp.where(m == -jnp.inf, 0.0, m)
     w = jnp.exp(lse - m_safe)                                    # 0 for empty splits
     denom = jnp.sum(w, axis=2)
-    out = jnp.sum(w[..., None] * o, axis=2) / jnp.where(denom > 0, denom, 1.0)[..., None]
-    lse_out = jnp.where(denom > 0, m_safe[:, :, 0] + jnp.log(jnp.where(denom > 0, denom, 1.0)), -jnp.inf)
+    seen = denom != 0
+    out = jnp.sum(w[..., None] * o, axis=2) / jnp.where(seen, denom, 1.0)[..., None]
+    lse_out = jnp.where(seen, m_safe[:, :, 0] + jnp.log(jnp.where(seen, denom, 1.0)), -jnp.inf)
     return out, lse_out
 
 

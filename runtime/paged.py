@@ -498,7 +498,7 @@ def _paged_reference_jit(q, k_pages, v_pages, block_tables, lengths, tensors, *,
     m = jnp.where(m == -jnp.inf, 0.0, m)
     p = jnp.exp(logits - m)
     l = jnp.sum(p, axis=-1, keepdims=True)
-    p = p / jnp.where(l > 0, l, 1.0)
+    p = p / jnp.where(l != 0, l, 1.0)
     out = jnp.einsum("bkgts,bskh->btkgh", p.reshape(B, K, G, T, S), v, precision=hi)
     return out.reshape(B, T, N, H).astype(q.dtype)
 

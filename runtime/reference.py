@@ -58,12 +58,13 @@ def reference_attention(query, key, value, *, mod, scale: float, q_offset=0, kv_
     logits = jnp.broadcast_to(score_mod(scores, b, h, qpos, kvpos), (B, N, T, S))
 
     # Softmax with the row max taken out; a row whose logits are all -inf has l = 0 and
-    # gives 0 (and lse -inf) instead of 0/0.
+    # gives 0 (and lse -inf) instead of 0/0. A NaN or +inf logit makes l NaN: the row's
+    # output and lse are NaN, as on every path (docs/attention.md, NaN and inf).
     row_max = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
-    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+    row_max = jnp.where(row_max == -jnp.inf, 0.0, row_max)
     p = jnp.exp(logits - row_max)
     l = jnp.sum(p, axis=-1, keepdims=True)
-    has_key = l > 0
+    has_key = l != 0
     l_safe = jnp.where(has_key, l, 1.0)
     weights = (p / l_safe).reshape(B, K, G, T, S)
     out = jnp.einsum("bkgts,bskh->btkgh", weights, v, precision=hi).reshape(B, T, N, H)

@@ -226,7 +226,7 @@ def _forward(cfg: _Config, query, key, value, tensors, q_off, kv_off):
         init = (jnp.full((B, K, G, bq), -jnp.inf, jnp.float32), jnp.zeros((B, K, G, bq), jnp.float32),
                 jnp.zeros((B, K, G, bq, H), jnp.float32))
         m, l, acc = lax.fori_loop(0, jnp.asarray(kv_counts)[qi], visit, init)
-        has_key = l > 0
+        has_key = l != 0    # NaN (a NaN or +inf logit) propagates; only l == 0 is "no key"
         l_safe = jnp.where(has_key, l, 1.0)
         out = jnp.where(has_key[..., None], acc / l_safe[..., None], 0.0)
         lse = jnp.where(has_key, m + jnp.log(l_safe), -jnp.inf)
@@ -263,7 +263,7 @@ def _backward(cfg: _Config, query, key, value, tensors, q_off, kv_off, out, lse,
             rows = lambda x: lax.dynamic_slice_in_dim(x, qi * bq, bq, axis=3)
             q_blk, do_blk, lse_blk, delta_blk, dlse_blk = map(rows, (q, do, lse, delta, dlse))
             logits, logits_vjp = jax.vjp(lambda s: tile_logits(s, qi, c), _scores(cfg, q_blk, k_c))
-            has_key = jnp.isfinite(lse_blk)[..., None]
+            has_key = (lse_blk != -jnp.inf)[..., None]
             p = jnp.where(has_key, jnp.exp(logits - jnp.where(has_key, lse_blk[..., None], 0.0)), 0.0)
             dv_c = dv_c + jnp.einsum("bkgqc,bkgqh->bkch", p.astype(do.dtype), do_blk,
                                      preferred_element_type=jnp.float32)

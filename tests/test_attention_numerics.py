@@ -254,3 +254,61 @@ def test_empty_sequences():
     out, lse = scoremod.attention(q, k[:, :0], v[:, :0], return_lse=True)
     assert out.shape == q.shape and not np.any(out) and np.all(np.isneginf(lse))
     assert scoremod.attention(q[:, :0], k, v).shape == (1, 0, 2, 8)
+
+
+# ---- NaN and inf: one behaviour on every path (docs/attention.md) -------------------------------
+
+NAN_IMPLS = ["reference", "xla", "xla-small", "pallas"]
+
+
+def _nan_case(which):
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((1, 12, 2, 16)).astype(np.float32)
+    k = rng.standard_normal((1, 12, 1, 16)).astype(np.float32)
+    v = rng.standard_normal((1, 12, 1, 16)).astype(np.float32)
+    if which == "q":
+        q[0, 5, 1] = np.nan               # one query row of head 1
+    elif which == "k":
+        k[0, 4] = np.nan                  # a key every row >= 4 may attend
+    elif which == "v":
+        v[0, 4, 0, 3] = np.nan
+    return jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
+
+
+def _expected_nan_rows(which, mod):
+    rows = np.zeros((12, 2), bool)
+    if mod == "where(causal, inf, 0)":
+        rows[:] = True                    # a +inf logit on every row
+    elif which == "q":
+        rows[5, 1] = True
+    elif which in ("k", "v"):
+        rows[4:, :] = True                # rows that may attend key 4
+    return rows
+
+
+@pytest.mark.parametrize("impl", NAN_IMPLS)
+@pytest.mark.parametrize("which, mod", [("q", "causal"), ("k", "causal"), ("v", "causal"),
+                                        ("none", "where(causal, inf, 0)")])
+def test_nan_and_inf_propagate_the_same_way_everywhere(impl, which, mod):
+    q, k, v = _nan_case(which)
+    with implementation(impl) as name:
+        out, lse = scoremod.attention(q, k, v, mod=mod, implementation=name, return_lse=True)
+    out, lse = np.asarray(out), np.asarray(lse)
+    want = _expected_nan_rows(which, mod)
+    got_out = np.isnan(out).any(axis=-1)[0]        # [T, N]
+    if which == "v":
+        # A NaN value reaches the output of every row that attends it; rows that may not
+        # attend it can still get 0 * NaN in the P @ V product (unspecified, documented).
+        # Values never enter the lse.
+        assert got_out[want].all() and np.isfinite(lse).all()
+        return
+    assert (got_out == want).all(), np.argwhere(got_out != want)
+    assert (np.isnan(lse[0]) == want).all(), lse[0]
+    assert np.isfinite(out[0][~want]).all() and np.isfinite(lse[0][~want]).all()
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), -float("inf")])
+def test_a_non_finite_scale_is_an_error(scale):
+    q, k, v = _nan_case("none")
+    with pytest.raises(scoremod.ScoreModShapeError, match="finite"):
+        scoremod.attention(q, k, v, scale=scale)

@@ -354,3 +354,24 @@ def test_gpu_long_context_split():
         out = paged_attention(bf(q), bf(kp), bf(vp), tables, lengths, mod=source, implementation="pallas")
         ref = paged_attention(bf(q), bf(kp), bf(vp), tables, lengths, mod=source, implementation="reference")
         np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("impl", ["reference", "pallas"])
+def test_nan_query_rows_and_inf_logits_propagate(impl):
+    """A NaN query row gives a NaN row (only that row); a +inf logit gives NaN: as attention()."""
+    from scoremod import paged_attention
+    from scoremod.runtime.paged import PagedBlockSizes
+    rng = np.random.default_rng(3)
+    q, kp, vp, tables, lengths = make_cache(rng, B=2, T=2, N=4, K=2, lengths=[20, 9])
+    q[1, 0, 2] = np.nan
+    # Several splits per sequence: the merge of their lse must not drop a NaN split.
+    extra = dict(block_sizes=PagedBlockSizes(block_kv=4, num_splits=3)) if impl == "pallas" else {}
+    out = np.asarray(paged_attention(q, kp, vp, tables, lengths, mod="causal", implementation=impl, **extra))
+    nan_rows = np.isnan(out).any(axis=-1)
+    expected = np.zeros_like(nan_rows)
+    expected[1, 0, 2] = True
+    assert (nan_rows == expected).all()
+    q[1, 0, 2] = 0.0
+    out = np.asarray(paged_attention(q, kp, vp, tables, lengths, mod="where(causal, inf, 0)", implementation=impl,
+                                     **extra))
+    assert np.isnan(out).all()
