@@ -269,7 +269,10 @@ def _backward(cfg: _Config, query, key, value, tensors, q_off, kv_off, out, lse,
                                      preferred_element_type=jnp.float32)
             dp = jnp.einsum("bkgqh,bkch->bkgqc", do_blk, v_c, preferred_element_type=jnp.float32)
             dlogits = p * (dp - delta_blk[..., None] + dlse_blk[..., None])
-            ds = (logits_vjp(dlogits)[0] * cfg.scale).astype(q.dtype)
+            # Only logits with p > 0 carry gradient. Elsewhere (masked, padding rows and
+            # columns of ragged tiles, where scores are exactly 0) the transform's derivative
+            # may be inf (sqrt(abs(score)) at 0) and 0 * inf would be NaN.
+            ds = (jnp.where(p > 0, logits_vjp(dlogits)[0], 0.0) * cfg.scale).astype(q.dtype)
             dq_blk = jnp.einsum("bkgqc,bkch->bkgqh", ds, k_c, preferred_element_type=jnp.float32)
             dq = lax.dynamic_update_slice_in_dim(dq, rows(dq) + dq_blk, qi * bq, axis=3)
             dk_c = dk_c + jnp.einsum("bkgqc,bkgqh->bkch", ds, q_blk, preferred_element_type=jnp.float32)
