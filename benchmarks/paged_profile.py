@@ -35,7 +35,8 @@ from paged_bench import copy_bandwidth, iterations, time_call
 
 from scoremod.compiler.mod import compile_mod
 from scoremod.runtime import _paged_kernel as kern
-from scoremod.runtime.paged import PagedBlockSizes, paged_attention, walk_pages, _num_splits, _program
+from scoremod.compiler.page_walk import walk_pages
+from scoremod.runtime.paged import PagedBlockSizes, paged_attention, _num_splits, _program
 
 # The settings of the 2026-11-22 sweep (RESULTS.md), less the "prefetch the next page ids"
 # kernel variant it also tried (not kept: slower at B = 1, faster at B = 8).

@@ -4,8 +4,9 @@ arrays, head counts and ``scale``."""
 
 from __future__ import annotations
 
+import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +14,8 @@ import numpy as np
 
 from scoremod.errors import ScoreModError, ScoreModShapeError, ScoreModTensorError
 from scoremod.compiler.mod import Mod, compile_mod
+
+logger = logging.getLogger("scoremod")
 
 NO_MASK = "true"
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
@@ -44,6 +47,29 @@ def implementation_names(implementation, *, known: tuple[str, ...], on_gpu: tupl
             raise ScoreModError(f"unknown implementation {name!r} for {what}; expected one of "
                                 f"{', '.join(known)} (or None for the best available)")
     return tuple(names)
+
+
+def run_first(names: Sequence[str], runners: Mapping[str, Callable], *, what: str, mod: Mod, **call):
+    """Run ``runners[name](mod=mod, **call)`` for the first of ``names`` that does not decline.
+
+    A runner declines with ``NotImplementedError`` (or an ``ImportError`` of its module);
+    each decline and the final choice are logged on ``logging.getLogger("scoremod")`` at
+    INFO. When every one declines, a ``NotImplementedError`` gives every reason.
+    """
+    reasons = []   # (name, why it declined)
+    for name in names:
+        try:
+            result = runners[name](mod=mod, **call)
+        except (NotImplementedError, ImportError) as exc:
+            reasons.append((name, str(exc)))
+            logger.info("scoremod.%s: %s cannot run %r: %s", what, name, str(mod), exc)
+            continue
+        logger.info("scoremod.%s: using %s for %r", what, name, str(mod))
+        return result
+    if len(reasons) == 1:
+        raise NotImplementedError(f"{names[0]} cannot run {str(mod)!r}: {reasons[0][1]}")
+    raise NotImplementedError(f"no implementation among {', '.join(names)} can run {str(mod)!r}: "
+                              + "; ".join(f"{name}: {why}" for name, why in reasons))
 
 
 def check_float_arrays(arrays: dict) -> None:

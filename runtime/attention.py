@@ -15,7 +15,6 @@ any implementation traces: a ``ScoreModShapeError`` for query/key/value/options,
 
 from __future__ import annotations
 
-import logging
 
 import jax
 import jax.numpy as jnp
@@ -27,11 +26,10 @@ from scoremod.compiler.tensors import check_tensors as check_read_shapes, read_t
 from scoremod.compiler.mod import Mod, compile_mod
 from scoremod.runtime._dispatch import (INT32_MAX, INT32_MIN, as_mod, as_tensor, check_float_arrays,
                                         check_head_groups, concrete, implementation_names,
-                                        resolve_scale)
+                                        resolve_scale, run_first)
 
 __all__ = ["attention", "check_inputs", "check_tensors", "IMPLEMENTATIONS", "RESERVED_KEYWORDS"]
 
-logger = logging.getLogger("scoremod")
 
 IMPLEMENTATIONS = ("reference", "xla", "pallas", "mosaic", "cudnn")
 RESERVED_KEYWORDS = ("query", "key", "value", "mod", "scale", "q_offset", "kv_offset",
@@ -84,22 +82,10 @@ def attention(query, key, value, *, mod=None, scale=None, q_offset=0, kv_offset=
         lse = jnp.full((batch, q_len, heads), -jnp.inf, jnp.float32)
         return (out, lse) if return_lse else out
 
-    call = dict(mod=mod, scale=scale, q_offset=q_offset, kv_offset=kv_offset, return_lse=return_lse,
-                tensors=tensors)
-    reasons = []   # (name, why it declined)
-    for name in names:
-        try:
-            out, lse = _RUNNERS[name](query, key, value, **call)
-        except (NotImplementedError, ImportError) as exc:
-            reasons.append((name, str(exc)))
-            logger.info("scoremod.attention: %s cannot run %r: %s", name, str(mod), exc)
-            continue
-        logger.info("scoremod.attention: using %s for %r", name, str(mod))
-        return (out, lse) if return_lse else out
-    if len(reasons) == 1:
-        raise NotImplementedError(f"{names[0]} cannot run {str(mod)!r}: {reasons[0][1]}")
-    raise NotImplementedError(f"no implementation among {', '.join(names)} can run {str(mod)!r}: "
-                              + "; ".join(f"{name}: {why}" for name, why in reasons))
+    out, lse = run_first(names, _RUNNERS, what="attention", mod=mod, query=query, key=key, value=value,
+                         scale=scale, q_offset=q_offset, kv_offset=kv_offset, return_lse=return_lse,
+                         tensors=tensors)
+    return (out, lse) if return_lse else out
 
 
 # ---- validation ------------------------------------------------------------------------------

@@ -23,14 +23,12 @@ kernel, and expressions using operations Mosaic GPU cannot lower (real ``//``, `
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from scoremod.compiler.plan import build_plan
 from scoremod.compiler.tile import TileProgram

@@ -35,7 +35,6 @@ one below T puts queries at negative positions).
 from __future__ import annotations
 
 import functools
-import logging
 from dataclasses import dataclass
 
 import jax
@@ -43,21 +42,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from scoremod.errors import ScoreModError, ScoreModShapeError, ScoreModTensorError
-from scoremod.dsl.ast import Var, mentions
-from scoremod.compiler.band import diagonal_band
+from scoremod.dsl.ast import Var
 from scoremod.compiler.lowering import gather_read
 from scoremod.compiler.mod import Mod
+from scoremod.compiler.page_walk import query_positions, walk_pages
 from scoremod.runtime._dispatch import (as_mod, as_tensor, check_float_arrays, check_head_groups, concrete,
-                                        implementation_names, int32_range_error, resolve_scale)
+                                        implementation_names, int32_range_error, resolve_scale, run_first)
 from scoremod.compiler.tile import TileProgram
 from scoremod.runtime import _paged_kernel as _k
 
-__all__ = ["paged_attention", "paged_attention_reference", "page_classes", "compact_pages", "walk_pages", "WalkPlan",
-           "PagedBlockSizes", "PAGED_IMPLEMENTATIONS", "PAGED_KEYWORDS", "EMPTY", "PARTIAL", "FULL"]
+__all__ = ["paged_attention", "paged_attention_reference", "PagedBlockSizes", "PAGED_IMPLEMENTATIONS",
+           "PAGED_KEYWORDS"]
 
-logger = logging.getLogger("scoremod")
 
-EMPTY, PARTIAL, FULL = 0, 1, 2
 PAGED_IMPLEMENTATIONS = ("pallas", "reference", "xla")
 PAGED_KEYWORDS = ("q", "k_pages", "v_pages", "block_tables", "lengths", "mod", "scale",
                   "implementation", "interpret", "block_sizes")
@@ -141,25 +138,27 @@ def paged_attention(q, k_pages, v_pages, block_tables, lengths, *, mod=None, sca
     if q.shape[1] == 0:
         return jnp.zeros(q.shape, q.dtype)
 
-    reasons = []
-    for name in names:
-        try:
-            if name == "pallas":
-                _check_kernel_support(mod, q, k_pages, tensors)
-                out = _paged_pallas(q, k_pages, v_pages, block_tables, lengths, tensors, mod=mod,
-                                    scale=scale, block_sizes=block_sizes, interpret=bool(interpret))
-            else:
-                out = _paged_reference_jit(q, k_pages, v_pages, block_tables, lengths, tensors,
-                                           mod=mod, scale=scale)
-        except (NotImplementedError, ImportError) as exc:
-            reasons.append(f"{name}: {exc}")
-            logger.info("scoremod.paged_attention: %s cannot run %r (%s); trying the next", name, str(mod), exc)
-            continue
-        logger.info("scoremod.paged_attention: using %s for %r%s", name, str(mod),
-                    f" (after {'; '.join(reasons)})" if reasons else "")
-        return out
-    raise NotImplementedError(f"no implementation among {', '.join(names)} can run {str(mod)!r}: "
-                              + "; ".join(reasons))
+    return run_first(names, _RUNNERS, what="paged_attention", mod=mod, q=q, k_pages=k_pages, v_pages=v_pages,
+                     block_tables=block_tables, lengths=lengths, tensors=tensors, scale=scale,
+                     block_sizes=block_sizes, interpret=bool(interpret))
+
+
+# ---- implementations ------------------------------------------------------------------------
+# Each runner takes validated inputs and returns the output, or raises NotImplementedError
+# saying why it cannot run this call.
+
+def _run_pallas(q, k_pages, v_pages, block_tables, lengths, *, mod, tensors, scale, block_sizes, interpret):
+    _check_kernel_support(mod, q, k_pages, tensors)
+    return _paged_pallas(q, k_pages, v_pages, block_tables, lengths, tensors, mod=mod, scale=scale,
+                         block_sizes=block_sizes, interpret=interpret)
+
+
+def _run_reference(q, k_pages, v_pages, block_tables, lengths, *, mod, tensors, scale, block_sizes, interpret):
+    return _paged_reference_jit(q, k_pages, v_pages, block_tables, lengths, tensors, mod=mod, scale=scale)
+
+
+# "xla" is the reference's gather path (there is no separate chunked one for decode).
+_RUNNERS = {"pallas": _run_pallas, "reference": _run_reference, "xla": _run_reference}
 
 
 # ---- validation -----------------------------------------------------------------------------
@@ -268,197 +267,6 @@ def _program(mod: Mod, tensors: dict) -> TileProgram:
 
 # ---- positions, page classes and the compacted page list ------------------------------------
 
-def _q_positions(lengths, num_tokens: int):
-    """int32[B, T]: ``lengths[b] - T + i``."""
-    return lengths[:, None] - num_tokens + jnp.arange(num_tokens, dtype=jnp.int32)[None, :]
-
-
-def page_classes(mod, lengths, num_tokens: int, page_size: int, max_pages: int, *, heads: int,
-                 tensors=None, exact: bool = False):
-    """int8[B, max_pages]: the block class of each (sequence, logical page).
-
-    EMPTY: no query of the sequence (any head) may attend any existing key of the page;
-    pages past the length are EMPTY. FULL: the page lies wholly below the length and
-    every query (every head) may attend every key of it. PARTIAL otherwise.
-
-    By default the mask is classified by interval analysis
-    (``scoremod.compiler.intervals.classify_blocks``, one rectangle per page: the T
-    query positions by the page's key positions): sound for every mask, exact for the
-    prelude masks on sorted ids, O(B * max_pages) plus O(size) per tensor, and
-    jittable (new lengths or ids never recompile). ``exact=True`` evaluates the mask at
-    every (head, query, key) position instead: exact for any mask (unsorted ids,
-    ``dilated``), at O(B * T * max_pages * page_size) (times N when the mask reads ``h``).
-    """
-    lengths = jnp.asarray(lengths, jnp.int32)
-    return _page_classes(as_mod(mod), lengths, dict(tensors or {}), jnp.zeros(lengths.shape, jnp.int32),
-                         num_tokens=num_tokens, page_size=page_size, num_pages=max_pages, heads=heads,
-                         exact=exact)
-
-
-@functools.partial(jax.jit, static_argnames=("mod", "num_tokens", "page_size", "num_pages", "heads", "exact"))
-def _page_classes(mod, lengths, tensors, first_page, *, num_tokens, page_size, num_pages, heads, exact):
-    """Classes of the pages ``first_page[b] + j`` (j < num_pages) of each sequence: [B, num_pages]."""
-    page = first_page[:, None] + jnp.arange(num_pages, dtype=jnp.int32)[None, :]
-    holds_keys = page * page_size < lengths[:, None]                              # [B, num_pages]
-    whole = (page + 1) * page_size <= lengths[:, None]
-    if not mod.canonical.has_mask:
-        nonempty, full = holds_keys, whole
-    elif exact:
-        nonempty, full = _exact_page_truth(mod, lengths, tensors, first_page, num_tokens, page_size, num_pages,
-                                           heads)
-    else:
-        nonempty, full = _interval_page_truth(mod, lengths, tensors, first_page, num_tokens, page_size,
-                                              num_pages, heads)
-    nonempty = nonempty & holds_keys
-    return jnp.where(nonempty, jnp.where(full & whole, FULL, PARTIAL), EMPTY).astype(jnp.int8)
-
-
-def _interval_page_truth(mod, lengths, tensors, first_page, num_tokens, page_size, num_pages, heads):
-    from scoremod.compiler.intervals import BlockGrid, PositionBlocks, classify_blocks
-    B = lengths.shape[0]
-    grid = BlockGrid(B, heads, PositionBlocks(num_tokens, num_tokens, lengths - num_tokens),
-                     PositionBlocks(num_pages * page_size, page_size, first_page * page_size))
-    reads = {n: tensors[n] for n in mod.tensors if n in tensors}
-    classes = jnp.asarray(classify_blocks(mod.canonical.mask, grid, reads, jnp))  # [B'|1, H'|1, 1, num_pages]
-    classes = jnp.broadcast_to(classes[:, :, 0, :], (B, classes.shape[1], num_pages))
-    return jnp.any(classes != EMPTY, axis=1), jnp.all(classes == FULL, axis=1)
-
-
-def _exact_page_truth(mod, lengths, tensors, first_page, num_tokens, page_size, num_pages, heads):
-    B = lengths.shape[0]
-    S = num_pages * page_size
-    kv = first_page[:, None] * page_size + jnp.arange(S, dtype=jnp.int32)[None, :]    # [B, S]
-    exists = kv < lengths[:, None]
-    n_h = heads if _mask_reads_axis(mod.canonical.mask, "h") else 1
-    mask_mod = mod.mask_mod(**{n: tensors[n] for n in mod.tensors})
-    b = jnp.arange(B, dtype=jnp.int32)[:, None, None, None]
-    h = jnp.arange(n_h, dtype=jnp.int32)[None, :, None, None]
-    qpos = _q_positions(lengths, num_tokens)[:, None, :, None]
-    allowed = mask_mod(b, h, qpos, kv[:, None, None, :])                          # [B, n_h, T, S]
-    allowed = jnp.broadcast_to(allowed, (B, n_h, num_tokens, S)).reshape(B, n_h * num_tokens, num_pages, page_size)
-    nonempty = jnp.any(allowed & exists.reshape(B, 1, num_pages, page_size), axis=(1, 3))
-    return nonempty, jnp.all(allowed, axis=(1, 3))
-
-
-def _mask_reads_axis(mask, var: str) -> bool:
-    """Whether the mask depends on ``var`` directly or through a tensor index."""
-    return mentions(mask, var)
-
-
-@functools.partial(jax.jit, static_argnames=("num_pool_pages", "list_len"))
-def compact_pages(classes, block_tables, num_pool_pages: int, list_len: int | None = None, first_page=None):
-    """The non-EMPTY pages of each sequence, in position order.
-
-    ``classes`` int8[B, C] are the classes of the logical pages ``first_page[b] + j``
-    (``first_page`` int32[B], default 0: then ``C`` is every page of the table).
-    Returns ``(logical int32[B, L], physical int32[B, L], counts int32[B])``: entry ``i``
-    of row ``b`` (``i < counts[b]``) is the ``i``-th non-EMPTY logical page and its pool
-    page ``block_tables[b, logical]`` (clipped into the pool). Entries past the count are
-    the last listed page again (read only by masked lanes). ``L = list_len`` (default C)
-    must be at least C.
-    """
-    B, C = classes.shape
-    max_pages = block_tables.shape[1]
-    L = C if list_len is None else list_len
-    nonempty = classes != EMPTY
-    slot = jnp.where(nonempty, jnp.cumsum(nonempty, axis=1, dtype=jnp.int32) - 1, L)
-    rows = jnp.broadcast_to(jnp.arange(B, dtype=jnp.int32)[:, None], (B, C))
-    pages = jnp.broadcast_to(jnp.arange(C, dtype=jnp.int32)[None, :], (B, C))
-    if first_page is not None:
-        pages = pages + first_page[:, None]
-    logical = jnp.zeros((B, L), jnp.int32).at[rows, slot].set(pages, mode="drop")
-    counts = jnp.sum(nonempty, axis=1, dtype=jnp.int32)
-    return _repeat_last_and_look_up(logical, counts, block_tables, num_pool_pages, max_pages)
-
-
-def _repeat_last_and_look_up(logical, counts, block_tables, num_pool_pages: int, max_pages: int):
-    """Past the count, repeat the last listed page (lanes there are masked, and a page the
-    walk reads anyway costs no extra memory traffic, where an EMPTY page could hold
-    garbage); then the pool pages of the list."""
-    L = logical.shape[1]
-    last = jnp.take_along_axis(logical, jnp.maximum(counts - 1, 0)[:, None], axis=1)
-    logical = jnp.where(jnp.arange(L, dtype=jnp.int32)[None, :] < counts[:, None], logical, last)
-    tables = jnp.clip(jnp.asarray(block_tables, jnp.int32), 0, num_pool_pages - 1)
-    physical = jnp.take_along_axis(tables, jnp.clip(logical, 0, max_pages - 1), axis=1)
-    return logical, physical, counts
-
-
-# ---- the pages the kernel walks ---------------------------------------------------------------
-
-@dataclass(frozen=True)
-class WalkPlan:
-    """How the pages to walk are found, decided from the mask alone (static).
-
-    From the mask's diagonal band (``scoremod.compiler.band``): only keys
-    ``kv >= lengths - T - hi`` can be allowed (none when ``hi`` is unbounded), and only
-    keys ``kv <= lengths - 1 - max(lo, 0)``. So each sequence has at most
-    ``num_candidates`` candidate pages, starting at ``first_page``, whatever its length.
-    ``exact``: the mask is the band itself, so every candidate page that holds an
-    allowed key is a run ``first .. last`` found by arithmetic; otherwise the
-    candidates are classified by interval analysis and compacted.
-    """
-    lo: int            # lower bound on q - kv among existing keys (max(lo, 0))
-    hi: int | None     # upper bound, None: unbounded
-    exact: bool
-    empty: bool
-    num_candidates: int
-
-    @classmethod
-    def build(cls, mod: Mod, num_tokens: int, page_size: int, max_pages: int) -> "WalkPlan":
-        band = diagonal_band(mod.canonical.mask)
-        lo = 0 if band.lo is None else max(band.lo, 0)
-        hi = band.hi
-        empty = band.empty or (hi is not None and hi - lo + num_tokens < 1)
-        if empty:
-            return cls(lo, hi, True, True, 1)
-        if hi is None:
-            return cls(lo, hi, band.exact, False, max_pages)
-        span = hi - lo + num_tokens                                 # candidate keys per sequence
-        return cls(lo, hi, band.exact, False, min(max_pages, (span + page_size - 2) // page_size + 1))
-
-
-def walk_pages(mod: Mod, lengths, block_tables, tensors, *, num_tokens: int, page_size: int, heads: int,
-               num_pool_pages: int, multiple_of: int = 1):
-    """The pages the kernel walks: ``(logical, physical, counts)`` as ``compact_pages``
-    returns them, with a list length that is a multiple of ``multiple_of``.
-
-    Every page holding a key that some query may attend is listed (a superset of the
-    non-EMPTY pages, equal to them for exact bands and the prelude masks on sorted
-    ids), in position order. Work is O(B * num_candidates) (``WalkPlan``): a sliding
-    window looks at its last pages only, whatever the context length.
-    """
-    max_pages = block_tables.shape[1]
-    plan = WalkPlan.build(mod, num_tokens, page_size, max_pages)
-    list_len = -(-plan.num_candidates // multiple_of) * multiple_of
-    return _walk_pages(mod, plan, lengths, block_tables, tensors, num_tokens=num_tokens, page_size=page_size,
-                       heads=heads, num_pool_pages=num_pool_pages, list_len=list_len)
-
-
-def _walk_pages(mod, plan: WalkPlan, lengths, block_tables, tensors, *, num_tokens, page_size, heads,
-                num_pool_pages, list_len):
-    B, max_pages = block_tables.shape
-    if plan.empty:
-        zeros = jnp.zeros((B, list_len), jnp.int32)
-        return _repeat_last_and_look_up(zeros, jnp.zeros((B,), jnp.int32), block_tables, num_pool_pages,
-                                        max(max_pages, 1))
-    first_key = jnp.zeros_like(lengths) if plan.hi is None else jnp.maximum(lengths - num_tokens - plan.hi, 0)
-    first_page = first_key // page_size
-    if plan.exact:
-        last_key = jnp.minimum(lengths - 1 - plan.lo, lengths - 1)
-        counts = jnp.where(last_key >= first_key, last_key // page_size - first_page + 1, 0)
-        # Under jit a length beyond the table is trusted: walk only the pages the table has.
-        counts = jnp.clip(counts, 0, jnp.maximum(max_pages - first_page, 0)).astype(jnp.int32)
-        logical = first_page[:, None] + jnp.arange(list_len, dtype=jnp.int32)[None, :]
-        return _repeat_last_and_look_up(logical, counts, block_tables, num_pool_pages, max_pages)
-    classes = _page_classes(mod, lengths, tensors, first_page, num_tokens=num_tokens, page_size=page_size,
-                            num_pages=plan.num_candidates, heads=heads, exact=False)
-    in_table = first_page[:, None] + jnp.arange(plan.num_candidates, dtype=jnp.int32)[None, :] < max_pages
-    classes = jnp.where(in_table, classes, jnp.int8(EMPTY))
-    return compact_pages(classes, block_tables, num_pool_pages, list_len, first_page)
-
-
-# ---- the reference path -----------------------------------------------------------------------
-
 def paged_attention_reference(q, k_pages, v_pages, block_tables, lengths, *, mod=None, scale=None,
                               **tensors):
     """Gather every sequence's pages into dense K/V, then dense masked attention in f32.
@@ -485,7 +293,7 @@ def _paged_reference_jit(q, k_pages, v_pages, block_tables, lengths, tensors, *,
 
     b = jnp.arange(B, dtype=jnp.int32)[:, None, None, None]
     h = jnp.arange(N, dtype=jnp.int32)[None, :, None, None]
-    qpos = _q_positions(lengths, T)[:, None, :, None]
+    qpos = query_positions(lengths, T)[:, None, :, None]
     kvpos = jnp.arange(S, dtype=jnp.int32)[None, None, None, :]
     score_mod = mod.score_mod(**{n: jax.lax.stop_gradient(t) for n, t in tensors.items()})
     logits = jnp.broadcast_to(score_mod(scores, b, h, qpos, kvpos), (B, N, T, S))
@@ -584,7 +392,7 @@ def _paged_pallas(q, k_pages, v_pages, block_tables, lengths, tensors, *, mod, s
     q_rows = jnp.pad(q_rows, ((0, 0), (0, 0), (0, rows - T * G), (0, 0)))
     reads, layouts = _layout_reads(program, tensors, batch=B, heads=N, kv_heads=K, num_tokens=T, rows=rows,
                                    max_pages=max_pages, page_size=page_size,
-                                   q_positions=_q_positions(lengths, T))
+                                   q_positions=query_positions(lengths, T))
     o, lse = _k.paged_decode_partials(
         q_rows, k_pages, v_pages, logical, physical, counts, lengths, reads,
         program=program, layouts=layouts, num_tokens=T, group=G, scale=scale,

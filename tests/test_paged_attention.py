@@ -24,8 +24,8 @@ from strategies import diagonal_masks, prelude_masks, sources, tensors_for
 
 from scoremod.compiler.mod import compile_mod
 from scoremod.compiler.band import diagonal_band
-from scoremod.runtime.paged import (EMPTY, FULL, PagedBlockSizes, WalkPlan, compact_pages, page_classes,
-                                    paged_attention, walk_pages, _program)
+from scoremod.compiler.page_walk import EMPTY, FULL, WalkPlan, compact_pages, page_classes, walk_pages
+from scoremod.runtime.paged import PagedBlockSizes, paged_attention, _program
 
 ON_GPU = jax.default_backend() == "gpu"
 
