@@ -9,7 +9,8 @@
       ░░······
       ...
 
-The report: canonical form, kind, the lowering (``lowering_summary``), block counts,
+The report: canonical form, kind, what the runtime would run (``lowering``: ``dslc explain``
+fills it in from the runtime's dispatch, ``runtime/_dispatch.dispatch_summary``), block counts,
 density (the fraction of blocks a kernel visits), FLOPs saved against dense attention,
 the bytes of plan metadata kernels read, and the block grid (FlexAttention's
 ``BlockMask.__str__`` style), downsampled to the terminal width, one grid per distinct
@@ -18,51 +19,23 @@ the bytes of plan metadata kernels read, and the block grid (FlexAttention's
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import shutil
-import sys
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from scoremod.errors import ScoreModError, ScoreModTensorError
 from scoremod.compiler.intervals import EMPTY, FULL, PARTIAL, BlockGrid, PositionBlocks, classify_blocks
 
-__all__ = ["Explanation", "explain", "lowering_summary", "configure_explain_parser", "run_explain_command",
-           "parse_tensor_value", "GRID_JSON_LIMIT"]
+__all__ = ["Explanation", "explain", "GRID_JSON_LIMIT"]
 
 # JSON output leaves the grid out above this many cells.
 GRID_JSON_LIMIT = 1_000_000
 _CHARS = {FULL: "█", PARTIAL: "░", EMPTY: "·"}
 _MAX_GRID_ROWS = 64
 _MAX_GRIDS_SHOWN = 4
-
-
-def lowering_summary(mod) -> str:
-    """One paragraph: which implementation would run the mod and why (update with the runtime)."""
-    canonical = mod.canonical
-    kernel = "pallas block-sparse flash kernel on GPU"
-    if not canonical.has_mask:
-        what = "visits every block (no mask)"
-    else:
-        what = "visits only non-empty blocks and evaluates the mask on PARTIAL ones only"
-    extras = []
-    if canonical.bias is not None:
-        extras.append("adds the bias inside the kernel")
-    if canonical.transform is not None:
-        extras.append("applies the transform to each score tile, with its derivative in score for the backward")
-    if canonical.tensors:
-        plan = f"its block plan is built on device from {', '.join(canonical.tensors)} (new values never recompile)"
-    else:
-        plan = "its block plan is static (built once with NumPy at trace time, cached)"
-    text = f"{kernel}: {what}" + "".join(f"; {e}" for e in extras) + f"; {plan}. "
-    text += "Elsewhere (CPU, TPU): the xla chunked path, O(T x chunk) memory."
-    if canonical.transform is None and canonical.bias is None and str(canonical.mask) in ("true", "q >= kv"):
-        text += " cudnn can run it too (implementation='cudnn')."
-    return text
 
 
 @dataclass(frozen=True, eq=False)
@@ -85,6 +58,7 @@ class Explanation:
     q_offset: Any = 0
     kv_offset: Any = 0
     width: int | None = field(default=None, compare=False)
+    lowering: str | None = None   # what the runtime would run (``dslc explain`` asks the runtime)
 
     # -- numbers --
     @property
@@ -145,7 +119,7 @@ class Explanation:
             "canonical": str(self.mod),
             "kind": self.mod.kind,
             "tensors": list(self.mod.tensors),
-            "lowering": lowering_summary(self.mod),
+            **({"lowering": self.lowering} if self.lowering else {}),
             "batch": self.batch,
             "heads": self.heads,
             "q_len": self.q_len,
@@ -181,7 +155,7 @@ class Explanation:
         lines = [
             f"canonical: {self.mod}",
             f"kind:      {self.mod.kind}" + (f" (tensors: {', '.join(self.mod.tensors)})" if self.mod.tensors else ""),
-            f"lowering:  {lowering_summary(self.mod)}",
+            *([f"lowering:  {self.lowering}"] if self.lowering else []),
             f"sizes:     batch {self.batch}, heads {self.heads}, q {self.q_len}, kv {self.kv_len}{offsets}; "
             f"blocks {self.block_q} x {self.block_kv}",
             f"blocks:    {total:,} in a [{B}, {H}, {nq}, {nk}] grid: {c['full']:,} full, {c['partial']:,} partial, "
@@ -286,7 +260,8 @@ def _fmt_offset(offset) -> str:
 
 
 def explain(mod, q_len: int, kv_len: int | None = None, block=(128, 128), batch: int = 1, heads: int = 1, *,
-            q_offset=0, kv_offset=0, width: int | None = None, **tensors) -> Explanation:
+            q_offset=0, kv_offset=0, width: int | None = None, lowering: str | None = None,
+            **tensors) -> Explanation:
     """Explain ``mod`` (a ``Mod`` or a source string) at these sizes.
 
     Args:
@@ -295,6 +270,8 @@ def explain(mod, q_len: int, kv_len: int | None = None, block=(128, 128), batch:
       batch, heads: B and N (query heads).
       q_offset, kv_offset: int or int[B] (positions are offset + row / column).
       width: grid width in characters for ``str()`` (default: the terminal's).
+      lowering: a paragraph saying what would run (the report leaves it out when None;
+        ``dslc explain`` passes the runtime's ``dispatch_summary``).
       **tensors: the tensor parameters the mod reads (arrays or numbers).
 
     Raises ``ScoreModShapeError`` / ``ScoreModTensorError`` on bad sizes or tensors.
@@ -328,85 +305,9 @@ def explain(mod, q_len: int, kv_len: int | None = None, block=(128, 128), batch:
                          PositionBlocks(kv_len, block_kv, np.asarray(kv_offset)))
         classes = np.ascontiguousarray(classify_blocks(simplify(mask), grid, mask_reads, np))
     return Explanation(mod, np.asarray(classes), int(q_len), int(kv_len), int(block_q), int(block_kv), int(batch),
-                       int(heads), q_offset, kv_offset, width)
+                       int(heads), q_offset, kv_offset, width, lowering)
 
 
 def _tensor_names(node):
     from scoremod.dsl.ast import tensor_names
     return tensor_names(node)
-
-
-# ---- dslc explain ----------------------------------------------------------------------------
-
-def parse_tensor_value(name: str, text: str):
-    """A ``--tensor NAME=VALUE`` value: a number, a ``.npy`` path, or ``segments:L1,L2,...``
-    (sorted segment ids: L1 zeros, then L2 ones, ...)."""
-    if text.startswith("segments:"):
-        try:
-            lengths = [int(x) for x in text[len("segments:"):].split(",") if x.strip()]
-        except ValueError:
-            lengths = []
-        if not lengths or any(n <= 0 for n in lengths):
-            raise ScoreModTensorError(f"tensor '{name}': segments needs positive lengths, got {text!r}",
-                                      hint="for example segments:4096,2048,2048")
-        return np.repeat(np.arange(len(lengths), dtype=np.int32), lengths)
-    if text.endswith(".npy"):
-        try:
-            return np.load(text, allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            raise ScoreModTensorError(f"tensor '{name}': cannot read {text!r}: {exc}") from None
-    for convert in (int, float):
-        try:
-            return convert(text)
-        except ValueError:
-            pass
-    raise ScoreModTensorError(f"tensor '{name}': {text!r} is not a number, a .npy file or segments:L1,L2,...",
-                              hint=f"for example --tensor {name}=4096 or --tensor {name}=segments:512,512")
-
-
-def _block_arg(text: str) -> tuple[int, int]:
-    try:
-        parts = [int(x) for x in text.split(",")]
-    except ValueError:
-        parts = []
-    if len(parts) not in (1, 2):
-        raise argparse.ArgumentTypeError(f"expected BQ or BQ,BKV (e.g. 128 or 128,64), got {text!r}")
-    return (parts[0], parts[-1])
-
-
-def configure_explain_parser(parser) -> None:
-    parser.add_argument("source", metavar="SOURCE", help='a source, e.g. "causal & window(1024)"; - reads stdin')
-    parser.add_argument("--seq", type=int, required=True, metavar="T", help="query length T")
-    parser.add_argument("--kv-seq", type=int, default=None, metavar="S", help="key length S (default: T)")
-    parser.add_argument("--block", type=_block_arg, default=(128, 128), metavar="BQ[,BKV]",
-                        help="block sizes, powers of two (default: 128)")
-    parser.add_argument("--batch", type=int, default=1, metavar="B", help="batch size (default: 1)")
-    parser.add_argument("--heads", type=int, default=1, metavar="N", help="query heads (default: 1)")
-    parser.add_argument("--q-offset", type=int, default=0, metavar="N", help="q = q_offset + row (default: 0)")
-    parser.add_argument("--kv-offset", type=int, default=0, metavar="N", help="kv = kv_offset + column (default: 0)")
-    parser.add_argument("--tensor", action="append", default=[], metavar="NAME=VALUE",
-                        help="a tensor parameter: a number, a .npy file, or segments:L1,L2,... (sorted ids)")
-    parser.add_argument("--width", type=int, default=None, metavar="COLS",
-                        help="grid width in characters (default: the terminal's)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the text report")
-
-
-def run_explain_command(args) -> int:
-    from scoremod.compiler.mod import compile_mod
-    try:
-        source = sys.stdin.read() if args.source == "-" else args.source
-        mod = compile_mod(source)
-        tensors = {}
-        for item in args.tensor:
-            name, sep, value = item.partition("=")
-            if not sep or not name:
-                raise ScoreModTensorError(f"--tensor expects NAME=VALUE, got {item!r}",
-                                          hint="for example --tensor ids=segments:4096,4096")
-            tensors[name.strip()] = parse_tensor_value(name.strip(), value.strip())
-        result = explain(mod, args.seq, args.kv_seq, block=args.block, batch=args.batch, heads=args.heads,
-                         q_offset=args.q_offset, kv_offset=args.kv_offset, width=args.width, **tensors)
-    except ScoreModError as exc:
-        print(exc, file=sys.stderr)
-        return 1
-    print(result.to_json() if args.json else result.render())
-    return 0

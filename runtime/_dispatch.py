@@ -18,6 +18,9 @@ from scoremod.compiler.mod import Mod, compile_mod
 logger = logging.getLogger("scoremod")
 
 NO_MASK = "true"
+# What attention() tries when implementation=None, in order.
+ATTENTION_ON_GPU = ("mosaic", "pallas", "xla")
+ATTENTION_ELSEWHERE = ("xla",)
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 FLOAT_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 
@@ -170,3 +173,35 @@ def as_tensor(name: str, value, source: str | None = None):
                                       "renumber them, e.g. with np.unique(ids, return_inverse=True)")
         return jnp.asarray(value).astype(jnp.int32)
     return jnp.asarray(value)
+
+
+def dispatch_summary(mod: Mod) -> str:
+    """One paragraph for ``dslc explain``: what ``attention(implementation=None)`` would
+    run for ``mod`` on an sm_90 GPU and elsewhere, from the same order and the same
+    kernel-support check that dispatch uses."""
+    from scoremod.compiler.tile import TileProgram   # (deferred: jax.numpy; dslc check stays light)
+    canonical = mod.canonical
+    program = TileProgram.build(canonical, {})
+    ok, why = program.kernel_support()
+    if ok:
+        visits = ("every block (no mask)" if not canonical.has_mask else
+                  "only non-empty blocks, evaluating the mask on PARTIAL ones only")
+        extras = []
+        if canonical.bias is not None:
+            extras.append("the bias is added inside the kernel")
+        if canonical.transform is not None:
+            extras.append("the transform runs on each score tile (its derivative in score in the backward)")
+        kernels = (f"on a GPU, {' then '.join(ATTENTION_ON_GPU)}: the block-sparse kernels visit {visits}"
+                   + "".join(f"; {e}" for e in extras)
+                   + " (mosaic: sm_90 only, forward, with the pallas backward)")
+    else:
+        kernels = (f"the kernels decline it ({why}), so {ATTENTION_ON_GPU[-1]} runs it on a GPU too")
+    if canonical.tensors:
+        plan = f"the block plan is built on device from {', '.join(canonical.tensors)} (new values never recompile)"
+    else:
+        plan = "the block plan is static (built once with NumPy at trace time, cached)"
+    text = (f"{kernels}; {plan}. Elsewhere (CPU, TPU): {' then '.join(ATTENTION_ELSEWHERE)}, "
+            "the chunked path, O(T x chunk) memory.")
+    if canonical.transform is None and canonical.bias is None and str(canonical.mask) in ("true", "q >= kv"):
+        text += " cudnn can run it too (implementation='cudnn')."
+    return text

@@ -24,7 +24,7 @@ from scoremod.errors import ScoreModShapeError, ScoreModTensorError
 from scoremod.dsl.ast import Tensor, walk
 from scoremod.compiler.tensors import check_tensors as check_read_shapes, read_tensors
 from scoremod.compiler.mod import Mod, compile_mod
-from scoremod.runtime._dispatch import (INT32_MAX, INT32_MIN, as_mod, as_tensor, check_float_arrays,
+from scoremod.runtime._dispatch import (ATTENTION_ELSEWHERE, ATTENTION_ON_GPU, INT32_MAX, INT32_MIN, as_mod, as_tensor, check_float_arrays,
                                         check_head_groups, concrete, implementation_names,
                                         resolve_scale, run_first)
 
@@ -67,8 +67,8 @@ def attention(query, key, value, *, mod=None, scale=None, q_offset=0, kv_offset=
         (2, 128, 4, 64)
     """
     mod = as_mod(mod)
-    names = implementation_names(implementation, known=IMPLEMENTATIONS, on_gpu=("mosaic", "pallas", "xla"),
-                                 elsewhere=("xla",), what="attention")
+    names = implementation_names(implementation, known=IMPLEMENTATIONS, on_gpu=ATTENTION_ON_GPU,
+                                 elsewhere=ATTENTION_ELSEWHERE, what="attention")
     scale = check_inputs(query, key, value, scale=scale, return_lse=return_lse)
     batch, q_len, heads, head_dim = query.shape
     kv_len = key.shape[1]

@@ -17,7 +17,9 @@ import pytest
 
 import scoremod
 from scoremod.cli import main
-from scoremod.compiler.explain import Explanation, explain, lowering_summary, parse_tensor_value
+from scoremod.cli import parse_tensor_value
+from scoremod.compiler.explain import Explanation, explain
+from scoremod.runtime._dispatch import dispatch_summary
 from scoremod.errors import ScoreModShapeError, ScoreModTensorError
 
 SNAPSHOTS = Path(__file__).parent / "snapshots"
@@ -102,11 +104,19 @@ def test_json_leaves_out_large_grids():
     assert sum(obj["counts"].values()) == 1024 * 1024
 
 
-def test_lowering_summary_names_the_paths():
-    text = lowering_summary(scoremod.compile("causal & doc(ids)"))
-    assert "pallas block-sparse" in text and "xla chunked path" in text
+def test_dispatch_summary_names_the_paths_in_dispatch_order():
+    from scoremod.runtime._dispatch import ATTENTION_ON_GPU
+    text = dispatch_summary(scoremod.compile("causal & doc(ids)"))
+    assert " then ".join(ATTENTION_ON_GPU) in text and "chunked path" in text
     assert "ids" in text
-    assert "cudnn" in lowering_summary(scoremod.compile("causal"))
+    assert "cudnn" in dispatch_summary(scoremod.compile("causal"))
+    declined = dispatch_summary(scoremod.compile("causal + relpos(t, 4)"))
+    assert "decline" in declined and "computed positions" in declined
+
+
+def test_mod_explain_leaves_the_runtime_out():
+    # The compiler's report knows nothing of the runtime; dslc explain adds the paragraph.
+    assert "lowering" not in str(scoremod.compile("causal").explain(256, block=64))
 
 
 def test_parse_tensor_value(tmp_path):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-__all__ = ["main"]
+__all__ = ["main", "parse_tensor_value"]
 
 
 def _cmd_check(args) -> int:
@@ -91,9 +91,86 @@ def _cmd_show(args) -> int:
     return 0
 
 
+# ---- dslc explain ----------------------------------------------------------------------------
+
+def parse_tensor_value(name: str, text: str):
+    """A ``--tensor NAME=VALUE`` value: a number, a ``.npy`` path, or ``segments:L1,L2,...``
+    (sorted segment ids: L1 zeros, then L2 ones, ...)."""
+    import numpy as np
+    from scoremod.errors import ScoreModTensorError
+    if text.startswith("segments:"):
+        try:
+            lengths = [int(x) for x in text[len("segments:"):].split(",") if x.strip()]
+        except ValueError:
+            lengths = []
+        if not lengths or any(n <= 0 for n in lengths):
+            raise ScoreModTensorError(f"tensor '{name}': segments needs positive lengths, got {text!r}",
+                                      hint="for example segments:4096,2048,2048")
+        return np.repeat(np.arange(len(lengths), dtype=np.int32), lengths)
+    if text.endswith(".npy"):
+        try:
+            return np.load(text, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise ScoreModTensorError(f"tensor '{name}': cannot read {text!r}: {exc}") from None
+    for convert in (int, float):
+        try:
+            return convert(text)
+        except ValueError:
+            pass
+    raise ScoreModTensorError(f"tensor '{name}': {text!r} is not a number, a .npy file or segments:L1,L2,...",
+                              hint=f"for example --tensor {name}=4096 or --tensor {name}=segments:512,512")
+
+
+def _block_arg(text: str) -> tuple[int, int]:
+    try:
+        parts = [int(x) for x in text.split(",")]
+    except ValueError:
+        parts = []
+    if len(parts) not in (1, 2):
+        raise argparse.ArgumentTypeError(f"expected BQ or BQ,BKV (e.g. 128 or 128,64), got {text!r}")
+    return (parts[0], parts[-1])
+
+
+def _configure_explain_parser(parser) -> None:
+    parser.add_argument("source", metavar="SOURCE", help='a source, e.g. "causal & window(1024)"; - reads stdin')
+    parser.add_argument("--seq", type=int, required=True, metavar="T", help="query length T")
+    parser.add_argument("--kv-seq", type=int, default=None, metavar="S", help="key length S (default: T)")
+    parser.add_argument("--block", type=_block_arg, default=(128, 128), metavar="BQ[,BKV]",
+                        help="block sizes, powers of two (default: 128)")
+    parser.add_argument("--batch", type=int, default=1, metavar="B", help="batch size (default: 1)")
+    parser.add_argument("--heads", type=int, default=1, metavar="N", help="query heads (default: 1)")
+    parser.add_argument("--q-offset", type=int, default=0, metavar="N", help="q = q_offset + row (default: 0)")
+    parser.add_argument("--kv-offset", type=int, default=0, metavar="N", help="kv = kv_offset + column (default: 0)")
+    parser.add_argument("--tensor", action="append", default=[], metavar="NAME=VALUE",
+                        help="a tensor parameter: a number, a .npy file, or segments:L1,L2,... (sorted ids)")
+    parser.add_argument("--width", type=int, default=None, metavar="COLS",
+                        help="grid width in characters (default: the terminal's)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the text report")
+
+
 def _cmd_explain(args) -> int:
-    from scoremod.compiler.explain import run_explain_command
-    return run_explain_command(args)
+    from scoremod.compiler.explain import explain
+    from scoremod.compiler.mod import compile_mod
+    from scoremod.errors import ScoreModError, ScoreModTensorError
+    from scoremod.runtime._dispatch import dispatch_summary
+    try:
+        source = sys.stdin.read() if args.source == "-" else args.source
+        mod = compile_mod(source)
+        tensors = {}
+        for item in args.tensor:
+            name, sep, value = item.partition("=")
+            if not sep or not name:
+                raise ScoreModTensorError(f"--tensor expects NAME=VALUE, got {item!r}",
+                                          hint="for example --tensor ids=segments:4096,4096")
+            tensors[name.strip()] = parse_tensor_value(name.strip(), value.strip())
+        result = explain(mod, args.seq, args.kv_seq, block=args.block, batch=args.batch, heads=args.heads,
+                         q_offset=args.q_offset, kv_offset=args.kv_offset, width=args.width,
+                         lowering=dispatch_summary(mod), **tensors)
+    except ScoreModError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    print(result.to_json() if args.json else result.render())
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,8 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("explain", help="canonical form, lowering and the block-sparsity grid",
                        description="Explain what would run for SOURCE: canonical form, kind, lowering, "
                                    "block counts, density, FLOPs saved and a grid of full/partial/empty blocks.")
-    from scoremod.compiler.explain import configure_explain_parser
-    configure_explain_parser(p)
+    _configure_explain_parser(p)
     p.set_defaults(run=_cmd_explain)
     return parser
 
