@@ -15,7 +15,6 @@ through the Triton lowering on GPU and through the interpreter on CPU.
 from __future__ import annotations
 
 import functools
-import warnings
 from dataclasses import dataclass
 
 import jax
@@ -23,15 +22,9 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-__all__ = ["ReadLayout", "paged_decode_partials", "combine_splits", "triton_compiler_params",
-           "next_power_of_2", "is_power_of_2"]
+from scoremod.runtime._triton import compiler_params
 
-
-def triton_compiler_params(num_warps: int, num_stages: int):
-    """The Triton ``CompilerParams`` (named ``TritonCompilerParams`` in older jax)."""
-    from jax.experimental.pallas import triton as pltriton
-    cls = getattr(pltriton, "CompilerParams", None) or getattr(pltriton, "TritonCompilerParams")
-    return cls(num_warps=num_warps, num_stages=num_stages)
+__all__ = ["ReadLayout", "paged_decode_partials", "combine_splits", "next_power_of_2", "is_power_of_2"]
 
 
 @dataclass(frozen=True)
@@ -183,20 +176,17 @@ def paged_decode_partials(q_rows, k_pages, v_pages, logical, physical, counts, l
     kernel = functools.partial(
         _kernel, program=program, layouts=tuple(layouts), num_tokens=num_tokens, group=group,
         scale=scale, page_size=page_size, pages_per_step=pages_per_step, num_splits=num_splits)
-    extra = {} if interpret else {"compiler_params": triton_compiler_params(num_warps, num_stages)}
-    with warnings.catch_warnings():
-        # jax 0.11 warns that the Triton lowering is deprecated; it is still the portable path.
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return pl.pallas_call(
-            kernel,
-            grid=(batch, num_kv_heads, num_splits),
-            in_specs=in_specs,
-            out_specs=out_specs,
-            out_shape=out_shape,
-            interpret=interpret,
-            name=f"scoremod_paged_decode_{pages_per_step=}_{num_splits=}",
-            **extra,
-        )(q_rows, k_pages, v_pages, logical, physical, counts, lengths, *reads)
+    extra = {} if interpret else {"compiler_params": compiler_params(num_warps, num_stages)}
+    return pl.pallas_call(
+        kernel,
+        grid=(batch, num_kv_heads, num_splits),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        interpret=interpret,
+        name=f"scoremod_paged_decode_{pages_per_step=}_{num_splits=}",
+        **extra,
+    )(q_rows, k_pages, v_pages, logical, physical, counts, lengths, *reads)
 
 
 def combine_splits(o, lse):

@@ -25,8 +25,9 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from scoremod.runtime._triton import compiler_params
 from scoremod.runtime._pallas_common import (
-    LOG2E, KernelConfig, ReadSet, compiler_params, dot, exp2, dscore, fixed_reads, load, offset_and_plan_specs,
+    LOG2E, KernelConfig, ReadSet, dot, exp2, dscore, fixed_reads, load, offset_and_plan_specs,
     read_spec, store, tile_logits2, values_and_all_reads)
 from scoremod.runtime._pallas_forward import _and
 

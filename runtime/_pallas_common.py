@@ -1,14 +1,13 @@
 """Pieces the Pallas forward and backward kernels share.
 
 * ``KernelConfig``: everything static about one call (shapes, blocks, the tile program).
-* ``compiler_params``: the Triton ``CompilerParams`` across jax versions.
 * ``TileLogits``: the logits of one (q-block, kv-block) tile, FULL fast path or PARTIAL
   path (mask evaluated), with ragged edges masked, in base 2 (``log2(e) * logit``).
 * read helpers: tensor reads of the ``TileProgram`` arrive as 4-D arrays
   ``[B|1, N|1, T|1, S|1]``; each kernel gets a BlockSpec that selects the program's
   (b, h) and keeps whole T|1 and S|1 axes, and loads the tile's slice by dynamic index.
 
-All loads that can run past the end of an array go through ``plgpu.load`` with a mask
+All loads that can run past the end of an array go through ``pltriton.load`` with a mask
 and ``other``: Triton reads raw pointers (an unmasked load past the end reads garbage),
 and interpret mode pads with NaN.
 """
@@ -16,7 +15,6 @@ and interpret mode pads with NaN.
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 
 import jax
@@ -24,24 +22,17 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-try:  # the Triton flavour of Pallas (jax 0.10.2 and 0.11.2 both have it)
-    from jax.experimental.pallas import triton as plgpu
-except ImportError:  # pragma: no cover - very old or stripped jax
-    plgpu = None
-
 from scoremod.compiler.tile import TileProgram
+from scoremod.runtime._triton import pltriton
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
 
-# jax 0.11 warns on every lowering that the Triton backend is deprecated; it still works
-# and is what this module opts into on purpose (DESIGN.md §4).
-warnings.filterwarnings("ignore", message=".*Pallas Triton backend is deprecated.*")
 
 
 def dot(a, b, trans_a=False, trans_b=False):
     """Matrix product of two 2-D tiles with f32 accumulation (Triton ``tl.dot``)."""
-    fn = getattr(plgpu, "dot", None) or pl.dot
+    fn = getattr(pltriton, "dot", None) or pl.dot
     return fn(a, b, trans_a=trans_a, trans_b=trans_b)
 
 
@@ -49,38 +40,28 @@ def exp2(x, *, fast: bool):
     """``2**x`` in f32. fast: one ``ex2.approx.ftz.f32`` per element (what Triton's own
     ``tl.exp2`` emits) instead of libdevice's ``__nv_exp2f`` that ``jnp.exp2`` lowers to;
     ``exp2(-inf) = 0`` either way. Interpret mode always uses ``jnp.exp2``."""
-    if not fast or plgpu is None or not hasattr(plgpu, "elementwise_inline_asm"):
+    if not fast or pltriton is None or not hasattr(pltriton, "elementwise_inline_asm"):
         return jnp.exp2(x)
-    [y] = plgpu.elementwise_inline_asm(
+    [y] = pltriton.elementwise_inline_asm(
         "ex2.approx.ftz.f32 $0, $1;", args=[x], constraints="=f,f", pack=1,
         result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.float32)])
     return y
 
 
 def load(ref, *, mask=None, other=None):
-    """``plgpu.load`` with ``other`` only where a mask is given (Triton's rule)."""
-    if plgpu is None:
+    """``pltriton.load`` with ``other`` only where a mask is given (Triton's rule)."""
+    if pltriton is None:
         return ref[...]
     if mask is None:
-        return plgpu.load(ref)
-    return plgpu.load(ref, mask=mask, other=other)
+        return pltriton.load(ref)
+    return pltriton.load(ref, mask=mask, other=other)
 
 
 def store(ref, value, *, mask=None):
-    if plgpu is None or mask is None:
+    if pltriton is None or mask is None:
         ref[...] = value
         return
-    plgpu.store(ref, value, mask=mask)
-
-
-def compiler_params(num_warps: int, num_stages: int):
-    """The Triton compiler params (opts the call into the Triton lowering on GPU)."""
-    if plgpu is None:
-        return None
-    cls = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams", None)
-    if cls is None:  # pragma: no cover
-        cls = getattr(pl, "TritonCompilerParams")
-    return cls(num_warps=num_warps, num_stages=num_stages)
+    pltriton.store(ref, value, mask=mask)
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,9 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from scoremod.runtime._triton import compiler_params
 from scoremod.runtime._pallas_common import (
-    LN2, KernelConfig, ReadSet, compiler_params, dot, exp2, fixed_reads, load, offset_and_plan_specs, read_spec,
+    LN2, KernelConfig, ReadSet, dot, exp2, fixed_reads, load, offset_and_plan_specs, read_spec,
     store, tile_logits2, tile_reads)
 
 

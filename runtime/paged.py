@@ -56,6 +56,9 @@ __all__ = ["paged_attention", "paged_attention_reference", "PagedBlockSizes", "P
 
 
 PAGED_IMPLEMENTATIONS = ("pallas", "reference", "xla")
+# Multiprocessors to plan the split for when the device does not say (interpret mode on a
+# CPU): an H100's or H200's 132.
+FALLBACK_SM_COUNT = 132
 PAGED_KEYWORDS = ("q", "k_pages", "v_pages", "block_tables", "lengths", "mod", "scale",
                   "implementation", "interpret", "block_sizes")
 
@@ -324,7 +327,7 @@ def _num_splits(block_sizes: PagedBlockSizes, programs: int, max_chunks: int) ->
         cores = int(getattr(jax.devices()[0], "core_count", 0) or 0)
     except Exception:  # noqa: BLE001 - a device without the attribute
         cores = 0
-    target = block_sizes.programs_per_core * (cores or 132)
+    target = block_sizes.programs_per_core * (cores or FALLBACK_SM_COUNT)
     return max(1, min(max_chunks, target // max(programs, 1)))
 
 

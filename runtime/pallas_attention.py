@@ -30,7 +30,8 @@ from scoremod.compiler.plan import build_plan
 from scoremod.compiler.tile import TileProgram
 from scoremod.errors import ScoreModShapeError
 from scoremod.runtime._dispatch import FLOAT_DTYPES, as_mod
-from scoremod.runtime._pallas_common import KernelConfig, plgpu
+from scoremod.runtime._pallas_common import KernelConfig
+from scoremod.runtime._triton import pltriton
 from scoremod.runtime._pallas_forward import forward as _forward
 from scoremod.runtime._pallas_backward import backward_dkv as _backward_dkv
 from scoremod.runtime._pallas_backward import backward_dq as _backward_dq
@@ -122,7 +123,7 @@ def check_supported(mod, query, key, value, tensors=None) -> TileProgram:
     """The TileProgram for this call, or NotImplementedError saying why the kernel can't run."""
     mod = as_mod(mod)
     tensors = tensors or {}
-    if plgpu is None:
+    if pltriton is None:
         raise NotImplementedError("this jax has no Pallas Triton support (jax.experimental.pallas.triton)")
     if query.ndim != 4 or key.ndim != 4 or value.ndim != 4:
         raise NotImplementedError("the pallas kernel takes 4-D BTNH query/key/value")
