@@ -16,7 +16,7 @@ timed; our gradients too. Times are medians of several batches of back-to-back c
 work the mask leaves (4*B*N*T*S*H*density; fwd+bwd counted as 3.5x fwd). Missing peers
 are reported as missing. Prints one table and writes ``bench.json`` to --out ($OUT).
 
-``--sweep`` instead times our pallas kernel over several forward BlockSizes (tuning);
+``--sweep`` instead times our pallas kernel over several forward PallasBlockSizes (tuning);
 ``--sweep --sweep-bwd`` over backward ones; ``--part pick`` reads the sweep and prints 1
 when the one-loop backward won (used as ``SCOREMOD_BWD_ONE_LOOP`` for the bench).
 """
@@ -24,6 +24,7 @@ when the one-loop backward won (used as ``SCOREMOD_BWD_ONE_LOOP`` for the bench)
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -156,7 +157,8 @@ def jax_part(args):
 
     block_sizes = None
     if args.block_sizes:
-        block_sizes = pa.BlockSizes(*[int(x) for x in args.block_sizes.split(",")])
+        names = [f.name for f in dataclasses.fields(pa.PallasBlockSizes)]
+        block_sizes = pa.PallasBlockSizes(**dict(zip(names, (int(x) for x in args.block_sizes.split(",")))))
     one_loop = os.environ.get("SCOREMOD_BWD_ONE_LOOP") == "1"
     info["bwd_one_loop"] = one_loop
 
@@ -208,7 +210,7 @@ def jax_part(args):
     # plan construction for the data-dependent doc mask (what pallas_attention builds)
     try:
         from scoremod.compiler.plan import build_plan
-        bs = block_sizes or pa.BlockSizes.get_default(H, jnp.bfloat16)
+        bs = block_sizes or pa.PallasBlockSizes.get_default(H, jnp.bfloat16)
         pairs = sorted({(bs.block_q, bs.block_kv), (bs.block_q_dq, bs.block_kv_dq),
                         (bs.block_q_dkv, bs.block_kv_dkv)})
         mod = compile_mod(MASKS["doc"])
@@ -257,10 +259,10 @@ def _jax_impls(q, k, v, ids, scale, block_sizes, one_loop=False):
     def ours(impl):
         def make(mname, mod, tensors):
             if impl == "pallas":
-                from scoremod.runtime.pallas_attention import BlockSizes, pallas_attention
+                from scoremod.runtime.pallas_attention import PallasBlockSizes, pallas_attention
                 bs = block_sizes
                 if one_loop and mod is not None:
-                    bs = dataclasses.replace(bs or BlockSizes.get_default(q.shape[-1], q.dtype),
+                    bs = dataclasses.replace(bs or PallasBlockSizes.get_default(q.shape[-1], q.dtype),
                                              bwd_one_loop=True)
                 return lambda a, b, c: pallas_attention(a, b, c, mod=mod, scale=scale, tensors=tensors,
                                                         block_sizes=bs)
@@ -447,7 +449,7 @@ def sweep_part(args):
     ks = jax.random.split(jax.random.PRNGKey(0), 4)
     q, k, v, do = (jax.random.normal(kk, (B, T, N, H), jnp.float32).astype(jnp.bfloat16) for kk in ks)
     ids = jnp.asarray(_doc_ids(B, T))
-    base = pa.BlockSizes.get_default(H, jnp.bfloat16)
+    base = pa.PallasBlockSizes.get_default(H, jnp.bfloat16)
     rows = []
 
     def run(bs, mname, kinds):
@@ -572,7 +574,7 @@ def main():
     p.add_argument("--sweep", action="store_true")
     p.add_argument("--sweep-bwd", action="store_true", help="also sweep backward block sizes")
     p.add_argument("--masks", default="")
-    p.add_argument("--block-sizes", default="", help="comma-separated BlockSizes fields for pallas")
+    p.add_argument("--block-sizes", default="", help="comma-separated PallasBlockSizes fields for pallas")
     args = p.parse_args()
     if args.sweep:
         args.part = "sweep"

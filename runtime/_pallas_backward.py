@@ -77,7 +77,7 @@ def _dq_kernel(qoff_ref, kvoff_ref, fcount_ref, fidx_ref, pcount_ref, pidx_ref, 
 
     def make_body(is_full):
         # True / False: the FULL / PARTIAL list; None: one merged list (fidx_ref: blocks,
-        # pidx_ref: their FULL flags) with a per-tile branch (BlockSizes.bwd_one_loop).
+        # pidx_ref: their FULL flags) with a per-tile branch (PallasBlockSizes.bwd_one_loop).
         idx_ref = pidx_ref if is_full is False else fidx_ref
 
         def body(j, dq):

@@ -53,7 +53,7 @@ def _forward_kernel(qoff_ref, kvoff_ref, fcount_ref, fidx_ref, pcount_ref, pidx_
 
     def make_body(is_full):
         # is_full: True / False for the FULL / PARTIAL list; None for one merged list
-        # (``BlockSizes.fwd_one_loop``: fidx_ref holds every listed block, pidx_ref their
+        # (``PallasBlockSizes.fwd_one_loop``: fidx_ref holds every listed block, pidx_ref their
         # FULL flags, and each tile branches).
         idx_ref = pidx_ref if is_full is False else fidx_ref
 

@@ -36,7 +36,7 @@ from scoremod.runtime._pallas_forward import forward as _forward
 from scoremod.runtime._pallas_backward import backward_dkv as _backward_dkv
 from scoremod.runtime._pallas_backward import backward_dq as _backward_dq
 
-__all__ = ["BlockSizes", "pallas_attention"]
+__all__ = ["PallasBlockSizes", "pallas_attention"]
 
 logger = logging.getLogger("scoremod")
 
@@ -44,7 +44,7 @@ MAX_HEAD_DIM = 256
 
 
 @dataclass(frozen=True)
-class BlockSizes:
+class PallasBlockSizes:
     """Tile sizes and Triton launch parameters of the Pallas kernels.
 
     Attributes:
@@ -74,7 +74,7 @@ class BlockSizes:
     bwd_one_loop: bool = False
 
     @classmethod
-    def get_default(cls, head_dim: int, dtype=jnp.bfloat16, *, masked: bool = True) -> "BlockSizes":
+    def get_default(cls, head_dim: int, dtype=jnp.bfloat16, *, masked: bool = True) -> "PallasBlockSizes":
         """Defaults for a head dimension, input dtype and whether the mod has a mask.
 
         head_dim <= 64: fwd 128x64, 4 warps, 3 stages; bwd 64x64, 4 warps, 2 stages.
@@ -83,13 +83,17 @@ class BlockSizes:
         head_dim <= 256: fwd 64x32, 4 warps, 2 stages; bwd 32x32, 4 warps, 1 stage.
         float32 inputs halve the kv block (shared memory) where it stays >= 16.
         """
+        backward_64 = dict(block_q_dq=64, block_kv_dq=64, block_q_dkv=64, block_kv_dkv=64,
+                           num_warps_bwd=4, num_stages_bwd=2)
         if head_dim <= 64:
-            bs = cls(128, 64, 4, 3, 64, 64, 64, 64, 4, 2)
+            bs = cls(block_q=128, block_kv=64, num_warps=4, num_stages=3, **backward_64)
+        elif head_dim <= 128 and masked:
+            bs = cls(block_q=128, block_kv=128, num_warps=8, num_stages=3, fwd_one_loop=True, **backward_64)
         elif head_dim <= 128:
-            bs = (cls(128, 128, 8, 3, 64, 64, 64, 64, 4, 2, fwd_one_loop=True) if masked
-                  else cls(128, 64, 4, 3, 64, 64, 64, 64, 4, 2))
+            bs = cls(block_q=128, block_kv=64, num_warps=4, num_stages=3, **backward_64)
         else:
-            bs = cls(64, 32, 4, 2, 32, 32, 32, 32, 4, 1)
+            bs = cls(block_q=64, block_kv=32, num_warps=4, num_stages=2, block_q_dq=32, block_kv_dq=32,
+                     block_q_dkv=32, block_kv_dkv=32, num_warps_bwd=4, num_stages_bwd=1)
         if jnp.dtype(dtype) == jnp.float32:
             bs = dataclasses.replace(bs, block_kv=max(16, bs.block_kv // 2),
                                      block_kv_dq=max(16, bs.block_kv_dq // 2),
@@ -149,7 +153,7 @@ def check_supported(mod, query, key, value, tensors=None) -> TileProgram:
 
 
 def pallas_attention(query, key, value, *, mod=None, scale=None, q_offset=0, kv_offset=0,
-                     return_lse=False, tensors=None, block_sizes: BlockSizes | None = None,
+                     return_lse=False, tensors=None, block_sizes: PallasBlockSizes | None = None,
                      interpret=None, _debug_counts=False):
     """Block-sparse flash attention with a scoremod mod.
 
@@ -160,7 +164,7 @@ def pallas_attention(query, key, value, *, mod=None, scale=None, q_offset=0, kv_
       q_offset, kv_offset: int or ``int32[B]`` absolute position of row/column 0.
       return_lse: also return ``lse f32[B, N, T]``.
       tensors: the mod's tensor parameters by name.
-      block_sizes: ``BlockSizes`` (default ``BlockSizes.get_default(H, dtype)``).
+      block_sizes: ``PallasBlockSizes`` (default ``PallasBlockSizes.get_default(H, dtype)``).
       interpret: run Pallas in interpret mode (default: on any non-GPU backend).
 
     Raises NotImplementedError (with the reason) for calls the kernel cannot run.
@@ -182,7 +186,7 @@ def pallas_attention(query, key, value, *, mod=None, scale=None, q_offset=0, kv_
 
 
 def prepare(mod, program: TileProgram, query, key, value, *, scale=None, q_offset=0, kv_offset=0,
-            tensors=None, block_sizes: BlockSizes | None = None, interpret=None,
+            tensors=None, block_sizes: PallasBlockSizes | None = None, interpret=None,
             debug_counts=False, forward=True):
     """The static ``KernelConfig`` and the per-call arrays (plan lists, reads, offsets) of
     the Pallas kernels for one call. ``forward=False`` leaves out the forward's lists (the
@@ -193,7 +197,7 @@ def prepare(mod, program: TileProgram, query, key, value, *, scale=None, q_offse
     if key.shape[0] != B or value.shape[:3] != key.shape[:3]:
         raise ScoreModShapeError(f"key/value shapes {key.shape}, {value.shape} do not match query {query.shape}")
     scale = 1.0 / math.sqrt(H) if scale is None else float(scale)
-    bs = block_sizes or BlockSizes.get_default(H, query.dtype, masked=program.canonical.has_mask)
+    bs = block_sizes or PallasBlockSizes.get_default(H, query.dtype, masked=program.canonical.has_mask)
     interpret = _resolve_interpret(interpret)
 
     cfg = KernelConfig(

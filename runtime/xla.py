@@ -31,11 +31,11 @@ from scoremod.compiler.mod import Mod
 from scoremod.errors import ScoreModShapeError
 from scoremod.compiler.plan import EMPTY, build_plan
 
-__all__ = ["xla_attention", "BlockSizes"]
+__all__ = ["xla_attention", "XlaBlockSizes"]
 
 
 @dataclass(frozen=True)
-class BlockSizes:
+class XlaBlockSizes:
     """Tile sizes of the xla path: ``block_q`` query rows by ``block_kv`` key columns.
 
     Powers of two (block plans take powers of two); each is clamped to the smallest power
@@ -51,7 +51,7 @@ class BlockSizes:
                 raise ScoreModShapeError(f"{name}={value!r} must be a power of two")
 
     @classmethod
-    def get_default(cls) -> "BlockSizes":
+    def get_default(cls) -> "XlaBlockSizes":
         return cls()
 
 
@@ -76,7 +76,7 @@ class _Config:
 
 
 def xla_attention(query, key, value, *, mod: Mod, scale: float, q_offset=0, kv_offset=0,
-                  tensors=None, block_sizes: BlockSizes | None = None):
+                  tensors=None, block_sizes: XlaBlockSizes | None = None):
     """Chunked attention with an online softmax (inputs already validated by ``attention()``).
 
     Args:
@@ -84,7 +84,7 @@ def xla_attention(query, key, value, *, mod: Mod, scale: float, q_offset=0, kv_o
       mod: a compiled ``scoremod.Mod``; scale: float.
       q_offset, kv_offset: int or int32 ``[B]``.
       tensors: dict of the mod's tensor parameters.
-      block_sizes: tile sizes (default ``BlockSizes.get_default()``; clamped to T and S).
+      block_sizes: tile sizes (default ``XlaBlockSizes.get_default()``; clamped to T and S).
 
     Returns:
       ``(out [B, T, N, H] in query's dtype, lse f32 [B, T, N])``.
@@ -92,9 +92,9 @@ def xla_attention(query, key, value, *, mod: Mod, scale: float, q_offset=0, kv_o
     Example::
 
         >>> out, lse = xla_attention(q, k, v, mod=scoremod.compile("causal"), scale=0.125,
-        ...                          block_sizes=BlockSizes(block_q=64, block_kv=64))
+        ...                          block_sizes=XlaBlockSizes(block_q=64, block_kv=64))
     """
-    block_sizes = block_sizes or BlockSizes.get_default()
+    block_sizes = block_sizes or XlaBlockSizes.get_default()
     B, T = query.shape[:2]
     S = key.shape[1]
     static = (q_offset, kv_offset) if isinstance(q_offset, int) and isinstance(kv_offset, int) else None

@@ -23,7 +23,7 @@ from hypothesis import given, settings, strategies as st
 
 import scoremod
 from scoremod.runtime import xla as xla_module
-from scoremod.runtime.xla import BlockSizes
+from scoremod.runtime.xla import XlaBlockSizes
 from evaluator import attention_reference, evaluate_logits
 from strategies import shapes, sources
 
@@ -43,7 +43,7 @@ def implementation(name):
     if name != "xla-small":
         yield name
         return
-    with mock.patch.object(BlockSizes, "get_default", classmethod(lambda cls: BlockSizes(8, 16))):
+    with mock.patch.object(XlaBlockSizes, "get_default", classmethod(lambda cls: XlaBlockSizes(block_q=8, block_kv=16))):
         yield "xla"
 
 

@@ -117,7 +117,8 @@ def reference(q, k, v, mod, *, scale=None, q_offset=0, kv_offset=0, tensors=None
 
 
 ON_GPU = jax.default_backend() == "gpu"
-SMALL = pa.BlockSizes(16, 16, 4, 2, 16, 16, 16, 16, 4, 2)
+SMALL = pa.PallasBlockSizes(block_q=16, block_kv=16, num_warps=4, num_stages=2, block_q_dq=16, block_kv_dq=16,
+                            block_q_dkv=16, block_kv_dkv=16, num_warps_bwd=4, num_stages_bwd=2)
 INTERPRET = None if ON_GPU else True
 
 
@@ -252,9 +253,9 @@ def test_unsupported_raises():
 
 
 def test_block_sizes_defaults():
-    bs = pa.BlockSizes.get_default(128, jnp.bfloat16)
+    bs = pa.PallasBlockSizes.get_default(128, jnp.bfloat16)
     assert bs.block_q >= 16 and bs.block_kv >= 16 and bs.num_warps in (4, 8)
-    assert pa.BlockSizes.get_default(64, jnp.float32).block_kv <= bs.block_kv
+    assert pa.PallasBlockSizes.get_default(64, jnp.float32).block_kv <= bs.block_kv
     with pytest.raises(Exception):
         bs.block_q = 3  # frozen
 
