@@ -27,13 +27,8 @@ from jax.experimental import pallas as pl
 
 from scoremod.runtime._triton import compiler_params
 from scoremod.runtime._pallas_common import (
-    LOG2E, KernelConfig, ReadSet, dot, exp2, dscore, fixed_reads, load, offset_and_plan_specs,
-    read_spec, store, tile_logits2, values_and_all_reads)
-from scoremod.runtime._pallas_forward import _and
-
-
-def _other(mask):
-    return 0.0 if mask is not None else None
+    LOG2E, KernelConfig, ReadSet, dot, exp2, dscore, fixed_reads, load_row_stats, load_rows,
+    offset_and_plan_specs, read_spec, span, store, tile_logits2, tile_valid, values_and_all_reads)
 
 
 def _safe_lse2(lse):
@@ -57,21 +52,17 @@ def _dq_kernel(qoff_ref, kvoff_ref, fcount_ref, fidx_ref, pcount_ref, pidx_ref, 
     (dq_ref,) = refs[read_set.n:]
     bq, bkv = cfg.block_q_dq, cfg.block_kv_dq
     hp = cfg.head_dim_padded
-    ragged_q = cfg.q_len % bq != 0
-    ragged_kv = cfg.kv_len % bkv != 0
 
     i = pl.num_programs(0) - 1 - pl.program_id(0)   # heaviest (last) q-blocks first
     b, h = pl.program_id(1), pl.program_id(2)
     q_start = i * bq
-    rows = q_start + jnp.arange(bq, dtype=jnp.int32)
-    q_valid = rows < cfg.q_len if ragged_q else None
-    head_ok = (jnp.arange(hp) < cfg.head_dim)[None, :] if hp != cfg.head_dim else None
-    q_mask = _and(None if q_valid is None else q_valid[:, None], head_ok, (bq, hp))
-    q = load(q_ref, mask=q_mask, other=_other(q_mask))
-    do = load(do_ref, mask=q_mask, other=_other(q_mask))
-    lse2 = _safe_lse2(load(lse_ref, mask=q_valid, other=_other(q_valid)))
-    delta = load(delta_ref, mask=q_valid, other=_other(q_valid))
-    q_pos = (qoff_ref[b] + rows)[:, None]
+    rows = span(cfg, q_start, bq, cfg.q_len)
+    q_valid = rows.valid
+    q = load_rows(q_ref, rows)
+    do = load_rows(do_ref, rows)
+    lse2 = _safe_lse2(load_row_stats(lse_ref, rows))
+    delta = load_row_stats(delta_ref, rows)
+    q_pos = (qoff_ref[b] + rows.index)[:, None]
     kv_base = kvoff_ref[b]
     fixed = fixed_reads(read_set, read_refs, q_start=q_start, block_q=bq, q_valid=q_valid)
 
@@ -84,12 +75,11 @@ def _dq_kernel(qoff_ref, kvoff_ref, fcount_ref, fidx_ref, pcount_ref, pidx_ref, 
             kb = idx_ref[j]
             full = is_full if is_full is not None else pidx_ref[j] != 0
             kv_start = kb * bkv
-            cols = kv_start + jnp.arange(bkv, dtype=jnp.int32)
-            kv_valid = cols < cfg.kv_len if (ragged_kv and is_full is not True) else None
-            kv_mask = _and(None if kv_valid is None else kv_valid[:, None], head_ok, (bkv, hp))
-            k = load(k_ref.at[pl.ds(kv_start, bkv), :], mask=kv_mask, other=_other(kv_mask))
-            v = load(v_ref.at[pl.ds(kv_start, bkv), :], mask=kv_mask, other=_other(kv_mask))
-            kv_pos = (kv_base + cols)[None, :]
+            cols = span(cfg, kv_start, bkv, cfg.kv_len, check_edge=is_full is not True)
+            kv_valid = cols.valid
+            k = load_rows(k_ref.at[pl.ds(kv_start, bkv), :], cols)
+            v = load_rows(v_ref.at[pl.ds(kv_start, bkv), :], cols)
+            kv_pos = (kv_base + cols.index)[None, :]
             s = dot(q, k, trans_b=True)
             rv, reads_all = values_and_all_reads(read_set, read_refs, q_start=q_start, block_q=bq,
                                                  q_valid=q_valid, kv_start=kv_start, block_kv=bkv,
@@ -110,7 +100,7 @@ def _dq_kernel(qoff_ref, kvoff_ref, fcount_ref, fidx_ref, pcount_ref, pidx_ref, 
     else:
         dq = lax.fori_loop(0, fcount_ref[i], make_body(True), dq)
         dq = lax.fori_loop(0, pcount_ref[i], make_body(False), dq)
-    store(dq_ref, (dq * cfg.scale).astype(dq_ref.dtype), mask=q_mask)
+    store(dq_ref, (dq * cfg.scale).astype(dq_ref.dtype), mask=rows.mask)
 
 
 def backward_dq(cfg: KernelConfig, q, k, v, do, lse, delta, plan_arrays, reads, q_off, kv_off):
@@ -155,18 +145,14 @@ def _dkv_kernel(qoff_ref, kvoff_ref, fcount_ref, fidx_ref, pcount_ref, pidx_ref,
     dk_ref, dv_ref = refs[read_set.n:]
     bq, bkv = cfg.block_q_dkv, cfg.block_kv_dkv
     hp = cfg.head_dim_padded
-    ragged_q = cfg.q_len % bq != 0
-    ragged_kv = cfg.kv_len % bkv != 0
 
     kb, b, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     kv_start = kb * bkv
-    cols = kv_start + jnp.arange(bkv, dtype=jnp.int32)
-    kv_valid = cols < cfg.kv_len if ragged_kv else None
-    head_ok = (jnp.arange(hp) < cfg.head_dim)[None, :] if hp != cfg.head_dim else None
-    kv_mask = _and(None if kv_valid is None else kv_valid[:, None], head_ok, (bkv, hp))
-    k = load(k_ref, mask=kv_mask, other=_other(kv_mask))
-    v = load(v_ref, mask=kv_mask, other=_other(kv_mask))
-    kv_pos = (kvoff_ref[b] + cols)[None, :]
+    cols = span(cfg, kv_start, bkv, cfg.kv_len)
+    kv_valid = cols.valid
+    k = load_rows(k_ref, cols)
+    v = load_rows(v_ref, cols)
+    kv_pos = (kvoff_ref[b] + cols.index)[None, :]
     q_base = qoff_ref[b]
     fixed = fixed_reads(read_set, read_refs, q_start=0, block_q=1, q_valid=None,
                         kv_start=kv_start, block_kv=bkv, kv_valid=kv_valid, kv_fixed=True)
@@ -179,23 +165,21 @@ def _dkv_kernel(qoff_ref, kvoff_ref, fcount_ref, fidx_ref, pcount_ref, pidx_ref,
             qb = idx_ref[j]
             full = is_full if is_full is not None else pidx_ref[j] != 0
             q_start = qb * bq
-            rows = q_start + jnp.arange(bq, dtype=jnp.int32)
             # FULL lists hold neither the ragged last q-block nor any tile of a ragged last
             # kv-block (the wrapper moves those to the PARTIAL lists).
-            q_valid = rows < cfg.q_len if (ragged_q and is_full is not True) else None
-            q_mask = _and(None if q_valid is None else q_valid[:, None], head_ok, (bq, hp))
-            q = load(q_ref.at[pl.ds(q_start, bq), :], mask=q_mask, other=_other(q_mask))
-            do = load(do_ref.at[pl.ds(q_start, bq), :], mask=q_mask, other=_other(q_mask))
-            lse2 = _safe_lse2(load(lse_ref.at[pl.ds(q_start, bq)], mask=q_valid,
-                                   other=_other(q_valid)))
-            delta = load(delta_ref.at[pl.ds(q_start, bq)], mask=q_valid, other=_other(q_valid))
-            q_pos = (q_base + rows)[:, None]
+            rows = span(cfg, q_start, bq, cfg.q_len, check_edge=is_full is not True)
+            q_valid = rows.valid
+            q = load_rows(q_ref.at[pl.ds(q_start, bq), :], rows)
+            do = load_rows(do_ref.at[pl.ds(q_start, bq), :], rows)
+            lse2 = _safe_lse2(load_row_stats(lse_ref.at[pl.ds(q_start, bq)], rows))
+            delta = load_row_stats(delta_ref.at[pl.ds(q_start, bq)], rows)
+            q_pos = (q_base + rows.index)[:, None]
             s = dot(q, k, trans_b=True)
             rv, reads_all = values_and_all_reads(read_set, read_refs, q_start=q_start, block_q=bq,
                                                  q_valid=q_valid, kv_start=kv_start, block_kv=bkv,
                                                  kv_valid=kv_valid, fixed=fixed)
 
-            valid = None if is_full is True else _valid(q_valid, kv_valid)
+            valid = None if is_full is True else tile_valid(rows, cols)
             logits = tile_logits2(cfg, s, full=full, b=b, h=h, q_pos=q_pos, kv_pos=kv_pos,
                                   valid=valid, reads_values=lambda: rv, reads_all=reads_all)
             p = exp2(logits - lse2[:, None], fast=not cfg.interpret)
@@ -212,18 +196,8 @@ def _dkv_kernel(qoff_ref, kvoff_ref, fcount_ref, fidx_ref, pcount_ref, pidx_ref,
     else:
         carry = lax.fori_loop(0, fcount_ref[kb], make_body(True), (zeros, zeros))
         dk, dv = lax.fori_loop(0, pcount_ref[kb], make_body(False), carry)
-    store(dk_ref, (dk * cfg.scale).astype(dk_ref.dtype), mask=kv_mask)
-    store(dv_ref, dv.astype(dv_ref.dtype), mask=kv_mask)
-
-
-def _valid(q_valid, kv_valid):
-    if q_valid is None and kv_valid is None:
-        return None
-    if q_valid is None:
-        return kv_valid[None, :]
-    if kv_valid is None:
-        return q_valid[:, None]
-    return q_valid[:, None] & kv_valid[None, :]
+    store(dk_ref, (dk * cfg.scale).astype(dk_ref.dtype), mask=cols.mask)
+    store(dv_ref, dv.astype(dv_ref.dtype), mask=cols.mask)
 
 
 def backward_dkv(cfg: KernelConfig, q, k, v, do, lse, delta, plan_arrays, reads, q_off, kv_off):

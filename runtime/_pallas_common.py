@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -105,6 +106,58 @@ class KernelConfig:
     def base2(self) -> bool:
         """Mask-only mods: the logit is the score, so scale by log2(e) in the product."""
         return self.program.canonical.kind == "mask"
+
+
+# ---- the rows or columns a kernel loads ----------------------------------------------
+
+@dataclass(frozen=True, eq=False)
+class Span:
+    """``block`` consecutive rows (queries) or columns (keys) of a tile, from ``start``.
+
+    index: int32[block] row numbers; valid: bool[block] of the rows that exist (None when
+    all do); mask: bool[block, head_dim_padded] for loads and stores (rows that exist x
+    real head dims; None when nothing needs masking)."""
+    start: Any
+    index: Any
+    valid: Any
+    mask: Any
+
+
+def span(cfg: KernelConfig, start, block: int, length: int, *, check_edge: bool = True) -> Span:
+    """The ``Span`` of ``block`` rows from ``start`` of a sequence of ``length``.
+    ``check_edge=False`` for tiles known not to hold the ragged last block (FULL lists)."""
+    index = start + jnp.arange(block, dtype=jnp.int32)
+    valid = index < length if (check_edge and length % block) else None
+    hp = cfg.head_dim_padded
+    head_ok = (jnp.arange(hp) < cfg.head_dim)[None, :] if hp != cfg.head_dim else None
+    rows_ok = None if valid is None else valid[:, None]
+    if rows_ok is None and head_ok is None:
+        mask = None
+    else:
+        both = head_ok if rows_ok is None else rows_ok if head_ok is None else rows_ok & head_ok
+        mask = jnp.broadcast_to(both, (block, hp))
+    return Span(start, index, valid, mask)
+
+
+def load_rows(ref, rows: Span):
+    """The ``[block, head_dim_padded]`` tile of ``ref`` (already at the span), zero where masked."""
+    return load(ref, mask=rows.mask, other=0.0 if rows.mask is not None else None)
+
+
+def load_row_stats(ref, rows: Span):
+    """A per-row vector (lse, delta) of the span, zero where the rows do not exist."""
+    return load(ref, mask=rows.valid, other=0.0 if rows.valid is not None else None)
+
+
+def tile_valid(q_rows: Span, kv_cols: Span):
+    """bool ``[bq|1, bkv|1]`` of the tile positions that exist, or None when all do."""
+    if q_rows.valid is None and kv_cols.valid is None:
+        return None
+    if q_rows.valid is None:
+        return kv_cols.valid[None, :]
+    if kv_cols.valid is None:
+        return q_rows.valid[:, None]
+    return q_rows.valid[:, None] & kv_cols.valid[None, :]
 
 
 # ---- plans ------------------------------------------------------------------------------

@@ -20,8 +20,8 @@ from jax.experimental import pallas as pl
 
 from scoremod.runtime._triton import compiler_params
 from scoremod.runtime._pallas_common import (
-    LN2, KernelConfig, ReadSet, dot, exp2, fixed_reads, load, offset_and_plan_specs, read_spec,
-    store, tile_logits2, tile_reads)
+    LN2, KernelConfig, ReadSet, dot, exp2, fixed_reads, load_rows, offset_and_plan_specs, read_spec,
+    span, store, tile_logits2, tile_reads)
 
 
 def _forward_kernel(qoff_ref, kvoff_ref, fcount_ref, fidx_ref, pcount_ref, pidx_ref, q_ref, k_ref,
@@ -32,21 +32,17 @@ def _forward_kernel(qoff_ref, kvoff_ref, fcount_ref, fidx_ref, pcount_ref, pidx_
 
     bq, bkv = cfg.block_q, cfg.block_kv
     hp = cfg.head_dim_padded
-    ragged_q = cfg.q_len % bq != 0
-    ragged_kv = cfg.kv_len % bkv != 0
 
     i = pl.num_programs(0) - 1 - pl.program_id(0)   # heaviest (last) q-blocks first
     b = pl.program_id(1)
     h = pl.program_id(2)
 
     q_start = i * bq
-    rows = q_start + jnp.arange(bq, dtype=jnp.int32)
-    q_valid = rows < cfg.q_len if ragged_q else None
-    head_ok = (jnp.arange(hp) < cfg.head_dim)[None, :] if hp != cfg.head_dim else None
-    q_mask = _and(None if q_valid is None else q_valid[:, None], head_ok, (bq, hp))
-    q = load(q_ref, mask=q_mask, other=0.0 if q_mask is not None else None)
+    rows = span(cfg, q_start, bq, cfg.q_len)
+    q_valid = rows.valid
+    q = load_rows(q_ref, rows)
 
-    q_pos = (qoff_ref[b] + rows)[:, None]
+    q_pos = (qoff_ref[b] + rows.index)[:, None]
     kv_base = kvoff_ref[b]
     fixed = fixed_reads(read_set, read_refs, q_start=q_start, block_q=bq, q_valid=q_valid)
     fast = not cfg.interpret
@@ -62,14 +58,12 @@ def _forward_kernel(qoff_ref, kvoff_ref, fcount_ref, fidx_ref, pcount_ref, pidx_
             kb = idx_ref[j]
             full = is_full if is_full is not None else pidx_ref[j] != 0
             kv_start = kb * bkv
-            cols = kv_start + jnp.arange(bkv, dtype=jnp.int32)
             # FULL lists never hold the ragged last kv-block (the wrapper moves it).
-            kv_valid = cols < cfg.kv_len if (ragged_kv and is_full is not True) else None
-            kv_mask = _and(None if kv_valid is None else kv_valid[:, None], head_ok, (bkv, hp))
-            k = load(k_ref.at[pl.ds(kv_start, bkv), :], mask=kv_mask,
-                     other=0.0 if kv_mask is not None else None)
+            cols = span(cfg, kv_start, bkv, cfg.kv_len, check_edge=is_full is not True)
+            kv_valid = cols.valid
+            k = load_rows(k_ref.at[pl.ds(kv_start, bkv), :], cols)
             s = dot(q, k, trans_b=True)
-            kv_pos = (kv_base + cols)[None, :]
+            kv_pos = (kv_base + cols.index)[None, :]
 
             def reads(which):
                 return tile_reads(read_set, read_refs, q_start=q_start, block_q=bq,
@@ -89,8 +83,7 @@ def _forward_kernel(qoff_ref, kvoff_ref, fcount_ref, fidx_ref, pcount_ref, pidx_
             alpha = exp2(m_prev - m_safe, fast=fast)
             p = exp2(logits - m_safe[:, None], fast=fast)
             l_new = l_prev * alpha + jnp.sum(p, axis=1)
-            v = load(v_ref.at[pl.ds(kv_start, bkv), :], mask=kv_mask,
-                     other=0.0 if kv_mask is not None else None)
+            v = load_rows(v_ref.at[pl.ds(kv_start, bkv), :], cols)
             acc = acc * alpha[:, None] + dot(p.astype(v.dtype), v)
             return acc, m_new, l_new
         return body
@@ -109,22 +102,11 @@ def _forward_kernel(qoff_ref, kvoff_ref, fcount_ref, fidx_ref, pcount_ref, pidx_
     empty = l == 0.0
     out = acc / jnp.where(empty, 1.0, l)[:, None]
     lse = jnp.where(empty, -jnp.inf, (m + jnp.log2(jnp.where(empty, 1.0, l))) * LN2)
-    out_mask = _and(None if q_valid is None else q_valid[:, None], head_ok, (bq, hp))
-    store(o_ref, out.astype(o_ref.dtype), mask=out_mask)
+    store(o_ref, out.astype(o_ref.dtype), mask=rows.mask)
     store(lse_ref, lse, mask=q_valid)
     if debug_ref is not None:
         debug_ref[0] = n_full + n_part
         debug_ref[1] = n_part
-
-
-def _and(a, b, shape):
-    if a is None and b is None:
-        return None
-    if a is None:
-        return jnp.broadcast_to(b, shape)
-    if b is None:
-        return jnp.broadcast_to(a, shape)
-    return jnp.broadcast_to(a & b, shape)
 
 
 def forward(cfg: KernelConfig, q, k, v, plan_arrays, reads, q_off, kv_off):
