@@ -49,7 +49,7 @@ def attention(query, key, value, *, mod=None, scale=None, q_offset=0, kv_offset=
         ``where(M, T(score) + B, -inf)`` with ``score = scale * <q_vec, k_vec>``.
       scale: a Python number; default ``1 / sqrt(H)``.
       q_offset, kv_offset: int or int ``[B]``: the absolute position of row ``i`` is
-        ``q_offset + i`` and of column ``j`` is ``kv_offset + j`` (LANGUAGE.md §6).
+        ``q_offset + i`` and of column ``j`` is ``kv_offset + j`` (docs/language.md §1 Meaning).
       implementation: None (best available), "reference", "xla", "pallas", "mosaic",
         "cudnn", or a sequence of these, tried in order (NotImplementedError falls through).
       return_lse: also return the log-sum-exp of the logits, f32 ``[B, T, N]``.

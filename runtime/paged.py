@@ -11,7 +11,7 @@ Shapes:
     lengths       int32[B]           valid tokens per sequence, the T new ones included
     out           [B, T, N, H]       in q's dtype
 
-Positions (LANGUAGE.md §6, bottom-right alignment): query ``i`` of sequence ``b`` sits
+Positions (docs/language.md §1 Meaning, bottom-right alignment): query ``i`` of sequence ``b`` sits
 at ``lengths[b] - T + i``; key ``j`` of the sequence (slot ``j % page_size`` of page
 ``block_tables[b, j // page_size]``) at ``j``. Keys at ``j >= lengths[b]`` do not exist.
 Tensor parameters are indexed by these absolute positions: ``ids`` for ``doc(ids)`` is

@@ -307,7 +307,7 @@ def _attention_bwd(cfg, residuals, cotangents):
     query, key, value, tensors, q_off, kv_off, out, lse = residuals
     dout, dlse = cotangents
     dq, dk, dv = _backward(cfg, query, key, value, tensors, q_off, kv_off, out, lse, dout, dlse)
-    # Tensor parameters and offsets are constants (LANGUAGE.md §5).
+    # Tensor parameters and offsets are constants (docs/language.md §7 Tensors).
     return dq, dk, dv, jax.tree.map(_zero_cotangent, tensors), _zero_cotangent(q_off), _zero_cotangent(kv_off)
 
 

@@ -1,4 +1,4 @@
-"""An independent evaluator of scoremod sources: the meaning of LANGUAGE.md, in NumPy float64.
+"""An independent evaluator of scoremod sources: the meaning of docs/language.md, in NumPy float64.
 
 This is the oracle every other path (canonical form, rewrites, plans, kernels) is tested
 against, so it shares no code with the compiler. It takes the *parsed* AST from
@@ -9,7 +9,7 @@ body with the parameters bound to the unevaluated arguments (call by name, like 
 macro expansion it has to agree with), and values are NumPy arrays broadcast over the
 grid of positions ``[B, N, T, S]``.
 
-Semantics implemented here (LANGUAGE.md, with the choices the brief leaves open):
+Semantics implemented here (docs/language.md, with the choices the brief leaves open):
 
 * Positions: ``b`` in ``0..B-1``, ``h`` in ``0..N-1``, ``q = q_offset + row``,
   ``kv = kv_offset + column``; offsets are ints or int arrays of shape ``[B]``.
@@ -364,7 +364,7 @@ def _broadcast(x: np.ndarray, shape) -> np.ndarray:
 
 def evaluate_logits(source, *, scores: np.ndarray, q_offset=0, kv_offset=0,
                     tensors: Mapping[str, Any] | None = None) -> np.ndarray:
-    """The new logits ``float64[B, N, T, S]`` that ``source`` makes of ``scores`` (LANGUAGE.md §1).
+    """The new logits ``float64[B, N, T, S]`` that ``source`` makes of ``scores`` (docs/language.md §1 Meaning).
 
     Args:
       source: a source string (or a ``Mod``, a parsed ``Source``, or an AST/IR node).

@@ -100,7 +100,7 @@ class BadSource:
 
 # ---- fragments -------------------------------------------------------------------------
 
-# Precedence levels (LANGUAGE.md §2), lowest first; 9 = calls, indexing and atoms.
+# Precedence levels (docs/language.md §2 Syntax), lowest first; 9 = calls, indexing and atoms.
 _LEVEL = {"|": 1, "&": 2, "<": 4, "<=": 4, ">": 4, ">=": 4, "==": 4, "!=": 4,
           "+": 5, "-": 5, "*": 6, "/": 6, "//": 6, "%": 6, "**": 8}
 _CMP = ("<", "<=", ">", ">=", "==", "!=")

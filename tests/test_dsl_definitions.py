@@ -1,4 +1,4 @@
-"""Definitions (LANGUAGE.md §7): macros overloaded by arity, in a source and globally with
+"""Definitions (docs/language.md §6 Definitions): macros overloaded by arity, in a source and globally with
 ``scoremod.define``/``undefine``, shadowing rules and ``override=True``."""
 
 from __future__ import annotations

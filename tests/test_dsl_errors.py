@@ -1,4 +1,4 @@
-"""Error messages (LANGUAGE.md §8): exact snapshots of representative mistakes, and bad
+"""Error messages (docs/language.md §9 Errors): exact snapshots of representative mistakes, and bad
 input (empty, huge, deeply nested, non-ASCII, overflowing literals, random text) that must
 end in a clear ``ScoreModError`` or a correct result: never a Lark or Python traceback,
 never a hang."""

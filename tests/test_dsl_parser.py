@@ -1,4 +1,4 @@
-"""Parsing (LANGUAGE.md §2): precedence, literals, separators, comments, spans, definitions;
+"""Parsing (docs/language.md §2 Syntax): precedence, literals, separators, comments, spans, definitions;
 and print -> parse round trips on generated sources and random trees."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Typing (LANGUAGE.md §3): what is accepted with which type, what is rejected with which
+"""Typing (docs/language.md §3 Types): what is accepted with which type, what is rejected with which
 error class; generated well-typed sources all pass, generated ill-typed ones all fail."""
 
 from __future__ import annotations

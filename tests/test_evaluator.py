@@ -1,5 +1,5 @@
 """The independent evaluator against hand-computed answers: every prelude name, the top-level
-reading of LANGUAGE.md §1, floor semantics, tensors (right alignment, clipping), offsets,
+reading of docs/language.md §1 Meaning, floor semantics, tensors (right alignment, clipping), offsets,
 and the float64 attention reference."""
 
 from __future__ import annotations
@@ -171,7 +171,7 @@ def test_prelude_by_hand(key):
     HAND_CASES[key]()
 
 
-# ---- the top-level reading (LANGUAGE.md §1) -------------------------------------------------
+# ---- the top-level reading (docs/language.md §1 Meaning) -------------------------------------------------
 
 def test_mask_keeps_score_or_minus_inf():
     scores = np.arange(4.0).reshape(1, 1, 2, 2)

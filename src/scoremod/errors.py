@@ -93,7 +93,7 @@ class ScoreModNameError(ScoreModError):
 
 
 class ScoreModTypeError(ScoreModError):
-    """A well-formed expression whose types do not fit (LANGUAGE.md §3)."""
+    """A well-formed expression whose types do not fit (docs/language.md §3 Types)."""
 
 
 class ScoreModDefinitionError(ScoreModError):
