@@ -52,9 +52,6 @@ class Band:
     def empty(self) -> bool:
         return self.lo is not None and self.hi is not None and self.lo > self.hi
 
-    def contains(self, d: int) -> bool:
-        return (self.lo is None or d >= self.lo) and (self.hi is None or d <= self.hi)
-
 
 _ALL = Band(None, None, True)        # `true`: every diagonal, exactly
 _UNKNOWN = Band(None, None, False)   # no bound known

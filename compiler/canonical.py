@@ -1,4 +1,4 @@
-"""The canonical form ``logit = where(M, T(score) + B, -inf)`` (LANGUAGE.md §1).
+"""The canonical form ``logit = where(M, T(score) + B, -inf)`` (docs/language.md, "1. Meaning").
 
 ``M`` is the conjunction of every top-level mask part, ``T`` the sum of the parts that
 mention ``score`` (None: identity, ``logit = score + B``), ``B`` the sum of the other
@@ -127,7 +127,7 @@ def canonicalize(expr: Node) -> Canonical:
         bias = None
     if transform is None and is_real and mentions(mask, "score"):
         # A real expression that mentions score only in a mask is still a transform
-        # (LANGUAGE.md §1: logit = E), so the score is not added: T(score) = 0.
+        # (docs/language.md, "1. Meaning": logit = E), so the score is not added: T(score) = 0.
         transform = IntLit(0)
     return Canonical(mask, transform, bias)
 

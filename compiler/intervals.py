@@ -46,23 +46,25 @@ import numpy as np
 
 from scoremod.errors import ScoreModError, ScoreModTensorError
 from scoremod.dsl.ast import Binary, BoolLit, Call, IntLit, Node, RealLit, Tensor, Unary, Var, COMPARE_OPS
-from scoremod.compiler.tensors import axis_roles
+from scoremod.compiler.axes import axis_roles, used_indices
 
 __all__ = [
     "EMPTY", "PARTIAL", "FULL", "Interval", "Truth", "PositionBlocks", "BlockGrid",
-    "mask_truth", "value_interval", "classify_blocks", "batch_head_dependence",
+    "mask_truth", "value_interval", "classify_blocks", "batch_head_dependence", "NUMPY_CHUNK_CELLS",
 ]
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
 
+_INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
 # A float estimate of an int result beyond this may have overflowed int32 (margin for rounding).
 INT32_LIMIT = 2.0**31 - 1024
 REAL_EPS = 2.0**-20
 REAL_TINY = 1e-30
 # float32's largest finite value is 3.4028235e38; beyond this a kernel's value may be inf.
 F32_SAFE = 3.0e38
-# numpy classification works on slices of at most this many cells (bounds peak memory).
-_NUMPY_CHUNK_CELLS = 1 << 22
+# NumPy work on block grids (classification here, plan compaction in plan.py) goes a slice
+# of at most this many cells at a time (bounds peak memory).
+NUMPY_CHUNK_CELLS = 1 << 22
 
 
 @dataclass(frozen=True, eq=False)
@@ -139,12 +141,6 @@ def _or(xp, a, b):
     return xp.logical_or(a, b)
 
 
-def _not(xp, a):
-    if isinstance(a, bool):
-        return not a
-    return xp.logical_not(a)
-
-
 def _select(xp, cond, a, b):
     if cond is True:
         return a
@@ -163,7 +159,7 @@ def _batched_searchsorted(xp, sorted_rows, queries, side: str):
     """``searchsorted`` row by row: sorted_rows [R, L], queries [R, M] -> int [R, M]."""
     if xp is np:
         return np.stack([np.searchsorted(s, v, side=side) for s, v in zip(sorted_rows, queries)])
-    import jax
+    import jax  # deferred: jax is slow to import; only the jax path (xp=jax.numpy) needs it
     return jax.vmap(lambda s, v: xp.searchsorted(s, v, side=side, method="sort"))(sorted_rows, queries)
 
 
@@ -284,17 +280,13 @@ class _Analyzer:
     def _read(self, node: Tensor) -> Interval:
         xp = self.xp
         if node.name not in self.tensors:
-            if node.name not in self.raw_tensors:
-                raise ScoreModTensorError(f"missing tensor '{node.name}' (the mask reads {node})",
-                                          hint=f"pass it by keyword, e.g. {node.name}=array")
             self.tensors[node.name] = self._as_array(self.raw_tensors[node.name])
         arr = self.tensors[node.name]
         rank = arr.ndim
         if rank > len(node.indices):
             raise ScoreModTensorError(
                 f"tensor '{node.name}' has rank {rank} but is read as {node} with {len(node.indices)} indices")
-        used = node.indices[len(node.indices) - rank:]
-        roles = axis_roles(used)
+        roles = axis_roles(used_indices(node.indices, rank))
         is_int = bool(np.issubdtype(arr.dtype, np.integer))
         unknown = False if is_int else xp.any(xp.isnan(arr))
 
@@ -401,7 +393,7 @@ class _Analyzer:
         ``estimate()`` returns float (lo, hi) estimates, used when ints are 32-bit."""
         xp = self.xp
         if self.int_dtype.itemsize == 8:
-            over = (lo < -(2**31)) | (hi > 2**31 - 1)
+            over = (lo < _INT32_MIN) | (hi > _INT32_MAX)
         else:
             elo, ehi = estimate()
             over = (elo < -INT32_LIMIT) | (ehi > INT32_LIMIT)
@@ -681,7 +673,9 @@ def _max_all(xp, xs):
 def mask_truth(mask: Node, grid: BlockGrid, tensors: Mapping[str, Any] | None = None, xp=np) -> Truth:
     """``Truth`` of the bool expression ``mask`` on every rectangle of ``grid``.
 
-    tensors: name -> array (numpy, jax or traced), for the reads in ``mask``.
+    tensors: name -> array (numpy, jax or traced), one for every tensor ``mask`` reads (the
+    entry points, ``build_plan``, ``explain`` and the runtime, check that first with
+    ``compiler.tensors.check_missing_tensors``).
     Returns arrays broadcasting to ``grid.shape`` ``[B, H, nq, nk]`` (or Python bools).
     """
     out = _Analyzer(grid, tensors or {}, xp).run(mask)
@@ -717,8 +711,7 @@ def batch_head_dependence(mask: Node, tensor_shapes: Mapping[str, tuple[int, ...
         elif isinstance(node, Tensor):
             shape = tuple(tensor_shapes.get(node.name, ()))
             rank = len(shape)
-            used = node.indices[len(node.indices) - rank:] if rank else ()
-            for role, size in zip(axis_roles(used), shape):
+            for role, size in zip(axis_roles(used_indices(node.indices, rank)), shape):
                 if size == 1:
                     continue
                 dep_b |= role == "b" or (role == "q" and q_per_batch) or (role == "kv" and kv_per_batch)
@@ -743,9 +736,9 @@ def classify_blocks(mask: Node, grid: BlockGrid, tensors: Mapping[str, Any] | No
         head_dim = grid.heads if dep_h else 1
     nq, nk = grid.q.num_blocks, grid.kv.num_blocks
     shape = (batch_dim, head_dim, nq, nk)
-    if xp is np and batch_dim * head_dim * nq * nk > _NUMPY_CHUNK_CELLS and nq > 1:
+    if xp is np and batch_dim * head_dim * nq * nk > NUMPY_CHUNK_CELLS and nq > 1:
         out = np.empty(shape, np.int8)
-        step = max(1, _NUMPY_CHUNK_CELLS // (batch_dim * head_dim * nk))
+        step = max(1, NUMPY_CHUNK_CELLS // (batch_dim * head_dim * nk))
         off = np.asarray(grid.q.offset)
         for first in range(0, nq, step):
             rows = first * grid.q.block

@@ -1,25 +1,25 @@
-"""Lowering IR to jax.numpy: one evaluator over environments, and ``dT/dscore``.
+"""Lowering IR to jax.numpy: one evaluator over environments.
 
 ``emit(node, env)`` turns an expanded, checked IR expression into jnp operations.
 The environment says what the variables are (``b, h, q, kv, score``: arrays that
 broadcast against each other) and how a tensor read is answered. The XLA path
 answers reads by gathering from the whole tensor; kernels answer them with the tile
 of the tensor they loaded. Integer arithmetic is int32 with Python's floor ``//`` and
-``%``; reals are float32.
+``%``; reals are float32. ``dT/dscore`` is built as IR by ``compiler/derivative.py`` and
+emitted here like any other expression.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Callable, Protocol
 
 import jax
 import jax.numpy as jnp
 
-from scoremod.dsl.ast import Binary, BoolLit, Call, IntLit, Node, RealLit, Tensor, Unary, Var, mentions
-from scoremod.compiler.rewrite import simplify
+from scoremod.dsl.ast import Binary, BoolLit, Call, IntLit, Node, RealLit, Tensor, Unary, Var
+from scoremod.compiler.axes import used_indices
 
-__all__ = ["Env", "emit", "derivative", "gather_read", "score_mod_fn", "mask_mod_fn"]
+__all__ = ["Env", "emit", "gather_read", "score_mod_fn", "mask_mod_fn"]
 
 
 class Env(Protocol):
@@ -147,14 +147,14 @@ def _emit_one(n: Node, go, env: Env):
 # ---- tensor reads by gathering (XLA path and Mod closures) -------------------------------
 
 def gather_read(array: jax.Array, indices: list[jax.Array]):
-    """``array[indices]`` with right alignment and clipping (LANGUAGE.md §5).
+    """``array[indices]`` with right alignment and clipping (docs/language.md, "7. Tensors").
 
     A rank-r array read with more than r indices ignores the leading ones; each index is
     clipped into range. Ints come back int32, floats float32, bools int32.
     """
     array = jnp.asarray(array)
     rank = array.ndim
-    used = indices[len(indices) - rank:] if rank else []
+    used = used_indices(indices, rank)
     if len(used) < rank:
         raise ValueError(f"tensor of rank {rank} read with {len(indices)} indices")
     idx = tuple(jnp.clip(jnp.asarray(i, jnp.int32), 0, dim - 1) for i, dim in zip(used, array.shape))
@@ -211,91 +211,3 @@ def logits_from_canonical(canonical, env: Env):
     mask = emit(canonical.mask, env)
     return jnp.where(mask, value, -jnp.inf)
 
-
-# ---- d T / d score -----------------------------------------------------------------------
-
-_ZERO, _ONE = IntLit(0), IntLit(1)
-_LN2 = RealLit(math.log(2.0))
-
-
-def derivative(node: Node, var: str = "score") -> Node:
-    """Symbolic d node / d var as IR (simplified). Piecewise functions use the derivative
-    of the active piece; floor/ceil/sign/comparisons have derivative 0."""
-    return simplify(_d(node, var), ["fold", "arithmetic"])
-
-
-def _build(op: str, a: Node, b: Node) -> Node:
-    """Binary node that drops the zeros and ones a derivative produces (0 * x is 0 here:
-    a zero derivative times a finite factor)."""
-    zero_a, zero_b = a == _ZERO, b == _ZERO
-    if op == "+":
-        return b if zero_a else a if zero_b else Binary(op, a, b)
-    if op == "-":
-        return a if zero_b else Unary("-", b) if zero_a else Binary(op, a, b)
-    if op == "*":
-        if zero_a or zero_b:
-            return _ZERO
-        return b if a == _ONE else a if b == _ONE else Binary(op, a, b)
-    if op == "/" and zero_a:
-        return _ZERO
-    return Binary(op, a, b)
-
-
-def _d(n: Node, v: str) -> Node:
-    if not mentions(n, v):
-        return _ZERO
-    if isinstance(n, Var):
-        return _ONE
-    B = _build
-    if isinstance(n, Unary):
-        return _build("-", _ZERO, _d(n.operand, v))
-    if isinstance(n, Binary):
-        a, b = n.lhs, n.rhs
-        da, db = _d(a, v), _d(b, v)
-        if n.op in ("+", "-"):
-            return B(n.op, da, db)
-        if n.op == "*":
-            return B("+", B("*", da, b), B("*", a, db))
-        if n.op == "/":
-            return B("-", B("/", da, b), B("/", B("*", a, db), B("*", b, b)))
-        if n.op == "**":
-            if not mentions(b, v):
-                return B("*", B("*", b, B("**", a, B("-", b, _ONE))), da)
-            return B("*", n, B("+", B("*", db, Call("log", (a,))), B("/", B("*", b, da), a)))
-        if n.op == "%":
-            return B("-", da, B("*", Call("floor", (B("/", a, b),)), db))
-        return _ZERO  # //, comparisons
-    if isinstance(n, Call):
-        args = n.args
-        x = args[0]
-        dx = _d(x, v)
-        fn = n.fn
-        if fn == "abs":
-            return B("*", Call("sign", (x,)), dx)
-        if fn == "exp":
-            return B("*", n, dx)
-        if fn == "exp2":
-            return B("*", B("*", n, _LN2), dx)
-        if fn == "log":
-            return B("/", dx, x)
-        if fn == "log2":
-            return B("/", dx, B("*", x, _LN2))
-        if fn == "sqrt":
-            return B("/", dx, B("*", IntLit(2), n))
-        if fn == "tanh":
-            return B("*", B("-", _ONE, B("*", n, n)), dx)
-        if fn == "sigmoid":
-            return B("*", B("*", n, B("-", _ONE, n)), dx)
-        if fn in ("floor", "ceil", "sign"):
-            return _ZERO
-        if fn == "min":
-            return Call("where", (B("<=", args[0], args[1]), dx, _d(args[1], v)))
-        if fn == "max":
-            return Call("where", (B(">=", args[0], args[1]), dx, _d(args[1], v)))
-        if fn == "clip":
-            lo, hi = args[1], args[2]
-            return Call("where", (B("<", x, lo), _d(lo, v),
-                                  Call("where", (B(">", x, hi), _d(hi, v), dx))))
-        if fn == "where":
-            return Call("where", (args[0], _d(args[1], v), _d(args[2], v)))
-    raise TypeError(f"cannot differentiate {type(n).__name__}")

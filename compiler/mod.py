@@ -7,8 +7,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-from scoremod.errors import ScoreModError
-from scoremod.dsl.ast import Node
+from scoremod.errors import ScoreModError, ScoreModTensorError
+from scoremod.dsl.ast import Node, mentions, tensor_names
 from scoremod.dsl.definitions import expand, globals_version
 from scoremod.dsl.parser import parse_source
 from scoremod.dsl.typecheck import check
@@ -17,9 +17,12 @@ from scoremod.compiler.canonical import Canonical, canonicalize
 __all__ = ["Mod", "compile_mod"]
 
 
+# Passes over the IR recurse once per level; sources may nest up to MAX_DEPTH levels.
+_RECURSION_LIMIT = 20_000
+
+
 @contextmanager
-def _deep_recursion(limit: int = 20_000):
-    # Passes over the IR recurse once per level; sources may nest up to MAX_DEPTH levels.
+def _deep_recursion(limit: int = _RECURSION_LIMIT):
     old = sys.getrecursionlimit()
     if old < limit:
         sys.setrecursionlimit(limit)
@@ -66,7 +69,6 @@ class Mod:
         """Every tensor parameter the source names, also those simplification removed
         (``where(true, alibi(8), bias(t))`` reads no tensor but names ``t``). Passing
         them is allowed; they are ignored."""
-        from scoremod.dsl.ast import tensor_names
         names = dict.fromkeys(self.tensors)
         names.update(dict.fromkeys(tensor_names(self.expr) if self.expr is not None else ()))
         return tuple(names)
@@ -90,26 +92,24 @@ class Mod:
             >>> sm = scoremod.compile("causal + alibi(8)").score_mod()
             >>> sm(scores, b, h, q, kv).shape == scores.shape
         """
+        # Deferred: lowering imports jax, and `import scoremod` stays light.
         from scoremod.compiler.lowering import score_mod_fn
         return score_mod_fn(self.canonical, self._checked_tensors(tensors))
 
     def mask_mod(self, **tensors):
         """A jnp ``mask_mod(b_idx, h_idx, q_idx, kv_idx) -> bool`` closure for the mask M."""
+        # Deferred: lowering imports jax, and `import scoremod` stays light.
         from scoremod.compiler.lowering import mask_mod_fn
-        from scoremod.dsl.ast import mentions
         if mentions(self.canonical.mask, "score"):
-            from scoremod.errors import ScoreModError
             raise ScoreModError(f"the mask of {self} reads score, which a mask_mod(b, h, q, kv) does not see",
                                 hint="use score_mod(), which applies the whole mod to the scores")
         return mask_mod_fn(self.canonical, self._checked_tensors(tensors))
 
     def _checked_tensors(self, tensors: dict) -> dict:
-        from scoremod.errors import ScoreModTensorError
-        missing = [n for n in self.tensors if n not in tensors]
+        # Deferred: tensors imports numpy, and `import scoremod` stays light.
+        from scoremod.compiler.tensors import check_missing_tensors
+        check_missing_tensors(self, tensors)
         extra = [n for n in tensors if n not in self.source_tensors]
-        if missing:
-            raise ScoreModTensorError(f"missing tensor parameter '{missing[0]}' for {self}",
-                                      hint=f"pass it by keyword: {missing[0]}=...")
         if extra:
             raise ScoreModTensorError(f"unexpected tensor parameter '{extra[0]}'; this mod reads "
                                       f"{', '.join(self.tensors) or 'no tensors'}")
@@ -123,6 +123,8 @@ class Mod:
 
             >>> print(scoremod.compile("causal & window(1024)").explain(8192))
         """
+        # Deferred: explain imports numpy (`import scoremod` stays light) and imports this
+        # module itself (compile_mod): a cycle.
         from scoremod.compiler.explain import explain
         return explain(self, q_len, kv_len, block=block, batch=batch, heads=heads,
                        q_offset=q_offset, kv_offset=kv_offset, width=width, **tensors)

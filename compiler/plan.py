@@ -1,8 +1,8 @@
 """Block plans: which (q-block, kv-block) tiles a kernel visits, and which are FULL.
 
-Layout (FlexAttention's BCSR-like layout, DESIGN.md §2.4). ``B'``/``H'`` are 1 when the
-mask does not depend on the batch/head (after taking tensor ranks and per-batch offsets
-into account), else the batch size / number of query heads.
+Layout (FlexAttention's BCSR-like layout; docs/compiler.md, "Block plans"). ``B'``/``H'``
+are 1 when the mask does not depend on the batch/head (after taking tensor ranks and
+per-batch offsets into account), else the batch size / number of query heads.
 
   classes    int8 [B', H', nq, nk]   0 EMPTY, 1 PARTIAL, 2 FULL  (explain, tests)
   kv_counts  int32[B', H', nq]       number of non-empty kv-blocks of each q-block
@@ -31,14 +31,17 @@ from functools import lru_cache
 from typing import Any, Mapping
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from scoremod.errors import ScoreModShapeError, ScoreModTensorError
+from scoremod.errors import ScoreModShapeError
 from scoremod.dsl.ast import Node, tensor_names
 from scoremod.compiler.intervals import (
-    EMPTY, FULL, PARTIAL, BlockGrid, PositionBlocks, batch_head_dependence, classify_blocks,
+    EMPTY, FULL, NUMPY_CHUNK_CELLS, PARTIAL, BlockGrid, PositionBlocks, batch_head_dependence, classify_blocks,
 )
-from scoremod.compiler.tensors import check_tensors, mask_of
+from scoremod.compiler.rewrite import simplify
+# check_tensors is re-exported: compiler/explain.py and tests import it from here.
+from scoremod.compiler.tensors import check_missing_tensors, check_tensors, mask_of
 
 __all__ = [
     "BlockPlan", "EMPTY", "PARTIAL", "FULL", "build_plan", "plan_from_classes", "plan_grid_shape",
@@ -165,7 +168,7 @@ def _compact_numpy(classes: np.ndarray):
     counts = np.empty((planes, n), np.int32)
     indices = np.empty((planes, n, m), np.int32)
     full = np.zeros((planes, n, m), np.int8)
-    step = max(1, (1 << 22) // m)
+    step = max(1, NUMPY_CHUNK_CELLS // m)
     for p in range(planes):
         for first in range(0, n, step):
             part = classes[p, first:first + step]
@@ -187,7 +190,6 @@ def _compact_numpy(classes: np.ndarray):
 
 def _compact_jax(classes):
     """Same as ``_compact_numpy`` with jax.numpy: cumsum + one scatter, no loops, jittable."""
-    import jax.numpy as jnp
     lead, m = classes.shape[:-1], classes.shape[-1]
     flat = classes.reshape(-1, m)
     rows = flat.shape[0]
@@ -228,7 +230,6 @@ def _grid(q_len, kv_len, block_q, block_kv, batch, heads, q_offset, kv_offset) -
 
 @lru_cache(maxsize=64)
 def _static_plan(mask: Node, q_len, kv_len, block_q, block_kv, batch, heads, q_offset, kv_offset) -> BlockPlan:
-    from scoremod.compiler.rewrite import simplify
     grid = _grid(q_len, kv_len, block_q, block_kv, batch, heads, q_offset, kv_offset)
     classes = classify_blocks(simplify(mask), grid, {}, np)
     plan = plan_from_classes(np.ascontiguousarray(classes), q_len=q_len, kv_len=kv_len, block_q=block_q,
@@ -240,8 +241,6 @@ def _static_plan(mask: Node, q_len, kv_len, block_q, block_kv, batch, heads, q_o
 
 def _traced_plan(mask: Node, tensors, q_offset, kv_offset, *, q_len, kv_len, block_q, block_kv, batch,
                  heads) -> BlockPlan:
-    import jax.numpy as jnp
-    from scoremod.compiler.rewrite import simplify
     TRACE_COUNTS["jax_builder"] += 1
     grid = _grid(q_len, kv_len, block_q, block_kv, batch, heads, q_offset, kv_offset)
     classes = classify_blocks(simplify(mask), grid, tensors, jnp)
@@ -276,12 +275,9 @@ def build_plan(mask, *, q_len: int, kv_len: int, block_q: int = 128, block_kv: i
     q_offset = _check_offset("q_offset", q_offset, batch)
     kv_offset = _check_offset("kv_offset", kv_offset, batch)
     tensors = dict(tensors or {})
-    names = tensor_names(mask)
-    for name in names:
-        if name not in tensors:
-            raise ScoreModTensorError(f"missing tensor '{name}' (the mask reads it)",
-                                      hint=f"pass it by keyword, e.g. {name}=array")
-    used = {name: tensors[name] for name in names}
+    check_missing_tensors(mask, tensors, batch=batch, heads=heads, q_len=q_len, kv_len=kv_len, q_offset=q_offset,
+                          kv_offset=kv_offset)
+    used = {name: tensors[name] for name in tensor_names(mask)}
     shape = plan_grid_shape(mask, q_len=q_len, kv_len=kv_len, block_q=block_q, block_kv=block_kv, batch=batch,
                             heads=heads, q_offset=q_offset, kv_offset=kv_offset, tensors=used)
     cells = int(np.prod(shape, dtype=np.int64))
@@ -295,6 +291,5 @@ def build_plan(mask, *, q_len: int, kv_len: int, block_q: int = 128, block_kv: i
     if static:
         return _static_plan(mask, sizes["q_len"], sizes["kv_len"], sizes["block_q"], sizes["block_kv"],
                             sizes["batch"], sizes["heads"], q_offset, kv_offset)
-    import jax.numpy as jnp
     arrays = {name: jnp.asarray(value) for name, value in used.items()}
     return _jitted_plan(mask, arrays, jnp.asarray(q_offset, jnp.int32), jnp.asarray(kv_offset, jnp.int32), **sizes)

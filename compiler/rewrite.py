@@ -1,9 +1,11 @@
 """Rewrite rules as data, run bottom-up to a fixpoint.
 
-Each rule is a function ``node -> node | None`` (None: does not apply), listed in a
-named rule set with a ``# lhs -> rhs`` comment. Rules must never change meaning:
-tests/test_rewrite.py checks every rule set against the independent evaluator on
-generated expressions.
+A rule is a pair ``(pattern, rhs)`` in a named rule set, with a ``# lhs -> rhs`` comment.
+The pattern (a ``Pat``, after tinygrad's UPat) matches a node's class and op or function
+and binds named sub-nodes, under optional predicates; ``rhs`` gets the bindings as keyword
+arguments and returns the new node (None: the rule does not apply after all). Rules must
+never change meaning: tests/test_rewrite.py checks every rule set against the independent
+evaluator on generated expressions.
 """
 
 from __future__ import annotations
@@ -16,10 +18,127 @@ from scoremod.dsl.ast import Binary, BoolLit, Call, IntLit, Node, RealLit, Tenso
 from scoremod.dsl.printer import to_source
 from scoremod.dsl.typecheck import BOOL, INT, type_of
 
-__all__ = ["RULE_SETS", "simplify", "fold_constant", "linear_form", "linear_bound"]
+__all__ = ["RULE_SETS", "Pat", "simplify", "fold_constant", "linear_form", "linear_bound"]
 
 _INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
 
+
+# ---- patterns --------------------------------------------------------------------------------
+
+_ANY = object()
+
+
+class Pat:
+    """A pattern over IR nodes.
+
+    Matches a node that is an instance of ``cls`` (None: any node), whose op (a Binary's or
+    Unary's ``op``, a Call's ``fn``) is one of ``ops``, whose ``value`` (literals) equals
+    ``value``, whose children match ``src`` one to one (None: any children), and for which
+    ``where(node)`` holds; binds the node to ``name``. A name bound twice must bind equal
+    nodes (``x - x``). Predicates run only once the whole shape has matched, cheap checks
+    first. ``commute=True`` (a Binary at the root of a rule) also tries the swapped operands.
+    """
+
+    __slots__ = ("cls", "attr", "ops", "value", "src", "name", "where", "commute")
+
+    def __init__(self, cls=None, ops=None, src=None, *, value=_ANY, name=None, where=None,
+                 commute=False):
+        self.cls = Node if cls is None else cls
+        self.attr = "fn" if cls is Call else "op"
+        self.ops = (ops,) if isinstance(ops, str) else (None if ops is None else tuple(ops))
+        self.value, self.src, self.name, self.where, self.commute = value, src, name, where, commute
+
+    def match(self, node: Node) -> dict | None:
+        """The bindings ``{name: node}`` when ``node`` matches, else None."""
+        env: dict = {}
+        checks: list = []
+        if not _match(self, node, env, checks):
+            return None
+        for where, n in checks:
+            if not where(n):
+                return None
+        return env
+
+    def keys(self) -> tuple[str, ...] | None:
+        """The node keys (see ``_node_key``) this pattern can match; None: not restricted."""
+        if self.ops is None or self.cls not in (Binary, Unary, Call):
+            return None
+        return tuple("u" + op for op in self.ops) if self.cls is Unary else self.ops
+
+    def variants(self) -> list[Pat]:
+        """This pattern, and with ``commute`` the one with the operands swapped."""
+        if not self.commute:
+            return [self]
+        swapped = Pat(self.cls, self.ops, self.src[::-1], value=self.value, name=self.name,
+                      where=self.where)
+        return [Pat(self.cls, self.ops, self.src, value=self.value, name=self.name, where=self.where),
+                swapped]
+
+    def __repr__(self) -> str:
+        head = self.cls.__name__ if self.cls is not Node else "_"
+        parts = [repr(self.ops[0] if len(self.ops) == 1 else self.ops)] if self.ops else []
+        if self.value is not _ANY:
+            parts.append(repr(self.value))
+        parts += [repr(s) for s in self.src or ()] + (["commute"] if self.commute else [])
+        text = f"{head}({', '.join(parts)})" if parts or self.cls is not Node else "_"
+        return f"{self.name}={text}" if self.name and text != "_" else (self.name or text)
+
+
+def _match(p: Pat, node: Node, env: dict, checks: list) -> bool:
+    """Shape and bindings of ``p`` against ``node``; predicates go to ``checks``."""
+    if not isinstance(node, p.cls):
+        return False
+    if p.ops is not None and getattr(node, p.attr) not in p.ops:
+        return False
+    if p.value is not _ANY and node.value != p.value:
+        return False
+    if p.name is not None:
+        bound = env.get(p.name)
+        if bound is None:
+            env[p.name] = node
+        elif bound is not node and bound != node:
+            return False
+    if p.where is not None:
+        checks.append((p.where, node))
+    if p.src is not None:
+        kids = node.children()
+        if len(kids) != len(p.src):
+            return False
+        for sp, kid in zip(p.src, kids):
+            if not _match(sp, kid, env, checks):
+                return False
+    return True
+
+
+def V(name: str, where=None) -> Pat:
+    """Any node, bound to ``name``."""
+    return Pat(name=name, where=where)
+
+
+def Int(name: str, where=None) -> Pat:
+    """An int literal, bound to ``name``."""
+    return Pat(IntLit, name=name, where=where)
+
+
+def Bin(op, lhs: Pat | None = None, rhs: Pat | None = None, **kw) -> Pat:
+    return Pat(Binary, op, None if lhs is None else (lhs, rhs), **kw)
+
+
+def Un(op, operand: Pat | None = None, **kw) -> Pat:
+    return Pat(Unary, op, None if operand is None else (operand,), **kw)
+
+
+def Fn(fn, *args: Pat, **kw) -> Pat:
+    return Pat(Call, fn, args or None, **kw)
+
+
+ANY = Pat()
+X, Y, A, B, C = V("x"), V("y"), V("a"), V("b"), V("c")
+ZERO, ONE = Pat(IntLit, value=0), Pat(IntLit, value=1)
+TRUE, FALSE = Pat(BoolLit, value=True), Pat(BoolLit, value=False)
+
+
+# ---- constant folding ------------------------------------------------------------------------
 
 def _lit(value, span=None) -> Node:
     if isinstance(value, bool):
@@ -29,17 +148,8 @@ def _lit(value, span=None) -> Node:
     return RealLit(float(value), span=span)
 
 
-def _value(node: Node):
-    return node.value if isinstance(node, (BoolLit, IntLit, RealLit)) else None
-
-
 def _is_lit(node: Node) -> bool:
     return isinstance(node, (BoolLit, IntLit, RealLit))
-
-
-def _is(node: Node, value) -> bool:
-    """``node`` is a numeric literal equal to ``value`` (not a bool)."""
-    return isinstance(node, (IntLit, RealLit)) and node.value == value
 
 
 def _floordiv(a, b):
@@ -85,8 +195,6 @@ def fold_constant(node: Node) -> Node | None:
             result = -a
         elif isinstance(node, Call) and node.args and all(_is_lit(x) for x in node.args):
             vals = [x.value for x in node.args]
-            if any(isinstance(v, bool) for v in vals[1:] if node.fn == "where") and node.fn != "where":
-                return None
             if node.fn == "where":
                 return node.args[1] if vals[0] else node.args[2]
             if any(isinstance(v, bool) for v in vals):
@@ -118,9 +226,7 @@ def fold_constant(node: Node) -> Node | None:
     return _lit(result, node.span)
 
 
-def _isop(n: Node, op: str) -> bool:
-    return isinstance(n, Binary) and n.op == op
-
+# ---- predicates ------------------------------------------------------------------------------
 
 def _int_typed(n: Node) -> bool:
     try:
@@ -144,15 +250,40 @@ def _bool_typed(n: Node) -> bool:
         return False
 
 
-# ---- helpers for the rules ----------------------------------------------------------------
-
-def _isunary(n: Node, op: str) -> bool:
-    return isinstance(n, Unary) and n.op == op
+def _isop(n: Node, op: str) -> bool:
+    return isinstance(n, Binary) and n.op == op
 
 
-def _iscall(n: Node, fn: str) -> bool:
-    return isinstance(n, Call) and n.fn == fn
+def _not_bool(n: Node) -> bool:
+    return not _bool_typed(n)
 
+
+def _positive(n: IntLit) -> bool:
+    return n.value > 0
+
+
+_INT_OPS = ("+", "-", "*", "//", "%")
+
+
+def _pure_int(node: Node) -> bool:
+    """Built only from int literals, b/h/q/kv and int operations (no tensors, no reals)."""
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if isinstance(n, IntLit) or (isinstance(n, Var) and n.name != "score"):
+            continue
+        if isinstance(n, Binary) and n.op in _INT_OPS:
+            stack.extend((n.lhs, n.rhs))
+        elif isinstance(n, Unary) and n.op == "-":
+            stack.append(n.operand)
+        elif isinstance(n, Call) and n.fn in ("abs", "min", "max", "clip", "sign"):
+            stack.extend(n.args)
+        else:
+            return False
+    return True
+
+
+# ---- helpers for the rules -------------------------------------------------------------------
 
 def _bool_chain(node: Node, ops: tuple[str, ...]) -> list[Node]:
     """Operands of a chain of ``ops`` (``a & (b & c)`` -> [a, b, c]), left to right."""
@@ -182,65 +313,51 @@ def _plus_const(x: Node, c: int, span) -> Node:
     return Binary("+", x, IntLit(c), span=span) if c > 0 else Binary("-", x, IntLit(-c), span=span)
 
 
-def _reassociate(n: Node) -> Node | None:
-    """``(x + a) ± b`` / ``(x - a) ± b`` with int literals a, b and pure-int x -> ``x + c``."""
-    if not ((_isop(n, "+") or _isop(n, "-")) and isinstance(n.rhs, IntLit)):
-        return None
-    inner = n.lhs
-    if not ((_isop(inner, "+") or _isop(inner, "-")) and isinstance(inner.rhs, IntLit) and _pure_int(inner.lhs)):
-        return None
-    a = inner.rhs.value if inner.op == "+" else -inner.rhs.value
-    c = a + (n.rhs.value if n.op == "+" else -n.rhs.value)
+def _reassociate(n: Binary, i: Binary, x: Node, a: IntLit, b: IntLit) -> Node | None:
+    """``n = i ± b`` with ``i = x ± a`` -> ``x + c`` (None when c leaves int32)."""
+    c = (a.value if i.op == "+" else -a.value) + (b.value if n.op == "+" else -b.value)
     if not _INT32_MIN <= c <= _INT32_MAX:
         return None
-    return _plus_const(inner.lhs, c, n.span)
-
-
-_INT_OPS = ("+", "-", "*", "//", "%")
-
-
-def _pure_int(node: Node) -> bool:
-    """Built only from int literals, b/h/q/kv and int operations (no tensors, no reals)."""
-    stack = [node]
-    while stack:
-        n = stack.pop()
-        if isinstance(n, IntLit) or (isinstance(n, Var) and n.name != "score"):
-            continue
-        if isinstance(n, Binary) and n.op in _INT_OPS:
-            stack.extend((n.lhs, n.rhs))
-        elif isinstance(n, Unary) and n.op == "-":
-            stack.append(n.operand)
-        elif isinstance(n, Call) and n.fn in ("abs", "min", "max", "clip", "sign"):
-            stack.extend(n.args)
-        else:
-            return False
-    return True
+    return _plus_const(x, c, n.span)
 
 
 def linear_form(node: Node) -> tuple[dict, int] | None:
     """A pure-int expression as ({atom: coefficient}, constant); non-linear parts
     (``abs(q - kv)``, ``q // 64``) are atoms. None when not pure int."""
-    if isinstance(node, IntLit):
-        return {}, node.value
-    if isinstance(node, Binary) and node.op in ("+", "-"):
-        a, b = linear_form(node.lhs), linear_form(node.rhs)
-        if a is None or b is None:
-            return None
-        sign = 1 if node.op == "+" else -1
-        terms = dict(a[0])
-        for atom, c in b[0].items():
-            terms[atom] = terms.get(atom, 0) + sign * c
-        return {k: v for k, v in terms.items() if v}, a[1] + sign * b[1]
-    if isinstance(node, Unary) and node.op == "-":
-        a = linear_form(node.operand)
-        return None if a is None else ({k: -v for k, v in a[0].items()}, -a[1])
-    if isinstance(node, Binary) and node.op == "*" and (isinstance(node.lhs, IntLit) or isinstance(node.rhs, IntLit)):
-        k, x = (node.lhs.value, node.rhs) if isinstance(node.lhs, IntLit) else (node.rhs.value, node.lhs)
-        a = linear_form(x)
-        return None if a is None else ({t: k * v for t, v in a[0].items() if k * v}, k * a[1])
-    if _pure_int(node):
-        return {node: 1}, 0
-    return None
+    done: list[tuple[dict, int]] = []  # forms of finished operands, in post-order
+    stack: list[tuple[Node, bool]] = [(node, False)]
+    while stack:
+        n, operands_done = stack.pop()
+        if isinstance(n, Binary) and n.op in ("+", "-"):
+            if not operands_done:
+                stack += ((n, True), (n.rhs, False), (n.lhs, False))
+                continue
+            b, a = done.pop(), done.pop()
+            sign = 1 if n.op == "+" else -1
+            terms = dict(a[0])
+            for atom, c in b[0].items():
+                terms[atom] = terms.get(atom, 0) + sign * c
+            done.append(({k: v for k, v in terms.items() if v}, a[1] + sign * b[1]))
+        elif isinstance(n, Unary) and n.op == "-":
+            if not operands_done:
+                stack += ((n, True), (n.operand, False))
+                continue
+            a = done.pop()
+            done.append(({k: -v for k, v in a[0].items()}, -a[1]))
+        elif _isop(n, "*") and (isinstance(n.lhs, IntLit) or isinstance(n.rhs, IntLit)):
+            k, x = (n.lhs.value, n.rhs) if isinstance(n.lhs, IntLit) else (n.rhs.value, n.lhs)
+            if not operands_done:
+                stack += ((n, True), (x, False))
+                continue
+            a = done.pop()
+            done.append(({t: k * v for t, v in a[0].items() if k * v}, k * a[1]))
+        elif isinstance(n, IntLit):
+            done.append(({}, n.value))
+        elif _pure_int(n):
+            done.append(({n: 1}, 0))
+        else:
+            return None  # one operand is not pure int: neither is the whole
+    return done[0]
 
 
 def linear_bound(node: Node):
@@ -283,10 +400,21 @@ def linear_bound(node: Node):
     return form, num // den, num // den
 
 
+# x // c == y // c with a positive literal c and pure-int x, y
+_SAME_QUOTIENT = Bin("==", Bin("//", V("x", _pure_int), Int("c", _positive)),
+                     Bin("//", V("y", _pure_int), V("c")))
+# x % d == 0 with a positive literal d and pure-int x
+_ZERO_RESIDUE = Bin("==", Bin("%", V("x", _pure_int), Int("d", _positive)), ZERO)
+
+
 @lru_cache(maxsize=4096)
 def _facts(n: Node) -> tuple:
-    """What the merging rules know of a mask: (bound, same quotient, zero residue)."""
-    return linear_bound(n), _same_quotient(n), _zero_residue(n)
+    """What the merging rules know of a mask: (bound, same quotient, zero residue), with
+    same quotient ``(x, y, c)`` and zero residue ``(x, d)`` as in the patterns above."""
+    same = _SAME_QUOTIENT.match(n)
+    zero = _ZERO_RESIDUE.match(n)
+    return (linear_bound(n), same and (same["x"], same["y"], same["c"].value),
+            zero and (zero["x"], zero["d"].value))
 
 
 def _implies(fa: tuple, fb: tuple) -> bool:
@@ -303,24 +431,6 @@ def _implies(fa: tuple, fb: tuple) -> bool:
     if ra is not None and rb is not None and ra[0] == rb[0]:
         return ra[1] % rb[1] == 0
     return False
-
-
-def _same_quotient(n: Node):
-    """``x // c == y // c`` with a positive literal c and pure-int x, y -> (x, y, c)."""
-    if isinstance(n, Binary) and n.op == "==" and _isop(n.lhs, "//") and _isop(n.rhs, "//"):
-        (x, c1), (y, c2) = (n.lhs.lhs, n.lhs.rhs), (n.rhs.lhs, n.rhs.rhs)
-        if isinstance(c1, IntLit) and c1 == c2 and c1.value > 0 and _pure_int(x) and _pure_int(y):
-            return x, y, c1.value
-    return None
-
-
-def _zero_residue(n: Node):
-    """``x % d == 0`` with a positive literal d and pure-int x -> (x, d)."""
-    if isinstance(n, Binary) and n.op == "==" and _isop(n.lhs, "%") and _is(n.rhs, 0) and isinstance(n.rhs, IntLit):
-        x, d = n.lhs.lhs, n.lhs.rhs
-        if isinstance(d, IntLit) and d.value > 0 and _pure_int(x):
-            return x, d.value
-    return None
 
 
 def _disjoint(ba, bb) -> bool:
@@ -347,11 +457,9 @@ def _is_not(a: Node, b: Node) -> bool:
            (isinstance(b, Unary) and b.op == "~" and b.operand == a)
 
 
-def merge_conjunction(n: Node) -> Node | None:
-    """One pass over an ``&`` chain of masks: drop duplicates, implied parts, absorbed
-    disjunctions (``a & (a | b)``); ``a & ~a`` or disjoint bounds -> false."""
-    if not (isinstance(n, Binary) and n.op in ("&", "+")):
-        return None
+def merge_conjunction(n: Binary) -> Node | None:
+    """One pass over the ``&`` (and ``+``) chain of masks under ``n``: drop duplicates, implied
+    parts, absorbed disjunctions (``a & (a | b)``); ``a & ~a`` or disjoint bounds -> false."""
     parts = _bool_chain(n, ("&", "+"))
     facts = [_facts(p) for p in parts]
     contradiction = any(p == BoolLit(False) for p in parts) or any(
@@ -362,18 +470,16 @@ def merge_conjunction(n: Node) -> Node | None:
 
     def redundant(i, j):  # part i adds nothing to part j
         a, b = parts[i], parts[j]
-        return _implies(facts[j], facts[i]) or (isinstance(a, Binary) and a.op == "|" and b in _bool_chain(a, ("|",)))
+        return _implies(facts[j], facts[i]) or (_isop(a, "|") and b in _bool_chain(a, ("|",)))
     kept = _keep_strongest(parts, redundant)
     if len(kept) == len(parts) or not _bool_typed(n):
         return None
     return _chain("&", kept, n.span)
 
 
-def merge_disjunction(n: Node) -> Node | None:
-    """One pass over a ``|`` chain: drop duplicates, parts implying another part, absorbed
-    conjunctions (``a | (a & b)``); ``a | ~a`` or bounds covering everything -> true."""
-    if not (isinstance(n, Binary) and n.op == "|"):
-        return None
+def merge_disjunction(n: Binary) -> Node | None:
+    """One pass over the ``|`` chain under ``n``: drop duplicates, parts implying another part,
+    absorbed conjunctions (``a | (a & b)``); ``a | ~a`` or bounds covering everything -> true."""
     parts = _bool_chain(n, ("|",))
     facts = [_facts(p) for p in parts]
     if any(_is_not(a, b) or _cover(facts[i][0], facts[j][0])
@@ -409,23 +515,84 @@ def _keep_strongest(parts: list[Node], redundant) -> list[int]:
     return [p for p, d in zip(parts, dropped) if not d]
 
 
-def _where_bool(n: Node, a_value: bool, b_value: bool) -> bool:
-    return _iscall(n, "where") and n.args[1] == BoolLit(a_value) and n.args[2] == BoolLit(b_value)
+# ---- rule sets -------------------------------------------------------------------------------
+# Every rule returns a strictly smaller tree (fewer nodes) than the one it matched: this is
+# what makes ``simplify`` terminate (see there). A new rule must keep to that.
+
+FOLD = [
+    (V("node"), fold_constant),  # op(literals) -> literal
+]
+
+_ADD_SUB = ("+", "-")
+
+ARITHMETIC = [
+    (Bin("+", V("x", _not_bool), ZERO), lambda x: x),  # x + 0 -> x
+    (Bin("+", ZERO, V("x", _not_bool)), lambda x: x),  # 0 + x -> x
+    (Bin("-", X, ZERO), lambda x: x),  # x - 0 -> x
+    (Bin("*", X, ONE), lambda x: x),  # x * 1 -> x
+    (Bin("*", ONE, X), lambda x: x),  # 1 * x -> x
+    (Bin("-", V("x", _int_typed), X, name="n"), lambda n, x: IntLit(0, span=n.span)),  # x - x -> 0 (ints)
+    (Un("-", Un("-", X)), lambda x: x),  # --x -> x
+    (Bin("+", V("x", _numeric), Un("-", Y), name="n"),
+     lambda n, x, y: Binary("-", x, y, span=n.span)),  # x + -y -> x - y (x a number, not a chain with masks)
+    (Bin("*", V("x", _pure_int), ZERO, name="n"), lambda n, x: IntLit(0, span=n.span)),  # x * 0 -> 0 (ints)
+    (Bin("*", ZERO, V("x", _pure_int), name="n"), lambda n, x: IntLit(0, span=n.span)),  # 0 * x -> 0 (ints)
+    (Bin("//", V("x", _pure_int), ONE), lambda x: x),  # x // 1 -> x (ints)
+    (Bin("%", V("x", _pure_int), ONE, name="n"), lambda n, x: IntLit(0, span=n.span)),  # x % 1 -> 0 (ints)
+    (Bin(_ADD_SUB, Bin(_ADD_SUB, V("x", _pure_int), Int("a"), name="i"), Int("b"), name="n"),
+     _reassociate),  # (x + a) + b -> x + (a + b); (x - a) + b -> x + (b - a) (int literals, pure-int x)
+    (Un("-", Bin("-", A, B, where=_pure_int), name="n"),
+     lambda n, a, b: Binary("-", b, a, span=n.span)),  # -(a - b) -> b - a (ints)
+    (Fn("abs", Un("-", X), name="n"), lambda n, x: Call("abs", (x,), span=n.span)),  # abs(-x) -> abs(x)
+    (Fn("abs", Fn("abs", name="a")), lambda a: a),  # abs(abs(x)) -> abs(x)
+    (Fn(("min", "max"), X, X), lambda x: x),  # min(x, x) -> x, max(x, x) -> x
+]
+
+_NEGATED = {"<": ">=", ">=": "<", ">": "<=", "<=": ">", "==": "!=", "!=": "=="}
+
+LOGIC = [
+    (Bin("&", TRUE, V("x", _bool_typed)), lambda x: x),  # true & x -> x
+    (Bin("&", V("x", _bool_typed), TRUE), lambda x: x),  # x & true -> x
+    (Bin("&", ANY, FALSE, commute=True, name="n", where=_bool_typed),
+     lambda n: BoolLit(False, span=n.span)),  # x & false -> false
+    (Bin("|", ANY, TRUE, commute=True, name="n"), lambda n: BoolLit(True, span=n.span)),  # x | true -> true
+    (Bin("|", FALSE, X), lambda x: x),  # false | x -> x
+    (Bin("|", X, FALSE), lambda x: x),  # x | false -> x
+    (Bin("&", V("x", _bool_typed), X), lambda x: x),  # x & x -> x
+    (Bin("|", X, X), lambda x: x),  # x | x -> x
+    (Un("~", Un("~", X)), lambda x: x),  # ~~x -> x
+    (Un("~", Bin(tuple(_NEGATED), V("a", _pure_int), V("b", _pure_int), name="c"), name="n"),
+     lambda n, c, a, b: Binary(_NEGATED[c.op], a, b, span=n.span)),  # ~(a < b) -> a >= b (ints: no NaN)
+    (Fn("where", TRUE, A, B), lambda a, b: a),  # where(true, a, b) -> a
+    (Fn("where", FALSE, A, B), lambda a, b: b),  # where(false, a, b) -> b
+    (Fn("where", ANY, A, A), lambda a: a),  # where(c, a, a) -> a
+    (Fn("where", C, TRUE, FALSE), lambda c: c),  # where(c, true, false) -> c
+    (Fn("where", C, FALSE, TRUE, name="n"),
+     lambda n, c: Unary("~", c, span=n.span)),  # where(c, false, true) -> ~c
+    (Bin(COMPARE_OPS, V("x", _pure_int), X, name="n"),
+     lambda n, x: BoolLit(n.op in ("<=", ">=", "=="), span=n.span)),  # x <= x -> true, x < x -> false (ints)
+]
+
+# a & b -> a when a implies b: a tighter bound on one linear form, a finer chunk, a multiple
+# dilation; a & (a | c) -> a; a & ~a -> false; disjoint bounds -> false.
+# a | b -> b when a implies b; a | (a & c) -> a; a | ~a -> true; bounds covering every int -> true.
+BOUNDS = [
+    (Bin("&", name="n"), merge_conjunction),  # a & b -> a when a implies b, ... (see above)
+    (Bin("|", name="n"), merge_disjunction),  # a | b -> b when a implies b, ... (see above)
+]
+
+RULE_SETS: dict[str, list] = {
+    "fold": FOLD,
+    "arithmetic": ARITHMETIC,
+    "logic": LOGIC,
+    "bounds": BOUNDS,
+}
 
 
-def _int_pair(n: Node) -> bool:
-    return _pure_int(n.lhs) and _pure_int(n.rhs)
-
-
-def _on(keys, rule):
-    """Tag ``rule`` with the node keys it can fire on (None: any node with children), so
-    ``simplify`` tries each node only against its own rules. Keys: a Binary's op, a
-    Call's function, or "u-"/"u~" for a Unary."""
-    rule.keys = keys
-    return rule
-
+# ---- the rewriter ----------------------------------------------------------------------------
 
 def _node_key(node: Node) -> str | None:
+    """What rules are looked up by: a Binary's op, a Call's function, "u-"/"u~" for a Unary."""
     if isinstance(node, Binary):
         return node.op
     if isinstance(node, Call):
@@ -435,66 +602,15 @@ def _node_key(node: Node) -> str | None:
     return None
 
 
-# ---- rule sets -------------------------------------------------------------------------
-
-FOLD = [
-    _on(None, fold_constant),  # op(literals) -> literal
-]
-
-ARITHMETIC = [
-    _on(("+",), lambda n: n.lhs if _isop(n, "+") and _is(n.rhs, 0) and not _bool_typed(n.lhs) and _int_typed(n.rhs) else None),  # x + 0 -> x
-    _on(("+",), lambda n: n.rhs if _isop(n, "+") and _is(n.lhs, 0) and not _bool_typed(n.rhs) and _int_typed(n.lhs) else None),  # 0 + x -> x
-    _on(("-",), lambda n: n.lhs if _isop(n, "-") and isinstance(n.rhs, IntLit) and n.rhs.value == 0 else None),  # x - 0 -> x
-    _on(("*",), lambda n: n.lhs if _isop(n, "*") and isinstance(n.rhs, IntLit) and n.rhs.value == 1 else None),  # x * 1 -> x
-    _on(("*",), lambda n: n.rhs if _isop(n, "*") and isinstance(n.lhs, IntLit) and n.lhs.value == 1 else None),  # 1 * x -> x
-    _on(("-",), lambda n: IntLit(0, span=n.span) if _isop(n, "-") and n.lhs == n.rhs and _int_typed(n.lhs) else None),  # x - x -> 0 (ints)
-    _on(("u-",), lambda n: n.operand.operand if isinstance(n, Unary) and n.op == "-" and isinstance(n.operand, Unary) and n.operand.op == "-" else None),  # --x -> x
-    _on(("+",), lambda n: Binary("-", n.lhs, n.rhs.operand, span=n.span) if _isop(n, "+") and isinstance(n.rhs, Unary) and n.rhs.op == "-" and _numeric(n.lhs) else None),  # x + -y -> x - y (x a number, not a top-level chain with masks)
-    _on(("*",), lambda n: IntLit(0, span=n.span) if _isop(n, "*") and isinstance(n.rhs, IntLit) and n.rhs.value == 0 and _pure_int(n.lhs) else None),  # x * 0 -> 0 (ints)
-    _on(("*",), lambda n: IntLit(0, span=n.span) if _isop(n, "*") and isinstance(n.lhs, IntLit) and n.lhs.value == 0 and _pure_int(n.rhs) else None),  # 0 * x -> 0 (ints)
-    _on(("//",), lambda n: n.lhs if _isop(n, "//") and isinstance(n.rhs, IntLit) and n.rhs.value == 1 and _pure_int(n.lhs) else None),  # x // 1 -> x (ints)
-    _on(("%",), lambda n: IntLit(0, span=n.span) if _isop(n, "%") and isinstance(n.rhs, IntLit) and n.rhs.value == 1 and _pure_int(n.lhs) else None),  # x % 1 -> 0 (ints)
-    _on(("+", "-"), _reassociate),  # (x + a) + b -> x + (a + b); (x - a) + b -> x + (b - a) (int literals, pure-int x)
-    _on(("u-",), lambda n: Binary("-", n.operand.rhs, n.operand.lhs, span=n.span) if _isunary(n, "-") and _isop(n.operand, "-") and _pure_int(n.operand) else None),  # -(a - b) -> b - a (ints)
-    _on(("abs",), lambda n: Call("abs", (n.args[0].operand,), span=n.span) if _iscall(n, "abs") and _isunary(n.args[0], "-") else None),  # abs(-x) -> abs(x)
-    _on(("abs",), lambda n: n.args[0] if _iscall(n, "abs") and _iscall(n.args[0], "abs") else None),  # abs(abs(x)) -> abs(x)
-    _on(("min", "max"), lambda n: n.args[0] if (_iscall(n, "min") or _iscall(n, "max")) and n.args[0] == n.args[1] else None),  # min(x, x) -> x, max(x, x) -> x
-]
-
-LOGIC = [
-    _on(("&",), lambda n: n.rhs if _isop(n, "&") and n.lhs == BoolLit(True) and _bool_typed(n.rhs) else None),  # true & x -> x
-    _on(("&",), lambda n: n.lhs if _isop(n, "&") and n.rhs == BoolLit(True) and _bool_typed(n.lhs) else None),  # x & true -> x
-    _on(("&",), lambda n: BoolLit(False, span=n.span) if _isop(n, "&") and BoolLit(False) in (n.lhs, n.rhs) and _bool_typed(n) else None),  # x & false -> false
-    _on(("|",), lambda n: BoolLit(True, span=n.span) if _isop(n, "|") and BoolLit(True) in (n.lhs, n.rhs) else None),  # x | true -> true
-    _on(("|",), lambda n: n.rhs if _isop(n, "|") and n.lhs == BoolLit(False) else None),  # false | x -> x
-    _on(("|",), lambda n: n.lhs if _isop(n, "|") and n.rhs == BoolLit(False) else None),  # x | false -> x
-    _on(("&",), lambda n: n.lhs if _isop(n, "&") and n.lhs == n.rhs and _bool_typed(n.lhs) else None),  # x & x -> x
-    _on(("|",), lambda n: n.lhs if _isop(n, "|") and n.lhs == n.rhs else None),  # x | x -> x
-    _on(("u~",), lambda n: n.operand.operand if isinstance(n, Unary) and n.op == "~" and isinstance(n.operand, Unary) and n.operand.op == "~" else None),  # ~~x -> x
-    _on(("u~",), lambda n: Binary(_NEGATED[n.operand.op], n.operand.lhs, n.operand.rhs, span=n.span)
-    if isinstance(n, Unary) and n.op == "~" and isinstance(n.operand, Binary) and n.operand.op in _NEGATED
-    and _int_pair(n.operand) else None),  # ~(a < b) -> a >= b (ints: no NaN)
-    _on(("where",), lambda n: n.args[1] if _iscall(n, "where") and n.args[0] == BoolLit(True) else None),  # where(true, a, b) -> a
-    _on(("where",), lambda n: n.args[2] if _iscall(n, "where") and n.args[0] == BoolLit(False) else None),  # where(false, a, b) -> b
-    _on(("where",), lambda n: n.args[1] if _iscall(n, "where") and n.args[1] == n.args[2] else None),  # where(c, a, a) -> a
-    _on(("where",), lambda n: n.args[0] if _where_bool(n, True, False) else None),  # where(c, true, false) -> c
-    _on(("where",), lambda n: Unary("~", n.args[0], span=n.span) if _where_bool(n, False, True) else None),  # where(c, false, true) -> ~c
-    _on((*COMPARE_OPS,), lambda n: BoolLit(n.op in ("<=", ">=", "=="), span=n.span)
-    if isinstance(n, Binary) and n.op in COMPARE_OPS and n.lhs == n.rhs and _pure_int(n.lhs) else None),  # x <= x -> true, x < x -> false (ints)
-]
-_NEGATED = {"<": ">=", ">=": "<", ">": "<=", "<=": ">", "==": "!=", "!=": "=="}
-
-BOUNDS = [
-    _on(("&",), merge_conjunction),  # a & b -> a when a implies b (tighter bound on one linear form, finer chunk, multiple dilation); a & (a | c) -> a; a & ~a -> false; disjoint bounds -> false
-    _on(("|",), merge_disjunction),  # a | b -> b when a implies b; a | (a & c) -> a; a | ~a -> true; bounds covering every int -> true
-]
-
-RULE_SETS: dict[str, list] = {
-    "fold": FOLD,
-    "arithmetic": ARITHMETIC,
-    "logic": LOGIC,
-    "bounds": BOUNDS,
-}
+@lru_cache(maxsize=None)
+def _rules_by_key(names: tuple[str, ...]) -> tuple[dict, list]:
+    """({node key: rules that may fire on it, in table order}, the rules for any other key).
+    A rule is ``(pattern, rhs, label)``, the label naming it for errors."""
+    ordered = [(p, rhs, f"rule {i} of rule set {name!r}, {pat!r}")
+               for name in names for i, (pat, rhs) in enumerate(RULE_SETS[name]) for p in pat.variants()]
+    keys = {k for p, _, _ in ordered for k in p.keys() or ()}
+    by_key = {k: [r for r in ordered if r[0].keys() is None or k in r[0].keys()] for k in keys}
+    return by_key, [r for r in ordered if r[0].keys() is None]
 
 
 def _rebuild(node: Node, children: list[Node]) -> Node:
@@ -509,52 +625,119 @@ def _rebuild(node: Node, children: list[Node]) -> Node:
     return node
 
 
-def _normalize(node: Node, rules, memo: dict) -> Node:
-    """Rewrite the children, then the first rule that applies here, then the result again.
-
-    ``memo`` maps ``id(node)`` to (node, normal form) for one ``simplify`` call, so
-    unchanged subtrees are never rewritten twice (nodes are immutable)."""
-    hit = memo.get(id(node))
-    if hit is not None and hit[0] is node:
-        return hit[1]
-    original = node
-    kids = node.children()
-    if kids:
-        new = [_normalize(c, rules, memo) for c in kids]
-        if any(a is not b for a, b in zip(new, kids)):
-            node = _rebuild(node, new)
-    result = node
-    for rule in rules.get(_node_key(node), ()) if kids else ():
-        out = rule(node)
-        if out is not None and out != node:
-            result = _normalize(out, rules, memo)
-            break
-    memo[id(original)] = (original, result)
-    memo[id(result)] = (result, result)
-    return result
+def _tree_size(root: Node) -> int:
+    """Nodes in ``root`` counted as a tree (a shared subtree once per use)."""
+    sizes: dict[int, int] = {}
+    stack = [root]
+    while stack:
+        n = stack[-1]
+        if id(n) in sizes:
+            stack.pop()
+            continue
+        kids = n.children()
+        missing = [k for k in kids if id(k) not in sizes]
+        if missing:
+            stack += missing
+            continue
+        sizes[id(n)] = 1 + sum(sizes[id(k)] for k in kids)
+        stack.pop()
+    return sizes[id(root)]
 
 
-@lru_cache(maxsize=None)
-def _rules_by_key(names: tuple[str, ...]) -> dict:
-    """{node key: rules that may fire on it, in table order}."""
-    ordered = [r for name in names for r in RULE_SETS[name]]
-    keys = {k for r in ordered if r.keys for k in r.keys}
-    return {k: [r for r in ordered if r.keys is None or k in r.keys] for k in keys | _ALL_KEYS}
+class _Run:
+    """One ``simplify`` call: the rules, the memo and the count of rewrites so far."""
 
+    def __init__(self, root: Node, names: tuple[str, ...]):
+        self.root, self.names = root, names
+        self.by_key, self.any_key = _rules_by_key(names)
+        # ``memo`` maps ``id(node)`` to (node, normal form), so unchanged subtrees are never
+        # rewritten twice (nodes are immutable; holding the node keeps its id unique).
+        self.memo: dict[int, tuple[Node, Node]] = {}
+        self.rewrites, self.limit = 0, 64  # see ``_over_limit``
 
-_ALL_KEYS = set(COMPARE_OPS) | {"+", "-", "*", "/", "//", "%", "**", "&", "|", "u-", "u~",
-                                "abs", "min", "max", "clip", "where", "exp", "exp2", "log", "log2",
-                                "sqrt", "tanh", "sigmoid", "floor", "ceil", "sign"}
+    def normal_form(self, root: Node) -> Node:
+        """Rewrite the children, then the first rule that applies here, then the result again:
+        post-order with an explicit stack. A frame ``(node, None)`` asks for ``node``'s normal
+        form; ``(node, out)`` waits for that of ``out``, which a rule rewrote ``node`` to."""
+        memo = self.memo
+        stack: list[tuple[Node, Node | None]] = [(root, None)]
+        while stack:
+            node, out = stack[-1]
+            if out is not None:
+                stack.pop()
+                result = memo[id(out)][1]
+                memo[id(node)] = (node, result)
+                memo[id(result)] = (result, result)
+                continue
+            hit = memo.get(id(node))
+            if hit is not None and hit[0] is node:
+                stack.pop()
+                continue
+            kids = node.children()
+            result = node
+            if kids:
+                todo = []
+                for k in reversed(kids):
+                    hit = memo.get(id(k))
+                    if hit is None or hit[0] is not k:
+                        todo.append((k, None))
+                if todo:
+                    stack += todo
+                    continue
+                new = [memo[id(k)][1] for k in kids]
+                if any(a is not b for a, b in zip(new, kids)):
+                    result = _rebuild(node, new)
+                out = self.rewrite(result)
+                if out is not None:
+                    stack[-1] = (node, out)
+                    stack.append((out, None))
+                    continue
+            stack.pop()
+            memo[id(node)] = (node, result)
+            memo[id(result)] = (result, result)
+        return memo[id(root)][1]
+
+    def rewrite(self, node: Node) -> Node | None:
+        """What the first rule that applies makes of ``node`` (its children in normal form)."""
+        key = _node_key(node)
+        for pat, rhs, label in self.by_key.get(key, self.any_key) if key is not None else ():
+            env = pat.match(node)
+            if env is None:
+                continue
+            out = rhs(**env)
+            if out is not None and out != node:
+                self.rewrites += 1
+                if self.rewrites > self.limit:
+                    self.limit = self._over_limit(label)
+                return out
+        return None
+
+    def _over_limit(self, label: str) -> int:
+        """Each rule shrinks the tree, so there are fewer rewrites than nodes in the input
+        (counted as a tree). Past the cheap first limit: that bound, or an error when the
+        rewrites went past it (a rule that does not shrink, rules undoing each other)."""
+        bound = _tree_size(self.root)
+        if self.rewrites > bound:
+            raise RuntimeError(
+                f"internal error: rule sets {list(self.names)} made {self.rewrites} rewrites of an "
+                f"expression of {bound} nodes without reaching a fixpoint (last: {label}); "
+                f"a rule does not shrink the tree: {to_source(self.root)[:200]}")
+        return bound
 
 
 def simplify(node: Node, rule_sets=None) -> Node:
-    """Run the named rule sets (all by default) to a fixpoint."""
-    names = list(RULE_SETS) if rule_sets is None else list(rule_sets)
-    rules = _rules_by_key(tuple(names))
-    memo: dict = {}
-    for _ in range(100):
-        out = _normalize(node, rules, memo)
-        if out == node:
+    """Run the named rule sets (all by default) to a fixpoint.
+
+    Terminates: every rule returns a smaller tree than it matched, so rewriting ``node``
+    takes fewer rewrites than it has nodes (counted as a tree); ``_Run`` checks that bound
+    and raises an internal error past it, never returning a result short of the fixpoint.
+    One pass already reaches the fixpoint (each result is rewritten again until no rule
+    applies); the loop makes sure of it (a second pass finds everything in the memo).
+    """
+    names = tuple(RULE_SETS) if rule_sets is None else tuple(rule_sets)
+    run = _Run(node, names)
+    while True:
+        out = run.normal_form(node)
+        if out is node or out == node:
             return out
         node = out
-    return node

@@ -1,17 +1,10 @@
-"""Tensor parameters: how a read ``t[i, ...]`` maps onto the tensor's axes, and
-``check_tensors`` (missing, extra, ill-shaped tensors -> ``ScoreModTensorError``).
+"""Tensor parameters: ``check_tensors`` (missing, extra, ill-shaped tensors ->
+``ScoreModTensorError``) and ``check_missing_tensors``, the one check for a missing tensor.
 
-Indices align to the right (LANGUAGE.md §5): a rank-r tensor read with k >= r indices
-uses the last r of them. Each used axis gets a *role*:
-
-  "b", "h", "q", "kv"  the index is exactly that position variable (first use in the read):
-                       the axis has size 1 (broadcast) or B / N / >= the positions read;
-                       interval analysis takes per-block min/max along it.
-  int                  the index is an integer literal: one slice.
-  None                 any other index: interval analysis uses the min/max over the axis;
-                       kernels clip the index to the axis.
-
-The runtime and ``explain`` call ``check_tensors`` before anything runs.
+How a read's indices map onto the tensor's axes (right alignment, axis roles) is
+``compiler/axes.py``. The runtime and ``explain`` call ``check_tensors`` before anything
+runs; ``build_plan`` and the ``Mod.score_mod``/``mask_mod`` closures call
+``check_missing_tensors``.
 """
 
 from __future__ import annotations
@@ -21,25 +14,14 @@ from typing import Any, Mapping
 import numpy as np
 
 from scoremod.errors import ScoreModTensorError
-from scoremod.dsl.ast import Binary, Call, IntLit, Node, Tensor, Unary, Var, walk, POSITION_VARIABLES
+from scoremod.dsl.ast import Binary, Call, IntLit, Node, Tensor, Unary, Var, walk
+from scoremod.dsl.definitions import closest_name
+from scoremod.compiler.axes import axis_roles, used_indices
+from scoremod.compiler.intervals import BlockGrid, PositionBlocks, value_interval
 
-__all__ = ["axis_roles", "tensor_reads", "check_tensors", "expected_shape", "mask_of"]
+__all__ = ["tensor_reads", "check_tensors", "check_missing_tensors", "expected_shape", "mask_of", "read_tensors"]
 
 _SHAPE_HINT = "leading axes may be left out; axes of size 1 broadcast"
-
-
-def axis_roles(indices: tuple[Node, ...]) -> tuple:
-    """Role of each index of a read (see the module docstring), e.g. ``ids[b, q]`` -> ("b", "q")."""
-    roles, seen = [], set()
-    for index in indices:
-        if isinstance(index, Var) and index.name in POSITION_VARIABLES and index.name not in seen:
-            seen.add(index.name)
-            roles.append(index.name)
-        elif isinstance(index, IntLit):
-            roles.append(index.value)
-        else:
-            roles.append(None)
-    return tuple(roles)
 
 
 def tensor_reads(node: Node) -> dict[str, list[Tensor]]:
@@ -64,6 +46,15 @@ def _parts(mod_or_canonical) -> list[Node]:
     return [canonical]
 
 
+def _reads_of(mod_or_canonical) -> dict[str, list[Tensor]]:
+    """Every tensor read of the mask, transform and bias, by name (in order of first use)."""
+    reads: dict[str, list[Tensor]] = {}
+    for part in _parts(mod_or_canonical):
+        for name, rs in tensor_reads(part).items():
+            reads.setdefault(name, []).extend(rs)
+    return reads
+
+
 def _offset_end(offset, length: int) -> int | None:
     """Largest absolute position + 1 read along an axis; None when the offset is traced."""
     try:
@@ -73,6 +64,15 @@ def _offset_end(offset, length: int) -> int | None:
     if off.dtype == object:
         return None
     return int(off.max()) + length if off.size else length
+
+
+def _shape_sizes(batch: int, heads: int, q_len: int, kv_len: int, q_offset, kv_offset) -> dict:
+    """The sizes messages show expected shapes with: B, N and the positions read along q and kv
+    (offset included; T and S when the offsets are traced)."""
+    q_end = _offset_end(q_offset, q_len)
+    kv_end = _offset_end(kv_offset, kv_len)
+    return dict(batch=batch, heads=heads, q_end=q_end if q_end is not None else q_len,
+                kv_end=kv_end if kv_end is not None else kv_len)
 
 
 def expected_shape(read: Tensor, *, batch: int, heads: int, q_end: int | None, kv_end: int | None,
@@ -144,7 +144,6 @@ def _index_range(index: Node, *, batch: int, heads: int, q_len: int, kv_len: int
         return None
     if _offset_end(q_offset, q_len) is None or _offset_end(kv_offset, kv_len) is None:
         return None
-    from scoremod.compiler.intervals import BlockGrid, PositionBlocks, value_interval
     grid = BlockGrid(batch=batch, heads=heads,
                      q=PositionBlocks(q_len, q_len, np.asarray(q_offset)),
                      kv=PositionBlocks(kv_len, kv_len, np.asarray(kv_offset)))
@@ -165,7 +164,7 @@ def expected_shape_of_reads(reads: list[Tensor], *, batch: int, heads: int, q_en
         return expected_shape(reads[0], batch=batch, heads=heads, q_end=q_end, kv_end=kv_end)
     dims = []
     for axis in range(rank):
-        roles = {axis_roles(r.indices[len(r.indices) - rank:])[axis] for r in reads}
+        roles = {axis_roles(used_indices(r.indices, rank))[axis] for r in reads}
         ends = [e for role, e in (("q", q_end), ("kv", kv_end)) if role in roles]
         if ends and all(e is not None for e in ends):
             dims.append(f">={max(ends)}")
@@ -187,6 +186,32 @@ def read_tensors(mod_or_canonical, tensors: Mapping[str, Any]) -> dict:
     return {name: value for name, value in tensors.items() if name in names}
 
 
+def check_missing_tensors(mod_or_canonical, tensors: Mapping[str, Any], *, batch: int | None = None,
+                          heads: int | None = None, q_len: int | None = None, kv_len: int | None = None,
+                          q_offset=0, kv_offset=0) -> None:
+    """Raise ``ScoreModTensorError`` for the first tensor ``mod_or_canonical`` reads that is not
+    in ``tensors``: the one check for a missing tensor, called by every entry point.
+
+    Args:
+      mod_or_canonical: a ``Mod``, a ``Canonical`` or a mask node; every tensor its mask,
+        transform and bias read must be in ``tensors`` (only the names of ``tensors`` matter).
+      batch, heads, q_len, kv_len, q_offset, kv_offset: the sizes, as ``check_tensors`` takes
+        them (all or none). With them the message shows the read and the expected shape of the
+        tensor; without them (the ``Mod.score_mod``/``mask_mod`` closures, which see no sizes)
+        it names the mod.
+    """
+    for name, reads in _reads_of(mod_or_canonical).items():
+        if name in tensors:
+            continue
+        if batch is None:
+            raise ScoreModTensorError(f"missing tensor parameter '{name}' for {mod_or_canonical}",
+                                      hint=f"pass it by keyword: {name}=...")
+        expected = expected_shape_of_reads(
+            reads, **_shape_sizes(batch, heads, q_len, kv_len, q_offset, kv_offset))
+        raise ScoreModTensorError(f"missing tensor '{name}': the mod reads {reads[0]}; expected shape {expected}",
+                                  hint=f"pass it by keyword, e.g. {name}=array")
+
+
 def check_tensors(mod_or_canonical, tensors: Mapping[str, Any], batch: int, heads: int, q_len: int,
                   kv_len: int, *, q_offset=0, kv_offset=0) -> None:
     """Check the tensor parameters of a mod before running it.
@@ -204,26 +229,14 @@ def check_tensors(mod_or_canonical, tensors: Mapping[str, Any], batch: int, head
     axis (B, N, 1), too short for the positions read, or read at a literal / exactly known
     index range outside the axis.
     """
-    reads: dict[str, list[Tensor]] = {}
-    for part in _parts(mod_or_canonical):
-        for name, rs in tensor_reads(part).items():
-            reads.setdefault(name, []).extend(rs)
-    q_end = _offset_end(q_offset, q_len)
-    kv_end = _offset_end(kv_offset, kv_len)
-    q_need = q_end if q_end is not None else q_len
-    kv_need = kv_end if kv_end is not None else kv_len
-    fmt = dict(batch=batch, heads=heads, q_end=q_need, kv_end=kv_need)
-
-    for name, rs in reads.items():
-        if name not in tensors:
-            raise ScoreModTensorError(
-                f"missing tensor '{name}': the mod reads {rs[0]}; expected shape {expected_shape_of_reads(rs, **fmt)}",
-                hint=f"pass it by keyword, e.g. {name}=array")
+    check_missing_tensors(mod_or_canonical, tensors, batch=batch, heads=heads, q_len=q_len, kv_len=kv_len,
+                          q_offset=q_offset, kv_offset=kv_offset)
+    reads = _reads_of(mod_or_canonical)
+    fmt = _shape_sizes(batch, heads, q_len, kv_len, q_offset, kv_offset)
     # Names the source wrote but simplification removed may still be passed (and are ignored).
     allowed = set(reads) | set(getattr(mod_or_canonical, "source_tensors", ()))
     extra = [n for n in tensors if n not in allowed]
     if extra:
-        from scoremod.dsl.definitions import closest_name
         guess = closest_name(extra[0], list(reads))
         known = ", ".join(f"'{n}'" for n in reads) if reads else "no tensors"
         raise ScoreModTensorError(
@@ -252,7 +265,7 @@ def _check_read(name, read: Tensor, shape, *, batch, heads, q_end, kv_end, q_len
         raise ScoreModTensorError(
             f"tensor '{name}' has rank {rank} (shape {list(shape)}) but is read as {read} with "
             f"{len(read.indices)} ind{'ex' if len(read.indices) == 1 else 'ices'}; expected shape {expected}")
-    used = read.indices[len(read.indices) - rank:]
+    used = used_indices(read.indices, rank)
     roles = axis_roles(used)
     for axis, (role, index, size) in enumerate(zip(roles, used, shape)):
         problem = None

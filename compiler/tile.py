@@ -19,8 +19,10 @@ from functools import lru_cache
 import jax.numpy as jnp
 
 from scoremod.dsl.ast import Node, Tensor, Var, mentions, walk
+from scoremod.compiler.axes import used_indices
 from scoremod.compiler.canonical import Canonical
-from scoremod.compiler.lowering import derivative, emit, gather_read, logits_from_canonical, values_from_canonical
+from scoremod.compiler.derivative import derivative
+from scoremod.compiler.lowering import emit, gather_read, logits_from_canonical, values_from_canonical
 
 __all__ = ["TensorRead", "TileProgram", "AXES"]
 
@@ -46,7 +48,7 @@ class TensorRead:
 
 
 def _read_of(node: Tensor, rank: int) -> TensorRead:
-    used = node.indices[len(node.indices) - rank:] if rank else ()
+    used = used_indices(node.indices, rank)
     names = [i.name if isinstance(i, Var) and i.name != "score" else None for i in used]
     plain = all(n is not None for n in names) and len(set(names)) == len(names)
     depends = {v.name for i in used for v in walk(i) if isinstance(v, Var)}

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Union
 
 Span = tuple[int, int]
 
@@ -17,17 +16,7 @@ POSITION_VARIABLES = ("b", "h", "q", "kv")
 VARIABLES = POSITION_VARIABLES + ("score",)
 CONSTANTS = ("true", "false", "inf")
 
-ARITHMETIC_OPS = ("+", "-", "*", "/", "//", "%", "**")
-LOGIC_OPS = ("&", "|")
 COMPARE_OPS = ("<", "<=", ">", ">=", "==", "!=")
-
-
-class _LarkMeta:
-    __slots__ = ("line", "column", "start_pos", "end_line", "end_column", "end_pos", "empty")
-
-    def __init__(self, start: int, end: int):
-        self.line = self.end_line = self.column = self.end_column = 1
-        self.start_pos, self.end_pos, self.empty = start, end, False
 
 
 @dataclass(frozen=True)
@@ -37,12 +26,8 @@ class Node:
     def children(self) -> tuple["Node", ...]:
         return ()
 
-    def __lark_meta__(self):
-        # Lark's position propagation asks finished children for their extent.
-        return _LarkMeta(*(self.span or (0, 0)))
-
     def __str__(self) -> str:
-        from scoremod.dsl.printer import to_source
+        from scoremod.dsl.printer import to_source  # import cycle: the printer imports these nodes
         return to_source(self)
 
 
@@ -124,9 +109,6 @@ class Binary(Node):
         return (self.lhs, self.rhs)
 
 
-Literal = Union[BoolLit, IntLit, RealLit]
-
-
 @dataclass(frozen=True)
 class Definition:
     """``name(params) = body``; ``doc`` comes from the comment lines above it."""
@@ -159,15 +141,17 @@ class Source:
     text: str = field(default="", compare=False, repr=False)
 
 
-_LONG_WORD = re.compile(r"[A-Za-z0-9_.]{41,}")
+# Names and numbers in messages are clipped to this many characters.
+_MAX_WORD = 40
+_LONG_WORD = re.compile(r"[A-Za-z0-9_.]{%d,}" % (_MAX_WORD + 1))
 
 
 def clip_long_words(text: str | None) -> str | None:
-    """Shorten names and numbers over 40 characters, so a message about a 100 kB name
-    stays one line (the caret line is clipped separately)."""
+    """Shorten names and numbers over ``_MAX_WORD`` characters, so a message about
+    a 100 kB name stays one line (the caret line is clipped separately)."""
     if text is None:
         return None
-    return _LONG_WORD.sub(lambda m: m.group()[:37] + "...", text)
+    return _LONG_WORD.sub(lambda m: m.group()[:_MAX_WORD - 3] + "...", text)
 
 
 def make_error(cls, message: str, *, source: str | None = None, span: Span | None = None,

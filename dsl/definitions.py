@@ -25,7 +25,7 @@ __all__ = [
     "define", "undefine", "expand", "MAX_EXPANDED_NODES",
 ]
 
-# name -> allowed numbers of arguments (LANGUAGE.md §4).
+# name -> allowed numbers of arguments (docs/language.md, "4. Built-in functions").
 BUILTINS: dict[str, tuple[int, ...]] = {
     "abs": (1,), "min": (2,), "max": (2,), "clip": (3,), "where": (3,), "exp": (1,),
     "exp2": (1,), "log": (1,), "log2": (1,), "sqrt": (1,), "tanh": (1,), "sigmoid": (1,),
@@ -187,11 +187,6 @@ class _Scope:
         for d in local:
             scope.by_name.setdefault(d.name, {})[d.arity] = d
         return scope
-
-    def lookup(self, name: str, arity: int) -> Definition | None:
-        # A definition named like a built-in exists only if it was made with override=True.
-        found = self.by_name.get(name)
-        return found.get(arity) if found else None
 
     def overloads(self, name: str) -> list[Definition]:
         found = self.by_name.get(name, {})
@@ -369,7 +364,7 @@ class _Expander:
                            span, f"use {BUILTIN_SIGNATURES[name]}")
             return "builtin"
         if bare:
-            # An identifier that is nothing else is a tensor parameter (LANGUAGE.md §5).
+            # An identifier that is nothing else is a tensor parameter (docs/language.md, "7. Tensors").
             if name in RESERVED_TENSOR_NAMES:
                 self.error(ScoreModNameError, f"tensor parameter '{name}' collides with a keyword of attention()",
                            span, f"rename it, e.g. {name}_")

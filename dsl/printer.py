@@ -10,7 +10,7 @@ from scoremod.dsl.ast import (
     COMPARE_OPS,
 )
 
-# Precedence levels of LANGUAGE.md §2 (lowest first).
+# Precedence levels of docs/language.md "2. Syntax" (lowest first).
 _LEVEL = {"|": 1, "&": 2, "+": 5, "-": 5, "*": 6, "/": 6, "//": 6, "%": 6, "**": 8}
 for _op in COMPARE_OPS:
     _LEVEL[_op] = 4

@@ -1,4 +1,4 @@
-"""Typing (LANGUAGE.md §3) of expanded IR.
+"""Typing of expanded IR (docs/language.md, "3. Types").
 
 Types: ``bool`` (a mask), ``int``, ``real``, and ``num`` (a tensor element: int or
 real, decided by the tensor's dtype at call time). The top-level chain of ``+``/``&``
@@ -15,7 +15,8 @@ from scoremod.dsl.ast import (
 __all__ = ["BOOL", "INT", "REAL", "NUM", "check", "type_of", "top_level_parts"]
 
 BOOL, INT, REAL, NUM = "bool", "int", "real", "num"
-_NUMBERS = (INT, REAL, NUM)
+# Messages quote an expression of at most this many characters (longer ones are cut, "...").
+_MAX_SNIPPET = 60
 
 
 def _promote(a: str, b: str) -> str:
@@ -52,10 +53,10 @@ class _Checker:
         printed form."""
         if self.text is not None and node.span is not None and id(node) not in self.from_bodies():
             s = self.text[node.span[0]:node.span[1]]
-            if len(s) <= 60:
+            if len(s) <= _MAX_SNIPPET:
                 return s
         s = str(node)
-        return s if len(s) <= 60 else s[:57] + "..."
+        return s if len(s) <= _MAX_SNIPPET else s[:_MAX_SNIPPET - 3] + "..."
 
     def from_bodies(self) -> set[int]:
         """Nodes whose parent has the same span: they were expanded from a definition's body."""
@@ -80,8 +81,9 @@ class _Checker:
     def _top(self, node: Node) -> tuple[str, bool]:
         """(type, whether the chain under ``node`` has a mask part) of a top-level chain of
         ``+``/``&``. '&' needs a mask somewhere on one of its sides: ``softcap(30) & causal +
-        alibi(8)`` means the same as ``(softcap(30) & causal) + alibi(8)`` (LANGUAGE.md §1:
-        however it is bracketed), while ``alibi(8) & alibi(4)`` is a mistake for '+'."""
+        alibi(8)`` means the same as ``(softcap(30) & causal) + alibi(8)`` (docs/language.md,
+        "1. Meaning": the top-level chain, however it is bracketed), while
+        ``alibi(8) & alibi(4)`` is a mistake for '+'."""
         if isinstance(node, Binary) and node.op in ("+", "&"):
             (a, ma), (b, mb) = self._top(node.lhs), self._top(node.rhs)
             if a == BOOL and b == BOOL:

@@ -224,7 +224,6 @@ class ReadSet:
         n = len(self.shapes)
         mask_reads = set(program.mask_reads())
         self.mask_only = frozenset(i for i in mask_reads if not self._used_by_values(program, i))
-        self.kv_dependent = frozenset(i for i in range(n) if self.shapes[i][3] > 1)
         self.n = n
 
     @staticmethod

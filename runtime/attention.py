@@ -28,12 +28,10 @@ from scoremod.runtime._dispatch import (ATTENTION_ELSEWHERE, ATTENTION_ON_GPU, I
                                         check_head_groups, concrete, implementation_names,
                                         resolve_scale, run_first)
 
-__all__ = ["attention", "check_inputs", "check_tensors", "IMPLEMENTATIONS", "RESERVED_KEYWORDS"]
+__all__ = ["attention", "check_inputs", "check_tensors", "IMPLEMENTATIONS"]
 
 
 IMPLEMENTATIONS = ("reference", "xla", "pallas", "mosaic", "cudnn")
-RESERVED_KEYWORDS = ("query", "key", "value", "mod", "scale", "q_offset", "kv_offset",
-                     "implementation", "return_lse")
 
 
 def attention(query, key, value, *, mod=None, scale=None, q_offset=0, kv_offset=0,
@@ -172,12 +170,9 @@ def check_tensors(mod: Mod, tensors: dict, *, batch: int, heads: int, q_len: int
 
     Python ints become int32, floats float32. Raises ``ScoreModTensorError``.
     """
+    # A tensor named like one of attention()'s keywords cannot be written: the language
+    # rejects it (dsl/definitions.py, RESERVED_TENSOR_NAMES).
     source = str(mod)
-    collide = [n for n in mod.tensors if n in RESERVED_KEYWORDS]
-    if collide:
-        raise ScoreModTensorError(f"tensor parameter '{collide[0]}' collides with attention()'s own keyword "
-                                  f"'{collide[0]}', so it cannot be passed", source=source,
-                                  hint=f"rename it in the source (e.g. {collide[0]}_t)")
     try:
         check_read_shapes(mod, tensors, batch, heads, q_len, kv_len, q_offset=q_offset, kv_offset=kv_offset)
     except ScoreModTensorError as exc:

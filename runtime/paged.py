@@ -51,16 +51,13 @@ from scoremod.runtime._dispatch import (as_mod, as_tensor, check_float_arrays, c
 from scoremod.compiler.tile import TileProgram
 from scoremod.runtime import _paged_kernel as _k
 
-__all__ = ["paged_attention", "paged_attention_reference", "PagedBlockSizes", "PAGED_IMPLEMENTATIONS",
-           "PAGED_KEYWORDS"]
+__all__ = ["paged_attention", "paged_attention_reference", "PagedBlockSizes", "PAGED_IMPLEMENTATIONS"]
 
 
 PAGED_IMPLEMENTATIONS = ("pallas", "reference", "xla")
 # Multiprocessors to plan the split for when the device does not say (interpret mode on a
 # CPU): an H100's or H200's 132.
 FALLBACK_SM_COUNT = 132
-PAGED_KEYWORDS = ("q", "k_pages", "v_pages", "block_tables", "lengths", "mod", "scale",
-                  "implementation", "interpret", "block_sizes")
 
 
 @dataclass(frozen=True)
@@ -229,11 +226,6 @@ def _check_tensors(mod: Mod, tensors: dict, q, block_tables, lengths, page_size:
     """The mod's tensor parameters, checked against the paged positions (queries at
     ``lengths - T ..``, keys at ``0 .. max(lengths) - 1``); returned as jax arrays.
     Under jit (traced lengths) only ranks and the B/N axes are checked."""
-    collide = [n for n in mod.tensors if n in PAGED_KEYWORDS]
-    if collide:
-        raise ScoreModTensorError(f"tensor parameter '{collide[0]}' collides with paged_attention()'s own "
-                                  f"keyword '{collide[0]}', so it cannot be passed", source=str(mod),
-                                  hint=f"rename it in the source (e.g. {collide[0]}_t)")
     from scoremod.compiler.tensors import check_tensors, read_tensors
     B, T, N, _ = q.shape
     lens = concrete(lengths)

@@ -1,16 +1,15 @@
-"""Shared test setup: Hypothesis profiles, the ``gpu`` and ``slow`` markers, test helpers on the path.
+"""Shared test setup: Hypothesis profiles, the ``gpu`` marker, test helpers on the path.
 
 Profiles (choose with the environment variable ``HYPOTHESIS_PROFILE``):
 
 * ``ci`` (default): derandomized (the same examples on every run and machine), few
   examples, no deadline. This is what ``pytest`` runs in CI.
 * ``dev``: random, many more examples, for hunting bugs locally:
-  ``HYPOTHESIS_PROFILE=dev pytest tests/test_dsl_roundtrip.py``.
+  ``HYPOTHESIS_PROFILE=dev pytest tests/test_dsl_parser.py``.
 
 Markers:
 
 * ``@pytest.mark.gpu``: needs a GPU backend; skipped unless ``jax.default_backend() == "gpu"``.
-* ``@pytest.mark.slow``: long; skipped unless ``SCOREMOD_SLOW=1``.
 """
 
 from __future__ import annotations
@@ -36,7 +35,6 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a GPU backend (skipped elsewhere)")
-    config.addinivalue_line("markers", "slow: long-running; skipped unless SCOREMOD_SLOW=1")
 
 
 @lru_cache(maxsize=None)
@@ -49,12 +47,8 @@ def _has_gpu() -> bool:
 
 
 def pytest_collection_modifyitems(config, items):
-    run_slow = os.environ.get("SCOREMOD_SLOW") == "1"
-    skip_slow = pytest.mark.skip(reason="slow: set SCOREMOD_SLOW=1 to run")
     skip_gpu = pytest.mark.skip(reason="needs a GPU backend (jax.default_backend() != 'gpu')")
     for item in items:
-        if "slow" in item.keywords and not run_slow:
-            item.add_marker(skip_slow)
         # Importing jax is only paid for when some collected test needs a GPU.
         if "gpu" in item.keywords and not _has_gpu():
             item.add_marker(skip_gpu)

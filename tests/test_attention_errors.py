@@ -116,3 +116,15 @@ def test_tensors_the_source_names_but_simplification_removed_are_accepted_and_ig
     np.testing.assert_array_equal(np.asarray(with_t), np.asarray(without))
     with pytest.raises(ScoreModTensorError, match="unexpected tensor 'u'"):
         call(mod=source, u=1)
+
+
+def test_reserved_tensor_names_are_exactly_the_keywords_of_the_entries():
+    """One list (dsl/definitions.py) keeps a tensor from taking a keyword of attention() or
+    paged_attention(): it must name every keyword a call takes, and nothing else."""
+    import inspect
+    from scoremod.dsl.definitions import RESERVED_TENSOR_NAMES, VARIABLES
+    from scoremod.runtime.paged import paged_attention
+    keywords = set()
+    for fn in (scoremod.attention, paged_attention):
+        keywords |= {name for name, p in inspect.signature(fn).parameters.items() if p.kind != p.VAR_KEYWORD}
+    assert RESERVED_TENSOR_NAMES == keywords - set(VARIABLES)

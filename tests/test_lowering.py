@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 import scoremod
-from scoremod.compiler.lowering import derivative, emit
+from scoremod.compiler.derivative import derivative
+from scoremod.compiler.lowering import emit
 
 TRANSFORMS = [
     "softcap(30)",

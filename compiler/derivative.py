@@ -1,0 +1,101 @@
+"""``dT/dscore``: symbolic differentiation of IR, IR -> IR.
+
+The backward pass of a transform ``T(score)`` needs its derivative in ``score`` on every
+tile. ``derivative(node)`` builds it as an IR expression (simplified), which the
+kernels and the XLA path then emit like any other expression (``compiler/lowering.py``).
+"""
+
+from __future__ import annotations
+
+import math
+
+from scoremod.dsl.ast import Binary, Call, IntLit, Node, RealLit, Unary, Var, mentions
+from scoremod.compiler.rewrite import simplify
+
+__all__ = ["derivative"]
+
+_ZERO, _ONE = IntLit(0), IntLit(1)
+_LN2 = RealLit(math.log(2.0))
+
+
+def derivative(node: Node, var: str = "score") -> Node:
+    """Symbolic d node / d var as IR (simplified). Piecewise functions use the derivative
+    of the active piece; floor/ceil/sign/comparisons have derivative 0."""
+    return simplify(_d(node, var), ["fold", "arithmetic"])
+
+
+def _build(op: str, a: Node, b: Node) -> Node:
+    """Binary node that drops the zeros and ones a derivative produces (0 * x is 0 here:
+    a zero derivative times a finite factor)."""
+    zero_a, zero_b = a == _ZERO, b == _ZERO
+    if op == "+":
+        return b if zero_a else a if zero_b else Binary(op, a, b)
+    if op == "-":
+        return a if zero_b else Unary("-", b) if zero_a else Binary(op, a, b)
+    if op == "*":
+        if zero_a or zero_b:
+            return _ZERO
+        return b if a == _ONE else a if b == _ONE else Binary(op, a, b)
+    if op == "/" and zero_a:
+        return _ZERO
+    return Binary(op, a, b)
+
+
+def _d(n: Node, v: str) -> Node:
+    if not mentions(n, v):
+        return _ZERO
+    if isinstance(n, Var):
+        return _ONE
+    B = _build
+    if isinstance(n, Unary):
+        return _build("-", _ZERO, _d(n.operand, v))
+    if isinstance(n, Binary):
+        a, b = n.lhs, n.rhs
+        da, db = _d(a, v), _d(b, v)
+        if n.op in ("+", "-"):
+            return B(n.op, da, db)
+        if n.op == "*":
+            return B("+", B("*", da, b), B("*", a, db))
+        if n.op == "/":
+            return B("-", B("/", da, b), B("/", B("*", a, db), B("*", b, b)))
+        if n.op == "**":
+            if not mentions(b, v):
+                return B("*", B("*", b, B("**", a, B("-", b, _ONE))), da)
+            return B("*", n, B("+", B("*", db, Call("log", (a,))), B("/", B("*", b, da), a)))
+        if n.op == "%":
+            return B("-", da, B("*", Call("floor", (B("/", a, b),)), db))
+        return _ZERO  # //, comparisons
+    if isinstance(n, Call):
+        args = n.args
+        x = args[0]
+        dx = _d(x, v)
+        fn = n.fn
+        if fn == "abs":
+            return B("*", Call("sign", (x,)), dx)
+        if fn == "exp":
+            return B("*", n, dx)
+        if fn == "exp2":
+            return B("*", B("*", n, _LN2), dx)
+        if fn == "log":
+            return B("/", dx, x)
+        if fn == "log2":
+            return B("/", dx, B("*", x, _LN2))
+        if fn == "sqrt":
+            return B("/", dx, B("*", IntLit(2), n))
+        if fn == "tanh":
+            return B("*", B("-", _ONE, B("*", n, n)), dx)
+        if fn == "sigmoid":
+            return B("*", B("*", n, B("-", _ONE, n)), dx)
+        if fn in ("floor", "ceil", "sign"):
+            return _ZERO
+        if fn == "min":
+            return Call("where", (B("<=", args[0], args[1]), dx, _d(args[1], v)))
+        if fn == "max":
+            return Call("where", (B(">=", args[0], args[1]), dx, _d(args[1], v)))
+        if fn == "clip":
+            lo, hi = args[1], args[2]
+            return Call("where", (B("<", x, lo), _d(lo, v),
+                                  Call("where", (B(">", x, hi), _d(hi, v), dx))))
+        if fn == "where":
+            return Call("where", (args[0], _d(args[1], v), _d(args[2], v)))
+    raise TypeError(f"cannot differentiate {type(n).__name__}")
