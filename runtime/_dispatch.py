@@ -75,6 +75,27 @@ def run_first(names: Sequence[str], runners: Mapping[str, Callable], *, what: st
                               + "; ".join(f"{name}: {why}" for name, why in reasons))
 
 
+def kernel_input_reason(kernel: str, query, key, value, *, dtypes, head_dim_ok, head_dims: str) -> str | None:
+    """Why a kernel cannot take these query/key/value (None when it can): the checks the
+    pallas and mosaic kernels share. ``dtypes``: what it runs; ``head_dim_ok(H)`` and its
+    description ``head_dims`` say which head dims."""
+    if query.ndim != 4 or key.ndim != 4 or value.ndim != 4:
+        return f"the {kernel} kernel takes 4-D BTNH query/key/value"
+    H = query.shape[-1]
+    if key.shape[-1] != H or value.shape[-1] != H:
+        return (f"the {kernel} kernel needs one head dim for query, key and value "
+                f"(got {query.shape[-1]}, {key.shape[-1]}, {value.shape[-1]})")
+    if not head_dim_ok(H):
+        return f"the {kernel} kernel runs head dims {head_dims}; got {H}"
+    if not (query.dtype == key.dtype == value.dtype) or jnp.dtype(query.dtype) not in dtypes:
+        names = ", ".join(jnp.dtype(d).name for d in dtypes)
+        return (f"the {kernel} kernel runs {names} (one dtype for query, key and value); "
+                f"got {query.dtype}, {key.dtype}, {value.dtype}")
+    if query.shape[2] % key.shape[2]:
+        return f"query heads {query.shape[2]} not a multiple of kv heads {key.shape[2]}"
+    return None
+
+
 def check_float_arrays(arrays: dict) -> None:
     """Each array (by its argument name) is bf16, f16 or f32, and all share one dtype."""
     for name, x in arrays.items():

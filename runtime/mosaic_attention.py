@@ -34,7 +34,7 @@ from scoremod.compiler.plan import build_plan
 from scoremod.compiler.tile import TileProgram
 from scoremod.errors import ScoreModShapeError
 from scoremod.runtime import _mosaic_forward
-from scoremod.runtime._dispatch import as_mod
+from scoremod.runtime._dispatch import as_mod, kernel_input_reason
 from scoremod.runtime._mosaic_forward import MosaicKernelConfig
 from scoremod.runtime import pallas_attention as _pallas
 
@@ -169,18 +169,11 @@ def check_supported(mod, query, key, value, tensors=None, block_sizes: MosaicBlo
     why = _device_reason() or _mosaic_missing()
     if why:
         raise NotImplementedError(why)
-    if query.ndim != 4 or key.ndim != 4 or value.ndim != 4:
-        raise NotImplementedError("the mosaic kernel takes 4-D BTNH query/key/value")
+    why = kernel_input_reason("mosaic", query, key, value, dtypes=DTYPES, head_dim_ok=lambda H: H in HEAD_DIMS,
+                              head_dims=" and ".join(map(str, HEAD_DIMS)))
+    if why:
+        raise NotImplementedError(why)
     H = query.shape[-1]
-    if key.shape[-1] != H or value.shape[-1] != H:
-        raise NotImplementedError("the mosaic kernel needs one head dim for query, key and value")
-    if H not in HEAD_DIMS:
-        raise NotImplementedError(f"the mosaic kernel runs head dims {HEAD_DIMS}; got {H}")
-    if not (query.dtype == key.dtype == value.dtype) or jnp.dtype(query.dtype) not in DTYPES:
-        raise NotImplementedError(f"the mosaic kernel runs bfloat16 or float16 (one dtype for q, k, v); "
-                                  f"got {query.dtype}, {key.dtype}, {value.dtype}")
-    if query.shape[2] % key.shape[2]:
-        raise NotImplementedError(f"query heads {query.shape[2]} not a multiple of kv heads {key.shape[2]}")
     bs = block_sizes or MosaicBlockSizes.get_default(H)
     if bs.smem_bytes(H) > SMEM_LIMIT:
         raise NotImplementedError(f"{bs} needs {bs.smem_bytes(H)} bytes of shared memory at head dim {H}; "

@@ -29,7 +29,7 @@ import numpy as np
 from scoremod.compiler.plan import build_plan
 from scoremod.compiler.tile import TileProgram
 from scoremod.errors import ScoreModShapeError
-from scoremod.runtime._dispatch import FLOAT_DTYPES, as_mod
+from scoremod.runtime._dispatch import FLOAT_DTYPES, as_mod, kernel_input_reason
 from scoremod.runtime._pallas_common import KernelConfig
 from scoremod.runtime._triton import pltriton
 from scoremod.runtime._pallas_forward import forward as _forward
@@ -129,22 +129,10 @@ def check_supported(mod, query, key, value, tensors=None) -> TileProgram:
     tensors = tensors or {}
     if pltriton is None:
         raise NotImplementedError("this jax has no Pallas Triton support (jax.experimental.pallas.triton)")
-    if query.ndim != 4 or key.ndim != 4 or value.ndim != 4:
-        raise NotImplementedError("the pallas kernel takes 4-D BTNH query/key/value")
-    H = query.shape[-1]
-    if key.shape[-1] != H or value.shape[-1] != H:
-        raise NotImplementedError(f"the pallas kernel needs equal head dims for q, k, v "
-                                  f"(got {query.shape[-1]}, {key.shape[-1]}, {value.shape[-1]})")
-    if H > MAX_HEAD_DIM:
-        raise NotImplementedError(f"head dim {H} > {MAX_HEAD_DIM} is not supported by the pallas kernel")
-    for name, x in (("query", query), ("key", key), ("value", value)):
-        if jnp.dtype(x.dtype) not in FLOAT_DTYPES:
-            raise NotImplementedError(f"{name} dtype {x.dtype} is not supported by the pallas kernel "
-                                      "(bfloat16, float16, float32)")
-    if not (query.dtype == key.dtype == value.dtype):
-        raise NotImplementedError("the pallas kernel needs one dtype for query, key and value")
-    if query.shape[2] % key.shape[2]:
-        raise NotImplementedError(f"query heads {query.shape[2]} not a multiple of kv heads {key.shape[2]}")
+    why = kernel_input_reason("pallas", query, key, value, dtypes=FLOAT_DTYPES,
+                              head_dim_ok=lambda H: H <= MAX_HEAD_DIM, head_dims=f"up to {MAX_HEAD_DIM}")
+    if why:
+        raise NotImplementedError(why)
     program = TileProgram.build(mod.canonical, {n: jnp.ndim(t) for n, t in tensors.items()})
     ok, why = program.kernel_support()
     if not ok:
