@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-from scoremod.dsl.ast import Binary, Call, IntLit, Node, RealLit, Unary, Var, mentions
+from scoremod.dsl.ast import Binary, Call, IntLit, Node, RealLit, Tensor, Unary, Var, mentions
 from scoremod.compiler.rewrite import simplify
 
 __all__ = ["derivative"]
@@ -98,4 +98,8 @@ def _d(n: Node, v: str) -> Node:
                                   Call("where", (B(">", x, hi), _d(hi, v), dx))))
         if fn == "where":
             return Call("where", (args[0], _d(args[1], v), _d(args[2], v)))
+    if isinstance(n, Tensor):
+        # A read at an index that depends on score (t[clip(floor(score), 0, 7)]): indices are
+        # ints, so the value is piecewise constant in score, as floor() is.
+        return _ZERO
     raise TypeError(f"cannot differentiate {type(n).__name__}")

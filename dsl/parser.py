@@ -81,7 +81,8 @@ class _Build(Transformer):
     # literals and names
     @v_args(inline=True)
     def int_lit(self, tok):
-        value = int(str(tok).replace("_", ""))
+        digits = str(tok).replace("_", "").lstrip("0") or "0"
+        value = int(digits) if len(digits) <= 10 else INT32_MAX + 1   # (Python refuses > 4300 digits)
         if value > INT32_MAX:
             self._error(f"integer literal {tok} does not fit in int32 (at most {INT32_MAX:_})", _extent(tok),
                         "positions and sizes are int32; write a real like 1e12 if you meant a number")

@@ -193,6 +193,10 @@ class _Checker:
             return BOOL
         a = self.number(node.lhs, f"'{op}'")
         b = self.number(node.rhs, f"'{op}'")
+        if op in ("/", "//", "%") and isinstance(node.rhs, (IntLit, RealLit)) and node.rhs.value == 0:
+            self.error(f"{self.snippet(node)} divides by zero", node,
+                       "a literal divisor must not be 0 (a divisor that is a tensor may be: see docs/language.md, "
+                       "\"8. Arithmetic\")")
         if op in ("/", "**"):
             return REAL
         return _promote(a, b)

@@ -147,3 +147,17 @@ def test_cudnn_on_gpu_matches_reference(mod):
     out = scoremod.attention(q, kv, kv, mod=mod, implementation="cudnn")
     ref = scoremod.attention(q, kv, kv, mod=mod, implementation="reference")
     np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=3e-2)
+
+
+def test_a_table_read_at_a_score_dependent_index_falls_back_from_pallas(caplog):
+    # Its tile program has a derivative (0: the read is piecewise constant in score); the
+    # kernel declines the computed-index read, and xla runs it (was a TypeError).
+    table = jnp.arange(8.0)
+    mod = "t[clip(floor(score), 0, 7)] + score"
+    with caplog.at_level(logging.INFO, logger="scoremod"):
+        out = scoremod.attention(Q, KV, KV, mod=mod, t=table, implementation=("pallas", "xla"))
+    assert "pallas cannot run" in caplog.text and "using xla" in caplog.text
+    np.testing.assert_allclose(out, reference(mod=mod, t=table), atol=TOL)
+    g = jax.grad(lambda q: scoremod.attention(q, KV, KV, mod=mod, t=table, implementation="xla").sum())(Q)
+    g_ref = jax.grad(lambda q: scoremod.attention(q, KV, KV, mod=mod, t=table, implementation="reference").sum())(Q)
+    np.testing.assert_allclose(g, g_ref, atol=1e-4)

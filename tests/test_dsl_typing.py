@@ -115,3 +115,15 @@ def test_generated_ill_typed_sources_are_rejected_with_the_right_class(bad):
         scoremod.compile(bad.text)
     assert type(info.value) is bad.error, f"{bad.text!r}: {info.value}"
     assert str(info.value).startswith("error: ")
+
+
+@pytest.mark.parametrize("source", ["q // 0 == 1", "q % 0 == 0", "score / 0.0", "score * (kv / 0)", "chunk(0)"])
+def test_a_literal_zero_divisor_is_an_error(source):
+    with pytest.raises(ScoreModError, match="divides by zero"):
+        scoremod.compile(source)
+
+
+def test_integer_literals_of_any_length_give_the_int32_error():
+    # Python itself refuses to convert integers of more than 4300 digits.
+    with pytest.raises(ScoreModError, match="does not fit in int32"):
+        scoremod.compile("q < " + "9" * 5000)
