@@ -15,7 +15,7 @@ import numpy as np
 
 from scoremod.errors import ScoreModTensorError
 from scoremod.dsl.ast import Binary, Call, IntLit, Node, Tensor, Unary, Var, walk
-from scoremod.dsl.definitions import closest_name
+from scoremod.dsl.definitions import closest_name, global_definitions, prelude
 from scoremod.compiler.axes import axis_roles, used_indices
 from scoremod.compiler.intervals import BlockGrid, PositionBlocks, value_interval
 
@@ -209,7 +209,33 @@ def check_missing_tensors(mod_or_canonical, tensors: Mapping[str, Any], *, batch
         expected = expected_shape_of_reads(
             reads, **_shape_sizes(batch, heads, q_len, kv_len, q_offset, kv_offset))
         raise ScoreModTensorError(f"missing tensor '{name}': the mod reads {reads[0]}; expected shape {expected}",
-                                  hint=f"pass it by keyword, e.g. {name}=array")
+                                  hint=_missing_tensor_hint(name, reads, tensors))
+
+
+def _missing_tensor_hint(name: str, reads: list[Tensor], tensors: Mapping[str, Any]) -> str:
+    """A likely cause: a misspelled definition (a bare name that is no definition is a tensor
+    parameter: ``causl``), or a tensor passed under a misspelled keyword (``id=`` for ``ids``)."""
+    passed = closest_name(name, list(tensors))
+    if passed:
+        return f"you passed '{passed}': did you mean {name}={passed}?"
+    if all(not r.indices for r in reads):
+        definitions = set(prelude().names()) | set(global_definitions().names())
+        guess = closest_name(name, definitions)
+        if guess:
+            return (f"did you mean '{guess}'? A name that is not a definition is a tensor parameter "
+                    f"(dslc list shows the definitions)")
+    return f"pass it by keyword, e.g. {name}=array"
+
+
+# What users of jax.nn.dot_product_attention or FlexAttention pass, and the mod that says it.
+_KEYWORD_HINTS = {
+    "is_causal": 'attention(..., mod="causal") instead of is_causal=True',
+    "causal": 'attention(..., mod="causal") instead of causal=True',
+    "mask": 'a tensor read in the mod, e.g. mod="m[b, h, q, kv] != 0", m=mask',
+    "bias": 'mod="bias(t)", t=bias (t: [B, N, T, S], broadcastable)',
+    "segment_ids": 'mod="causal & doc(ids)", ids=segment_ids',
+    "local_window_size": 'mod="causal & window(w)" for a sliding window of w keys',
+}
 
 
 def check_tensors(mod_or_canonical, tensors: Mapping[str, Any], batch: int, heads: int, q_len: int,
@@ -239,9 +265,9 @@ def check_tensors(mod_or_canonical, tensors: Mapping[str, Any], batch: int, head
     if extra:
         guess = closest_name(extra[0], list(reads))
         known = ", ".join(f"'{n}'" for n in reads) if reads else "no tensors"
-        raise ScoreModTensorError(
-            f"unexpected tensor '{extra[0]}': the mod reads {known}",
-            hint=f"did you mean '{guess}'?" if guess else "remove it, or use it in the mod")
+        hint = (f"did you mean '{guess}'?" if guess else
+                f"use {_KEYWORD_HINTS[extra[0]]}" if extra[0] in _KEYWORD_HINTS else "remove it, or use it in the mod")
+        raise ScoreModTensorError(f"unexpected tensor '{extra[0]}': the mod reads {known}", hint=hint)
 
     for name, rs in reads.items():
         shape, dtype = _shape_and_dtype(name, tensors[name])

@@ -82,6 +82,15 @@ class PagedBlockSizes:
     num_stages: int = 4
     programs_per_core: int = 16
 
+    def __post_init__(self):
+        for name in ("block_kv", "num_warps", "num_stages", "programs_per_core"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ScoreModShapeError(f"PagedBlockSizes.{name}={value!r} must be a positive int")
+        if self.num_splits is not None and (isinstance(self.num_splits, bool) or not isinstance(self.num_splits, int)
+                                            or self.num_splits < 1):
+            raise ScoreModShapeError(f"PagedBlockSizes.num_splits={self.num_splits!r} must be None or a positive int")
+
     @classmethod
     def get_default(cls) -> "PagedBlockSizes":
         return cls()

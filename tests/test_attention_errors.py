@@ -63,6 +63,15 @@ BAD = [
     ("float-index", lambda: call(mod="t[ids[b, q]] > 0", ids=IDS.astype(jnp.float32), t=jnp.ones(4)),
      ScoreModTensorError, ["'ids'", "index", "float32", "int"]),
     ("keyword-collision", lambda: call(mod="bias(scale)", scale=1.0), ScoreModError, ["scale"]),
+    # A new user's mistakes get a pointer to what they meant.
+    ("prelude-typo", lambda: call(mod="causl & window(8)"), ScoreModTensorError,
+     ["missing tensor 'causl'", "did you mean 'causal'?"]),
+    ("keyword-typo", lambda: call(mod="causal & doc(ids)", id=IDS), ScoreModTensorError,
+     ["missing tensor 'ids'", "you passed 'id'", "ids=id"]),
+    ("is-causal", lambda: call(is_causal=True), ScoreModTensorError, ["'is_causal'", 'mod="causal"']),
+    ("segment-ids", lambda: call(segment_ids=IDS), ScoreModTensorError, ["'segment_ids'", "doc(ids)"]),
+    ("bias-keyword", lambda: call(bias=IDS), ScoreModTensorError, ["'bias'", "bias(t)"]),
+    ("mask-keyword", lambda: call(mask=IDS), ScoreModTensorError, ["'mask'", "m[b, h, q, kv]"]),
     # int32 is what every implementation computes in: nothing wider is truncated silently.
     ("ids-int64", lambda: call(mod="causal & doc(ids)", ids=np.arange(B * S, dtype=np.int64).reshape(B, S) << 32),
      ScoreModTensorError, ["'ids'", "81604378624", "int32", "np.unique"]),

@@ -173,3 +173,10 @@ def test_split_count_fills_whole_waves():
         assert n == steps or programs * (n + 1) > 4 * cores
     assert _num_splits(PagedBlockSizes(num_splits=7), 8, 100) == 7
     assert _num_splits(PagedBlockSizes(num_splits=700), 8, 100) == 100
+
+
+@pytest.mark.parametrize("bad", [dict(block_kv=0), dict(num_splits=-1), dict(num_splits=0), dict(programs_per_core=0),
+                                 dict(num_warps=2.5)])
+def test_paged_block_sizes_must_be_positive(bad):
+    with pytest.raises(ScoreModShapeError, match="must be"):
+        PagedBlockSizes(**bad)
