@@ -31,6 +31,8 @@ from scoremod.compiler.intervals import EMPTY, FULL, PARTIAL, BlockGrid, Positio
 
 __all__ = ["Explanation", "explain", "GRID_JSON_LIMIT"]
 
+# Largest grid explain classifies (about 16 MB of classes; a kernel's plan may be larger).
+EXPLAIN_MAX_GRID_CELLS = 2**24
 # JSON output leaves the grid out above this many cells.
 GRID_JSON_LIMIT = 1_000_000
 _CHARS = {FULL: "█", PARTIAL: "░", EMPTY: "·"}
@@ -278,7 +280,7 @@ def explain(mod, q_len: int, kv_len: int | None = None, block=(128, 128), batch:
     """
     from scoremod.compiler.mod import compile_mod
     from scoremod.compiler.plan import (
-        MAX_GRID_CELLS, build_plan, check_tensors, plan_grid_shape, validate_plan_sizes,
+        build_plan, check_tensors, plan_grid_shape, validate_plan_sizes,
     )
     from scoremod.compiler.rewrite import simplify
     from scoremod.errors import ScoreModShapeError
@@ -291,16 +293,16 @@ def explain(mod, q_len: int, kv_len: int | None = None, block=(128, 128), batch:
     mask = mod.canonical.mask
     reads = {name: np.asarray(tensors[name]) for name in mod.canonical.tensors if name in tensors}
     mask_reads = {name: value for name, value in reads.items() if any(name == n for n in _tensor_names(mask))}
+    shape = plan_grid_shape(mask, q_len=q_len, kv_len=kv_len, block_q=block_q, block_kv=block_kv, batch=batch,
+                            heads=heads, q_offset=q_offset, kv_offset=kv_offset, tensors=mask_reads)
+    if math.prod(shape) > EXPLAIN_MAX_GRID_CELLS:
+        raise ScoreModShapeError(f"the block grid {list(shape)} has {math.prod(shape):,} cells, more than "
+                                 f"explain draws ({EXPLAIN_MAX_GRID_CELLS:,})", hint="use larger blocks")
     if not mask_reads and np.ndim(q_offset) == 0 and np.ndim(kv_offset) == 0:
         plan = build_plan(mask, q_len=q_len, kv_len=kv_len, block_q=block_q, block_kv=block_kv, batch=batch,
                           heads=heads, q_offset=int(q_offset), kv_offset=int(kv_offset))
         classes = plan.classes
     else:
-        shape = plan_grid_shape(mask, q_len=q_len, kv_len=kv_len, block_q=block_q, block_kv=block_kv, batch=batch,
-                                heads=heads, q_offset=q_offset, kv_offset=kv_offset, tensors=mask_reads)
-        if math.prod(shape) > MAX_GRID_CELLS:
-            raise ScoreModShapeError(f"the block grid {list(shape)} has {math.prod(shape):,} cells, more than "
-                                     f"{MAX_GRID_CELLS:,}", hint="use larger blocks")
         grid = BlockGrid(batch, heads, PositionBlocks(q_len, block_q, np.asarray(q_offset)),
                          PositionBlocks(kv_len, block_kv, np.asarray(kv_offset)))
         classes = np.ascontiguousarray(classify_blocks(simplify(mask), grid, mask_reads, np))

@@ -133,8 +133,17 @@ class Mod:
         return f"Mod({str(self)!r}, kind={self.kind!r}, tensors={self.tensors!r})"
 
 
+# Sources up to CACHED_SOURCE_CHARS long are cached (4096 of them: at most 32 MiB of
+# text); longer ones, which real mods never are, compile every time.
+CACHED_SOURCE_CHARS = 8192
+
+
 @lru_cache(maxsize=4096)
 def _compile_cached(text: str, version: int) -> Mod:
+    return _compile(text)
+
+
+def _compile(text: str) -> Mod:
     with _deep_recursion():
         src = parse_source(text)
         expr = expand(src)
@@ -156,4 +165,6 @@ def compile_mod(source: "str | Mod") -> Mod:
     if not isinstance(source, str):
         raise ScoreModError(f"mod must be a source string or a compiled Mod, got {type(source).__name__}",
                             hint='for example mod="causal & window(1024)"')
+    if len(source) > CACHED_SOURCE_CHARS:
+        return _compile(source)
     return _compile_cached(source, globals_version())

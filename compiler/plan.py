@@ -50,6 +50,8 @@ __all__ = [
 
 # Largest block grid B' * H' * nq * nk a plan may have (int32 flat indices; ~1.4 GB of plan).
 MAX_GRID_CELLS = 2**28
+# Positions are int32 (docs/language.md, "8. Arithmetic").
+MAX_SEQUENCE = 2**31 - 1
 
 # How many times the jax builder was traced (tests check that new tensor values never retrace).
 TRACE_COUNTS = {"jax_builder": 0}
@@ -113,6 +115,9 @@ def validate_plan_sizes(*, q_len, kv_len, block_q, block_kv, batch=1, heads=1) -
     for name, value in (("q_len", q_len), ("kv_len", kv_len), ("batch", batch), ("heads", heads),
                         ("block_q", block_q), ("block_kv", block_kv)):
         _positive_int(name, value)
+    for name, value in (("q_len", q_len), ("kv_len", kv_len)):
+        if value > MAX_SEQUENCE:
+            raise ScoreModShapeError(f"{name}={value} is more positions than int32 holds (at most {MAX_SEQUENCE:,})")
     for name, value in (("block_q", block_q), ("block_kv", block_kv)):
         if value & (value - 1):
             raise ScoreModShapeError(f"{name}={value} must be a power of two",

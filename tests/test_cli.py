@@ -92,3 +92,27 @@ def test_main_in_process(capsys):
     assert "comparisons do not chain" in err and "^" in err
     assert main(["show", "abs"]) == 0
     assert "built-in function" in capsys.readouterr().out
+
+
+def _npy_files(tmp_path):
+    empty = tmp_path / "empty.npy"
+    empty.write_bytes(b"")
+    lying = tmp_path / "lying.npy"   # a header promising 100000 ints, then 16 bytes
+    header = b'{"descr": "<i4", "fortran_order": False, "shape": (100000,), }'
+    lying.write_bytes(b"\x93NUMPY\x01\x00" + bytes([118, 0]) + header.ljust(117) + b"\n" + b"\x00" * 16)
+    return empty, lying
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--seq", "9" * 25], "more positions than int32 holds"),
+    (["--seq", "2000000", "--tensor", "ids=0"], "more than explain draws"),
+    (["--seq", "100", "--tensor", "ids=segments:1000000000"], "segments cover 1,000,000,000 positions"),
+    (["--seq", "100", "--tensor", "ids=EMPTY"], "cannot read"),
+    (["--seq", "100", "--tensor", "ids=LYING"], "cannot read"),
+])
+def test_explain_bad_arguments_are_clear_errors_without_tracebacks(tmp_path, args, fragment):
+    empty, lying = _npy_files(tmp_path)
+    args = [a.replace("EMPTY", str(empty)).replace("LYING", str(lying)) for a in args]
+    r = dslc("explain", "causal & doc(ids)", *args)
+    assert r.returncode == 1, r.stdout
+    assert fragment in r.stderr and "Traceback" not in r.stderr, r.stderr

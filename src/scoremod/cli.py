@@ -13,6 +13,9 @@ import sys
 
 __all__ = ["main", "parse_tensor_value"]
 
+# segments:L1,L2,... makes an int32 array of sum(L) entries: 256 MiB at most.
+MAX_SEGMENT_POSITIONS = 1 << 26
+
 
 def _cmd_check(args) -> int:
     from scoremod.compiler.mod import compile_mod
@@ -106,11 +109,14 @@ def parse_tensor_value(name: str, text: str):
         if not lengths or any(n <= 0 for n in lengths):
             raise ScoreModTensorError(f"tensor '{name}': segments needs positive lengths, got {text!r}",
                                       hint="for example segments:4096,2048,2048")
+        if sum(lengths) > MAX_SEGMENT_POSITIONS:
+            raise ScoreModTensorError(f"tensor '{name}': segments cover {sum(lengths):,} positions; explain takes "
+                                      f"at most {MAX_SEGMENT_POSITIONS:,}")
         return np.repeat(np.arange(len(lengths), dtype=np.int32), lengths)
     if text.endswith(".npy"):
         try:
             return np.load(text, allow_pickle=False)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, EOFError) as exc:   # missing, empty, truncated or lying files
             raise ScoreModTensorError(f"tensor '{name}': cannot read {text!r}: {exc}") from None
     for convert in (int, float):
         try:
