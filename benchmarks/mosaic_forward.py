@@ -22,14 +22,14 @@ import faulthandler
 import json
 import math
 import os
-import statistics
 import sys
-import time
 
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+from attention_bench import _time_jax  # noqa: E402  (one timing loop for the attention benchmarks)
 
 
 def _doc_ids(B, T, n_docs, seed=0):
@@ -135,24 +135,6 @@ def check(args):
     return rows
 
 
-def _time(fn, args, reps=7, target_s=0.05):
-    import jax
-    out = fn(*args)
-    jax.block_until_ready(out)
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    one = time.perf_counter() - t0
-    n = max(1, min(200, int(target_s / max(one, 1e-6))))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        for _ in range(n):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        times.append((time.perf_counter() - t0) / n)
-    return statistics.median(times) * 1e3
-
-
 def timing(args, configs=False):
     import jax
     import jax.numpy as jnp
@@ -220,7 +202,7 @@ def timing(args, configs=False):
         rec = dict(shape=label, B=B, T=T, N=N, K=K, H=H, density=density)
         for name, fn in impls.items():
             try:
-                ms = _time(fn, (q, k, v))
+                ms = _time_jax(fn, (q, k, v), target_s=0.05)
                 rec[name] = ms
             except NotImplementedError:
                 rec[name] = None
