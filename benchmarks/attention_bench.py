@@ -49,12 +49,13 @@ def _shape(quick):
     return dict(B=2, N=16, T=2048 if quick else 8192, H=128)
 
 
-def _doc_ids(B, T, seed=0):
+def _doc_ids(B, T, seed=0, n_docs=NUM_DOCS):
+    """Sorted segment ids int32[B, T]: n_docs random-length documents per row."""
     import numpy as np
     rng = np.random.default_rng(seed)
     ids = np.zeros((B, T), np.int32)
     for b in range(B):
-        cuts = np.sort(rng.choice(np.arange(1, T), NUM_DOCS - 1, replace=False))
+        cuts = np.sort(rng.choice(np.arange(1, T), n_docs - 1, replace=False))
         ids[b] = np.searchsorted(cuts, np.arange(T), side="right")
     return ids
 
