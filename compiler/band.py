@@ -37,6 +37,7 @@ from functools import lru_cache
 
 from scoremod.dsl.ast import Binary, BoolLit, Call, IntLit, Node, Unary, Var
 from scoremod.compiler.rewrite import linear_bound, linear_form
+from scoremod.compiler.tensors import mask_of
 
 __all__ = ["Band", "diagonal_band"]
 
@@ -59,16 +60,21 @@ _NONE = Band(1, 0, True)             # `false`
 
 
 @lru_cache(maxsize=1024)
-def diagonal_band(mask: Node) -> Band:
-    """Bounds on ``q - kv`` implied by the bool expression ``mask`` (see the module doc)."""
+def diagonal_band(mask) -> Band:
+    """Bounds on ``q - kv`` implied by ``mask`` (see the module doc): a bool expression, or a
+    ``Mod`` / ``Canonical`` (its mask)."""
+    return _band(mask_of(mask))
+
+
+def _band(mask: Node) -> Band:
     if isinstance(mask, BoolLit):
         return _ALL if mask.value else _NONE
     if isinstance(mask, Binary) and mask.op == "&":
-        return _intersect(diagonal_band(mask.lhs), diagonal_band(mask.rhs))
+        return _intersect(_band(mask.lhs), _band(mask.rhs))
     if isinstance(mask, Binary) and mask.op == "|":
-        return _hull(diagonal_band(mask.lhs), diagonal_band(mask.rhs))
+        return _hull(_band(mask.lhs), _band(mask.rhs))
     if isinstance(mask, Unary) and mask.op == "~":
-        return _complement(diagonal_band(mask.operand))
+        return _complement(_band(mask.operand))
     return _comparison(mask)
 
 

@@ -72,3 +72,9 @@ def test_generated_masks_are_sound(src, seed):
 def test_prelude_bands(text, band):
     assert band_of(text) == band
     check_against_evaluator(text, seed=0, q_offset=3)
+
+
+def test_a_mod_or_its_canonical_form_gives_the_band_of_its_mask():
+    mod = scoremod.compile("causal & window(8)")
+    assert diagonal_band(mod) == diagonal_band(mod.canonical) == diagonal_band(mod.canonical.mask)
+    assert diagonal_band(mod).hi == 7 and diagonal_band(mod).exact
