@@ -99,8 +99,8 @@ def xla_attention(query, key, value, *, mod: Mod, scale: float, q_offset=0, kv_o
     S = key.shape[1]
     static = (q_offset, kv_offset) if isinstance(q_offset, int) and isinstance(kv_offset, int) else None
     cfg = _Config(mod, float(scale), T, S, _clamp(block_sizes.block_q, T), _clamp(block_sizes.block_kv, S), static)
-    return _attention(cfg, query, key, value, dict(tensors or {}),
-                      _offset_array(q_offset, B), _offset_array(kv_offset, B))
+    return _attention_jit(cfg, query, key, value, dict(tensors or {}),
+                          _offset_array(q_offset, B), _offset_array(kv_offset, B))
 
 
 def _clamp(block: int, length: int) -> int:
@@ -318,3 +318,7 @@ def _zero_cotangent(x):
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
+
+# One compiled program per static configuration: an eager call (outside the user's jit)
+# otherwise retraced the scans of both passes every time (0.5 s per call on a CPU).
+_attention_jit = jax.jit(_attention, static_argnums=(0,))

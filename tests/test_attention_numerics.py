@@ -321,3 +321,17 @@ def test_a_non_finite_scale_is_an_error(scale):
     q, k, v = _nan_case("none")
     with pytest.raises(scoremod.ScoreModShapeError, match="finite"):
         scoremod.attention(q, k, v, scale=scale)
+
+
+def test_eager_xla_calls_do_not_retrace(monkeypatch):
+    # Outside jit, a second call with new values must reuse the compiled program (it
+    # retraced both passes every time: 0.5 s a call on a CPU).
+    traced = []
+    forward = xla_module._forward
+    monkeypatch.setattr(xla_module, "_forward", lambda *a, **k: traced.append(1) or forward(*a, **k))
+    q, k, v, _, _ = inputs(1, 32, 32, 2, 1, 8, seed=7)
+    ids = jnp.asarray(np.repeat(np.arange(4), 8)[None], jnp.int32)
+    scoremod.attention(q, k, v, mod="causal & doc(ids) + alibi(2)", ids=ids, implementation="xla")
+    first = len(traced)
+    scoremod.attention(q + 1, k, v, mod="causal & doc(ids) + alibi(2)", ids=ids[:, ::-1], implementation="xla")
+    assert first >= 1 and len(traced) == first
