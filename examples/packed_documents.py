@@ -5,7 +5,7 @@ attending only to earlier tokens of its own document. The segment ids change eve
 step, and nothing recompiles: `ids` is a tensor parameter, not part of the mask's text.
 
 One layer (embedding, attention with GQA, MLP, tied unembedding), next-token loss,
-`jax.grad`, and a hand-written SGD-with-momentum step. Runs in a few seconds on CPU:
+`jax.grad`, and a hand-written SGD-with-momentum step. Runs in about 10 s on a 2-core CPU:
 
     python examples/packed_documents.py
 """

@@ -2,7 +2,8 @@
 
     python examples/quickstart.py [--seq 1024]
 
-Runs on the CPU in a few seconds; on a GPU the same call picks the Pallas kernel.
+Runs in about 10 s on a 2-core CPU (mostly compiling); on an H100/H200 the same call picks
+the Mosaic GPU kernel, on other GPUs the Pallas one.
 """
 
 import argparse
