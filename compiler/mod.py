@@ -10,7 +10,7 @@ from functools import lru_cache
 from scoremod.errors import ScoreModError, ScoreModTensorError
 from scoremod.dsl.ast import Node, mentions, tensor_names
 from scoremod.dsl.definitions import expand, globals_version
-from scoremod.dsl.parser import parse_source
+from scoremod.dsl.parser import normalize_newlines, parse_source
 from scoremod.dsl.typecheck import check
 from scoremod.compiler.canonical import Canonical, canonicalize
 
@@ -144,6 +144,7 @@ def _compile_cached(text: str, version: int) -> Mod:
 
 
 def _compile(text: str) -> Mod:
+    text = normalize_newlines(text) if isinstance(text, str) else text
     with _deep_recursion():
         src = parse_source(text)
         expr = expand(src)

@@ -25,7 +25,7 @@ from scoremod.dsl.ast import (
     VARIABLES, depth, make_error,
 )
 
-__all__ = ["parse_source", "parse_definitions", "MAX_DEPTH", "MAX_SOURCE_CHARS"]
+__all__ = ["parse_source", "parse_definitions", "normalize_newlines", "MAX_DEPTH", "MAX_SOURCE_CHARS"]
 
 MAX_DEPTH = 1000
 MAX_SOURCE_CHARS = 1_000_000
@@ -460,12 +460,26 @@ def _precheck(text, start: str) -> None:
     if not text.isascii():
         bad = _first_non_ascii_outside_comments(text)
         if bad is not None:
-            raise _syntax_error(f"unexpected character {text[bad]!r} (U+{ord(text[bad]):04X})",
+            code = ord(text[bad])
+            if 0xDC80 <= code <= 0xDCFF:   # a byte that was not UTF-8, kept by surrogateescape
+                raise _syntax_error(f"byte 0x{code - 0xDC00:02x} is not valid UTF-8 text", source=text,
+                                    span=(bad, bad + 1), hint="save the source as UTF-8 (or ASCII)")
+            raise _syntax_error(f"unexpected character {text[bad]!r} (U+{code:04X})",
                                 source=text, span=(bad, bad + 1), hint=_unicode_hint(text[bad]))
+
+
+_LONE_CR = re.compile(r"\r(?!\n)")
+
+
+def normalize_newlines(text):
+    """A lone ``\r`` (old Mac line ends) as ``\n``: the same length, so spans stay put, and
+    error messages draw the right line."""
+    return _LONE_CR.sub("\n", text) if "\r" in text else text
 
 
 def _parse(text: str, start: str):
     _precheck(text, start)
+    text = normalize_newlines(text)
     tables = _tables()
     tokens = _lex(text, tables)
     if all(t.type in ("_NL", "SEMICOLON") for t in tokens[:-1]):

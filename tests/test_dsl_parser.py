@@ -213,3 +213,18 @@ def test_printer_uses_no_unneeded_parentheses(tree):
         except scoremod.ScoreModError:
             different = True
         assert different, f"parentheses at {start} of {text!r} are not needed"
+
+
+@pytest.mark.parametrize("newline", ["\n", "\r\n", "\r"])
+def test_every_line_ending_ends_a_line(newline):
+    text = f"# a comment{newline}f(x) = x > 0{newline}causal & f(kv)"
+    assert str(scoremod.compile(text)) == "kv > 0 & q >= kv"
+    with pytest.raises(scoremod.ScoreModError) as info:
+        scoremod.compile(f"f(x) = x > 0{newline}causal & windw(3)")
+    assert "(line 2)" in str(info.value) and "\n  causal & windw(3)\n" in str(info.value)
+
+
+def test_a_byte_that_is_not_utf8_is_named():
+    text = b"causal & \xff".decode("utf-8", "surrogateescape")   # what reading bytes leniently gives
+    with pytest.raises(scoremod.ScoreModError, match="byte 0xff is not valid UTF-8"):
+        scoremod.compile(text)
