@@ -35,32 +35,33 @@ class Pat:
     Unary's ``op``, a Call's ``fn``) is one of ``ops``, whose ``value`` (literals) equals
     ``value``, whose children match ``src`` one to one (None: any children), and for which
     ``where(node)`` holds; binds the node to ``name``. A name bound twice must bind equal
-    nodes (``x - x``). Predicates run only once the whole shape has matched, cheap checks
-    first. ``commute=True`` (a Binary at the root of a rule) also tries the swapped operands.
+    nodes (``x - x``). ``commute=True`` (a Binary at the root of a rule) also tries the
+    swapped operands.
     """
 
-    __slots__ = ("cls", "attr", "ops", "value", "src", "name", "where", "commute")
+    __slots__ = ("cls", "attr", "ops", "value", "src", "name", "where", "commute", "_match")
 
     def __init__(self, cls=None, ops=None, src=None, *, value=_ANY, name=None, where=None,
                  commute=False):
+        if value is not _ANY and cls not in (BoolLit, IntLit, RealLit):
+            raise ValueError("a pattern with a value needs a literal class")
+        if commute and (cls is not Binary or src is None):
+            raise ValueError("commute needs a Binary pattern with operands")
         self.cls = Node if cls is None else cls
         self.attr = "fn" if cls is Call else "op"
         self.ops = (ops,) if isinstance(ops, str) else (None if ops is None else tuple(ops))
         self.value, self.src, self.name, self.where, self.commute = value, src, name, where, commute
+        self._match = None
 
     def match(self, node: Node) -> dict | None:
         """The bindings ``{name: node}`` when ``node`` matches, else None."""
-        env: dict = {}
-        checks: list = []
-        if not _match(self, node, env, checks):
-            return None
-        for where, n in checks:
-            if not where(n):
-                return None
-        return env
+        if self._match is None:
+            self._match = _compile(self, root_known=False)
+        return self._match(node)
 
     def keys(self) -> tuple[str, ...] | None:
-        """The node keys (see ``_node_key``) this pattern can match; None: not restricted."""
+        """The keys rules are looked up by (a Binary's op, a Call's function, "u-"/"u~" for a
+        Unary) of the nodes this pattern can match; None: not restricted."""
         if self.ops is None or self.cls not in (Binary, Unary, Call):
             return None
         return tuple("u" + op for op in self.ops) if self.cls is Unary else self.ops
@@ -69,10 +70,8 @@ class Pat:
         """This pattern, and with ``commute`` the one with the operands swapped."""
         if not self.commute:
             return [self]
-        swapped = Pat(self.cls, self.ops, self.src[::-1], value=self.value, name=self.name,
-                      where=self.where)
-        return [Pat(self.cls, self.ops, self.src, value=self.value, name=self.name, where=self.where),
-                swapped]
+        return [Pat(self.cls, self.ops, src, value=self.value, name=self.name, where=self.where)
+                for src in (self.src, self.src[::-1])]
 
     def __repr__(self) -> str:
         head = self.cls.__name__ if self.cls is not Node else "_"
@@ -84,30 +83,55 @@ class Pat:
         return f"{self.name}={text}" if self.name and text != "_" else (self.name or text)
 
 
-def _match(p: Pat, node: Node, env: dict, checks: list) -> bool:
-    """Shape and bindings of ``p`` against ``node``; predicates go to ``checks``."""
-    if not isinstance(node, p.cls):
-        return False
-    if p.ops is not None and getattr(node, p.attr) not in p.ops:
-        return False
-    if p.value is not _ANY and node.value != p.value:
-        return False
-    if p.name is not None:
-        bound = env.get(p.name)
-        if bound is None:
-            env[p.name] = node
-        elif bound is not node and bound != node:
-            return False
-    if p.where is not None:
-        checks.append((p.where, node))
-    if p.src is not None:
-        kids = node.children()
-        if len(kids) != len(p.src):
-            return False
-        for sp, kid in zip(p.src, kids):
-            if not _match(sp, kid, env, checks):
-                return False
-    return True
+_FIELDS = {Binary: ("lhs", "rhs"), Unary: ("operand",)}
+
+
+def _compile(pat: Pat, root_known: bool):
+    """``pat`` as one straight-line function ``node -> bindings | None`` (as tinygrad
+    compiles its UPats): first the shape (classes, ops, values, arity), then the equality of
+    names bound twice, then the predicates, each in pre-order. ``root_known``: the caller
+    has checked the root's class and op already (rules are looked up by them)."""
+    consts: dict = {}
+    shape: list[str] = []
+    equal: list[str] = []
+    preds: list[str] = []
+    bound: dict[str, str] = {}
+
+    def const(value) -> str:
+        consts[f"k{len(consts)}"] = value
+        return f"k{len(consts) - 1}"
+
+    def walk(p: Pat, var: str, checked: bool) -> None:
+        if not checked and p.cls is not Node:
+            shape.append(f"if not isinstance({var}, {const(p.cls)}): return None")
+        if not checked and p.ops is not None:
+            shape.append(f"if {var}.{p.attr} not in {const(p.ops)}: return None")
+        if p.value is not _ANY:
+            shape.append(f"if {var}.value != {const(p.value)}: return None")
+        if p.name in bound:
+            equal.append(f"if {var} is not {bound[p.name]} and {var} != {bound[p.name]}: return None")
+        elif p.name is not None:
+            bound[p.name] = var
+        if p.where is not None:
+            preds.append(f"if not {const(p.where)}({var}): return None")
+        if p.src is None:
+            return
+        if p.cls in _FIELDS and len(p.src) == len(_FIELDS[p.cls]):
+            kids = [f"{var}.{f}" for f in _FIELDS[p.cls]]
+        else:
+            shape.append(f"{var}_k = {var}.children()")
+            shape.append(f"if len({var}_k) != {len(p.src)}: return None")
+            kids = [f"{var}_k[{i}]" for i in range(len(p.src))]
+        for i, (sp, kid) in enumerate(zip(p.src, kids)):
+            shape.append(f"{var}_{i} = {kid}")
+            walk(sp, f"{var}_{i}", False)
+
+    walk(pat, "n", root_known)
+    result = ", ".join(f"{name!r}: {var}" for name, var in bound.items())
+    body = shape + equal + preds + [f"return {{{result}}}"]
+    namespace = dict(consts)
+    exec("def match(n):\n" + "".join(f"    {line}\n" for line in body), namespace)
+    return namespace["match"]
 
 
 def V(name: str, where=None) -> Pat:
@@ -517,7 +541,8 @@ def _keep_strongest(parts: list[Node], redundant) -> list[int]:
 
 # ---- rule sets -------------------------------------------------------------------------------
 # Every rule returns a strictly smaller tree (fewer nodes) than the one it matched: this is
-# what makes ``simplify`` terminate (see there). A new rule must keep to that.
+# what makes ``simplify`` terminate (see there). A new rule must keep to that;
+# tests/test_rewrite.py (test_every_rule_shrinks_the_tree) checks it on generated sources.
 
 FOLD = [
     (V("node"), fold_constant),  # op(literals) -> literal
@@ -591,26 +616,17 @@ RULE_SETS: dict[str, list] = {
 
 # ---- the rewriter ----------------------------------------------------------------------------
 
-def _node_key(node: Node) -> str | None:
-    """What rules are looked up by: a Binary's op, a Call's function, "u-"/"u~" for a Unary."""
-    if isinstance(node, Binary):
-        return node.op
-    if isinstance(node, Call):
-        return node.fn
-    if isinstance(node, Unary):
-        return "u" + node.op
-    return None
-
-
 @lru_cache(maxsize=None)
 def _rules_by_key(names: tuple[str, ...]) -> tuple[dict, list]:
     """({node key: rules that may fire on it, in table order}, the rules for any other key).
-    A rule is ``(pattern, rhs, label)``, the label naming it for errors."""
-    ordered = [(p, rhs, f"rule {i} of rule set {name!r}, {pat!r}")
+    A rule is ``(match, rhs, label)``: its pattern compiled (the root's class and op are
+    the key's), and a label naming it for errors."""
+    ordered = [(p.keys(), _compile(p, root_known=p.keys() is not None), rhs,
+                f"RULE_SETS[{name!r}][{i}], {pat!r}")
                for name in names for i, (pat, rhs) in enumerate(RULE_SETS[name]) for p in pat.variants()]
-    keys = {k for p, _, _ in ordered for k in p.keys() or ()}
-    by_key = {k: [r for r in ordered if r[0].keys() is None or k in r[0].keys()] for k in keys}
-    return by_key, [r for r in ordered if r[0].keys() is None]
+    keys = {k for r in ordered for k in r[0] or ()}
+    by_key = {k: [r[1:] for r in ordered if r[0] is None or k in r[0]] for k in keys}
+    return by_key, [r[1:] for r in ordered if r[0] is None]
 
 
 def _rebuild(node: Node, children: list[Node]) -> Node:
@@ -653,45 +669,55 @@ class _Run:
         # ``memo`` maps ``id(node)`` to (node, normal form), so unchanged subtrees are never
         # rewritten twice (nodes are immutable; holding the node keeps its id unique).
         self.memo: dict[int, tuple[Node, Node]] = {}
-        self.rewrites, self.limit = 0, 64  # see ``_over_limit``
+        # Past ``limit`` rewrites, ``_over_limit`` counts the nodes (rarely worth it before).
+        self.rewrites, self.limit = 0, 10_000
 
     def normal_form(self, root: Node) -> Node:
         """Rewrite the children, then the first rule that applies here, then the result again:
         post-order with an explicit stack. A frame ``(node, None)`` asks for ``node``'s normal
-        form; ``(node, out)`` waits for that of ``out``, which a rule rewrote ``node`` to."""
+        form; ``(node, out)`` waits for that of ``out``, which a rule rewrote ``node`` to.
+        Leaves are their own normal forms (no rule applies to a leaf)."""
         memo = self.memo
         stack: list[tuple[Node, Node | None]] = [(root, None)]
         while stack:
             node, out = stack[-1]
             if out is not None:
-                stack.pop()
                 result = memo[id(out)][1]
-                memo[id(node)] = (node, result)
-                memo[id(result)] = (result, result)
-                continue
-            hit = memo.get(id(node))
-            if hit is not None and hit[0] is node:
-                stack.pop()
-                continue
-            kids = node.children()
-            result = node
-            if kids:
-                todo = []
-                for k in reversed(kids):
-                    hit = memo.get(id(k))
-                    if hit is None or hit[0] is not k:
-                        todo.append((k, None))
-                if todo:
-                    stack += todo
+            else:
+                hit = memo.get(id(node))
+                if hit is not None and hit[0] is node:  # a shared subtree, done meanwhile
+                    stack.pop()
                     continue
-                new = [memo[id(k)][1] for k in kids]
-                if any(a is not b for a, b in zip(new, kids)):
-                    result = _rebuild(node, new)
-                out = self.rewrite(result)
-                if out is not None:
-                    stack[-1] = (node, out)
-                    stack.append((out, None))
-                    continue
+                kids = node.children()
+                result = node
+                if kids:
+                    new, todo = [], []
+                    for k in kids:
+                        hit = memo.get(id(k))
+                        if hit is not None and hit[0] is k:
+                            new.append(hit[1])
+                        elif k.children():
+                            todo.append((k, None))
+                        else:
+                            new.append(k)
+                    if todo:
+                        stack += reversed(todo)
+                        continue
+                    for a, b in zip(new, kids):
+                        if a is not b:
+                            result = _rebuild(node, new)
+                            break
+                    out = self.rewrite(result)
+                    if out is not None:
+                        hit = memo.get(id(out))
+                        if hit is not None and hit[0] is out:
+                            result = hit[1]
+                        elif not out.children():
+                            result = out
+                        else:
+                            stack[-1] = (node, out)
+                            stack.append((out, None))
+                            continue
             stack.pop()
             memo[id(node)] = (node, result)
             memo[id(result)] = (result, result)
@@ -699,9 +725,16 @@ class _Run:
 
     def rewrite(self, node: Node) -> Node | None:
         """What the first rule that applies makes of ``node`` (its children in normal form)."""
-        key = _node_key(node)
-        for pat, rhs, label in self.by_key.get(key, self.any_key) if key is not None else ():
-            env = pat.match(node)
+        if isinstance(node, Binary):
+            rules = self.by_key.get(node.op, self.any_key)
+        elif isinstance(node, Call):
+            rules = self.by_key.get(node.fn, self.any_key)
+        elif isinstance(node, Unary):
+            rules = self.by_key.get("u" + node.op, self.any_key)
+        else:
+            return None
+        for match, rhs, label in rules:
+            env = match(node)
             if env is None:
                 continue
             out = rhs(**env)
@@ -714,8 +747,8 @@ class _Run:
 
     def _over_limit(self, label: str) -> int:
         """Each rule shrinks the tree, so there are fewer rewrites than nodes in the input
-        (counted as a tree). Past the cheap first limit: that bound, or an error when the
-        rewrites went past it (a rule that does not shrink, rules undoing each other)."""
+        (counted as a tree): that bound as the new limit, or an internal error when the
+        rewrites went past it (a rule that does not shrink: rules undoing each other, ...)."""
         bound = _tree_size(self.root)
         if self.rewrites > bound:
             raise RuntimeError(
@@ -728,11 +761,12 @@ class _Run:
 def simplify(node: Node, rule_sets=None) -> Node:
     """Run the named rule sets (all by default) to a fixpoint.
 
-    Terminates: every rule returns a smaller tree than it matched, so rewriting ``node``
-    takes fewer rewrites than it has nodes (counted as a tree); ``_Run`` checks that bound
-    and raises an internal error past it, never returning a result short of the fixpoint.
-    One pass already reaches the fixpoint (each result is rewritten again until no rule
-    applies); the loop makes sure of it (a second pass finds everything in the memo).
+    Terminates, with no limit on passes: every rule returns a smaller tree than it matched,
+    so each rewrite takes at least one node off the whole tree, and there are fewer rewrites
+    than ``node`` has nodes (counted as a tree). ``_Run`` still checks that bound and raises
+    an internal error past it (a rule that broke the promise), so a result is never short of
+    the fixpoint. One pass already reaches it (each result is rewritten again until no rule
+    applies); the loop makes sure (a second pass finds everything in the memo).
     """
     names = tuple(RULE_SETS) if rule_sets is None else tuple(rule_sets)
     run = _Run(node, names)

@@ -84,7 +84,7 @@ def test_block_sizes_validation():
 @pytest.mark.parametrize("case, match", [
     (dict(H=256), "head dims"),
     (dict(H=32), "head dims"),
-    (dict(dtype=jnp.float32), "bfloat16, float16 \(one dtype"),
+    (dict(dtype=jnp.float32), r"bfloat16, float16 \(one dtype"),
     (dict(mod="causal + relpos(t, 4)", tensors={"t": np.zeros((9,), np.float32)}), "computed positions"),
     (dict(mod="score ** 2 & causal"), "no lowering"),
     (dict(mod="floor(score) & causal"), "no lowering"),

@@ -182,3 +182,87 @@ def test_simplify_is_fast_enough_for_the_compile_path():
     for _ in range(20):
         simplify(node)
     assert (time.perf_counter() - start) / 20 < 0.05
+
+
+# ---- the matcher and the rewriter ---------------------------------------------------------------
+
+def test_patterns_match_shape_bind_names_and_check_predicates():
+    from scoremod.compiler.rewrite import ANY, FALSE, ONE, Bin, Fn, Pat, V, X, Y
+    from scoremod.dsl.ast import IntLit
+    from scoremod.dsl.definitions import expand
+    expr = expand(parse_source("(q + 1) - (q + 1) < where(kv > 0, kv, 1)"))
+    diff, call = expr.lhs, expr.rhs
+    assert Bin("<", name="n").match(expr) == {"n": expr}
+    assert Bin(("<=", "<"), ANY, Fn("where")).match(expr) == {}
+    assert Bin("<", ANY, Fn("min")).match(expr) is None
+    assert Bin("-", X, X).match(diff) == {"x": diff.lhs}  # a name bound twice: equal nodes
+    assert Bin("-", X, X).match(diff.lhs) is None
+    assert Bin("+", X, ONE).match(diff.lhs) == {"x": diff.lhs.lhs}
+    assert Bin("+", X, Pat(IntLit, value=2)).match(diff.lhs) is None
+    assert Bin("+", V("x", lambda n: n.name == "kv"), ANY).match(diff.lhs) is None  # predicates
+    assert Fn("where", ANY, X, Y).match(call) == {"x": call.args[1], "y": call.args[2]}
+    assert Fn("where", ANY, X).match(call) is None  # arity
+    node = expand(parse_source("false & causal"))
+    assert [p.match(node) for p in Bin("&", ANY, FALSE, commute=True).variants()] == [None, {}]
+
+
+def _subtrees(node):
+    out, stack = [], [node]
+    while stack:
+        n = stack.pop()
+        out.append(n)
+        stack.extend(n.children())
+    return out
+
+
+@settings(max_examples=60)
+@given(st.one_of(sources().map(lambda s: s.text), bound_chains()))
+def test_every_rule_shrinks_the_tree(text):
+    """What makes simplify terminate (see there): a rule returns fewer nodes than it matched."""
+    from scoremod.compiler.rewrite import _tree_size
+    expr = scoremod.compile(text).expr
+    nodes = _subtrees(expr) + [n for name in RULE_SETS for n in _subtrees(simplify(expr, [name]))]
+    for name, rules in RULE_SETS.items():
+        for i, (pattern, rhs) in enumerate(rules):
+            for variant in pattern.variants():
+                for node in nodes:
+                    env = variant.match(node)
+                    out = None if env is None else rhs(**env)
+                    if out is not None and out != node:
+                        assert _tree_size(out) < _tree_size(node), f"{name}[{i}]: {node} -> {out}"
+
+
+def test_rules_that_never_settle_are_an_internal_error(monkeypatch):
+    from scoremod.compiler import rewrite
+    from scoremod.compiler.rewrite import Bin, X, Y
+    from scoremod.dsl.ast import Binary
+    monkeypatch.setitem(RULE_SETS, "swap", [
+        (Bin("+", X, Y, name="n"), lambda n, x, y: Binary("+", y, x, span=n.span)),  # x + y -> y + x
+    ])
+    try:
+        message = r"internal error: rule sets \['swap'\].*RULE_SETS\['swap'\]\[0\]"
+        with pytest.raises(RuntimeError, match=message):
+            simplify(parse_source("q + kv > 0").expr, ["swap"])
+    finally:
+        rewrite._rules_by_key.cache_clear()
+
+
+def test_deep_expressions_need_no_recursion_limit():
+    """The rewriter keeps its own stack: ~1000 levels simplify under a small recursion limit."""
+    import sys
+    from scoremod.dsl.definitions import expand
+    cases = {
+        "(" * 990 + "q" + " + 1)" * 990 + " >= kv": "q + 990 >= kv",
+        "-" * 990 + "q < kv": "q < kv",
+        "~" * 991 + "(q < kv)": "q >= kv",
+        " & ".join(["causal"] * 990): "q >= kv",
+    }
+    old = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(old, 20_000))  # expansion (dsl/definitions.py) recurses
+    try:
+        exprs = [expand(parse_source(text)) for text in cases]
+        sys.setrecursionlimit(len(inspect.stack()) + 100)
+        out = [simplify(expr) for expr in exprs]
+    finally:
+        sys.setrecursionlimit(old)
+    assert [str(o) for o in out] == list(cases.values())
