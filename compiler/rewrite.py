@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import operator
 from functools import lru_cache
+from typing import Callable
 
 from scoremod.dsl.ast import Binary, BoolLit, Call, IntLit, Node, RealLit, Tensor, Unary, Var, COMPARE_OPS
 from scoremod.dsl.printer import to_source
@@ -486,16 +487,20 @@ def merge_conjunction(n: Binary) -> Node | None:
     parts, absorbed disjunctions (``a & (a | b)``); ``a & ~a`` or disjoint bounds -> false."""
     parts = _bool_chain(n, ("&", "+"))
     facts = [_facts(p) for p in parts]
+    # Rules run bottom-up: a side that is itself an '&' node is a chain this rule already
+    # left alone (no two of its parts interact), so only pairs across the sides need
+    # checking. A chain of n parts then costs O(n^2) in all, not O(n^3).
+    others = _chain_sides(n, parts, ("&",))
     contradiction = any(p == BoolLit(False) for p in parts) or any(
-        _is_not(a, b) or _disjoint(facts[i][0], facts[j][0])
-        for i, a in enumerate(parts) for j, b in enumerate(parts[i + 1:], i + 1))
+        _is_not(parts[i], parts[j]) or _disjoint(facts[i][0], facts[j][0])
+        for i in range(len(parts)) for j in others(i) if j > i)
     if contradiction:
         return BoolLit(False, span=n.span) if _bool_typed(n) else None
 
     def redundant(i, j):  # part i adds nothing to part j
         a, b = parts[i], parts[j]
         return _implies(facts[j], facts[i]) or (_isop(a, "|") and b in _bool_chain(a, ("|",)))
-    kept = _keep_strongest(parts, redundant)
+    kept = _keep_strongest(parts, redundant, others)
     if len(kept) == len(parts) or not _bool_typed(n):
         return None
     return _chain("&", kept, n.span)
@@ -506,26 +511,49 @@ def merge_disjunction(n: Binary) -> Node | None:
     absorbed conjunctions (``a | (a & b)``); ``a | ~a`` or bounds covering everything -> true."""
     parts = _bool_chain(n, ("|",))
     facts = [_facts(p) for p in parts]
-    if any(_is_not(a, b) or _cover(facts[i][0], facts[j][0])
-           for i, a in enumerate(parts) for j, b in enumerate(parts[i + 1:], i + 1)):
+    others = _chain_sides(n, parts, ("|",))
+    if any(_is_not(parts[i], parts[j]) or _cover(facts[i][0], facts[j][0])
+           for i in range(len(parts)) for j in others(i) if j > i):
         return BoolLit(True, span=n.span)
 
     def redundant(i, j):  # part i adds nothing to part j
         a, b = parts[i], parts[j]
         return _implies(facts[i], facts[j]) or (
             isinstance(a, Binary) and a.op in ("&", "+") and b in _bool_chain(a, ("&", "+")))
-    kept = _keep_strongest(parts, redundant)
+    kept = _keep_strongest(parts, redundant, others)
     if len(kept) == len(parts):
         return None
     return _chain("|", kept, n.span)
 
 
-def _keep_strongest(parts: list[Node], redundant) -> list[int]:
+def _chain_sides(n: Binary, parts: list[Node], ops) -> "Callable[[int], range | list[int]]":
+    """``others(i)``: the parts of the chain under ``n`` that part i still needs comparing
+    with. Two parts that both come from a side of ``n`` that is itself an ``ops`` node were
+    compared when that side was rewritten (rules run bottom-up), and nothing was left to
+    merge, so only pairs across the sides (and within a side that is no such node) remain."""
+    total = len(parts)
+    n_left = len(_bool_chain(n.lhs, ("&", "+") if "&" in ops else ops))
+    left = range(0, n_left)
+    right = range(n_left, total)
+    everything = range(total)
+    left_done = isinstance(n.lhs, Binary) and n.lhs.op in ops
+    right_done = isinstance(n.rhs, Binary) and n.rhs.op in ops
+
+    def others(i: int):
+        if i < n_left:
+            return right if left_done else everything
+        return left if right_done else everything
+    return others
+
+
+def _keep_strongest(parts: list[Node], redundant, others=None) -> list[int]:
     """Drop each part made redundant by another kept part (``redundant(i, j)``: part i adds
-    nothing to part j); of equal or equivalent parts the first stays."""
+    nothing to part j); of equal or equivalent parts the first stays. ``others(i)``: the
+    parts part i needs comparing with (default: all; see ``_chain_sides``)."""
     dropped = [False] * len(parts)
     for i, a in enumerate(parts):
-        for j, b in enumerate(parts):
+        for j in (others(i) if others is not None else range(len(parts))):
+            b = parts[j]
             if i == j or dropped[j]:
                 continue
             if a == b:
