@@ -266,3 +266,12 @@ def test_deep_expressions_need_no_recursion_limit():
     finally:
         sys.setrecursionlimit(old)
     assert [str(o) for o in out] == list(cases.values())
+
+
+@pytest.mark.parametrize("source", ["(-1) ** 0.5 + score", "q - 2147483647 - 1 < kv", "1e38 * 10 + score",
+                                    "2.0 ** 200 + score", "kv + 2147483647 + 1 > q"])
+def test_folding_never_makes_a_literal_the_language_cannot_write(source):
+    # A complex number, an int past int32 or a real past float32 stays unfolded, so the
+    # canonical form still reads back (they were a TypeError, or a form that did not parse).
+    mod = scoremod.compile(source)
+    assert scoremod.compile(str(mod)) == mod
