@@ -187,14 +187,15 @@ class _Build(Transformer):
 
     def _doc_above(self, pos: int) -> str:
         """The '#' comment lines directly above the line at ``pos``."""
-        line_start = self.text.rfind("\n", 0, pos) + 1
-        lines = self.text[:line_start].split("\n")[:-1]
+        end = self.text.rfind("\n", 0, pos)    # the newline before the definition's line
         doc = []
-        for line in reversed(lines):
-            stripped = line.strip()
+        while end >= 0:   # walk up one line at a time (splitting the whole prefix was quadratic)
+            start = self.text.rfind("\n", 0, end) + 1
+            stripped = self.text[start:end].strip()
             if not stripped.startswith("#"):
                 break
             doc.append(stripped.lstrip("#").strip())
+            end = start - 1
         return " ".join(reversed(doc))
 
     def source(self, children):
