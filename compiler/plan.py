@@ -44,7 +44,7 @@ from scoremod.compiler.rewrite import simplify
 from scoremod.compiler.tensors import check_missing_tensors, check_tensors, mask_of
 
 __all__ = [
-    "BlockPlan", "EMPTY", "PARTIAL", "FULL", "build_plan", "plan_from_classes", "plan_grid_shape",
+    "BlockPlan", "EMPTY", "PARTIAL", "FULL", "build_plan", "compact_rows", "plan_from_classes", "plan_grid_shape",
     "validate_plan_sizes", "check_tensors", "MAX_GRID_CELLS", "TRACE_COUNTS",
 ]
 
@@ -193,24 +193,42 @@ def _compact_numpy(classes: np.ndarray):
     return counts, indices, full
 
 
-def _compact_jax(classes):
-    """Same as ``_compact_numpy`` with jax.numpy: cumsum + one scatter, no loops, jittable."""
-    lead, m = classes.shape[:-1], classes.shape[-1]
-    flat = classes.reshape(-1, m)
+def compact_rows(selected):
+    """The one way a row of blocks becomes a list: ``(counts int32[...], positions int32[..., m])``
+    of a bool ``selected [..., m]``: each row's selected positions first, in increasing
+    order; entries past the count repeat the last selected position (0 when none).
+
+    NumPy in, NumPy out (a stable sort: static plans, built once); jax in, jax out (a
+    cumsum and one scatter: jittable, no sort on the device). Plans, the split of a plan
+    into FULL and PARTIAL lists, and the xla path's visit lists all use it.
+    """
+    if isinstance(selected, np.ndarray):
+        counts = selected.sum(axis=-1, dtype=np.int32)
+        order = np.argsort(~selected, axis=-1, kind="stable").astype(np.int32)
+        last = np.take_along_axis(order, np.maximum(counts - 1, 0)[..., None], axis=-1)
+        listed = np.arange(selected.shape[-1]) < counts[..., None]
+        return counts, np.where(listed, order, np.where(counts[..., None] > 0, last, 0)).astype(np.int32)
+    lead, m = selected.shape[:-1], selected.shape[-1]
+    flat = selected.reshape(-1, m)
     rows = flat.shape[0]
-    nonempty = flat != EMPTY
-    pos = jnp.cumsum(nonempty, axis=1, dtype=jnp.int32)
-    count = pos[:, -1]
+    pos = jnp.cumsum(flat, axis=1, dtype=jnp.int32)
+    count = pos[:, -1] if m else jnp.zeros((rows,), jnp.int32)
     cols = jnp.arange(m, dtype=jnp.int32)
     slot = jnp.arange(rows, dtype=jnp.int32)[:, None] * m + pos - 1
-    slot = jnp.where(nonempty, slot, rows * m)  # out of range: dropped
+    slot = jnp.where(flat, slot, rows * m)  # out of range: dropped
     out = jnp.zeros(rows * m, jnp.int32).at[slot.reshape(-1)].set(
         jnp.broadcast_to(cols, (rows, m)).reshape(-1), mode="drop").reshape(rows, m)
     last = jnp.take_along_axis(out, jnp.maximum(count - 1, 0)[:, None], axis=1)
-    listed = cols[None, :] < count[:, None]
-    out = jnp.where(listed, out, last)
-    is_full = jnp.take_along_axis(flat == FULL, out, axis=1) & listed
-    return count.reshape(lead), out.reshape(classes.shape), is_full.astype(jnp.int8).reshape(classes.shape)
+    out = jnp.where(cols[None, :] < count[:, None], out, last)
+    return count.reshape(lead), out.reshape(selected.shape)
+
+
+def _compact_jax(classes):
+    """Same as ``_compact_numpy`` with jax.numpy (``compact_rows``): jittable."""
+    count, out = compact_rows(classes != EMPTY)
+    listed = jnp.arange(classes.shape[-1], dtype=jnp.int32) < count[..., None]
+    is_full = jnp.take_along_axis(classes == FULL, out, axis=-1) & listed
+    return count, out, is_full.astype(jnp.int8)
 
 
 def plan_from_classes(classes, *, q_len: int, kv_len: int, block_q: int, block_kv: int) -> BlockPlan:

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scoremod.compiler.plan import build_plan
+from scoremod.compiler.plan import build_plan, compact_rows
 from scoremod.compiler.tile import TileProgram
 from scoremod.errors import ScoreModShapeError
 from scoremod.runtime._dispatch import FLOAT_DTYPES, as_mod, kernel_input_reason
@@ -274,11 +274,8 @@ def split_lists(counts, indices, full, *, entry_edge=None, row_edge=None):
     is_part = listed & ~is_full
 
     def compact(sel):
-        key = (~sel).astype(np.int8)
-        order = (np.argsort(key, axis=-1, kind="stable") if xp is np
-                 else jnp.argsort(key, axis=-1, stable=True))
-        return (sel.sum(-1).astype(np.int32),
-                xp.take_along_axis(indices, order, axis=-1).astype(np.int32))
+        counts, positions = compact_rows(sel)
+        return counts, xp.take_along_axis(indices, positions, axis=-1).astype(np.int32)
 
     return (*compact(is_full), *compact(is_part))
 

@@ -29,7 +29,7 @@ from jax import lax
 
 from scoremod.compiler.mod import Mod
 from scoremod.errors import ScoreModShapeError
-from scoremod.compiler.plan import EMPTY, build_plan
+from scoremod.compiler.plan import EMPTY, build_plan, compact_rows
 
 __all__ = ["xla_attention", "XlaBlockSizes"]
 
@@ -129,11 +129,7 @@ def _visit_lists(cfg: _Config, tensors, q_off, kv_off, batch: int, heads: int):
 
 
 def _lists(nonempty):
-    if isinstance(nonempty, np.ndarray):
-        return (nonempty.sum(axis=1).astype(np.int32),
-                np.argsort(~nonempty, axis=1, kind="stable").astype(np.int32))
-    return (nonempty.sum(axis=1).astype(jnp.int32),
-            jnp.argsort(~nonempty, axis=1, stable=True).astype(jnp.int32))
+    return compact_rows(nonempty)
 
 
 def _nonempty_tiles(cfg: _Config, tensors, q_off, kv_off, batch: int, heads: int):

@@ -256,3 +256,19 @@ def test_check_tensors_under_jit_checks_shapes_only():
     f(jnp.zeros(32, jnp.int32), jnp.int32(100))  # traced offset: lengths checked against T only
     with pytest.raises(ScoreModTensorError, match="too short"):
         f(jnp.zeros(16, jnp.int32), jnp.int32(0))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.lists(st.booleans(), min_size=1, max_size=9), min_size=1, max_size=6).filter(
+    lambda rows: len({len(r) for r in rows}) == 1))
+def test_compact_rows_numpy_and_jax_match_a_loop(rows):
+    from scoremod.compiler.plan import compact_rows
+    selected = np.array(rows, bool)
+    want_counts, want = [], []
+    for row in selected:
+        listed = [i for i, s in enumerate(row) if s]
+        want_counts.append(len(listed))
+        want.append(listed + [listed[-1] if listed else 0] * (len(row) - len(listed)))
+    for got_counts, got in (compact_rows(selected), compact_rows(jnp.asarray(selected))):
+        np.testing.assert_array_equal(np.asarray(got_counts), want_counts)
+        np.testing.assert_array_equal(np.asarray(got), want)
