@@ -24,7 +24,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from scoremod.compiler.tile import TileProgram
-from scoremod.runtime._triton import pltriton
+from scoremod.runtime._triton import MIN_TILE, pltriton
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
@@ -100,7 +100,7 @@ class KernelConfig:
 
     @property
     def head_dim_padded(self) -> int:
-        return max(16, pl.next_power_of_2(self.head_dim))
+        return max(MIN_TILE, pl.next_power_of_2(self.head_dim))
 
     @property
     def base2(self) -> bool:

@@ -17,7 +17,10 @@ try:  # jax 0.10.2 and 0.11.2 both have it
 except ImportError:  # pragma: no cover - very old or stripped jax
     pltriton = None
 
-__all__ = ["pltriton", "compiler_params"]
+__all__ = ["pltriton", "compiler_params", "MIN_TILE"]
+
+# The smallest side of a tile Triton's dot takes (rows, columns, head dim).
+MIN_TILE = 16
 
 warnings.filterwarnings("ignore", message=".*Pallas Triton backend is deprecated.*")
 

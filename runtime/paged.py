@@ -50,6 +50,7 @@ from scoremod.runtime._dispatch import (as_mod, as_tensor, check_float_arrays, c
                                         implementation_names, int32_range_error, resolve_scale, run_first)
 from scoremod.compiler.tile import TileProgram
 from scoremod.runtime import _paged_kernel as _k
+from scoremod.runtime._triton import MIN_TILE
 
 __all__ = ["paged_attention", "paged_attention_reference", "PagedBlockSizes", "PAGED_IMPLEMENTATIONS"]
 
@@ -259,8 +260,8 @@ def _check_kernel_support(mod: Mod, q, k_pages, tensors):
         raise NotImplementedError(why)
     head_dim = q.shape[-1]
     page_size = k_pages.shape[1]
-    if not _k.is_power_of_2(head_dim) or head_dim < 16:
-        raise NotImplementedError(f"the paged kernel needs a power-of-2 head dim >= 16; got H={head_dim}")
+    if not _k.is_power_of_2(head_dim) or head_dim < MIN_TILE:
+        raise NotImplementedError(f"the paged kernel needs a power-of-2 head dim >= {MIN_TILE}; got H={head_dim}")
     if not _k.is_power_of_2(page_size):
         raise NotImplementedError(f"the paged kernel needs a power-of-2 page size; got page_size={page_size}")
 
@@ -390,7 +391,7 @@ def _paged_pallas(q, k_pages, v_pages, block_tables, lengths, tensors, *, mod, s
                                            heads=N, num_pool_pages=P, multiple_of=pages_per_step)
     max_chunks = logical.shape[1] // pages_per_step
     num_splits = _num_splits(block_sizes, B * K, max_chunks)
-    rows = max(16, _k.next_power_of_2(T * G))
+    rows = max(MIN_TILE, _k.next_power_of_2(T * G))
 
     q_rows = q.reshape(B, T, K, G, H).transpose(0, 2, 1, 3, 4).reshape(B, K, T * G, H)
     q_rows = jnp.pad(q_rows, ((0, 0), (0, 0), (0, rows - T * G), (0, 0)))

@@ -31,7 +31,7 @@ from scoremod.compiler.tile import TileProgram
 from scoremod.errors import ScoreModShapeError
 from scoremod.runtime._dispatch import FLOAT_DTYPES, as_mod, kernel_input_reason
 from scoremod.runtime._pallas_common import KernelConfig
-from scoremod.runtime._triton import pltriton
+from scoremod.runtime._triton import MIN_TILE, pltriton
 from scoremod.runtime._pallas_forward import forward as _forward
 from scoremod.runtime._pallas_backward import backward_dkv as _backward_dkv
 from scoremod.runtime._pallas_backward import backward_dq as _backward_dq
@@ -95,16 +95,16 @@ class PallasBlockSizes:
             bs = cls(block_q=64, block_kv=32, num_warps=4, num_stages=2, block_q_dq=32, block_kv_dq=32,
                      block_q_dkv=32, block_kv_dkv=32, num_warps_bwd=4, num_stages_bwd=1)
         if jnp.dtype(dtype) == jnp.float32:
-            bs = dataclasses.replace(bs, block_kv=max(16, bs.block_kv // 2),
-                                     block_kv_dq=max(16, bs.block_kv_dq // 2),
-                                     block_q_dkv=max(16, bs.block_q_dkv // 2))
+            bs = dataclasses.replace(bs, block_kv=max(MIN_TILE, bs.block_kv // 2),
+                                     block_kv_dq=max(MIN_TILE, bs.block_kv_dq // 2),
+                                     block_q_dkv=max(MIN_TILE, bs.block_q_dkv // 2))
         return bs
 
 
 def _clamp(block: int, length: int) -> int:
-    if block < 16 or block & (block - 1):
-        raise ScoreModShapeError(f"block sizes must be powers of two >= 16, got {block}")
-    return max(16, min(block, 1 << max(0, (length - 1).bit_length())))
+    if block < MIN_TILE or block & (block - 1):
+        raise ScoreModShapeError(f"block sizes must be powers of two >= {MIN_TILE}, got {block}")
+    return max(MIN_TILE, min(block, 1 << max(0, (length - 1).bit_length())))
 
 
 def _resolve_interpret(interpret):
