@@ -50,7 +50,7 @@ def _dq_kernel(qoff_ref, kvoff_ref, fcount_ref, fidx_ref, pcount_ref, pidx_ref, 
                v_ref, do_ref, lse_ref, delta_ref, *refs, cfg: KernelConfig, read_set: ReadSet):
     read_refs = refs[:read_set.n]
     (dq_ref,) = refs[read_set.n:]
-    bq, bkv = cfg.block_q_dq, cfg.block_kv_dq
+    bq, bkv = cfg.blocks.block_q_dq, cfg.blocks.block_kv_dq
     hp = cfg.head_dim_padded
 
     i = pl.num_programs(0) - 1 - pl.program_id(0)   # heaviest (last) q-blocks first
@@ -95,7 +95,7 @@ def _dq_kernel(qoff_ref, kvoff_ref, fcount_ref, fidx_ref, pcount_ref, pidx_ref, 
         return body
 
     dq = jnp.zeros((bq, hp), jnp.float32)
-    if cfg.bwd_one_loop:
+    if cfg.blocks.bwd_one_loop:
         dq = lax.fori_loop(0, fcount_ref[i], make_body(None), dq)
     else:
         dq = lax.fori_loop(0, fcount_ref[i], make_body(True), dq)
@@ -109,7 +109,7 @@ def backward_dq(cfg: KernelConfig, q, k, v, do, lse, delta, plan_arrays, reads, 
     B, T, N, H = q.shape
     G = cfg.groups
     hp = cfg.head_dim_padded
-    bq = cfg.block_q_dq
+    bq = cfg.blocks.block_q_dq
     nq = pl.cdiv(T, bq)
     read_set = ReadSet(cfg.program, cfg.read_shapes)
 
@@ -130,8 +130,8 @@ def backward_dq(cfg: KernelConfig, q, k, v, do, lse, delta, plan_arrays, reads, 
         in_specs=in_specs,
         out_specs=q_spec,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        compiler_params=None if cfg.interpret else compiler_params(cfg.num_warps_bwd,
-                                                                   cfg.num_stages_bwd),
+        compiler_params=None if cfg.interpret else compiler_params(cfg.blocks.num_warps_bwd,
+                                                                   cfg.blocks.num_stages_bwd),
         interpret=cfg.interpret,
         name="scoremod_flash_dq",
     )(q_off, kv_off, fcounts, findices, pcounts, pindices, q, k, v, do, lse, delta, *reads)
@@ -143,7 +143,7 @@ def _dkv_kernel(qoff_ref, kvoff_ref, fcount_ref, fidx_ref, pcount_ref, pidx_ref,
                 v_ref, do_ref, lse_ref, delta_ref, *refs, cfg: KernelConfig, read_set: ReadSet):
     read_refs = refs[:read_set.n]
     dk_ref, dv_ref = refs[read_set.n:]
-    bq, bkv = cfg.block_q_dkv, cfg.block_kv_dkv
+    bq, bkv = cfg.blocks.block_q_dkv, cfg.blocks.block_kv_dkv
     hp = cfg.head_dim_padded
 
     kb, b, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -191,7 +191,7 @@ def _dkv_kernel(qoff_ref, kvoff_ref, fcount_ref, fidx_ref, pcount_ref, pidx_ref,
         return body
 
     zeros = jnp.zeros((bkv, hp), jnp.float32)
-    if cfg.bwd_one_loop:
+    if cfg.blocks.bwd_one_loop:
         dk, dv = lax.fori_loop(0, fcount_ref[kb], make_body(None), (zeros, zeros))
     else:
         carry = lax.fori_loop(0, fcount_ref[kb], make_body(True), (zeros, zeros))
@@ -207,7 +207,7 @@ def backward_dkv(cfg: KernelConfig, q, k, v, do, lse, delta, plan_arrays, reads,
     S = k.shape[1]
     G = cfg.groups
     hp = cfg.head_dim_padded
-    bkv = cfg.block_kv_dkv
+    bkv = cfg.blocks.block_kv_dkv
     nk = pl.cdiv(S, bkv)
     read_set = ReadSet(cfg.program, cfg.read_shapes)
 
@@ -233,8 +233,8 @@ def backward_dkv(cfg: KernelConfig, q, k, v, do, lse, delta, plan_arrays, reads,
         in_specs=in_specs,
         out_specs=[out_spec, out_spec],
         out_shape=out_shape,
-        compiler_params=None if cfg.interpret else compiler_params(cfg.num_warps_bwd,
-                                                                   cfg.num_stages_bwd),
+        compiler_params=None if cfg.interpret else compiler_params(cfg.blocks.num_warps_bwd,
+                                                                   cfg.blocks.num_stages_bwd),
         interpret=cfg.interpret,
         name="scoremod_flash_dkv",
     )(q_off, kv_off, fcounts, findices, pcounts, pindices, q, k, v, do, lse, delta, *reads)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +24,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from scoremod.compiler.tile import TileProgram
+
+if TYPE_CHECKING:  # (pallas_attention imports this module)
+    from scoremod.runtime.pallas_attention import PallasBlockSizes
 from scoremod.runtime._triton import MIN_TILE, pltriton
 
 LOG2E = math.log2(math.e)
@@ -78,20 +81,7 @@ class KernelConfig:
     head_dim: int
     read_shapes: tuple            # 4-D shape of each materialized read
     interpret: bool
-    # forward
-    block_q: int
-    block_kv: int
-    num_warps: int
-    num_stages: int
-    # backward: dQ (q-major plan) and dK/dV (kv-major plan)
-    block_q_dq: int
-    block_kv_dq: int
-    block_q_dkv: int
-    block_kv_dkv: int
-    num_warps_bwd: int
-    num_stages_bwd: int
-    fwd_one_loop: bool = False
-    bwd_one_loop: bool = False
+    blocks: "PallasBlockSizes"    # the call's tiling, each block clamped to the sequence
     debug_counts: bool = False
 
     @property

@@ -30,7 +30,7 @@ def _forward_kernel(qoff_ref, kvoff_ref, fcount_ref, fidx_ref, pcount_ref, pidx_
     o_ref, lse_ref = refs[read_set.n:read_set.n + 2]
     debug_ref = refs[read_set.n + 2] if cfg.debug_counts else None
 
-    bq, bkv = cfg.block_q, cfg.block_kv
+    bq, bkv = cfg.blocks.block_q, cfg.blocks.block_kv
     hp = cfg.head_dim_padded
 
     i = pl.num_programs(0) - 1 - pl.program_id(0)   # heaviest (last) q-blocks first
@@ -90,7 +90,7 @@ def _forward_kernel(qoff_ref, kvoff_ref, fcount_ref, fidx_ref, pcount_ref, pidx_
 
     carry = (jnp.zeros((bq, hp), jnp.float32), jnp.full((bq,), -jnp.inf, jnp.float32),
              jnp.zeros((bq,), jnp.float32))
-    if cfg.fwd_one_loop:
+    if cfg.blocks.fwd_one_loop:
         n_full, n_part = fcount_ref[i], 0
         acc, m, l = lax.fori_loop(0, n_full, make_body(None), carry)
     else:
@@ -119,7 +119,7 @@ def forward(cfg: KernelConfig, q, k, v, plan_arrays, reads, q_off, kv_off):
     B, T, N, H = q.shape
     G = cfg.groups
     hp = cfg.head_dim_padded
-    nq = pl.cdiv(T, cfg.block_q)
+    nq = pl.cdiv(T, cfg.blocks.block_q)
     read_set = ReadSet(cfg.program, cfg.read_shapes)
 
     def grid_fn(i, b, h):
@@ -127,14 +127,14 @@ def forward(cfg: KernelConfig, q, k, v, plan_arrays, reads, q_off, kv_off):
 
     in_specs = [
         *offset_and_plan_specs(B, (fcounts, findices, pcounts, pindices), grid_fn),
-        pl.BlockSpec((None, cfg.block_q, None, hp), lambda i, b, h: (b, nq - 1 - i, h, 0)),
+        pl.BlockSpec((None, cfg.blocks.block_q, None, hp), lambda i, b, h: (b, nq - 1 - i, h, 0)),
         pl.BlockSpec((None, cfg.kv_len, None, hp), lambda i, b, h: (b, 0, h // G, 0)),
         pl.BlockSpec((None, cfg.kv_len, None, hp), lambda i, b, h: (b, 0, h // G, 0)),
     ] + [read_spec(s, grid_fn) for s in cfg.read_shapes]
     out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype),
                  jax.ShapeDtypeStruct((B, N, T), jnp.float32)]
-    out_specs = [pl.BlockSpec((None, cfg.block_q, None, hp), lambda i, b, h: (b, nq - 1 - i, h, 0)),
-                 pl.BlockSpec((None, None, cfg.block_q), lambda i, b, h: (b, h, nq - 1 - i))]
+    out_specs = [pl.BlockSpec((None, cfg.blocks.block_q, None, hp), lambda i, b, h: (b, nq - 1 - i, h, 0)),
+                 pl.BlockSpec((None, None, cfg.blocks.block_q), lambda i, b, h: (b, h, nq - 1 - i))]
     if cfg.debug_counts:
         out_shape.append(jax.ShapeDtypeStruct((B, N, nq, 2), jnp.int32))
         out_specs.append(pl.BlockSpec((None, None, None, 2), lambda i, b, h: (b, h, nq - 1 - i, 0)))
@@ -146,7 +146,7 @@ def forward(cfg: KernelConfig, q, k, v, plan_arrays, reads, q_off, kv_off):
         in_specs=in_specs,
         out_specs=out_specs,
         out_shape=out_shape,
-        compiler_params=None if cfg.interpret else compiler_params(cfg.num_warps, cfg.num_stages),
+        compiler_params=None if cfg.interpret else compiler_params(cfg.blocks.num_warps, cfg.blocks.num_stages),
         interpret=cfg.interpret,
         name="scoremod_flash_forward",
     )(q_off, kv_off, fcounts, findices, pcounts, pindices, q, k, v, *reads)

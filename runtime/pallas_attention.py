@@ -191,12 +191,11 @@ def prepare(mod, program: TileProgram, query, key, value, *, scale=None, q_offse
     cfg = KernelConfig(
         program=program, scale=scale, batch=B, q_len=T, kv_len=S, heads=N, kv_heads=K,
         head_dim=H, read_shapes=(), interpret=interpret,
-        block_q=_clamp(bs.block_q, T), block_kv=_clamp(bs.block_kv, S),
-        num_warps=bs.num_warps, num_stages=bs.num_stages,
-        block_q_dq=_clamp(bs.block_q_dq, T), block_kv_dq=_clamp(bs.block_kv_dq, S),
-        block_q_dkv=_clamp(bs.block_q_dkv, T), block_kv_dkv=_clamp(bs.block_kv_dkv, S),
-        num_warps_bwd=bs.num_warps_bwd, num_stages_bwd=bs.num_stages_bwd,
-        fwd_one_loop=bool(bs.fwd_one_loop), bwd_one_loop=bool(bs.bwd_one_loop),
+        blocks=dataclasses.replace(
+            bs, block_q=_clamp(bs.block_q, T), block_kv=_clamp(bs.block_kv, S),
+            block_q_dq=_clamp(bs.block_q_dq, T), block_kv_dq=_clamp(bs.block_kv_dq, S),
+            block_q_dkv=_clamp(bs.block_q_dkv, T), block_kv_dkv=_clamp(bs.block_kv_dkv, S),
+            fwd_one_loop=bool(bs.fwd_one_loop), bwd_one_loop=bool(bs.bwd_one_loop)),
         debug_counts=bool(debug_counts))
 
     q_off = jnp.broadcast_to(jnp.asarray(q_offset, jnp.int32), (B,))
@@ -215,19 +214,19 @@ def prepare(mod, program: TileProgram, query, key, value, *, scale=None, q_offse
                                          kv_offset=kv_offset, tensors=tensors)
         return plans[bq, bkv]
 
-    dqp = plan(cfg.block_q_dq, cfg.block_kv_dq)
-    dkvp = plan(cfg.block_q_dkv, cfg.block_kv_dkv)
+    dqp = plan(cfg.blocks.block_q_dq, cfg.blocks.block_kv_dq)
+    dkvp = plan(cfg.blocks.block_q_dkv, cfg.blocks.block_kv_dkv)
     aux = dict(
-        dq=(merged_list if cfg.bwd_one_loop else split_lists)(
-            dqp.kv_counts, dqp.kv_indices, dqp.kv_full, entry_edge=_edge(S, cfg.block_kv_dq)),
-        dkv=(merged_list if cfg.bwd_one_loop else split_lists)(
-            dkvp.q_counts, dkvp.q_indices, dkvp.q_full, entry_edge=_edge(T, cfg.block_q_dkv),
-            row_edge=_edge(S, cfg.block_kv_dkv)),
+        dq=(merged_list if cfg.blocks.bwd_one_loop else split_lists)(
+            dqp.kv_counts, dqp.kv_indices, dqp.kv_full, entry_edge=_edge(S, cfg.blocks.block_kv_dq)),
+        dkv=(merged_list if cfg.blocks.bwd_one_loop else split_lists)(
+            dkvp.q_counts, dkvp.q_indices, dkvp.q_full, entry_edge=_edge(T, cfg.blocks.block_q_dkv),
+            row_edge=_edge(S, cfg.blocks.block_kv_dkv)),
         reads=tuple(reads), q_off=q_off, kv_off=kv_off)
     if forward:
-        fp = plan(cfg.block_q, cfg.block_kv)
-        aux["fwd"] = (merged_list if cfg.fwd_one_loop else split_lists)(
-            fp.kv_counts, fp.kv_indices, fp.kv_full, entry_edge=_edge(S, cfg.block_kv))
+        fp = plan(cfg.blocks.block_q, cfg.blocks.block_kv)
+        aux["fwd"] = (merged_list if cfg.blocks.fwd_one_loop else split_lists)(
+            fp.kv_counts, fp.kv_indices, fp.kv_full, entry_edge=_edge(S, cfg.blocks.block_kv))
     return cfg, aux
 
 
