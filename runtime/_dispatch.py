@@ -14,6 +14,7 @@ import numpy as np
 
 from scoremod.errors import ScoreModError, ScoreModShapeError, ScoreModTensorError
 from scoremod.compiler.mod import Mod, compile_mod
+from scoremod.runtime.xla import XlaBlockSizes
 
 logger = logging.getLogger("scoremod")
 
@@ -221,8 +222,10 @@ def dispatch_summary(mod: Mod) -> str:
         plan = f"the block plan is built on device from {', '.join(canonical.tensors)} (new values never recompile)"
     else:
         plan = "the block plan is static (built once with NumPy at trace time, cached)"
-    text = (f"{kernels}; {plan}. Elsewhere (CPU, TPU): {' then '.join(ATTENTION_ELSEWHERE)}, "
-            "the chunked path, O(T x chunk) memory.")
+    chunk = XlaBlockSizes.get_default()
+    text = (f"{kernels}; {plan}. The grid below is drawn for the kernels' blocks. Elsewhere (CPU, TPU): "
+            f"{' then '.join(ATTENTION_ELSEWHERE)}, the chunked path in {chunk.block_q} x {chunk.block_kv} "
+            f"tiles (--block {chunk.block_q},{chunk.block_kv} draws those), O(T x chunk) memory.")
     if canonical.transform is None and canonical.bias is None and str(canonical.mask) in ("true", "q >= kv"):
         text += " cudnn can run it too (implementation='cudnn')."
     return text
