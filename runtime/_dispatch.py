@@ -68,6 +68,15 @@ def run_first(names: Sequence[str], runners: Mapping[str, Callable], *, what: st
             reasons.append((name, str(exc)))
             logger.info("scoremod.%s: %s cannot run %r: %s", what, name, str(mod), exc)
             continue
+        except TypeError as exc:
+            if "forward-mode autodiff" not in str(exc):
+                raise
+            # jax.jvp / jacfwd through a custom_vjp: a decline with the way out, not jax's trace.
+            why = ("forward-mode autodiff (jax.jvp, jax.jacfwd) does not pass through its custom_vjp "
+                   "gradient; implementation='reference' supports it")
+            reasons.append((name, why))
+            logger.info("scoremod.%s: %s cannot run %r: %s", what, name, str(mod), why)
+            continue
         logger.info("scoremod.%s: using %s for %r", what, name, str(mod))
         return result
     if len(reasons) == 1:

@@ -161,3 +161,13 @@ def test_a_table_read_at_a_score_dependent_index_falls_back_from_pallas(caplog):
     g = jax.grad(lambda q: scoremod.attention(q, KV, KV, mod=mod, t=table, implementation="xla").sum())(Q)
     g_ref = jax.grad(lambda q: scoremod.attention(q, KV, KV, mod=mod, t=table, implementation="reference").sum())(Q)
     np.testing.assert_allclose(g, g_ref, atol=1e-4)
+
+
+def test_forward_mode_autodiff_says_what_supports_it():
+    # jax.jvp through a custom_vjp path is a decline with the way out (was jax's TypeError),
+    # so a sequence falls through to an implementation that supports it.
+    with pytest.raises(NotImplementedError, match="implementation='reference' supports it"):
+        jax.jvp(lambda q: scoremod.attention(q, KV, KV, mod="causal", implementation="xla"), (Q,), (Q,))
+    out, tangent = jax.jvp(lambda q: scoremod.attention(q, KV, KV, mod="causal", implementation=("xla", "reference")),
+                           (Q,), (Q,))
+    assert np.isfinite(np.asarray(tangent)).all()
