@@ -11,6 +11,7 @@ nothing recurses, so deep inputs are fine.
 from __future__ import annotations
 
 import math
+import dataclasses
 import re
 import threading
 from functools import lru_cache
@@ -148,8 +149,13 @@ class _Build(Transformer):
 
     def call(self, children):
         fn, *args, rpar = children
-        args = [a for a in args if a is not None]
+        args = [a for a in args if a is not None and not (isinstance(a, _Token) and a.type == "LPAR")]
         return Call(str(fn), tuple(args), span=_extent(fn, rpar))
+
+    @v_args(inline=True)
+    def paren(self, lpar, expr, rpar):
+        # The brackets belong to the expression's span: error carets start at the '('.
+        return dataclasses.replace(expr, span=_extent(lpar, rpar))
 
     def index(self, children):
         base, *indices, rsqb = children

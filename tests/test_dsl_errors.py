@@ -84,7 +84,7 @@ hint: rename it, e.g. query_"""),
     ("2 * (causal & alibi(8))", ScoreModTypeError, """\
 error: causal is a mask; a mask acts as a -inf bias only at the top level, not inside another expression
   2 * (causal & alibi(8))
-       ^^^^^^^^^^^^^^^^^
+      ^^^^^^^^^^^^^^^^^^^
 hint: move it to the top level (mask & (...)), or use where(mask, a, b)"""),
     ("causal = q < kv\ncausal", ScoreModDefinitionError, """\
 error: definition 'causal' shadows the prelude's causal = q >= kv
