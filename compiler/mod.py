@@ -2,35 +2,17 @@
 
 from __future__ import annotations
 
-import sys
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
 
 from scoremod.errors import ScoreModError, ScoreModTensorError
-from scoremod.dsl.ast import Node, mentions, tensor_names
+from scoremod.dsl.ast import Node, deep_recursion, mentions, tensor_names
 from scoremod.dsl.definitions import expand, globals_version
 from scoremod.dsl.parser import normalize_newlines, parse_source
 from scoremod.dsl.typecheck import check
 from scoremod.compiler.canonical import Canonical, canonicalize
 
 __all__ = ["Mod", "compile_mod"]
-
-
-# Passes over the IR recurse once per level; sources may nest up to MAX_DEPTH levels.
-_RECURSION_LIMIT = 20_000
-
-
-@contextmanager
-def _deep_recursion(limit: int = _RECURSION_LIMIT):
-    old = sys.getrecursionlimit()
-    if old < limit:
-        sys.setrecursionlimit(limit)
-    try:
-        yield
-    finally:
-        if old < limit:
-            sys.setrecursionlimit(old)
 
 
 @dataclass(frozen=True, eq=False)
@@ -74,10 +56,12 @@ class Mod:
         return tuple(names)
 
     def __eq__(self, other):
-        return isinstance(other, Mod) and self.canonical == other.canonical
+        with deep_recursion():   # dataclass equality recurses once per level of the IR
+            return isinstance(other, Mod) and self.canonical == other.canonical
 
     def __hash__(self):
-        return hash(self.canonical)
+        with deep_recursion():
+            return hash(self.canonical)
 
     def __str__(self) -> str:
         return str(self.canonical)
@@ -145,7 +129,7 @@ def _compile_cached(text: str, version: int) -> Mod:
 
 def _compile(text: str) -> Mod:
     text = normalize_newlines(text) if isinstance(text, str) else text
-    with _deep_recursion():
+    with deep_recursion():
         src = parse_source(text)
         expr = expand(src)
         check(expr, text)

@@ -8,6 +8,8 @@ nodes. The expanded tree is the IR the compiler consumes.
 from __future__ import annotations
 
 import re
+import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 Span = tuple[int, int]
@@ -17,6 +19,23 @@ VARIABLES = POSITION_VARIABLES + ("score",)
 CONSTANTS = ("true", "false", "inf")
 
 COMPARE_OPS = ("<", "<=", ">", ">=", "==", "!=")
+
+# Passes over the IR (typing, expansion, printing, equality of nodes) recurse once per
+# level; sources may nest up to the parser's MAX_DEPTH levels.
+RECURSION_LIMIT = 20_000
+
+
+@contextmanager
+def deep_recursion(limit: int = RECURSION_LIMIT):
+    """Raise Python's recursion limit to ``limit`` for the block (restored after)."""
+    old = sys.getrecursionlimit()
+    if old < limit:
+        sys.setrecursionlimit(limit)
+    try:
+        yield
+    finally:
+        if old < limit:
+            sys.setrecursionlimit(old)
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 from scoremod.dsl.ast import (
+    deep_recursion,
     Binary, BoolLit, Call, Index, IntLit, Name, Node, RealLit, Tensor, Unary, Var,
     COMPARE_OPS,
 )
@@ -38,7 +39,8 @@ def _level(node: Node) -> int:
 
 def to_source(node: Node) -> str:
     """Source text for ``node``."""
-    return _emit(node, 0)
+    with deep_recursion():   # one level of recursion per level of the tree
+        return _emit(node, 0)
 
 
 def _emit(node: Node, min_level: int) -> str:
