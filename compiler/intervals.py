@@ -49,7 +49,7 @@ from scoremod.dsl.ast import Binary, BoolLit, Call, IntLit, Node, RealLit, Tenso
 from scoremod.compiler.axes import axis_roles, used_indices
 
 __all__ = [
-    "EMPTY", "PARTIAL", "FULL", "Interval", "Truth", "PositionBlocks", "BlockGrid",
+    "EMPTY", "PARTIAL", "FULL", "num_blocks", "Interval", "Truth", "PositionBlocks", "BlockGrid",
     "mask_truth", "value_interval", "classify_blocks", "batch_head_dependence", "NUMPY_CHUNK_CELLS",
 ]
 
@@ -86,6 +86,11 @@ class Truth:
     may_false: Any
 
 
+def num_blocks(length: int, block: int) -> int:
+    """Blocks of ``block`` positions covering ``length`` (the last one may be ragged)."""
+    return -(-length // block)
+
+
 @dataclass(frozen=True, eq=False)
 class PositionBlocks:
     """Contiguous blocks of positions along q or kv.
@@ -99,7 +104,7 @@ class PositionBlocks:
 
     @property
     def num_blocks(self) -> int:
-        return -(-self.length // self.block)
+        return num_blocks(self.length, self.block)
 
     @property
     def per_batch(self) -> bool:

@@ -38,6 +38,7 @@ from scoremod.errors import ScoreModShapeError
 from scoremod.dsl.ast import Node, tensor_names
 from scoremod.compiler.intervals import (
     EMPTY, FULL, NUMPY_CHUNK_CELLS, PARTIAL, BlockGrid, PositionBlocks, batch_head_dependence, classify_blocks,
+    num_blocks,
 )
 from scoremod.compiler.rewrite import simplify
 # check_tensors is re-exported: compiler/explain.py and tests import it from here.
@@ -76,11 +77,11 @@ class BlockPlan:
 
     @property
     def num_q_blocks(self) -> int:
-        return -(-self.q_len // self.block_q)
+        return num_blocks(self.q_len, self.block_q)
 
     @property
     def num_kv_blocks(self) -> int:
-        return -(-self.kv_len // self.block_kv)
+        return num_blocks(self.kv_len, self.block_kv)
 
     @property
     def grid_shape(self) -> tuple[int, int, int, int]:
@@ -145,7 +146,7 @@ def plan_grid_shape(mask, *, q_len, kv_len, block_q, block_kv, batch=1, heads=1,
     shapes = {k: np.shape(v) for k, v in (tensors or {}).items()}
     dep_b, dep_h = batch_head_dependence(mask, shapes, q_per_batch=np.ndim(q_offset) == 1,
                                          kv_per_batch=np.ndim(kv_offset) == 1)
-    return (batch if dep_b else 1, heads if dep_h else 1, -(-q_len // block_q), -(-kv_len // block_kv))
+    return (batch if dep_b else 1, heads if dep_h else 1, num_blocks(q_len, block_q), num_blocks(kv_len, block_kv))
 
 
 # ---- from classes to the compact layout ---------------------------------------------------

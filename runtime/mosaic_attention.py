@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
+from scoremod.compiler.intervals import num_blocks
 from scoremod.compiler.plan import build_plan
 from scoremod.compiler.tile import TileProgram
 from scoremod.errors import ScoreModShapeError
@@ -218,8 +219,8 @@ def mosaic_attention(query, key, value, *, mod=None, scale=None, q_offset=0, kv_
     scale = 1.0 / math.sqrt(H) if scale is None else float(scale)
     bs = block_sizes or MosaicBlockSizes.get_default(H)
     rows = 2 * bs.block_q
-    Tp = -(-T // rows) * rows
-    Sp = -(-S // bs.block_kv) * bs.block_kv
+    Tp = num_blocks(T, rows) * rows
+    Sp = num_blocks(S, bs.block_kv) * bs.block_kv
 
     q_off = jnp.broadcast_to(jnp.asarray(q_offset, jnp.int32), (B,))
     kv_off = jnp.broadcast_to(jnp.asarray(kv_offset, jnp.int32), (B,))

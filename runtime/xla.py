@@ -29,6 +29,7 @@ from jax import lax
 
 from scoremod.compiler.mod import Mod
 from scoremod.errors import ScoreModShapeError
+from scoremod.compiler.intervals import num_blocks
 from scoremod.compiler.plan import EMPTY, build_plan, compact_rows
 
 __all__ = ["xla_attention", "XlaBlockSizes"]
@@ -68,11 +69,11 @@ class _Config:
 
     @property
     def num_q_blocks(self) -> int:
-        return -(-self.q_len // self.block_q)
+        return num_blocks(self.q_len, self.block_q)
 
     @property
     def num_kv_blocks(self) -> int:
-        return -(-self.kv_len // self.block_kv)
+        return num_blocks(self.kv_len, self.block_kv)
 
 
 def xla_attention(query, key, value, *, mod: Mod, scale: float, q_offset=0, kv_offset=0,
