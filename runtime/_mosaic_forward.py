@@ -53,15 +53,12 @@ class MosaicKernelConfig:
     """Everything static about one call of the kernel (hashable)."""
     program: TileProgram
     scale: float
-    batch: int
     q_len: int            # T before padding
     kv_len: int           # S before padding
     q_len_padded: int
     kv_len_padded: int
     heads: int
     kv_heads: int
-    head_dim: int
-    dtype: str
     read_shapes: tuple    # 4-D shape of each materialized (padded) read
     block_q: int          # rows per consumer warpgroup
     block_kv: int
@@ -133,7 +130,7 @@ def _logits2(cfg: MosaicKernelConfig, s, *, partial, b, h, q_pos, kv_pos, reads)
     return v if m is None else jnp.where(m, v, -jnp.inf)
 
 
-def forward(cfg: MosaicKernelConfig, q, k, v, plan_arrays, reads, q_off, kv_off, *, interpret=False):
+def forward(cfg: MosaicKernelConfig, q, k, v, plan_arrays, reads, q_off, kv_off):
     """Run the kernel on padded q ``[B, Tp, N, H]``, k/v ``[B, Sp, K, H]``.
 
     plan_arrays: (full_counts, full_indices, partial_counts, partial_indices) of the plan
@@ -326,6 +323,5 @@ def forward(cfg: MosaicKernelConfig, q, k, v, plan_arrays, reads, q_off, kv_off,
         num_threads=3,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
-        **({"interpret": plgpu.InterpretGPUParams()} if interpret else {}),
     )(q_off, kv_off, fcounts, findices, pcounts, pindices, q, k, v, *reads)
     return out, lse

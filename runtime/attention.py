@@ -130,7 +130,7 @@ def _check_offset(offset, batch: int, name: str, length: int):
     if isinstance(offset, (bool, np.bool_)):
         raise ScoreModShapeError(f"{name} must be an int or an int array [B]; got {offset!r}")
     if isinstance(offset, (int, np.integer)):
-        _check_positions(name, np.asarray([int(offset)], dtype=object), length)
+        _check_positions(name, [int(offset)], length)
         return int(offset)
     dtype = getattr(offset, "dtype", None)
     if dtype is None or not jnp.issubdtype(dtype, jnp.integer):
@@ -141,17 +141,17 @@ def _check_offset(offset, batch: int, name: str, length: int):
                                  f"{tuple(offset.shape)}")
     values = concrete(offset)
     if values is not None:
-        _check_positions(name, values.reshape(-1).astype(object), length)
+        _check_positions(name, [int(v) for v in values.reshape(-1)], length)
     if offset.ndim == 0:
         return jnp.broadcast_to(jnp.asarray(offset).astype(jnp.int32), (batch,))
     return jnp.asarray(offset).astype(jnp.int32)
 
 
-def _check_positions(name: str, offsets, length: int):
+def _check_positions(name: str, offsets: list[int], length: int):
     """Raise when ``offset`` or ``offset + length - 1`` leaves int32 (Python ints: no overflow here)."""
-    if not len(offsets):
+    if not offsets:
         return
-    lo, hi = min(int(o) for o in offsets), max(int(o) for o in offsets) + max(length - 1, 0)
+    lo, hi = min(offsets), max(offsets) + max(length - 1, 0)
     if lo < INT32_MIN or hi > INT32_MAX:
         raise ScoreModShapeError(f"{name} puts positions at {lo if lo < INT32_MIN else hi}, outside int32 "
                                  f"[{INT32_MIN}, {INT32_MAX}]: positions are int32 in every implementation")

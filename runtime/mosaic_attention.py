@@ -32,6 +32,7 @@ import jax.numpy as jnp
 
 from scoremod.compiler.intervals import num_blocks
 from scoremod.compiler.plan import build_plan
+from scoremod.compiler.tensors import check_missing_tensors
 from scoremod.compiler.tile import TileProgram
 from scoremod.errors import ScoreModShapeError
 from scoremod.runtime import _mosaic_forward
@@ -167,6 +168,7 @@ def check_supported(mod, query, key, value, tensors=None, block_sizes: MosaicBlo
     """The TileProgram for this call, or NotImplementedError saying why mosaic can't run it."""
     mod = as_mod(mod)
     tensors = tensors or {}
+    check_missing_tensors(mod, tensors)   # a user's mistake, not a decline
     why = _device_reason() or _mosaic_missing()
     if why:
         raise NotImplementedError(why)
@@ -236,10 +238,9 @@ def mosaic_attention(query, key, value, *, mod=None, scale=None, q_offset=0, kv_
     lists = tuple(jnp.asarray(x, jnp.int32) for x in lists)
 
     cfg = MosaicKernelConfig(
-        program=program, scale=scale, batch=B, q_len=T, kv_len=S, q_len_padded=Tp, kv_len_padded=Sp,
-        heads=N, kv_heads=K, head_dim=H, dtype=jnp.dtype(query.dtype).name,
-        read_shapes=tuple(tuple(r.shape) for r in reads), block_q=bs.block_q, block_kv=bs.block_kv,
-        num_stages=bs.num_stages, plan_b=plan.grid_shape[0], plan_h=plan.grid_shape[1])
+        program=program, scale=scale, q_len=T, kv_len=S, q_len_padded=Tp, kv_len_padded=Sp,
+        heads=N, kv_heads=K, read_shapes=tuple(tuple(r.shape) for r in reads), block_q=bs.block_q,
+        block_kv=bs.block_kv, num_stages=bs.num_stages, plan_b=plan.grid_shape[0], plan_h=plan.grid_shape[1])
     pcfg, paux = _pallas.prepare(mod, program, query, key, value, scale=scale, q_offset=q_offset,
                                  kv_offset=kv_offset, tensors=tensors, forward=False)
     aux = dict(lists=lists, reads=reads, q_off=q_off, kv_off=kv_off, pallas=paux)

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from scoremod.compiler.plan import build_plan, compact_rows
+from scoremod.compiler.tensors import check_missing_tensors
 from scoremod.compiler.tile import TileProgram
 from scoremod.errors import ScoreModShapeError
 from scoremod.runtime._dispatch import FLOAT_DTYPES, as_mod, kernel_input_reason
@@ -127,6 +128,7 @@ def check_supported(mod, query, key, value, tensors=None) -> TileProgram:
     """The TileProgram for this call, or NotImplementedError saying why the kernel can't run."""
     mod = as_mod(mod)
     tensors = tensors or {}
+    check_missing_tensors(mod, tensors)   # a user's mistake, not a decline
     if pltriton is None:
         raise NotImplementedError("this jax has no Pallas Triton support (jax.experimental.pallas.triton)")
     why = kernel_input_reason("pallas", query, key, value, dtypes=FLOAT_DTYPES,

@@ -236,3 +236,15 @@ def test_gpu_default_dispatch_picks_mosaic(caplog):
     with caplog.at_level(logging.INFO, logger="scoremod"):
         scoremod.attention(q, k, v, mod="causal")
     assert "using mosaic" in caplog.text
+
+
+@needs_mosaic
+def test_a_missing_tensor_is_a_clear_error_not_a_decline(pretend_hopper):
+    # mosaic_attention and pallas_attention are public: called directly without the tensor
+    # the mod reads, they said KeyError.
+    from scoremod.runtime.pallas_attention import pallas_attention
+    q, k, v = _qkv(1, 16, 16, 2, 2, 64)
+    with pytest.raises(scoremod.ScoreModTensorError, match="missing tensor parameter 'ids'"):
+        ma.mosaic_attention(q, k, v, mod="causal & doc(ids)")
+    with pytest.raises(scoremod.ScoreModTensorError, match="missing tensor parameter 'ids'"):
+        pallas_attention(q, k, v, mod="causal & doc(ids)")
