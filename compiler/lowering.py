@@ -103,7 +103,8 @@ def _emit_one(n: Node, go, env: Env):
         return env.tensor(n, [go(i) for i in n.indices])
     if isinstance(n, Unary):
         x = go(n.operand)
-        return jnp.logical_not(x) if n.op == "~" else jnp.negative(x)
+        # ``x == false`` rather than logical_not: Mosaic GPU cannot lower a vector logical_not.
+        return jnp.equal(x, False) if n.op == "~" else jnp.negative(x)
     if isinstance(n, Binary):
         a, b = go(n.lhs), go(n.rhs)
         if n.op in ("&", "+") and a.dtype == jnp.bool_ and b.dtype == jnp.bool_:
@@ -111,11 +112,9 @@ def _emit_one(n: Node, go, env: Env):
         if n.op == "|":
             return jnp.logical_or(a, b)
         if n.op in ("==", "!="):
-            if a.dtype == jnp.bool_ and b.dtype == jnp.bool_:
-                eq = a == b
-            else:
-                eq = jnp.equal(*_num_pair(a, b))
-            return eq if n.op == "==" else jnp.logical_not(eq)
+            if not (a.dtype == jnp.bool_ and b.dtype == jnp.bool_):
+                a, b = _num_pair(a, b)
+            return jnp.equal(a, b) if n.op == "==" else jnp.not_equal(a, b)
         return _BINARY[n.op](a, b)
     if isinstance(n, Call):
         args = [go(a) for a in n.args]
@@ -124,6 +123,8 @@ def _emit_one(n: Node, go, env: Env):
             c, a, b = args
             if a.dtype != jnp.bool_:
                 a, b = _num_pair(a, b)
+            # A condition as wide as the result: Mosaic GPU has no select on a scalar condition.
+            c = jnp.broadcast_to(c, jnp.broadcast_shapes(c.shape, a.shape, b.shape))
             return jnp.where(c, a, b)
         if fn in ("min", "max"):
             a, b = _num_pair(*args)

@@ -6,6 +6,9 @@ Profiles (choose with the environment variable ``HYPOTHESIS_PROFILE``):
   examples, no deadline. This is what ``pytest`` runs in CI.
 * ``dev``: random, many more examples, for hunting bugs locally:
   ``HYPOTHESIS_PROFILE=dev pytest tests/test_dsl_parser.py``.
+* ``device``: like ``ci`` but reports the first failing examples without shrinking them
+  (shrinking a kernel failure can take minutes of a metered GPU machine):
+  ``HYPOTHESIS_PROFILE=device pytest -m gpu``.
 
 Markers:
 
@@ -19,7 +22,7 @@ import sys
 from functools import lru_cache
 
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 
 # tests/evaluator.py and tests/strategies.py are imported as top-level modules.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -29,6 +32,10 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.register_profile(
     "dev", max_examples=1000, deadline=None, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile(
+    "device", derandomize=True, max_examples=40, deadline=None, print_blob=True,
+    phases=[Phase.explicit, Phase.reuse, Phase.generate],
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
