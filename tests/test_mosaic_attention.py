@@ -120,6 +120,11 @@ def _lower(mod, q, k, v, tensors, q_offset=0, kv_offset=0):
     ("causal + bias(t)", {"t": np.zeros((2, 2, 200, 260), np.float32)}),
     ("causal | prefix(n)", {"n": np.array([3, 50], np.int32)}),
     ("softcap(20) & causal & window(64) + alibi(2)", {}),
+    # jax 0.11's warpgroup lowering has no vector logical_not and no scalar-condition select:
+    ("q != kv & causal", {}),
+    ("~(ids[b, q] == ids[b, kv])", {"ids": np.zeros((2, 260), np.int32)}),
+    ("where(h == 0, q >= kv, q > kv)", {}),
+    ("causal + where(h == 0, 1.0, alibi(2))", {}),
 ])
 def test_kernel_lowers(pretend_hopper, mod, tensors):
     q, k, v = _qkv(2, 200, 260, 2, 1, 128)
