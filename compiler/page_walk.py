@@ -29,6 +29,7 @@ from scoremod.dsl.ast import mentions
 from scoremod.compiler.band import diagonal_band
 from scoremod.compiler.intervals import EMPTY, FULL, PARTIAL, BlockGrid, PositionBlocks, classify_blocks
 from scoremod.compiler.mod import Mod, compile_mod
+from scoremod.compiler.plan import compact_rows
 
 __all__ = ["page_classes", "compact_pages", "WalkPlan", "walk_pages", "query_positions",
            "EMPTY", "PARTIAL", "FULL"]
@@ -122,17 +123,13 @@ def compact_pages(classes, block_tables, num_pool_pages: int, list_len: int | No
     the last listed page again (read only by masked lanes). ``L = list_len`` (default C)
     must be at least C.
     """
-    B, C = classes.shape
+    C = classes.shape[1]
     max_pages = block_tables.shape[1]
     L = C if list_len is None else list_len
-    nonempty = classes != EMPTY
-    slot = jnp.where(nonempty, jnp.cumsum(nonempty, axis=1, dtype=jnp.int32) - 1, L)
-    rows = jnp.broadcast_to(jnp.arange(B, dtype=jnp.int32)[:, None], (B, C))
-    pages = jnp.broadcast_to(jnp.arange(C, dtype=jnp.int32)[None, :], (B, C))
+    counts, logical = compact_rows(classes != EMPTY)
     if first_page is not None:
-        pages = pages + first_page[:, None]
-    logical = jnp.zeros((B, L), jnp.int32).at[rows, slot].set(pages, mode="drop")
-    counts = jnp.sum(nonempty, axis=1, dtype=jnp.int32)
+        logical = logical + first_page[:, None]
+    logical = jnp.pad(logical, ((0, 0), (0, L - C)))   # past the count: see below
     return _repeat_last_and_look_up(logical, counts, block_tables, num_pool_pages, max_pages)
 
 

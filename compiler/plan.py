@@ -22,6 +22,11 @@ tensors or take array offsets. BlockPlan is a jax pytree (sizes are static).
 Builders:
   build_plan(mask, *, q_len, kv_len, block_q, block_kv, batch, heads, q_offset, kv_offset, tensors)
   plan_from_classes(classes, *, q_len, kv_len, block_q, block_kv)
+
+The lists as kernels walk them (the one place a plan's rows become kernel lists; a
+ragged last block, ``ragged_edge``, always counts as PARTIAL there):
+  split_lists(counts, indices, full, *, entry_edge, row_edge)   FULL list + PARTIAL list
+  merged_list(counts, indices, full, *, entry_edge, row_edge)   one list with FULL flags
 """
 
 from __future__ import annotations
@@ -46,7 +51,8 @@ from scoremod.compiler.tensors import check_missing_tensors, check_tensors, mask
 
 __all__ = [
     "BlockPlan", "EMPTY", "PARTIAL", "FULL", "build_plan", "compact_rows", "plan_from_classes", "plan_grid_shape",
-    "validate_plan_sizes", "check_tensors", "MAX_GRID_CELLS", "TRACE_COUNTS",
+    "validate_plan_sizes", "check_tensors", "MAX_GRID_CELLS", "TRACE_COUNTS", "merged_list", "ragged_edge",
+    "split_lists",
 ]
 
 # Largest block grid B' * H' * nq * nk a plan may have (int32 flat indices; ~1.4 GB of plan).
@@ -222,6 +228,57 @@ def compact_rows(selected):
     last = jnp.take_along_axis(out, jnp.maximum(count - 1, 0)[:, None], axis=1)
     out = jnp.where(cols[None, :] < count[:, None], out, last)
     return count.reshape(lead), out.reshape(selected.shape)
+
+
+# ---- the plan's lists as kernels walk them ------------------------------------------------
+
+def ragged_edge(length: int, block: int):
+    """Index of the ragged last block, or None when the length is a block multiple."""
+    return None if length % block == 0 else length // block
+
+
+def merged_list(counts, indices, full, *, entry_edge=None, row_edge=None):
+    """One list with FULL flags (ragged last blocks flagged PARTIAL, as in ``split_lists``),
+    in the layout the one-loop kernels read: (counts, indices, counts (unused), flags int8)."""
+    xp = np if all(isinstance(x, np.ndarray) for x in (counts, indices, full)) else jnp
+    counts, indices, full = xp.asarray(counts), xp.asarray(indices), xp.asarray(full)
+    flags = full != 0
+    if entry_edge is not None:
+        flags = flags & (indices != entry_edge)
+    if row_edge is not None:
+        flags = flags & (xp.arange(indices.shape[-2]) != row_edge)[None, None, :, None]
+    return (counts.astype(np.int32), indices.astype(np.int32), counts.astype(np.int32),
+            flags.astype(np.int8))
+
+
+def split_lists(counts, indices, full, *, entry_edge=None, row_edge=None):
+    """Split a plan's lists into FULL and PARTIAL lists for the kernels' two loops.
+
+    counts int32[B', H', R], indices int32[B', H', R, E], full int8[B', H', R, E] (a plan's
+    kv_* lists, R = q-blocks; or its q_* lists, R = kv-blocks). A ragged last block must
+    have its rows/columns masked, so entries equal to ``entry_edge`` and every entry of
+    row ``row_edge`` go to the PARTIAL list whatever the plan says.
+
+    Returns (full_counts [B',H',R], full_indices [B',H',R,E], partial_counts,
+    partial_indices), each list in increasing order; entries past a count are unused.
+    NumPy in, NumPy out (static plans cost nothing at run time); jax arrays otherwise.
+    """
+    xp = np if all(isinstance(x, np.ndarray) for x in (counts, indices, full)) else jnp
+    counts, indices, full = xp.asarray(counts), xp.asarray(indices), xp.asarray(full)
+    n_rows, n_entries = indices.shape[-2], indices.shape[-1]
+    listed = xp.arange(n_entries)[None, None, None, :] < counts[..., None]
+    is_full = listed & (full != 0)
+    if entry_edge is not None:
+        is_full = is_full & (indices != entry_edge)
+    if row_edge is not None:
+        is_full = is_full & (xp.arange(n_rows) != row_edge)[None, None, :, None]
+    is_part = listed & ~is_full
+
+    def compact(sel):
+        counts, positions = compact_rows(sel)
+        return counts, xp.take_along_axis(indices, positions, axis=-1).astype(np.int32)
+
+    return (*compact(is_full), *compact(is_part))
 
 
 def _compact_jax(classes):

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from scoremod.compiler.intervals import num_blocks
-from scoremod.compiler.plan import build_plan
+from scoremod.compiler.plan import build_plan, ragged_edge, split_lists
 from scoremod.compiler.tensors import check_missing_tensors
 from scoremod.compiler.tile import TileProgram
 from scoremod.errors import ScoreModShapeError
@@ -233,8 +233,7 @@ def mosaic_attention(query, key, value, *, mod=None, scale=None, q_offset=0, kv_
 
     plan = build_plan(mod, q_len=T, kv_len=S, block_q=rows, block_kv=bs.block_kv, batch=B, heads=N,
                       q_offset=q_offset, kv_offset=kv_offset, tensors=tensors)
-    lists = _pallas.split_lists(plan.kv_counts, plan.kv_indices, plan.kv_full,
-                                entry_edge=None if S % bs.block_kv == 0 else S // bs.block_kv)
+    lists = split_lists(plan.kv_counts, plan.kv_indices, plan.kv_full, entry_edge=ragged_edge(S, bs.block_kv))
     lists = tuple(jnp.asarray(x, jnp.int32) for x in lists)
 
     cfg = MosaicKernelConfig(

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scoremod.compiler.plan import build_plan, compact_rows
+from scoremod.compiler.plan import build_plan, merged_list, ragged_edge, split_lists
 from scoremod.compiler.tensors import check_missing_tensors
 from scoremod.compiler.tile import TileProgram
 from scoremod.errors import ScoreModShapeError
@@ -220,65 +220,16 @@ def prepare(mod, program: TileProgram, query, key, value, *, scale=None, q_offse
     dkvp = plan(cfg.blocks.block_q_dkv, cfg.blocks.block_kv_dkv)
     aux = dict(
         dq=(merged_list if cfg.blocks.bwd_one_loop else split_lists)(
-            dqp.kv_counts, dqp.kv_indices, dqp.kv_full, entry_edge=_edge(S, cfg.blocks.block_kv_dq)),
+            dqp.kv_counts, dqp.kv_indices, dqp.kv_full, entry_edge=ragged_edge(S, cfg.blocks.block_kv_dq)),
         dkv=(merged_list if cfg.blocks.bwd_one_loop else split_lists)(
-            dkvp.q_counts, dkvp.q_indices, dkvp.q_full, entry_edge=_edge(T, cfg.blocks.block_q_dkv),
-            row_edge=_edge(S, cfg.blocks.block_kv_dkv)),
+            dkvp.q_counts, dkvp.q_indices, dkvp.q_full, entry_edge=ragged_edge(T, cfg.blocks.block_q_dkv),
+            row_edge=ragged_edge(S, cfg.blocks.block_kv_dkv)),
         reads=tuple(reads), q_off=q_off, kv_off=kv_off)
     if forward:
         fp = plan(cfg.blocks.block_q, cfg.blocks.block_kv)
         aux["fwd"] = (merged_list if cfg.blocks.fwd_one_loop else split_lists)(
-            fp.kv_counts, fp.kv_indices, fp.kv_full, entry_edge=_edge(S, cfg.blocks.block_kv))
+            fp.kv_counts, fp.kv_indices, fp.kv_full, entry_edge=ragged_edge(S, cfg.blocks.block_kv))
     return cfg, aux
-
-
-def _edge(length: int, block: int):
-    """Index of the ragged last block, or None when the length is a block multiple."""
-    return None if length % block == 0 else length // block
-
-
-def merged_list(counts, indices, full, *, entry_edge=None, row_edge=None):
-    """One list with FULL flags (ragged last blocks flagged PARTIAL, as in ``split_lists``),
-    in the layout the one-loop kernels read: (counts, indices, counts (unused), flags int8)."""
-    xp = np if all(isinstance(x, np.ndarray) for x in (counts, indices, full)) else jnp
-    counts, indices, full = xp.asarray(counts), xp.asarray(indices), xp.asarray(full)
-    flags = full != 0
-    if entry_edge is not None:
-        flags = flags & (indices != entry_edge)
-    if row_edge is not None:
-        flags = flags & (xp.arange(indices.shape[-2]) != row_edge)[None, None, :, None]
-    return (counts.astype(np.int32), indices.astype(np.int32), counts.astype(np.int32),
-            flags.astype(np.int8))
-
-
-def split_lists(counts, indices, full, *, entry_edge=None, row_edge=None):
-    """Split a plan's lists into FULL and PARTIAL lists for the kernels' two loops.
-
-    counts int32[B', H', R], indices int32[B', H', R, E], full int8[B', H', R, E] (a plan's
-    kv_* lists, R = q-blocks; or its q_* lists, R = kv-blocks). A ragged last block must
-    have its rows/columns masked, so entries equal to ``entry_edge`` and every entry of
-    row ``row_edge`` go to the PARTIAL list whatever the plan says.
-
-    Returns (full_counts [B',H',R], full_indices [B',H',R,E], partial_counts,
-    partial_indices), each list in increasing order; entries past a count are unused.
-    NumPy in, NumPy out (static plans cost nothing at run time); jax arrays otherwise.
-    """
-    xp = np if all(isinstance(x, np.ndarray) for x in (counts, indices, full)) else jnp
-    counts, indices, full = xp.asarray(counts), xp.asarray(indices), xp.asarray(full)
-    n_rows, n_entries = indices.shape[-2], indices.shape[-1]
-    listed = xp.arange(n_entries)[None, None, None, :] < counts[..., None]
-    is_full = listed & (full != 0)
-    if entry_edge is not None:
-        is_full = is_full & (indices != entry_edge)
-    if row_edge is not None:
-        is_full = is_full & (xp.arange(n_rows) != row_edge)[None, None, :, None]
-    is_part = listed & ~is_full
-
-    def compact(sel):
-        counts, positions = compact_rows(sel)
-        return counts, xp.take_along_axis(indices, positions, axis=-1).astype(np.int32)
-
-    return (*compact(is_full), *compact(is_part))
 
 
 # ---- custom_vjp ---------------------------------------------------------------------------
