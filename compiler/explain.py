@@ -27,7 +27,12 @@ from typing import Any
 
 import numpy as np
 
+from scoremod.errors import ScoreModShapeError
+from scoremod.dsl.ast import tensor_names
 from scoremod.compiler.intervals import EMPTY, FULL, PARTIAL, BlockGrid, PositionBlocks, classify_blocks
+from scoremod.compiler.mod import compile_mod
+from scoremod.compiler.plan import build_plan, check_tensors, plan_grid_shape, validate_plan_sizes
+from scoremod.compiler.rewrite import simplify
 
 __all__ = ["Explanation", "explain", "GRID_JSON_LIMIT"]
 
@@ -278,12 +283,6 @@ def explain(mod, q_len: int, kv_len: int | None = None, block=(128, 128), batch:
 
     Raises ``ScoreModShapeError`` / ``ScoreModTensorError`` on bad sizes or tensors.
     """
-    from scoremod.compiler.mod import compile_mod
-    from scoremod.compiler.plan import (
-        build_plan, check_tensors, plan_grid_shape, validate_plan_sizes,
-    )
-    from scoremod.compiler.rewrite import simplify
-    from scoremod.errors import ScoreModShapeError
 
     mod = compile_mod(mod)
     kv_len = q_len if kv_len is None else kv_len
@@ -292,7 +291,7 @@ def explain(mod, q_len: int, kv_len: int | None = None, block=(128, 128), batch:
     check_tensors(mod, tensors, batch, heads, q_len, kv_len, q_offset=q_offset, kv_offset=kv_offset)
     mask = mod.canonical.mask
     reads = {name: np.asarray(tensors[name]) for name in mod.canonical.tensors if name in tensors}
-    mask_reads = {name: value for name, value in reads.items() if any(name == n for n in _tensor_names(mask))}
+    mask_reads = {name: value for name, value in reads.items() if any(name == n for n in tensor_names(mask))}
     shape = plan_grid_shape(mask, q_len=q_len, kv_len=kv_len, block_q=block_q, block_kv=block_kv, batch=batch,
                             heads=heads, q_offset=q_offset, kv_offset=kv_offset, tensors=mask_reads)
     if math.prod(shape) > EXPLAIN_MAX_GRID_CELLS:
@@ -310,6 +309,3 @@ def explain(mod, q_len: int, kv_len: int | None = None, block=(128, 128), batch:
                        int(heads), q_offset, kv_offset, width, lowering)
 
 
-def _tensor_names(node):
-    from scoremod.dsl.ast import tensor_names
-    return tensor_names(node)

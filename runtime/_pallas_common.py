@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from scoremod.dsl.ast import walk
 from scoremod.compiler.tile import TileProgram
 
 if TYPE_CHECKING:  # (pallas_attention imports this module)
@@ -218,7 +219,6 @@ class ReadSet:
 
     @staticmethod
     def _used_by_values(program: TileProgram, i: int) -> bool:
-        from scoremod.dsl.ast import walk
         node = program.reads[i].node
         for part in (program.canonical.transform, program.canonical.bias):
             if part is not None and any(n == node for n in walk(part)):

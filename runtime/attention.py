@@ -194,7 +194,9 @@ def check_tensors(mod: Mod, tensors: dict, *, batch: int, heads: int, q_len: int
 
 # ---- implementations -------------------------------------------------------------------------
 # Each runner takes validated inputs and returns (out, lse) (lse None unless return_lse),
-# or raises NotImplementedError saying why it cannot run this call.
+# or raises NotImplementedError saying why it cannot run this call. Each imports its
+# implementation when first tried (deferred: the kernels load Pallas and its GPU backends,
+# which a call that runs xla or reference never needs).
 
 def _run_reference(query, key, value, *, return_lse, **call):
     from scoremod.runtime.reference import reference_attention

@@ -46,6 +46,7 @@ from scoremod.dsl.ast import Var
 from scoremod.compiler.lowering import gather_read
 from scoremod.compiler.mod import Mod
 from scoremod.compiler.page_walk import query_positions, walk_pages
+from scoremod.compiler.tensors import check_tensors, read_tensors
 from scoremod.runtime._dispatch import (as_mod, as_tensor, check_float_arrays, check_head_groups, concrete,
                                         implementation_names, int32_range_error, resolve_scale, run_first)
 from scoremod.compiler.tile import TileProgram
@@ -236,7 +237,6 @@ def _check_tensors(mod: Mod, tensors: dict, q, block_tables, lengths, page_size:
     """The mod's tensor parameters, checked against the paged positions (queries at
     ``lengths - T ..``, keys at ``0 .. max(lengths) - 1``); returned as jax arrays.
     Under jit (traced lengths) only ranks and the B/N axes are checked."""
-    from scoremod.compiler.tensors import check_tensors, read_tensors
     B, T, N, _ = q.shape
     lens = concrete(lengths)
     if lens is not None:
