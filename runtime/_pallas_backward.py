@@ -27,7 +27,7 @@ from jax.experimental import pallas as pl
 
 from scoremod.runtime._triton import compiler_params
 from scoremod.runtime._pallas_common import (
-    LOG2E, KernelConfig, ReadSet, dot, exp2, dscore, fixed_reads, load_row_stats, load_rows,
+    LOG2E, KernelConfig, ReadSet, dot, exp2, dscore, fixed_reads, listed_span, load_row_stats, load_rows,
     offset_and_plan_specs, read_spec, span, store, tile_logits2, tile_valid, values_and_all_reads)
 
 
@@ -69,13 +69,9 @@ def _dq_kernel(qoff_ref, kvoff_ref, fcount_ref, fidx_ref, pcount_ref, pidx_ref, 
     def make_body(is_full):
         # True / False: the FULL / PARTIAL list; None: one merged list (fidx_ref: blocks,
         # pidx_ref: their FULL flags) with a per-tile branch (PallasBlockSizes.bwd_one_loop).
-        idx_ref = pidx_ref if is_full is False else fidx_ref
-
         def body(j, dq):
-            kb = idx_ref[j]
-            full = is_full if is_full is not None else pidx_ref[j] != 0
-            kv_start = kb * bkv
-            cols = span(cfg, kv_start, bkv, cfg.kv_len, check_edge=is_full is not True)
+            cols, full = listed_span(cfg, fidx_ref, pidx_ref, is_full, j, bkv, cfg.kv_len)
+            kv_start = cols.start
             kv_valid = cols.valid
             k = load_rows(k_ref.at[pl.ds(kv_start, bkv), :], cols)
             v = load_rows(v_ref.at[pl.ds(kv_start, bkv), :], cols)
@@ -158,16 +154,12 @@ def _dkv_kernel(qoff_ref, kvoff_ref, fcount_ref, fidx_ref, pcount_ref, pidx_ref,
                         kv_start=kv_start, block_kv=bkv, kv_valid=kv_valid, kv_fixed=True)
 
     def make_body(is_full):
-        idx_ref = pidx_ref if is_full is False else fidx_ref
-
         def body(j, carry):
             dk, dv = carry
-            qb = idx_ref[j]
-            full = is_full if is_full is not None else pidx_ref[j] != 0
-            q_start = qb * bq
             # FULL lists hold neither the ragged last q-block nor any tile of a ragged last
             # kv-block (the wrapper moves those to the PARTIAL lists).
-            rows = span(cfg, q_start, bq, cfg.q_len, check_edge=is_full is not True)
+            rows, full = listed_span(cfg, fidx_ref, pidx_ref, is_full, j, bq, cfg.q_len)
+            q_start = rows.start
             q_valid = rows.valid
             q = load_rows(q_ref.at[pl.ds(q_start, bq), :], rows)
             do = load_rows(do_ref.at[pl.ds(q_start, bq), :], rows)

@@ -130,6 +130,17 @@ def span(cfg: KernelConfig, start, block: int, length: int, *, check_edge: bool 
     return Span(start, index, valid, mask)
 
 
+def listed_span(cfg: KernelConfig, fidx_ref, pidx_ref, is_full, j, block: int, length: int):
+    """``(span, full)`` of the j-th tile a kernel walks. ``is_full`` True / False: the
+    FULL / PARTIAL list (``compiler.plan.split_lists``; fidx_ref / pidx_ref hold block
+    indices); None: one merged list (``merged_list``: fidx_ref the blocks, pidx_ref their
+    FULL flags) and ``full`` is traced. FULL lists never hold a ragged last block (the
+    wrapper moves it), so their spans skip the edge check."""
+    idx_ref = pidx_ref if is_full is False else fidx_ref
+    full = is_full if is_full is not None else pidx_ref[j] != 0
+    return span(cfg, idx_ref[j] * block, block, length, check_edge=is_full is not True), full
+
+
 def load_rows(ref, rows: Span):
     """The ``[block, head_dim_padded]`` tile of ``ref`` (already at the span), zero where masked."""
     return load(ref, mask=rows.mask, other=0.0 if rows.mask is not None else None)

@@ -20,7 +20,7 @@ from jax.experimental import pallas as pl
 
 from scoremod.runtime._triton import compiler_params
 from scoremod.runtime._pallas_common import (
-    LN2, KernelConfig, ReadSet, dot, exp2, fixed_reads, load_rows, offset_and_plan_specs, read_spec,
+    LN2, KernelConfig, ReadSet, dot, exp2, fixed_reads, listed_span, load_rows, offset_and_plan_specs, read_spec,
     span, store, tile_logits2, tile_reads)
 
 
@@ -49,17 +49,11 @@ def _forward_kernel(qoff_ref, kvoff_ref, fcount_ref, fidx_ref, pcount_ref, pidx_
 
     def make_body(is_full):
         # is_full: True / False for the FULL / PARTIAL list; None for one merged list
-        # (``PallasBlockSizes.fwd_one_loop``: fidx_ref holds every listed block, pidx_ref their
-        # FULL flags, and each tile branches).
-        idx_ref = pidx_ref if is_full is False else fidx_ref
-
+        # (``PallasBlockSizes.fwd_one_loop``, each tile branches).
         def body(j, carry):
             acc, m_prev, l_prev = carry
-            kb = idx_ref[j]
-            full = is_full if is_full is not None else pidx_ref[j] != 0
-            kv_start = kb * bkv
-            # FULL lists never hold the ragged last kv-block (the wrapper moves it).
-            cols = span(cfg, kv_start, bkv, cfg.kv_len, check_edge=is_full is not True)
+            cols, full = listed_span(cfg, fidx_ref, pidx_ref, is_full, j, bkv, cfg.kv_len)
+            kv_start = cols.start
             kv_valid = cols.valid
             k = load_rows(k_ref.at[pl.ds(kv_start, bkv), :], cols)
             s = dot(q, k, trans_b=True)

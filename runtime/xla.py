@@ -67,14 +67,6 @@ class _Config:
     block_kv: int
     static_offsets: tuple[int, int] | None   # both offsets, when both are Python ints
 
-    @property
-    def num_q_blocks(self) -> int:
-        return num_blocks(self.q_len, self.block_q)
-
-    @property
-    def num_kv_blocks(self) -> int:
-        return num_blocks(self.kv_len, self.block_kv)
-
 
 def xla_attention(query, key, value, *, mod: Mod, scale: float, q_offset=0, kv_offset=0,
                   tensors=None, block_sizes: XlaBlockSizes | None = None):
@@ -141,7 +133,7 @@ def _nonempty_tiles(cfg: _Config, tensors, q_off, kv_off, batch: int, heads: int
     values never recompile).
     """
     if not cfg.mod.canonical.has_mask:
-        return np.ones((cfg.num_q_blocks, cfg.num_kv_blocks), bool)
+        return np.ones((num_blocks(cfg.q_len, cfg.block_q), num_blocks(cfg.kv_len, cfg.block_kv)), bool)
     static = cfg.static_offsets
     plan = build_plan(cfg.mod, q_len=cfg.q_len, kv_len=cfg.kv_len, block_q=cfg.block_q, block_kv=cfg.block_kv,
                       batch=batch, heads=heads, q_offset=static[0] if static else q_off,
@@ -155,7 +147,7 @@ def _layout(cfg: _Config, query, key, value):
     """Padded, head-grouped views: q ``[B, K, G, Tp, H]``, k and v ``[B, K, Sp, H]``."""
     B, T, N, H = query.shape
     S, K = key.shape[1], key.shape[2]
-    Tp, Sp = cfg.num_q_blocks * cfg.block_q, cfg.num_kv_blocks * cfg.block_kv
+    Tp, Sp = num_blocks(cfg.q_len, cfg.block_q) * cfg.block_q, num_blocks(cfg.kv_len, cfg.block_kv) * cfg.block_kv
     q = jnp.pad(query, ((0, 0), (0, Tp - T), (0, 0), (0, 0)))
     q = q.reshape(B, Tp, K, N // K, H).transpose(0, 2, 3, 1, 4)
     k = jnp.pad(key, ((0, 0), (0, Sp - S), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
@@ -166,7 +158,7 @@ def _layout(cfg: _Config, query, key, value):
 def _grouped(x, cfg: _Config, K: int, fill):
     """``[B, T, N]`` -> padded ``[B, K, G, Tp]`` (padding rows get ``fill``)."""
     B, T, N = x.shape
-    Tp = cfg.num_q_blocks * cfg.block_q
+    Tp = num_blocks(cfg.q_len, cfg.block_q) * cfg.block_q
     x = jnp.pad(x, ((0, 0), (0, Tp - T), (0, 0)), constant_values=fill)
     return x.reshape(B, Tp, K, N // K).transpose(0, 2, 3, 1)
 
@@ -229,7 +221,7 @@ def _forward(cfg: _Config, query, key, value, tensors, q_off, kv_off):
         lse = jnp.where(has_key, m + jnp.log(l_safe), -jnp.inf)
         return out.astype(query.dtype), lse
 
-    outs, lses = lax.map(q_block, jnp.arange(cfg.num_q_blocks, dtype=jnp.int32))
+    outs, lses = lax.map(q_block, jnp.arange(num_blocks(cfg.q_len, cfg.block_q), dtype=jnp.int32))
     # [nq, B, K, G, bq, H] -> [B, nq * bq, K * G, H]
     out = outs.transpose(1, 0, 4, 2, 3, 5).reshape(B, -1, N, H)[:, :T]
     lse = lses.transpose(1, 0, 4, 2, 3).reshape(B, -1, N)[:, :T]
@@ -280,7 +272,7 @@ def _backward(cfg: _Config, query, key, value, tensors, q_off, kv_off, out, lse,
         return dq, (dk_c, dv_c)
 
     dq, (dk, dv) = lax.scan(kv_chunk, jnp.zeros(q.shape, jnp.float32),
-                            jnp.arange(cfg.num_kv_blocks, dtype=jnp.int32))
+                            jnp.arange(num_blocks(cfg.kv_len, cfg.block_kv), dtype=jnp.int32))
     dq = dq.transpose(0, 3, 1, 2, 4).reshape(B, -1, N, H)[:, :T]
     # [nk, B, K, bk, H] -> [B, nk * bk, K, H]
     dk = dk.transpose(1, 0, 3, 2, 4).reshape(B, -1, K, H)[:, :S]
