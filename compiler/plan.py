@@ -170,51 +170,18 @@ def _transposed(planes: np.ndarray, tile: int = 1024) -> np.ndarray:
     return out
 
 
-def _compact_numpy(classes: np.ndarray):
-    """counts [P, n], indices [P, n, m], full [P, n, m] of classes [P, n, m] (NumPy).
-
-    Works a slice of rows at a time: ``np.nonzero`` lists the non-empty blocks row by row
-    in order, which is the compact layout; each is written at its rank within its row.
-    """
-    planes, n, m = classes.shape
-    counts = np.empty((planes, n), np.int32)
-    indices = np.empty((planes, n, m), np.int32)
-    full = np.zeros((planes, n, m), np.int8)
-    step = max(1, NUMPY_CHUNK_CELLS // m)
-    for p in range(planes):
-        for first in range(0, n, step):
-            part = classes[p, first:first + step]
-            nonempty = part != EMPTY
-            count = nonempty.sum(axis=1, dtype=np.int32)
-            row, col = np.nonzero(nonempty)
-            ends = np.cumsum(count, dtype=np.int64)
-            rank = np.arange(len(row), dtype=np.int64) - (ends - count)[row]
-            # Entries past the count repeat the row's last listed block (0 when none).
-            last = col[np.maximum(ends - 1, 0)] if len(col) else np.zeros(len(count), np.int64)
-            out = indices[p, first:first + len(part)]
-            out[...] = np.where(count > 0, last, 0)[:, None]
-            where = row * m + rank
-            out.reshape(-1)[where] = col
-            full[p, first:first + len(part)].reshape(-1)[where] = part.reshape(-1)[row * m + col] == FULL
-            counts[p, first:first + len(part)] = count
-    return counts, indices, full
-
-
 def compact_rows(selected):
     """The one way a row of blocks becomes a list: ``(counts int32[...], positions int32[..., m])``
     of a bool ``selected [..., m]``: each row's selected positions first, in increasing
     order; entries past the count repeat the last selected position (0 when none).
 
-    NumPy in, NumPy out (a stable sort: static plans, built once); jax in, jax out (a
+    NumPy in, NumPy out (``np.nonzero`` a slice of rows at a time, so a 1M-token static
+    plan never holds more than ``NUMPY_CHUNK_CELLS`` temporaries); jax in, jax out (a
     cumsum and one scatter: jittable, no sort on the device). Plans, the split of a plan
-    into FULL and PARTIAL lists, and the xla path's visit lists all use it.
+    into FULL and PARTIAL lists, the xla path's visit lists and the paged walk all use it.
     """
     if isinstance(selected, np.ndarray):
-        counts = selected.sum(axis=-1, dtype=np.int32)
-        order = np.argsort(~selected, axis=-1, kind="stable").astype(np.int32)
-        last = np.take_along_axis(order, np.maximum(counts - 1, 0)[..., None], axis=-1)
-        listed = np.arange(selected.shape[-1]) < counts[..., None]
-        return counts, np.where(listed, order, np.where(counts[..., None] > 0, last, 0)).astype(np.int32)
+        return _compact_rows_numpy(selected)
     lead, m = selected.shape[:-1], selected.shape[-1]
     flat = selected.reshape(-1, m)
     rows = flat.shape[0]
@@ -281,12 +248,35 @@ def split_lists(counts, indices, full, *, entry_edge=None, row_edge=None):
     return (*compact(is_full), *compact(is_part))
 
 
-def _compact_jax(classes):
-    """Same as ``_compact_numpy`` with jax.numpy (``compact_rows``): jittable."""
+def _compact_rows_numpy(selected: np.ndarray):
+    lead, m = selected.shape[:-1], selected.shape[-1]
+    counts = selected.sum(axis=-1, dtype=np.int32)
+    if m == 0 or selected.size == 0:
+        return counts, np.zeros(selected.shape, np.int32)
+    flat = selected.reshape(-1, m)
+    flat_counts = counts.reshape(-1)
+    out = np.empty(flat.shape, np.int32)
+    step = max(1, NUMPY_CHUNK_CELLS // m)
+    for first in range(0, flat.shape[0], step):
+        count = flat_counts[first:first + step]
+        row, col = np.nonzero(flat[first:first + step])     # row by row, in order
+        ends = np.cumsum(count, dtype=np.int64)
+        rank = np.arange(len(row), dtype=np.int64) - (ends - count)[row]
+        block = out[first:first + step]
+        last = col[np.maximum(ends - 1, 0)] if len(col) else np.zeros(len(count), np.int64)
+        block[...] = np.where(count > 0, last, 0)[:, None]
+        block[row, rank] = col
+    return counts, out.reshape(lead + (m,))
+
+
+def _compact(classes):
+    """``(counts, indices, full int8)`` of a plan's rows (``compact_rows`` of the non-EMPTY
+    blocks, and which of them are FULL). NumPy in, NumPy out; jax in, jax out."""
+    xp = np if isinstance(classes, np.ndarray) else jnp
     count, out = compact_rows(classes != EMPTY)
-    listed = jnp.arange(classes.shape[-1], dtype=jnp.int32) < count[..., None]
-    is_full = jnp.take_along_axis(classes == FULL, out, axis=-1) & listed
-    return count, out, is_full.astype(jnp.int8)
+    listed = xp.arange(classes.shape[-1], dtype=np.int32) < count[..., None]
+    is_full = (xp.take_along_axis(classes, out, axis=-1) == FULL) & listed
+    return count, out, is_full.astype(np.int8)
 
 
 def plan_from_classes(classes, *, q_len: int, kv_len: int, block_q: int, block_kv: int) -> BlockPlan:
@@ -295,11 +285,11 @@ def plan_from_classes(classes, *, q_len: int, kv_len: int, block_q: int, block_k
         B, H, nq, nk = classes.shape
         planes = np.ascontiguousarray(classes).reshape(B * H, nq, nk)
         transposed = _transposed(planes)
-        kv = [x.reshape((B, H) + x.shape[1:]) for x in _compact_numpy(planes)]
-        q = [x.reshape((B, H) + x.shape[1:]) for x in _compact_numpy(transposed)]
+        kv = [x.reshape((B, H) + x.shape[1:]) for x in _compact(planes)]
+        q = [x.reshape((B, H) + x.shape[1:]) for x in _compact(transposed)]
     else:
-        kv = _compact_jax(classes)
-        q = _compact_jax(classes.swapaxes(-1, -2))
+        kv = _compact(classes)
+        q = _compact(classes.swapaxes(-1, -2))
     return BlockPlan(block_q, block_kv, q_len, kv_len, classes, *kv, *q)
 
 

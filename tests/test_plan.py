@@ -260,15 +260,24 @@ def test_check_tensors_under_jit_checks_shapes_only():
 
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.lists(st.booleans(), min_size=1, max_size=9), min_size=1, max_size=6).filter(
-    lambda rows: len({len(r) for r in rows}) == 1))
-def test_compact_rows_numpy_and_jax_match_a_loop(rows):
+    lambda rows: len({len(r) for r in rows}) == 1), st.sampled_from([None, 1, 5, 12]))
+def test_compact_rows_numpy_and_jax_match_a_loop(rows, chunk_cells):
+    # chunk_cells: NumPy compacts a slice of rows at a time; small slices test the seams.
+    import scoremod.compiler.plan as plan_module
     from scoremod.compiler.plan import compact_rows
+    if chunk_cells is not None:
+        saved = plan_module.NUMPY_CHUNK_CELLS
+        plan_module.NUMPY_CHUNK_CELLS = chunk_cells
     selected = np.array(rows, bool)
     want_counts, want = [], []
     for row in selected:
         listed = [i for i, s in enumerate(row) if s]
         want_counts.append(len(listed))
         want.append(listed + [listed[-1] if listed else 0] * (len(row) - len(listed)))
-    for got_counts, got in (compact_rows(selected), compact_rows(jnp.asarray(selected))):
-        np.testing.assert_array_equal(np.asarray(got_counts), want_counts)
-        np.testing.assert_array_equal(np.asarray(got), want)
+    try:
+        for got_counts, got in (compact_rows(selected), compact_rows(jnp.asarray(selected))):
+            np.testing.assert_array_equal(np.asarray(got_counts), want_counts)
+            np.testing.assert_array_equal(np.asarray(got), want)
+    finally:
+        if chunk_cells is not None:
+            plan_module.NUMPY_CHUNK_CELLS = saved
