@@ -59,7 +59,11 @@ _UNKNOWN = Band(None, None, False)   # no bound known
 _NONE = Band(1, 0, True)             # `false`
 
 
-@lru_cache(maxsize=1024)
+# Bands kept per mask (a Band is three numbers).
+BAND_CACHE = 1024
+
+
+@lru_cache(maxsize=BAND_CACHE)
 def diagonal_band(mask) -> Band:
     """Bounds on ``q - kv`` implied by ``mask`` (see the module doc): a bool expression, or a
     ``Mod`` / ``Canonical`` (its mask)."""

@@ -122,7 +122,11 @@ class Mod:
 CACHED_SOURCE_CHARS = 8192
 
 
-@lru_cache(maxsize=4096)
+# Compiled sources kept (each at most CACHED_SOURCE_CHARS of text and its IR).
+COMPILE_CACHE = 4096
+
+
+@lru_cache(maxsize=COMPILE_CACHE)
 def _compile_cached(text: str, version: int) -> Mod:
     return _compile(text)
 

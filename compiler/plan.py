@@ -299,7 +299,12 @@ def _grid(q_len, kv_len, block_q, block_kv, batch, heads, q_offset, kv_offset) -
     return BlockGrid(batch, heads, PositionBlocks(q_len, block_q, q_offset), PositionBlocks(kv_len, block_kv, kv_offset))
 
 
-@lru_cache(maxsize=64)
+# Static plans kept: each holds NumPy arrays of B' x H' x nq x nk entries (up to hundreds
+# of MB for a 1M-token plan), and a model uses a handful of masks and shapes.
+STATIC_PLAN_CACHE = 64
+
+
+@lru_cache(maxsize=STATIC_PLAN_CACHE)
 def _static_plan(mask: Node, q_len, kv_len, block_q, block_kv, batch, heads, q_offset, kv_offset) -> BlockPlan:
     grid = _grid(q_len, kv_len, block_q, block_kv, batch, heads, q_offset, kv_offset)
     classes = classify_blocks(simplify(mask), grid, {}, np)

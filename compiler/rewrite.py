@@ -435,7 +435,11 @@ _SAME_QUOTIENT = Bin("==", Bin("//", V("x", _pure_int), Int("c", _positive)),
 _ZERO_RESIDUE = Bin("==", Bin("%", V("x", _pure_int), Int("d", _positive)), ZERO)
 
 
-@lru_cache(maxsize=4096)
+# Facts kept per IR node seen by the rewriter (small tuples; nodes of the mods in use).
+FACTS_CACHE = 4096
+
+
+@lru_cache(maxsize=FACTS_CACHE)
 def _facts(n: Node) -> tuple:
     """What the merging rules know of a mask: (bound, same quotient, zero residue), with
     same quotient ``(x, y, c)`` and zero residue ``(x, d)`` as in the patterns above."""

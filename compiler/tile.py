@@ -158,7 +158,11 @@ class TileProgram:
         return jnp.broadcast_to(jnp.asarray(value, jnp.float32), jnp.shape(scores))
 
 
-@lru_cache(maxsize=512)
+# Tile programs kept per (canonical form, tensor ranks): small objects, one per mod in use.
+TILE_PROGRAM_CACHE = 512
+
+
+@lru_cache(maxsize=TILE_PROGRAM_CACHE)
 def _build(canonical: Canonical, ranks: tuple) -> TileProgram:
     rank_of = dict(ranks)
     reads: dict[Tensor, TensorRead] = {}
