@@ -539,7 +539,7 @@ def _chain_sides(n: Binary, parts: list[Node], ops) -> "Callable[[int], range | 
     compared when that side was rewritten (rules run bottom-up), and nothing was left to
     merge, so only pairs across the sides (and within a side that is no such node) remain."""
     total = len(parts)
-    n_left = len(_bool_chain(n.lhs, ("&", "+") if "&" in ops else ops))
+    n_left = total - len(_bool_chain(n.rhs, ("&", "+") if "&" in ops else ops))
     left = range(0, n_left)
     right = range(n_left, total)
     everything = range(total)
