@@ -31,7 +31,7 @@ from scoremod.errors import ScoreModShapeError
 from scoremod.dsl.ast import tensor_names
 from scoremod.compiler.intervals import EMPTY, FULL, PARTIAL, BlockGrid, PositionBlocks, classify_blocks
 from scoremod.compiler.mod import compile_mod
-from scoremod.compiler.plan import build_plan, check_tensors, plan_grid_shape, validate_plan_sizes
+from scoremod.compiler.plan import build_plan, check_offset, check_tensors, plan_grid_shape, validate_plan_sizes
 from scoremod.compiler.rewrite import simplify
 
 __all__ = ["Explanation", "explain", "GRID_JSON_LIMIT"]
@@ -288,6 +288,10 @@ def explain(mod, q_len: int, kv_len: int | None = None, block=(128, 128), batch:
     kv_len = q_len if kv_len is None else kv_len
     block_q, block_kv = (block, block) if isinstance(block, (int, np.integer)) else tuple(block)
     validate_plan_sizes(q_len=q_len, kv_len=kv_len, block_q=block_q, block_kv=block_kv, batch=batch, heads=heads)
+    if width is not None and (isinstance(width, bool) or not isinstance(width, (int, np.integer)) or width < 1):
+        raise ScoreModShapeError(f"width={width!r} must be a positive int (characters per grid line)")
+    q_offset = check_offset("q_offset", q_offset, batch, q_len)
+    kv_offset = check_offset("kv_offset", kv_offset, batch, kv_len)
     check_tensors(mod, tensors, batch, heads, q_len, kv_len, q_offset=q_offset, kv_offset=kv_offset)
     mask = mod.canonical.mask
     reads = {name: np.asarray(tensors[name]) for name in mod.canonical.tensors if name in tensors}

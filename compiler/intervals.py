@@ -46,6 +46,7 @@ import numpy as np
 
 from scoremod.errors import ScoreModError, ScoreModTensorError
 from scoremod.dsl.ast import Binary, BoolLit, Call, IntLit, Node, RealLit, Tensor, Unary, Var, COMPARE_OPS
+from scoremod.dsl.typecheck import INT32_MAX, INT32_MIN
 from scoremod.compiler.axes import axis_roles, used_indices
 
 __all__ = [
@@ -55,7 +56,6 @@ __all__ = [
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
 
-_INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
 # A float estimate of an int result beyond this may have overflowed int32 (margin for rounding).
 INT32_LIMIT = 2.0**31 - 1024
 REAL_EPS = 2.0**-20
@@ -398,7 +398,7 @@ class _Analyzer:
         ``estimate()`` returns float (lo, hi) estimates, used when ints are 32-bit."""
         xp = self.xp
         if self.int_dtype.itemsize == 8:
-            over = (lo < _INT32_MIN) | (hi > _INT32_MAX)
+            over = (lo < INT32_MIN) | (hi > INT32_MAX)
         else:
             elo, ehi = estimate()
             over = (elo < -INT32_LIMIT) | (ehi > INT32_LIMIT)

@@ -41,6 +41,7 @@ import numpy as np
 
 from scoremod.errors import ScoreModShapeError
 from scoremod.dsl.ast import Node, tensor_names
+from scoremod.dsl.typecheck import INT32_MAX, INT32_MIN
 from scoremod.compiler.intervals import (
     EMPTY, FULL, NUMPY_CHUNK_CELLS, PARTIAL, BlockGrid, PositionBlocks, batch_head_dependence, classify_blocks,
     num_blocks,
@@ -50,7 +51,8 @@ from scoremod.compiler.rewrite import simplify
 from scoremod.compiler.tensors import check_missing_tensors, check_tensors, mask_of
 
 __all__ = [
-    "BlockPlan", "EMPTY", "PARTIAL", "FULL", "build_plan", "compact_rows", "plan_from_classes", "plan_grid_shape",
+    "BlockPlan", "EMPTY", "PARTIAL", "FULL", "build_plan", "check_offset", "check_positions", "compact_rows", "plan_from_classes",
+    "plan_grid_shape",
     "validate_plan_sizes", "check_tensors", "MAX_GRID_CELLS", "TRACE_COUNTS", "merged_list", "ragged_edge",
     "split_lists",
 ]
@@ -58,7 +60,7 @@ __all__ = [
 # Largest block grid B' * H' * nq * nk a plan may have (int32 flat indices; ~1.4 GB of plan).
 MAX_GRID_CELLS = 2**28
 # Positions are int32 (docs/language.md, "8. Arithmetic").
-MAX_SEQUENCE = 2**31 - 1
+MAX_SEQUENCE = INT32_MAX
 
 # How many times the jax builder was traced (tests check that new tensor values never retrace).
 TRACE_COUNTS = {"jax_builder": 0}
@@ -131,10 +133,23 @@ def validate_plan_sizes(*, q_len, kv_len, block_q, block_kv, batch=1, heads=1) -
                                      hint="for example 64 or 128")
 
 
-def _check_offset(name: str, offset, batch: int):
+def check_positions(name: str, offsets: list[int], length: int):
+    """Raise when ``offset`` or ``offset + length - 1`` leaves int32 (Python ints: no overflow here)."""
+    if not offsets:
+        return
+    lo, hi = min(offsets), max(offsets) + max(length - 1, 0)
+    if lo < INT32_MIN or hi > INT32_MAX:
+        raise ScoreModShapeError(f"{name} puts positions at {lo if lo < INT32_MIN else hi}, outside int32 "
+                                 f"[{INT32_MIN}, {INT32_MAX}]: positions are int32 in every implementation")
+
+
+def check_offset(name: str, offset, batch: int, length: int):
+    """An offset (int, or int array ``[B]``) as plans take it; positions ``offset ..
+    offset + length - 1`` must stay in int32 (``check_positions``, where the values are known)."""
     if isinstance(offset, bool):
         raise ScoreModShapeError(f"{name}={offset!r} must be an int or an int[B] array")
     if isinstance(offset, (int, np.integer)):
+        check_positions(name, [int(offset)], length)
         return int(offset)
     shape = np.shape(offset)
     dtype = np.dtype(offset.dtype) if hasattr(offset, "dtype") else np.asarray(offset).dtype
@@ -142,6 +157,8 @@ def _check_offset(name: str, offset, batch: int):
         raise ScoreModShapeError(
             f"{name} must be an int or an int array of shape [{batch}] (the batch), got "
             f"{dtype} array of shape {list(shape)}")
+    if isinstance(offset, np.ndarray):
+        check_positions(name, [int(v) for v in offset.reshape(-1)], length)
     return offset
 
 
@@ -348,8 +365,8 @@ def build_plan(mask, *, q_len: int, kv_len: int, block_q: int = 128, block_kv: i
     """
     mask = mask_of(mask)
     validate_plan_sizes(q_len=q_len, kv_len=kv_len, block_q=block_q, block_kv=block_kv, batch=batch, heads=heads)
-    q_offset = _check_offset("q_offset", q_offset, batch)
-    kv_offset = _check_offset("kv_offset", kv_offset, batch)
+    q_offset = check_offset("q_offset", q_offset, batch, q_len)
+    kv_offset = check_offset("kv_offset", kv_offset, batch, kv_len)
     tensors = dict(tensors or {})
     check_missing_tensors(mask, tensors, batch=batch, heads=heads, q_len=q_len, kv_len=kv_len, q_offset=q_offset,
                           kv_offset=kv_offset)

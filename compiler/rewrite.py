@@ -17,11 +17,10 @@ from typing import Callable
 
 from scoremod.dsl.ast import Binary, BoolLit, Call, IntLit, Node, RealLit, Tensor, Unary, Var, COMPARE_OPS
 from scoremod.dsl.printer import to_source
-from scoremod.dsl.typecheck import BOOL, INT, type_of
+from scoremod.dsl.typecheck import BOOL, INT, INT32_MAX, INT32_MIN, type_of
 
 __all__ = ["RULE_SETS", "Pat", "simplify", "fold_constant", "linear_form", "linear_bound"]
 
-_INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
 _FLOAT32_MAX = 3.4028234663852886e38
 
 
@@ -249,7 +248,7 @@ def fold_constant(node: Node) -> Node | None:
         return None
     if isinstance(result, float) and (math.isnan(result) or (math.isfinite(result) and abs(result) > _FLOAT32_MAX)):
         return None   # NaN, or a literal float32 cannot hold (it would not parse back)
-    if isinstance(result, int) and not isinstance(result, bool) and not _INT32_MIN <= result <= _INT32_MAX:
+    if isinstance(result, int) and not isinstance(result, bool) and not INT32_MIN <= result <= INT32_MAX:
         return None
     return _lit(result, node.span)
 
@@ -344,7 +343,7 @@ def _plus_const(x: Node, c: int, span) -> Node:
 def _reassociate(n: Binary, i: Binary, x: Node, a: IntLit, b: IntLit) -> Node | None:
     """``n = i ± b`` with ``i = x ± a`` -> ``x + c`` (None when c leaves int32)."""
     c = (a.value if i.op == "+" else -a.value) + (b.value if n.op == "+" else -b.value)
-    if not _INT32_MIN < c <= _INT32_MAX:   # x - 2147483648 would print a literal past int32
+    if not INT32_MIN < c <= INT32_MAX:   # x - 2147483648 would print a literal past int32
         return None
     return _plus_const(x, c, n.span)
 

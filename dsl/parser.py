@@ -21,6 +21,7 @@ from lark.parsers.lalr_analysis import Shift
 
 from scoremod.errors import ScoreModSyntaxError
 from scoremod.grammar import grammar_text
+from scoremod.dsl.typecheck import INT32_MAX
 from scoremod.dsl.ast import (
     Binary, BoolLit, Call, Definition, Index, IntLit, Name, Node, RealLit, Source, Unary, Var,
     VARIABLES, depth, make_error,
@@ -32,7 +33,6 @@ MAX_DEPTH = 1000
 MAX_SOURCE_CHARS = 1_000_000
 # Reals are float32 in every implementation (docs/language.md, Literals).
 FLOAT32_MAX = 3.4028234663852886e38
-INT32_MAX = 2**31 - 1
 
 # How terminals are named in messages.
 _TOKEN_WORDS = {

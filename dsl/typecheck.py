@@ -15,6 +15,8 @@ from scoremod.dsl.ast import (
 __all__ = ["BOOL", "INT", "REAL", "NUM", "check", "type_of", "top_level_parts"]
 
 BOOL, INT, REAL, NUM = "bool", "int", "real", "num"
+# The range of int (docs/language.md, "8. Arithmetic"): literals, positions, ids, offsets.
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 # Messages quote an expression of at most this many characters (longer ones are cut, "...").
 _MAX_SNIPPET = 60
 

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from scoremod.errors import ScoreModError, ScoreModShapeError, ScoreModTensorError
+from scoremod.dsl.typecheck import INT32_MAX, INT32_MIN
 from scoremod.compiler.mod import Mod, compile_mod
 from scoremod.runtime.xla import XlaBlockSizes
 
@@ -22,7 +23,6 @@ NO_MASK = "true"
 # What attention() tries when implementation=None, in order.
 ATTENTION_ON_GPU = ("mosaic", "pallas", "xla")
 ATTENTION_ELSEWHERE = ("xla",)
-INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 FLOAT_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 
 

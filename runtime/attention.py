@@ -24,7 +24,8 @@ from scoremod.errors import ScoreModShapeError, ScoreModTensorError
 from scoremod.dsl.ast import Tensor, walk
 from scoremod.compiler.tensors import check_tensors as check_read_shapes, read_tensors
 from scoremod.compiler.mod import Mod, compile_mod
-from scoremod.runtime._dispatch import (ATTENTION_ELSEWHERE, ATTENTION_ON_GPU, INT32_MAX, INT32_MIN, as_mod, as_tensor, check_float_arrays,
+from scoremod.compiler.plan import check_positions
+from scoremod.runtime._dispatch import (ATTENTION_ELSEWHERE, ATTENTION_ON_GPU, as_mod, as_tensor, check_float_arrays,
                                         check_head_groups, concrete, implementation_names,
                                         resolve_scale, run_first)
 
@@ -130,7 +131,7 @@ def _check_offset(offset, batch: int, name: str, length: int):
     if isinstance(offset, (bool, np.bool_)):
         raise ScoreModShapeError(f"{name} must be an int or an int array [B]; got {offset!r}")
     if isinstance(offset, (int, np.integer)):
-        _check_positions(name, [int(offset)], length)
+        check_positions(name, [int(offset)], length)
         return int(offset)
     dtype = getattr(offset, "dtype", None)
     if dtype is None or not jnp.issubdtype(dtype, jnp.integer):
@@ -141,20 +142,10 @@ def _check_offset(offset, batch: int, name: str, length: int):
                                  f"{tuple(offset.shape)}")
     values = concrete(offset)
     if values is not None:
-        _check_positions(name, [int(v) for v in values.reshape(-1)], length)
+        check_positions(name, [int(v) for v in values.reshape(-1)], length)
     if offset.ndim == 0:
         return jnp.broadcast_to(jnp.asarray(offset).astype(jnp.int32), (batch,))
     return jnp.asarray(offset).astype(jnp.int32)
-
-
-def _check_positions(name: str, offsets: list[int], length: int):
-    """Raise when ``offset`` or ``offset + length - 1`` leaves int32 (Python ints: no overflow here)."""
-    if not offsets:
-        return
-    lo, hi = min(offsets), max(offsets) + max(length - 1, 0)
-    if lo < INT32_MIN or hi > INT32_MAX:
-        raise ScoreModShapeError(f"{name} puts positions at {lo if lo < INT32_MIN else hi}, outside int32 "
-                                 f"[{INT32_MIN}, {INT32_MAX}]: positions are int32 in every implementation")
 
 
 def check_tensors(mod: Mod, tensors: dict, *, batch: int, heads: int, q_len: int, kv_len: int,

@@ -109,10 +109,34 @@ def _npy_files(tmp_path):
     (["--seq", "100", "--tensor", "ids=segments:1000000000"], "segments cover 1,000,000,000 positions"),
     (["--seq", "100", "--tensor", "ids=EMPTY"], "cannot read"),
     (["--seq", "100", "--tensor", "ids=LYING"], "cannot read"),
+    (["--seq", "0"], "q_len=0 must be a positive int"),
+    (["--seq", "100", "--kv-seq", "-1"], "kv_len=-1 must be a positive int"),
+    (["--seq", "100", "--block", "100"], "must be a power of two"),
+    (["--seq", "100", "--batch", "0"], "batch=0 must be a positive int"),
+    (["--seq", "100", "--heads", "-1"], "heads=-1 must be a positive int"),
+    (["--seq", "100", "--q-offset", "99999999999999", "--tensor", "ids=0"], "q_offset puts positions at"),
+    (["--seq", "100", "--kv-offset", "-99999999999", "--tensor", "ids=0"], "kv_offset puts positions at"),
+    (["--seq", "100", "--tensor", "noequals"], "--tensor expects NAME=VALUE"),
+    (["--seq", "100", "--tensor", "ids="], "is not a number, a .npy file or segments"),
+    (["--seq", "100", "--tensor", "ids=0", "--tensor", "idz=3"], "unexpected tensor 'idz'"),
+    (["--seq", "100", "--tensor", "ids=0", "--width", "0"], "width=0 must be a positive int"),
 ])
 def test_explain_bad_arguments_are_clear_errors_without_tracebacks(tmp_path, args, fragment):
     empty, lying = _npy_files(tmp_path)
     args = [a.replace("EMPTY", str(empty)).replace("LYING", str(lying)) for a in args]
     r = dslc("explain", "causal & doc(ids)", *args)
     assert r.returncode == 1, r.stdout
+    assert fragment in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--seq", "abc"], "argument --seq: invalid int value"),
+    (["--seq", "64", "--block", "64,abc"], "argument --block: expected BQ or BQ,BKV"),
+    (["--seq", "64", "--block", "7,3,2"], "argument --block: expected BQ or BQ,BKV"),
+    (["--kv-seq", "64"], "the following arguments are required: --seq"),
+    (["--seq", "64", "--width", "wide"], "argument --width: invalid int value"),
+])
+def test_explain_malformed_flags_are_usage_errors(args, fragment):
+    r = dslc("explain", "causal", *args)
+    assert r.returncode == 2, r.stdout
     assert fragment in r.stderr and "Traceback" not in r.stderr, r.stderr

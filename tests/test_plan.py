@@ -281,3 +281,19 @@ def test_compact_rows_numpy_and_jax_match_a_loop(rows, chunk_cells):
     finally:
         if chunk_cells is not None:
             plan_module.NUMPY_CHUNK_CELLS = saved
+
+
+@pytest.mark.parametrize("kw", [dict(q_offset=2**31 - 10), dict(kv_offset=-(2**31) - 1),
+                                dict(q_offset=np.array([0, 2**31 - 1], np.int64), batch=2)])
+def test_plans_refuse_positions_past_int32(kw):
+    # Kernels compute positions in int32: a plan proved in int64 for them would be wrong.
+    kw = {"batch": 1, **kw}
+    with pytest.raises(ScoreModShapeError, match="outside int32"):
+        build_plan(scoremod.compile("causal"), q_len=64, kv_len=64, block_q=16, block_kv=16, **kw)
+    with pytest.raises(ScoreModShapeError, match="outside int32"):
+        scoremod.compile("causal").explain(64, **kw)
+
+
+def test_explain_width_must_be_positive():
+    with pytest.raises(ScoreModShapeError, match="width=0"):
+        scoremod.compile("causal").explain(64, width=0)
