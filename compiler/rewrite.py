@@ -444,8 +444,17 @@ def _facts(n: Node) -> tuple:
     same quotient ``(x, y, c)`` and zero residue ``(x, d)`` as in the patterns above."""
     same = _SAME_QUOTIENT.match(n)
     zero = _ZERO_RESIDUE.match(n)
-    return (linear_bound(n), same and (same["x"], same["y"], same["c"].value),
+    bound = linear_bound(n)
+    if bound is not None:   # equal forms become one object: comparing them is then O(1)
+        bound = (_interned(bound[0]),) + bound[1:]
+    return (bound, same and (same["x"], same["y"], same["c"].value),
             zero and (zero["x"], zero["d"].value))
+
+
+@lru_cache(maxsize=FACTS_CACHE)
+def _interned(value):
+    """The first object equal to ``value`` seen (while it stays in the cache)."""
+    return value
 
 
 def _implies(fa: tuple, fb: tuple) -> bool:

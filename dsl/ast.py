@@ -10,7 +10,10 @@ from __future__ import annotations
 import re
 import sys
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from functools import lru_cache
+from operator import attrgetter
+from typing import Callable
 
 Span = tuple[int, int]
 
@@ -23,6 +26,13 @@ COMPARE_OPS = ("<", "<=", ">", ">=", "==", "!=")
 # Passes over the IR (typing, expansion, printing, equality of nodes) recurse once per
 # level; sources may nest up to the parser's MAX_DEPTH levels.
 RECURSION_LIMIT = 20_000
+
+
+@lru_cache(maxsize=None)
+def _compared_fields(cls) -> Callable:
+    """A getter of the fields ``cls`` compares (``operator.attrgetter``: C speed)."""
+    names = tuple(f.name for f in fields(cls) if f.compare)
+    return attrgetter(*names) if names else (lambda node: ())
 
 
 @contextmanager
@@ -38,9 +48,37 @@ def deep_recursion(limit: int = RECURSION_LIMIT):
             sys.setrecursionlimit(old)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Node:
+    """Equal by type and compared fields (not spans). The hash is computed once, from the
+    children's hashes, when a node is built: hashing and telling nodes apart cost O(1),
+    which the compiler's caches and the chain merging of long masks rely on."""
     span: Span | None = field(default=None, compare=False, repr=False, kw_only=True)
+
+    def __post_init__(self):
+        object.__setattr__(self, "_hash", hash((type(self).__name__, self._compared())))
+
+    def _compared(self):
+        """The fields equality looks at (a tuple, or the value of a class's only field)."""
+        return _compared_fields(type(self))(self)
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other) -> bool:
+        if self is other:
+            return True
+        if type(other) is not type(self):
+            return NotImplemented
+        return self._hash == other._hash and self._compared() == other._compared()
+
+    def __getstate__(self):   # the hash is recomputed on unpickling (str hashes differ by process)
+        return {k: v for k, v in self.__dict__.items() if k != "_hash"}
+
+    def __setstate__(self, state):
+        for k, v in state.items():
+            object.__setattr__(self, k, v)
+        self.__post_init__()
 
     def children(self) -> tuple["Node", ...]:
         return ()
@@ -50,34 +88,34 @@ class Node:
         return to_source(self)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class BoolLit(Node):
     value: bool
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class IntLit(Node):
     value: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class RealLit(Node):
     value: float
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Var(Node):
     """A position variable (b, h, q, kv) or ``score``."""
     name: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Name(Node):
     """An identifier as written (parser output; resolved by expansion)."""
     name: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Index(Node):
     """``base[i, ...]`` as written (parser output; resolved by expansion)."""
     base: Node
@@ -87,7 +125,7 @@ class Index(Node):
         return (self.base,) + self.indices
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Tensor(Node):
     """A tensor parameter read at ``indices`` (right-aligned; ``()`` = a scalar)."""
     name: str
@@ -97,7 +135,7 @@ class Tensor(Node):
         return self.indices
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Call(Node):
     """``fn(args)``: a built-in after expansion; any name before."""
     fn: str
@@ -107,7 +145,7 @@ class Call(Node):
         return self.args
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Unary(Node):
     """``-x`` or ``~x``."""
     op: str
@@ -117,7 +155,7 @@ class Unary(Node):
         return (self.operand,)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Binary(Node):
     """Arithmetic, logic (``&``, ``|``) and comparisons."""
     op: str
