@@ -508,13 +508,15 @@ def merge_conjunction(n: Binary) -> Node | None:
     others = _chain_sides(n, parts, ("&",))
     contradiction = any(p == BoolLit(False) for p in parts) or any(
         _is_not(parts[i], parts[j]) or _disjoint(facts[i][0], facts[j][0])
-        for i in range(len(parts)) for j in others(i) if j > i)
+        for i, j in _opposable_pairs(parts, facts, others))
     if contradiction:
         return BoolLit(False, span=n.span) if _bool_typed(n) else None
 
+    can_go = _can_be_redundant(parts, facts, "|")
+
     def redundant(i, j):  # part i adds nothing to part j
         a, b = parts[i], parts[j]
-        return _implies(facts[j], facts[i]) or (_isop(a, "|") and b in _bool_chain(a, ("|",)))
+        return can_go[i] and (_implies(facts[j], facts[i]) or (_isop(a, "|") and b in _bool_chain(a, ("|",))))
     kept = _keep_strongest(parts, redundant, others)
     if len(kept) == len(parts) or not _bool_typed(n):
         return None
@@ -528,17 +530,43 @@ def merge_disjunction(n: Binary) -> Node | None:
     facts = [_facts(p) for p in parts]
     others = _chain_sides(n, parts, ("|",))
     if any(_is_not(parts[i], parts[j]) or _cover(facts[i][0], facts[j][0])
-           for i in range(len(parts)) for j in others(i) if j > i):
+           for i, j in _opposable_pairs(parts, facts, others)):
         return BoolLit(True, span=n.span)
+
+    can_go = _can_be_redundant(parts, facts, "&")
 
     def redundant(i, j):  # part i adds nothing to part j
         a, b = parts[i], parts[j]
-        return _implies(facts[i], facts[j]) or (
-            isinstance(a, Binary) and a.op in ("&", "+") and b in _bool_chain(a, ("&", "+")))
+        return can_go[i] and (_implies(facts[i], facts[j]) or (
+            isinstance(a, Binary) and a.op in ("&", "+") and b in _bool_chain(a, ("&", "+"))))
     kept = _keep_strongest(parts, redundant, others)
     if len(kept) == len(parts):
         return None
     return _chain("|", kept, n.span)
+
+
+def _opposable_pairs(parts: list[Node], facts: list[tuple], others):
+    """The pairs (i < j) of a chain that can be a part and its negation or two bounds on
+    one form (``_is_not``, ``_disjoint``, ``_cover``): other pairs are never looked at, so a
+    long chain of parts with no bounds and no negations costs O(n) here, not O(n^2)."""
+    negated = [isinstance(p, Unary) and p.op == "~" for p in parts]
+    bounded = [f[0] is not None for f in facts]
+    any_negated = any(negated)
+    for i in range(len(parts)):
+        if not (bounded[i] or any_negated):
+            continue
+        for j in others(i):
+            if j > i and (negated[i] or negated[j] or (bounded[i] and bounded[j])):
+                yield i, j
+
+
+def _can_be_redundant(parts: list[Node], facts: list[tuple], nested_op: str) -> list[bool]:
+    """Whether each part can be implied by another (it has a fact ``_implies`` reads: a
+    bound, a quotient, a residue) or absorbed (it is a nested ``nested_op`` chain). Other
+    parts go only as duplicates."""
+    return [any(f) or (nested_op == "|" and _isop(p, "|")) or
+            (nested_op == "&" and isinstance(p, Binary) and p.op in ("&", "+"))
+            for p, f in zip(parts, facts)]
 
 
 def _chain_sides(n: Binary, parts: list[Node], ops) -> "Callable[[int], range | list[int]]":
