@@ -35,7 +35,7 @@ from scoremod.compiler.plan import build_plan, ragged_edge, split_lists
 from scoremod.compiler.tensors import check_missing_tensors
 from scoremod.compiler.tile import TileProgram
 from scoremod.errors import ScoreModShapeError
-from scoremod.runtime import _mosaic_forward
+from scoremod.runtime import _mosaic_backward, _mosaic_forward
 from scoremod.runtime._dispatch import as_mod, kernel_input_reason
 from scoremod.runtime._mosaic_forward import MosaicKernelConfig
 from scoremod.runtime import pallas_attention as _pallas
@@ -60,12 +60,17 @@ class MosaicBlockSizes:
         q-block is ``2 * block_q`` rows. 64 (the wgmma M).
       block_kv: keys per tile, a multiple of 64.
       num_stages: K/V tiles in flight (shared-memory ring slots), at least 2.
+      backward: which kernels ``jax.grad`` runs: ``"pallas"`` (default: the Pallas/Triton
+        backward, fed with this forward's lse) or ``"mosaic"`` (``_mosaic_backward.py``:
+        dQ and dK/dV on Mosaic GPU over the plan, 64 x 64 tiles; not yet measured or
+        checked on an H200, so not the default; mods it cannot run use "pallas").
 
     ``get_default(head_dim)`` picks values measured on the H200 (benchmarks/RESULTS.md).
     """
     block_q: int = 64
     block_kv: int = 128
     num_stages: int = 2
+    backward: str = "pallas"
 
     def __post_init__(self):
         if self.block_q != 64:
@@ -74,6 +79,8 @@ class MosaicBlockSizes:
             raise ScoreModShapeError(f"block_kv={self.block_kv} must be a positive multiple of 64")
         if self.num_stages < 2:
             raise ScoreModShapeError(f"num_stages={self.num_stages} must be at least 2")
+        if self.backward not in ("pallas", "mosaic"):
+            raise ScoreModShapeError(f"backward={self.backward!r} must be 'pallas' or 'mosaic'")
 
     @classmethod
     def get_default(cls, head_dim: int) -> "MosaicBlockSizes":
@@ -240,10 +247,16 @@ def mosaic_attention(query, key, value, *, mod=None, scale=None, q_offset=0, kv_
         program=program, scale=scale, q_len=T, kv_len=S, q_len_padded=Tp, kv_len_padded=Sp,
         heads=N, kv_heads=K, read_shapes=tuple(tuple(r.shape) for r in reads), block_q=bs.block_q,
         block_kv=bs.block_kv, num_stages=bs.num_stages, plan_b=plan.grid_shape[0], plan_h=plan.grid_shape[1])
-    pcfg, paux = _pallas.prepare(mod, program, query, key, value, scale=scale, q_offset=q_offset,
-                                 kv_offset=kv_offset, tensors=tensors, forward=False)
-    aux = dict(lists=lists, reads=reads, q_off=q_off, kv_off=kv_off, pallas=paux)
-    out, lse = _flash(cfg, pcfg, query, key, value, aux)
+    aux = dict(lists=lists, reads=reads, q_off=q_off, kv_off=kv_off)
+    if bs.backward == "mosaic" and _mosaic_backward.backward_reason(program) is None:
+        bcfg, aux["mosaic_bwd"] = _prepare_mosaic_backward(
+            mod, cfg, B=B, N=N, q_offset=q_offset, kv_offset=kv_offset, tensors=tensors)
+        backward = ("mosaic", bcfg)
+    else:
+        pcfg, aux["pallas"] = _pallas.prepare(mod, program, query, key, value, scale=scale, q_offset=q_offset,
+                                              kv_offset=kv_offset, tensors=tensors, forward=False)
+        backward = ("pallas", pcfg)
+    out, lse = _flash(cfg, backward, query, key, value, aux)
     return (out, lse) if return_lse else out
 
 
@@ -267,19 +280,75 @@ def _run_forward(cfg: MosaicKernelConfig, q, k, v, aux):
     return out, lse
 
 
+# Backward tiles (rows per consumer warpgroup, keys per tile in dQ / per consumer in dK/dV).
+BACKWARD_BLOCK = 64
+
+
+def _prepare_mosaic_backward(mod, cfg: MosaicKernelConfig, *, B, N, q_offset, kv_offset, tensors):
+    """The Mosaic backward's config and its plans' lists: dQ walks (128 x 64)-block rows,
+    dK/dV the transposed (64 x 128)-block plan."""
+    T, S, blk = cfg.q_len, cfg.kv_len, BACKWARD_BLOCK
+    dq_plan = build_plan(mod, q_len=T, kv_len=S, block_q=2 * blk, block_kv=blk, batch=B, heads=N,
+                         q_offset=q_offset, kv_offset=kv_offset, tensors=tensors)
+    dkv_plan = build_plan(mod, q_len=T, kv_len=S, block_q=blk, block_kv=2 * blk, batch=B, heads=N,
+                          q_offset=q_offset, kv_offset=kv_offset, tensors=tensors)
+    lists = dict(
+        dq=split_lists(dq_plan.kv_counts, dq_plan.kv_indices, dq_plan.kv_full, entry_edge=ragged_edge(S, blk)),
+        dkv=split_lists(dkv_plan.q_counts, dkv_plan.q_indices, dkv_plan.q_full, entry_edge=ragged_edge(T, blk),
+                        row_edge=ragged_edge(S, 2 * blk)))
+    lists = {name: tuple(jnp.asarray(x, jnp.int32) for x in arrays) for name, arrays in lists.items()}
+    bcfg = _mosaic_backward.MosaicBackwardConfig(
+        fwd=cfg, block_q=blk, block_kv=blk, num_stages=2, dq_plan=dq_plan.grid_shape[:2],
+        dkv_plan=dkv_plan.grid_shape[:2])
+    return bcfg, lists
+
+
+def _run_mosaic_backward(bcfg, q, k, v, aux, out, lse, cotangents):
+    """(dq, dk, dv) from the Mosaic backward kernels (see ``_mosaic_backward.py``)."""
+    dout, dlse = cotangents
+    B, T, N, H = q.shape
+    S = k.shape[1]
+    rows = 2 * bcfg.block_q
+    Tb, Sb = num_blocks(T, rows) * rows, num_blocks(S, rows) * rows
+    dout = dout.astype(q.dtype)
+    # delta = rowsum(O * dO) - dlse: the lse cotangent enters as p * dlse on every logit.
+    delta = jnp.einsum("btnh,btnh->bnt", out.astype(jnp.float32), dout.astype(jnp.float32))
+    if dlse is not None:
+        delta = delta - jnp.where(jnp.isfinite(lse), dlse.astype(jnp.float32), 0.0)
+    # lse in base 2; 0 on rows with no allowed key (their logits are all -inf: P = 0).
+    lse2 = jnp.where(lse == -jnp.inf, 0.0, lse * _mosaic_backward.LOG2E)
+    pad_t = ((0, 0), (0, Tb - T), (0, 0), (0, 0))
+    pad_s = ((0, 0), (0, Sb - S), (0, 0), (0, 0))
+    qp, dop = jnp.pad(q, pad_t), jnp.pad(dout, pad_t)
+    kp, vp = jnp.pad(k, pad_s), jnp.pad(v, pad_s)
+    lse2 = jnp.pad(lse2, ((0, 0), (0, 0), (0, Tb - T)), constant_values=jnp.inf)
+    delta = jnp.pad(delta, ((0, 0), (0, 0), (0, Tb - T)))
+    lists = aux["mosaic_bwd"]
+    dq = _mosaic_backward.backward_dq(bcfg, qp, kp, vp, dop, lse2, delta, lists["dq"], aux["reads"],
+                                      aux["q_off"], aux["kv_off"])
+    dk, dv = _mosaic_backward.backward_dkv(bcfg, qp, kp, vp, dop, lse2, delta, lists["dkv"], aux["reads"],
+                                           aux["q_off"], aux["kv_off"])
+    return dq[:, :T], dk[:, :S], dv[:, :S]
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _flash(cfg, pcfg, q, k, v, aux):
+def _flash(cfg, backward, q, k, v, aux):
     return _run_forward(cfg, q, k, v, aux)
 
 
-def _flash_fwd(cfg, pcfg, q, k, v, aux):
+def _flash_fwd(cfg, backward, q, k, v, aux):
     out, lse = _run_forward(cfg, q, k, v, aux)
     return (out, lse), (q, k, v, aux, out, lse)
 
 
-def _flash_bwd(cfg, pcfg, res, cotangents):
+def _flash_bwd(cfg, backward, res, cotangents):
+    """``backward``: ("pallas", KernelConfig) or ("mosaic", MosaicBackwardConfig)."""
     q, k, v, aux, out, lse = res
-    dq, dk, dv, paux_ct = _pallas.flash_backward(pcfg, (q, k, v, aux["pallas"], out, lse), cotangents)
+    kind, bcfg = backward
+    if kind == "mosaic":
+        dq, dk, dv = _run_mosaic_backward(bcfg, q, k, v, aux, out, lse, cotangents)
+    else:
+        dq, dk, dv, _ = _pallas.flash_backward(bcfg, (q, k, v, aux["pallas"], out, lse), cotangents)
     aux_ct = jax.tree_util.tree_map(_pallas._zero_cotangent, aux)
     return dq, dk, dv, aux_ct
 

@@ -253,3 +253,117 @@ def test_a_missing_tensor_is_a_clear_error_not_a_decline(pretend_hopper):
         ma.mosaic_attention(q, k, v, mod="causal & doc(ids)")
     with pytest.raises(scoremod.ScoreModTensorError, match="missing tensor parameter 'ids'"):
         pallas_attention(q, k, v, mod="causal & doc(ids)")
+
+
+# ---- the Mosaic backward (MosaicBlockSizes(backward="mosaic"), not yet the default) --------
+
+def test_backward_choice_is_validated():
+    with pytest.raises(scoremod.ScoreModShapeError, match="backward='cudnn' must be"):
+        ma.MosaicBlockSizes(backward="cudnn")
+
+
+def _lower_grad(mod, q, k, v, tensors, block_sizes, q_offset=0, kv_offset=0):
+    def loss(q, k, v):
+        out = ma.mosaic_attention(q, k, v, mod=mod, tensors=tensors, q_offset=q_offset, kv_offset=kv_offset,
+                                  block_sizes=block_sizes)
+        return out.astype(jnp.float32).sum()
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, v).lower(lowering_platforms=("cuda",))
+
+
+@needs_mosaic
+@pytest.mark.parametrize("mod, tensors, shape", [
+    ("causal", {}, (2, 200, 260, 2, 1, 128)),
+    (None, {}, (1, 128, 128, 2, 2, 64)),
+    ("causal & window(100) & doc(ids)", {"ids": np.zeros((2, 300), np.int32)}, (2, 300, 300, 4, 2, 128)),
+    ("softcap(20) & causal + alibi(2)", {}, (1, 256, 256, 2, 2, 128)),
+    ("causal | prefix(n)", {"n": np.array([3], np.int32)}, (1, 130, 190, 2, 2, 128)),
+])
+def test_mosaic_backward_lowers(pretend_hopper, monkeypatch, mod, tensors, shape):
+    import scoremod.runtime._mosaic_backward as mb
+    used = []
+    monkeypatch.setattr(mb, "backward_dkv", lambda *a, _f=mb.backward_dkv: (used.append(1), _f(*a))[1])
+    q, k, v = _qkv(*shape)
+    _lower_grad(mod, q, k, v, tensors, ma.MosaicBlockSizes(backward="mosaic"), q_offset=3)
+    assert used, "the Mosaic backward was not used"
+
+
+@needs_mosaic
+def test_mosaic_backward_leaves_reads_along_q_and_kv_to_pallas(pretend_hopper, monkeypatch):
+    # The dK/dV kernel reads tiles transposed; a [T, S] table goes to the Pallas backward.
+    import scoremod.runtime._mosaic_backward as mb
+    from scoremod.compiler.tile import TileProgram
+    program = TileProgram.build(scoremod.compile("causal + bias(t)").canonical, {"t": 4})
+    assert "varies along q and kv" in mb.backward_reason(program)
+    assert mb.backward_reason(TileProgram.build(scoremod.compile("causal & doc(ids)").canonical, {"ids": 2})) is None
+    used = []
+    monkeypatch.setattr(mb, "backward_dkv", lambda *a: used.append(1))
+    q, k, v = _qkv(1, 128, 128, 2, 2, 128)
+    _lower_grad("causal + bias(t)", q, k, v, {"t": np.zeros((1, 2, 128, 128), np.float32)},
+                ma.MosaicBlockSizes(backward="mosaic"))
+    assert not used
+
+
+@pytest.mark.gpu
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(src=sources(), shape=shapes(max_seq=300, min_seq=1), seed=st.integers(0, 2**16))
+def test_gpu_mosaic_backward_against_reference(src, shape, seed):
+    rng = np.random.default_rng(seed)
+    tensors = tensors_for(src.text, shape.B, shape.N, shape.T, shape.S, rng,
+                          q_offset=shape.q_offset, kv_offset=shape.kv_offset)
+    q, k, v = _qkv(shape.B, shape.T, shape.S, shape.N, shape.K, 128, jnp.bfloat16, seed)
+    try:
+        ma.check_supported(src.text, q, k, v, tensors)
+    except NotImplementedError:
+        assume(False)
+    bs = ma.MosaicBlockSizes(backward="mosaic")
+    w = jnp.asarray(rng.standard_normal((shape.B, shape.T, shape.N, 128)), jnp.float32)
+
+    def loss(q, k, v, impl):
+        call = dict(mod=src.text, q_offset=shape.q_offset, kv_offset=shape.kv_offset, tensors=tensors)
+        if impl == "mosaic":
+            out = ma.mosaic_attention(q, k, v, block_sizes=bs, **call)
+        else:
+            out = scoremod.attention(q, k, v, implementation="reference", mod=src.text, q_offset=shape.q_offset,
+                                     kv_offset=shape.kv_offset, **tensors)
+        return jnp.sum(out.astype(jnp.float32) * w)
+    got = jax.jit(jax.grad(lambda q, k, v: loss(q, k, v, "mosaic"), argnums=(0, 1, 2)))(q, k, v)
+    want = jax.grad(lambda q, k, v: loss(q, k, v, "reference"), argnums=(0, 1, 2))(
+        *(x.astype(jnp.float32) for x in (q, k, v)))
+    for name, a, b in zip("qkv", got, want):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        assert np.isfinite(a).all(), name
+        assert np.linalg.norm(a - b) <= 3e-2 * max(np.linalg.norm(b), 1e-3), name
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mod, q_offset", [("causal & window(100)", 256), ("causal & doc(ids)", 256),
+                                           ("kv >= 200 & causal", 0)])
+def test_gpu_mosaic_backward_skips_and_masked_rows(mod, q_offset):
+    """NaN in every K/V block no plan lists, and rows with no allowed key: finite gradients
+    equal to the reference's."""
+    B, T, S, N, H = 1, 256, 512, 2, 128
+    tensors = {"ids": np.repeat(np.arange(4, dtype=np.int32), 128)[None]} if "ids" in mod else {}
+    q, k, v = _qkv(B, T, S, N, N, H)
+    used = np.zeros(S, bool)
+    for blocks in ((128, 64), (64, 128)):
+        plan = build_plan(scoremod.compile(mod), q_len=T, kv_len=S, block_q=blocks[0], block_kv=blocks[1],
+                          batch=B, heads=N, q_offset=q_offset, tensors={n: jnp.asarray(t) for n, t in tensors.items()})
+        listed = (np.asarray(plan.classes)[0] != 0).any(axis=(0, 1))
+        used |= np.repeat(listed, blocks[1])[:S]
+    poison = jnp.asarray(~used)[None, :, None, None]
+    kn, vn = jnp.where(poison, jnp.nan, k).astype(k.dtype), jnp.where(poison, jnp.nan, v).astype(v.dtype)
+
+    def loss(q, k, v, impl):
+        if impl == "mosaic":
+            out = ma.mosaic_attention(q, k, v, mod=mod, q_offset=q_offset, tensors=tensors,
+                                      block_sizes=ma.MosaicBlockSizes(backward="mosaic"))
+        else:
+            out = scoremod.attention(q, k, v, mod=mod, q_offset=q_offset, implementation="reference", **tensors)
+        return jnp.sum(out.astype(jnp.float32) ** 2)
+    got = jax.grad(lambda q, k, v: loss(q, k, v, "mosaic"), argnums=(0, 1, 2))(q, kn, vn)
+    want = jax.grad(lambda q, k, v: loss(q, k, v, "reference"), argnums=(0, 1, 2))(
+        *(x.astype(jnp.float32) for x in (q, k, v)))
+    for name, a, b in zip("qkv", got, want):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        assert np.isfinite(a).all(), name
+        assert np.linalg.norm(a - b) <= 3e-2 * max(np.linalg.norm(b), 1e-3), name

@@ -1,0 +1,414 @@
+"""Backward block-sparse flash-attention kernels on Mosaic GPU (Hopper, sm_90).
+
+Two kernels, each walking only the tiles the BlockPlan lists, with the forward's layout
+(a producer warpgroup feeding two consumer warpgroups through a TMA ring of
+``num_stages`` shared-memory slots; wgmma for every product):
+
+* dQ, grid ``(query heads, q-blocks of 2 * block_q rows, batch)``: each consumer owns
+  ``block_q`` rows (Q, dO, lse, delta stay in shared memory / registers); the producer
+  brings the K and V tiles of the q-block's row of the plan (FULL list, then PARTIAL).
+  Per tile: S = Q K^T, P = exp2(logits2 - lse2), dP = dO V^T, dS = P (dP - delta) dT,
+  dQ += dS K. At the end dQ *= scale.
+* dK/dV, grid ``(kv heads, kv-blocks of 2 * block_kv keys, batch)``: each consumer owns
+  ``block_kv`` keys (K, V in shared memory); for every query head of the kv head's group
+  (GQA sums in registers, no ``[B, S, N, H]`` temporary) the producer brings the Q, dO,
+  lse and delta tiles of the q-blocks the transposed plan lists for the kv-block.
+  Per tile, transposed (keys as rows): S^T = K Q^T, P^T, dV += P^T dO, dP^T = V dO^T,
+  dS^T = P^T (dP^T - delta) dT, dK += dS^T Q. At the end dK *= scale.
+
+``lse2`` is the forward's lse in base 2 (0 on rows with no allowed key, whose logits are
+all -inf, so P = 0 there); ``delta = rowsum(O * dO) - dlse``. Inputs are padded to whole
+blocks by the wrapper (K/V and Q/dO with zeros, lse2 with +inf, delta with 0), so padding
+contributes nothing; PARTIAL tiles also mask positions past the true lengths.
+
+dT/dscore comes from the TileProgram (``TileProgram.dscore``); tensor reads are loaded at
+the tile's positions. The dK/dV kernel reads a tensor indexed by both q and kv only as a
+transposed tile, which it does not do: ``backward_reason`` declines those mods (the
+wrapper then runs the Pallas backward).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from scoremod.runtime._mosaic_forward import MosaicKernelConfig, _load, _logits2, _read_tile, plgpu
+
+LOG2E = math.log2(math.e)
+
+
+@dataclass(frozen=True)
+class MosaicBackwardConfig:
+    """Everything static about one backward call (hashable)."""
+    fwd: MosaicKernelConfig       # the forward's call: program, scale, lengths, heads, reads
+    block_q: int                  # rows per consumer warpgroup (64, the wgmma M)
+    block_kv: int                 # keys per consumer warpgroup in dK/dV; keys per tile in dQ
+    num_stages: int
+    dq_plan: tuple[int, int]      # (B', H') of the dQ plan (blocks 2 * block_q x block_kv)
+    dkv_plan: tuple[int, int]     # (B', H') of the dK/dV plan (blocks block_q x 2 * block_kv)
+
+
+def backward_reason(program) -> str | None:
+    """Why the Mosaic backward cannot run this tile program (None when it can)."""
+    for r in program.reads:
+        if "q" in r.axes and "kv" in r.axes:
+            return (f"tensor read {r.node} varies along q and kv; the Mosaic dK/dV kernel reads "
+                    "tiles transposed and takes only reads along one of them")
+    return None
+
+
+def _grad_tile(cfg: MosaicKernelConfig, s, dp, lse2, delta, *, partial, b, h, q_pos, kv_pos, reads,
+               rows_axis: int):
+    """(P, dS) of a tile from raw products ``s`` and ``dp`` (f32, WGMMA layout).
+
+    ``rows_axis``: 0 when rows are queries (dQ), 1 when rows are keys (dK/dV: the tile is
+    transposed and the row statistics vary along axis 1)."""
+    shape = s.shape
+    stat_dim = 0 if rows_axis == 0 else 1
+    logits = _logits2(cfg, s, partial=partial, b=b, h=h, q_pos=q_pos, kv_pos=kv_pos, reads=reads)
+    p = jnp.exp2(logits - lax.broadcast_in_dim(lse2, shape, [stat_dim]))
+    ds = p * (dp - lax.broadcast_in_dim(delta, shape, [stat_dim]))
+    if cfg.program.dtransform is not None:
+        rd = reads()
+        ds = ds * cfg.program.dscore(s * cfg.scale, b=b, h=h, q=q_pos, kv=kv_pos, reads=rd)
+    return p, ds
+
+
+def backward_dq(bcfg: MosaicBackwardConfig, q, k, v, do, lse2, delta, lists, reads, q_off, kv_off):
+    """dQ ``[B, Tp, N, H]`` (q's dtype) on padded inputs; ``lists``: the dQ plan's
+    ``split_lists`` (FULL, PARTIAL) of (2 * block_q, block_kv) blocks."""
+    cfg = bcfg.fwd
+    fcounts, findices, pcounts, pindices = lists
+    B, Tp, N, H = q.shape
+    dtype = q.dtype
+    bq, bkv, stages = bcfg.block_q, bcfg.block_kv, bcfg.num_stages
+    n_reads = len(reads)
+    G = cfg.groups
+    nq = Tp // (2 * bq)
+    plan_b, plan_h = bcfg.dq_plan
+    kv_valid_len = cfg.kv_len
+
+    def kernel(qoff_ref, kvoff_ref, fc_ref, fi_ref, pc_ref, pi_ref, q_ref, k_ref, v_ref, do_ref,
+               lse_ref, delta_ref, *rest):
+        read_refs = rest[:n_reads]
+        dq_ref = rest[n_reads]
+        (q_smem2, do_smem2, lse_smem2, delta_smem2, k_smem, v_smem), \
+            (q_bar, do_bar, lse_bar, delta_bar, k_bar, v_bar), (k_free, v_free) = rest[n_reads + 1:]
+        b = lax.axis_index("batch")
+        h = lax.axis_index("heads")
+        i = nq - 1 - lax.axis_index("q_seq")
+        wg = lax.axis_index("wg")
+        pb = b if plan_b > 1 else 0
+        ph = h if plan_h > 1 else 0
+        n_full = fc_ref[pb, ph, i]
+        n_steps = n_full + pc_ref[pb, ph, i]
+
+        def kv_block(step):
+            from_full = fi_ref[pb, ph, i, jnp.minimum(step, fi_ref.shape[-1] - 1)]
+            from_part = pi_ref[pb, ph, i, jnp.maximum(step - n_full, 0)]
+            return jnp.where(step < n_full, from_full, from_part)
+
+        @pl.when(wg < 2)
+        def _consumer():
+            plgpu.set_max_registers(232, action="increase")
+            q_smem, do_smem = q_smem2.at[wg], do_smem2.at[wg]
+            lse_smem, delta_smem = lse_smem2.at[wg], delta_smem2.at[wg]
+            q_start = i * (2 * bq) + wg * bq
+            rows_q = pl.ds(q_start, bq)
+            plgpu.copy_gmem_to_smem(q_ref.at[b, rows_q, h], q_smem, q_bar.at[wg])
+            plgpu.copy_gmem_to_smem(do_ref.at[b, rows_q, h], do_smem, do_bar.at[wg])
+            plgpu.copy_gmem_to_smem(lse_ref.at[b, h, rows_q], lse_smem, lse_bar.at[wg])
+            plgpu.copy_gmem_to_smem(delta_ref.at[b, h, rows_q], delta_smem, delta_bar.at[wg])
+            q_base = qoff_ref[b] + q_start
+            kv_base = kvoff_ref[b]
+            rows = plgpu.broadcasted_iota(jnp.int32, (bq, bkv), 0, layout=plgpu.Layout.WGMMA)
+            cols = plgpu.broadcasted_iota(jnp.int32, (bq, bkv), 1, layout=plgpu.Layout.WGMMA)
+            for bar in (q_bar, do_bar, lse_bar, delta_bar):
+                plgpu.barrier_wait(bar.at[wg])
+            lse2 = _load(lse_smem, plgpu.Layout.WGMMA.reduce(1))
+            delta = _load(delta_smem, plgpu.Layout.WGMMA.reduce(1))
+            dq = plgpu.layout_cast(jnp.full((bq, H), 0.0, jnp.float32), plgpu.Layout.WGMMA)
+
+            def step_fn(step, dq, *, partial):
+                slot = lax.rem(step, stages)
+                kv_start = kv_block(step) * bkv
+                plgpu.barrier_wait(k_bar.at[slot])
+
+                def s_scope(acc_ref):
+                    plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].T)
+                    return acc_ref[...]
+                s = pl.run_scoped(s_scope, plgpu.ACC((bq, bkv), jnp.float32))
+                plgpu.barrier_wait(v_bar.at[slot])
+
+                def dp_scope(acc_ref):
+                    plgpu.wgmma(acc_ref, do_smem, v_smem.at[slot].T)
+                    return acc_ref[...]
+                dp = pl.run_scoped(dp_scope, plgpu.ACC((bq, bkv), jnp.float32))
+                plgpu.barrier_arrive(v_free.at[slot])
+
+                def tile_reads():
+                    return [_read_tile(r, shp, b=b, h=h, q_start=q_start, block_q=bq,
+                                       kv_start=kv_start, block_kv=bkv)
+                            for r, shp in zip(read_refs, cfg.read_shapes)]
+                q_pos = rows + q_base
+                kv_pos = cols + (kv_base + kv_start)
+                _, ds = _grad_tile(cfg, s, dp, lse2, delta, partial=partial, b=b, h=h, q_pos=q_pos,
+                                   kv_pos=kv_pos, reads=tile_reads, rows_axis=0)
+                if partial and kv_valid_len != cfg.kv_len_padded:
+                    ds = jnp.where(cols + kv_start < kv_valid_len, ds, 0.0)
+
+                def dq_scope(acc_ref):
+                    plgpu.wgmma(acc_ref, ds.astype(dtype), k_smem.at[slot])
+                dq = pl.run_state(dq_scope)(plgpu.ACC.init(dq))
+                plgpu.barrier_arrive(k_free.at[slot])
+                return dq
+
+            dq = lax.fori_loop(0, n_full, functools.partial(step_fn, partial=False), dq)
+            dq = lax.fori_loop(n_full, n_steps, functools.partial(step_fn, partial=True), dq)
+            q_smem[...] = (dq * cfg.scale).astype(dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[b, rows_q, h])
+            plgpu.wait_smem_to_gmem(0)
+
+        @pl.when(wg == 2)
+        def _producer():
+            plgpu.set_max_registers(40, action="decrease")
+            kvh = lax.div(h, jnp.array(G, h.dtype))
+
+            @pl.loop(0, n_steps)
+            def _(step):
+                slot = lax.rem(step, stages)
+                kv_rows = pl.ds(kv_block(step) * bkv, bkv)
+
+                @pl.when(step >= stages)
+                def _():
+                    plgpu.barrier_wait(k_free.at[slot])
+                plgpu.copy_gmem_to_smem(k_ref.at[b, kv_rows, kvh], k_smem.at[slot], k_bar.at[slot])
+
+                @pl.when(step >= stages)
+                def _():
+                    plgpu.barrier_wait(v_free.at[slot])
+                plgpu.copy_gmem_to_smem(v_ref.at[b, kv_rows, kvh], v_smem.at[slot], v_bar.at[slot])
+
+    def entry(*refs):
+        tiling = plgpu.TilingTransform((8, 64))
+        swizzle = plgpu.SwizzleTransform(128)
+        scratch = (
+            plgpu.SMEM((2, bq, H), dtype, transforms=(tiling, swizzle)),
+            plgpu.SMEM((2, bq, H), dtype, transforms=(tiling, swizzle)),
+            plgpu.SMEM((2, bq), jnp.float32),
+            plgpu.SMEM((2, bq), jnp.float32),
+            plgpu.SMEM((stages, bkv, H), dtype, transforms=(tiling, swizzle)),
+            plgpu.SMEM((stages, bkv, H), dtype, transforms=(tiling, swizzle)),
+        )
+        pl.run_scoped(
+            lambda *scoped: kernel(*refs, *scoped),
+            scratch,
+            (plgpu.Barrier(num_barriers=2),) * 4 + (plgpu.Barrier(num_barriers=stages),) * 2,
+            (plgpu.Barrier(num_arrivals=2, num_barriers=stages),) * 2,
+            collective_axes="wg",
+        )
+
+    return plgpu.kernel(
+        entry,
+        out_type=jax.ShapeDtypeStruct(q.shape, dtype),
+        grid=(N, nq, B),
+        grid_names=("heads", "q_seq", "batch"),
+        num_threads=3,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+    )(q_off, kv_off, fcounts, findices, pcounts, pindices, q, k, v, do, lse2, delta, *reads)
+
+
+def _read_tile_transposed(ref, shape, *, b, h, q_start, block_q, kv_start, block_kv):
+    """A read's tile as ``[block_kv, block_q]`` (keys as rows) for the dK/dV kernel: reads
+    along one of q and kv only (``backward_reason``), or a scalar."""
+    b1, h1, t1, s1 = shape
+    bi = b if b1 > 1 else 0
+    hi = h if h1 > 1 else 0
+    wgmma = plgpu.Layout.WGMMA
+    if t1 == 1 and s1 == 1:
+        return ref[bi, hi, 0, 0]
+    if s1 == 1:   # varies along q: the columns
+        col = _load(ref.at[bi, hi, pl.ds(q_start, block_q), 0], wgmma.reduce(0))
+        return lax.broadcast_in_dim(col, (block_kv, block_q), [1])
+    row = _load(ref.at[bi, hi, 0, pl.ds(kv_start, block_kv)], wgmma.reduce(1))
+    return lax.broadcast_in_dim(row, (block_kv, block_q), [0])
+
+
+def backward_dkv(bcfg: MosaicBackwardConfig, q, k, v, do, lse2, delta, lists, reads, q_off, kv_off):
+    """(dK, dV) ``[B, Sp, K, H]`` (k's dtype) on padded inputs; ``lists``: the dK/dV plan's
+    transposed ``split_lists`` (FULL, PARTIAL) of (block_q, 2 * block_kv) blocks."""
+    cfg = bcfg.fwd
+    fcounts, findices, pcounts, pindices = lists
+    B, Tp, N, H = q.shape
+    Sp, K = k.shape[1], k.shape[2]
+    dtype = k.dtype
+    bq, bkv, stages = bcfg.block_q, bcfg.block_kv, bcfg.num_stages
+    n_reads = len(reads)
+    G = cfg.groups
+    nk = Sp // (2 * bkv)
+    plan_b, plan_h = bcfg.dkv_plan
+    q_valid_len = cfg.q_len
+
+    def kernel(qoff_ref, kvoff_ref, fc_ref, fi_ref, pc_ref, pi_ref, q_ref, k_ref, v_ref, do_ref,
+               lse_ref, delta_ref, *rest):
+        read_refs = rest[:n_reads]
+        dk_ref, dv_ref = rest[n_reads:n_reads + 2]
+        (k_smem2, v_smem2, q_smem, do_smem, lse_smem, delta_smem), \
+            (k_bar, v_bar, q_bar, do_bar, lse_bar, delta_bar), free = rest[n_reads + 2:]
+        b = lax.axis_index("batch")
+        kvh = lax.axis_index("kv_heads")
+        j = nk - 1 - lax.axis_index("kv_seq")
+        wg = lax.axis_index("wg")
+        pb = b if plan_b > 1 else 0
+
+        def head_row(g):
+            """(h, plan head, n_full, n_steps) of the g-th query head of the group."""
+            h = kvh * G + g
+            ph = h if plan_h > 1 else 0
+            n_full = fc_ref[pb, ph, j]
+            return h, ph, n_full, n_full + pc_ref[pb, ph, j]
+
+        def q_block(ph, n_full, step):
+            from_full = fi_ref[pb, ph, j, jnp.minimum(step, fi_ref.shape[-1] - 1)]
+            from_part = pi_ref[pb, ph, j, jnp.maximum(step - n_full, 0)]
+            return jnp.where(step < n_full, from_full, from_part)
+
+        @pl.when(wg < 2)
+        def _consumer():
+            plgpu.set_max_registers(232, action="increase")
+            k_smem, v_smem = k_smem2.at[wg], v_smem2.at[wg]
+            kv_start = j * (2 * bkv) + wg * bkv
+            keys = pl.ds(kv_start, bkv)
+            plgpu.copy_gmem_to_smem(k_ref.at[b, keys, kvh], k_smem, k_bar.at[wg])
+            plgpu.copy_gmem_to_smem(v_ref.at[b, keys, kvh], v_smem, v_bar.at[wg])
+            kv_base = kvoff_ref[b] + kv_start
+            q_off_b = qoff_ref[b]
+            rows = plgpu.broadcasted_iota(jnp.int32, (bkv, bq), 0, layout=plgpu.Layout.WGMMA)
+            cols = plgpu.broadcasted_iota(jnp.int32, (bkv, bq), 1, layout=plgpu.Layout.WGMMA)
+            plgpu.barrier_wait(k_bar.at[wg])
+            plgpu.barrier_wait(v_bar.at[wg])
+            zeros = jnp.full((bkv, H), 0.0, jnp.float32)
+            dk = plgpu.layout_cast(zeros, plgpu.Layout.WGMMA)
+            dv = plgpu.layout_cast(zeros, plgpu.Layout.WGMMA)
+
+            def head_fn(g, carry):
+                dk, dv, done = carry
+                h, ph, n_full, n_steps = head_row(g)
+
+                def step_fn(step, carry, *, partial):
+                    dk, dv = carry
+                    slot = lax.rem(done + step, stages)
+                    q_start = q_block(ph, n_full, step) * bq
+                    plgpu.barrier_wait(q_bar.at[slot])
+
+                    def s_scope(acc_ref):
+                        plgpu.wgmma(acc_ref, k_smem, q_smem.at[slot].T)
+                        return acc_ref[...]
+                    s = pl.run_scoped(s_scope, plgpu.ACC((bkv, bq), jnp.float32))
+                    plgpu.barrier_wait(lse_bar.at[slot])
+                    plgpu.barrier_wait(delta_bar.at[slot])
+                    lse2 = _load(lse_smem.at[slot], plgpu.Layout.WGMMA.reduce(0))
+                    delta = _load(delta_smem.at[slot], plgpu.Layout.WGMMA.reduce(0))
+                    plgpu.barrier_wait(do_bar.at[slot])
+
+                    def dp_scope(acc_ref):
+                        plgpu.wgmma(acc_ref, v_smem, do_smem.at[slot].T)
+                        return acc_ref[...]
+                    dp = pl.run_scoped(dp_scope, plgpu.ACC((bkv, bq), jnp.float32))
+
+                    def tile_reads():
+                        return [_read_tile_transposed(r, shp, b=b, h=h, q_start=q_start, block_q=bq,
+                                                      kv_start=kv_start, block_kv=bkv)
+                                for r, shp in zip(read_refs, cfg.read_shapes)]
+                    q_pos = cols + (q_off_b + q_start)
+                    kv_pos = rows + kv_base
+                    p, ds = _grad_tile(cfg, s, dp, lse2, delta, partial=partial, b=b, h=h, q_pos=q_pos,
+                                       kv_pos=kv_pos, reads=tile_reads, rows_axis=1)
+                    if partial and q_valid_len != cfg.q_len_padded:
+                        real = cols + q_start < q_valid_len
+                        p = jnp.where(real, p, 0.0)
+                        ds = jnp.where(real, ds, 0.0)
+
+                    def dv_scope(acc_ref):
+                        plgpu.wgmma(acc_ref, p.astype(dtype), do_smem.at[slot])
+                    dv = pl.run_state(dv_scope)(plgpu.ACC.init(dv))
+
+                    def dk_scope(acc_ref):
+                        plgpu.wgmma(acc_ref, ds.astype(dtype), q_smem.at[slot])
+                    dk = pl.run_state(dk_scope)(plgpu.ACC.init(dk))
+                    plgpu.barrier_arrive(free.at[slot])
+                    return dk, dv
+
+                carry = lax.fori_loop(0, n_full, functools.partial(step_fn, partial=False), (dk, dv))
+                dk, dv = lax.fori_loop(n_full, n_steps, functools.partial(step_fn, partial=True), carry)
+                return dk, dv, done + n_steps
+
+            dk, dv, _ = lax.fori_loop(0, G, head_fn, (dk, dv, jnp.int32(0)))
+            k_smem[...] = (dk * cfg.scale).astype(dtype)
+            v_smem[...] = dv.astype(dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[b, keys, kvh])
+            plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[b, keys, kvh])
+            plgpu.wait_smem_to_gmem(0)
+
+        @pl.when(wg == 2)
+        def _producer():
+            plgpu.set_max_registers(40, action="decrease")
+
+            def head_fn(g, done):
+                h, ph, n_full, n_steps = head_row(g)
+
+                @pl.loop(0, n_steps)
+                def _(step):
+                    slot = lax.rem(done + step, stages)
+                    rows_q = pl.ds(q_block(ph, n_full, step) * bq, bq)
+
+                    @pl.when(done + step >= stages)
+                    def _():
+                        plgpu.barrier_wait(free.at[slot])
+                    plgpu.copy_gmem_to_smem(q_ref.at[b, rows_q, h], q_smem.at[slot], q_bar.at[slot])
+                    plgpu.copy_gmem_to_smem(lse_ref.at[b, h, rows_q], lse_smem.at[slot], lse_bar.at[slot])
+                    plgpu.copy_gmem_to_smem(delta_ref.at[b, h, rows_q], delta_smem.at[slot],
+                                            delta_bar.at[slot])
+                    plgpu.copy_gmem_to_smem(do_ref.at[b, rows_q, h], do_smem.at[slot], do_bar.at[slot])
+                return done + n_steps
+
+            lax.fori_loop(0, G, head_fn, jnp.int32(0))
+
+    def entry(*refs):
+        tiling = plgpu.TilingTransform((8, 64))
+        swizzle = plgpu.SwizzleTransform(128)
+        scratch = (
+            plgpu.SMEM((2, bkv, H), dtype, transforms=(tiling, swizzle)),
+            plgpu.SMEM((2, bkv, H), dtype, transforms=(tiling, swizzle)),
+            plgpu.SMEM((stages, bq, H), dtype, transforms=(tiling, swizzle)),
+            plgpu.SMEM((stages, bq, H), dtype, transforms=(tiling, swizzle)),
+            plgpu.SMEM((stages, bq), jnp.float32),
+            plgpu.SMEM((stages, bq), jnp.float32),
+        )
+        pl.run_scoped(
+            lambda *scoped: kernel(*refs, *scoped),
+            scratch,
+            (plgpu.Barrier(num_barriers=2),) * 2 + (plgpu.Barrier(num_barriers=stages),) * 4,
+            plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+            collective_axes="wg",
+        )
+
+    kv_type = jax.ShapeDtypeStruct(k.shape, dtype)
+    return plgpu.kernel(
+        entry,
+        out_type=(kv_type, kv_type),
+        grid=(K, nk, B),
+        grid_names=("kv_heads", "kv_seq", "batch"),
+        num_threads=3,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+    )(q_off, kv_off, fcounts, findices, pcounts, pindices, q, k, v, do, lse2, delta, *reads)
