@@ -6,7 +6,8 @@ Shapes: bf16, B=2, N=16, T=S=8192, H=128 (``--quick``: T=S=2048); masks dense, c
 causal sliding window 1024 ("swa"), causal packed documents with 8 random-length
 documents per batch row ("doc"); forward and forward+backward.
 
-One process per framework: the JAX part (scoremod "mosaic", "pallas" and "xla",
+One process per framework: the JAX part (scoremod "mosaic", "mosaic-bwd" (the Mosaic
+forward with the opt-in Mosaic backward), "pallas" and "xla",
 jax.nn.dot_product_attention cudnn/xla, JAX's Pallas GPU ``mha``) runs first and saves
 the inputs and a reference slice; the PyTorch part (FlexAttention compiled, SDPA) runs
 after it in a fresh process on the same inputs. Every output is checked against a
@@ -259,6 +260,11 @@ def _jax_impls(q, k, v, ids, scale, block_sizes, one_loop=False):
 
     def ours(impl):
         def make(mname, mod, tensors):
+            if impl == "mosaic-bwd":   # the Mosaic forward with the (opt-in) Mosaic backward
+                from scoremod.runtime.mosaic_attention import MosaicBlockSizes, mosaic_attention
+                bs = dataclasses.replace(MosaicBlockSizes.get_default(q.shape[-1]), backward="mosaic")
+                return lambda a, b, c: mosaic_attention(a, b, c, mod=mod, scale=scale, tensors=tensors,
+                                                        block_sizes=bs)
             if impl == "pallas":
                 from scoremod.runtime.pallas_attention import PallasBlockSizes, pallas_attention
                 bs = block_sizes
@@ -295,7 +301,7 @@ def _jax_impls(q, k, v, ids, scale, block_sizes, one_loop=False):
         causal = mname != "dense"
         return lambda a, b, c: mha(a, b, c, seg, sm_scale=scale, causal=causal)
 
-    return {"mosaic": ours("mosaic"), "pallas": ours("pallas"), "xla": ours("xla"), "jax-cudnn": jax_nn("cudnn"),
+    return {"mosaic": ours("mosaic"), "mosaic-bwd": ours("mosaic-bwd"), "pallas": ours("pallas"), "xla": ours("xla"), "jax-cudnn": jax_nn("cudnn"),
             "jax-xla": jax_nn("xla"), "jax-pallas-mha": jax_mha}
 
 
@@ -532,7 +538,7 @@ def report(args):
             fl = 4 * B * N * T * S * H * merged[m]["density"] * (3.5 if kind == "fwdbwd" else 1.0)
             cells.append(f"{ms:.3f} ({fl / ms / 1e9:.0f})")
         print(f"| {n} | " + " | ".join(cells) + " |")
-    for ours_name in ("mosaic", "pallas"):
+    for ours_name in ("mosaic", "mosaic-bwd", "pallas"):
         print(f"\nratio {ours_name} / peer (time; < 1 means {ours_name} is faster)")
         print("| peer | " + " | ".join(f"{m} {'fwd' if k == 'fwd' else 'fwd+bwd'}" for m, k in cols) + " |")
         print("|" + "---|" * (len(cols) + 1))
