@@ -325,14 +325,6 @@ def _bool_chain(node: Node, ops: tuple[str, ...]) -> list[Node]:
     return parts
 
 
-def _chain(op: str, parts: list[Node], span) -> Node:
-    """``parts`` joined left to right with ``op``; the root keeps ``span``."""
-    out = parts[0]
-    for p in parts[1:]:
-        out = Binary(op, out, p)
-    return Binary(op, out.lhs, out.rhs, span=span) if len(parts) > 1 else out
-
-
 def _plus_const(x: Node, c: int, span) -> Node:
     """``x + c`` without negative literals (``x - 3``, not ``x + -3``; ``x`` for 0)."""
     if c == 0:
@@ -445,10 +437,11 @@ def _facts(n: Node) -> tuple:
     same = _SAME_QUOTIENT.match(n)
     zero = _ZERO_RESIDUE.match(n)
     bound = linear_bound(n)
-    if bound is not None:   # equal forms become one object: comparing them is then O(1)
+    # Equal forms and expressions become one object (_interned): comparing them is then O(1).
+    if bound is not None:
         bound = (_interned(bound[0]),) + bound[1:]
-    return (bound, same and (same["x"], same["y"], same["c"].value),
-            zero and (zero["x"], zero["d"].value))
+    return (bound, same and (_interned(same["x"]), _interned(same["y"]), same["c"].value),
+            zero and (_interned(zero["x"]), zero["d"].value))
 
 
 @lru_cache(maxsize=FACTS_CACHE)
@@ -517,10 +510,10 @@ def merge_conjunction(n: Binary) -> Node | None:
     def redundant(i, j):  # part i adds nothing to part j
         a, b = parts[i], parts[j]
         return can_go[i] and (_implies(facts[j], facts[i]) or (_isop(a, "|") and b in _bool_chain(a, ("|",))))
-    kept = _keep_strongest(parts, redundant, others)
-    if len(kept) == len(parts) or not _bool_typed(n):
+    dropped = _keep_strongest(parts, redundant, others)
+    if not any(dropped) or not _bool_typed(n):
         return None
-    return _chain("&", kept, n.span)
+    return _rechain("&", ("&", "+"), n, parts, dropped)
 
 
 def merge_disjunction(n: Binary) -> Node | None:
@@ -539,10 +532,10 @@ def merge_disjunction(n: Binary) -> Node | None:
         a, b = parts[i], parts[j]
         return can_go[i] and (_implies(facts[i], facts[j]) or (
             isinstance(a, Binary) and a.op in ("&", "+") and b in _bool_chain(a, ("&", "+"))))
-    kept = _keep_strongest(parts, redundant, others)
-    if len(kept) == len(parts):
+    dropped = _keep_strongest(parts, redundant, others)
+    if not any(dropped):
         return None
-    return _chain("|", kept, n.span)
+    return _rechain("|", ("|",), n, parts, dropped)
 
 
 def _opposable_pairs(parts: list[Node], facts: list[tuple], others):
@@ -589,7 +582,43 @@ def _chain_sides(n: Binary, parts: list[Node], ops) -> "Callable[[int], range | 
     return others
 
 
-def _keep_strongest(parts: list[Node], redundant, others=None) -> list[int]:
+def _rechain(op: str, ops: tuple[str, ...], n: Binary, parts: list[Node], dropped: list[bool]) -> Node:
+    """The chain under ``n`` without its dropped parts, joined with ``op``; the root keeps
+    ``n``'s span. The parts before the first dropped one are kept as the very node of ``n``
+    that holds them when there is one (a left-deep prefix joined with ``op`` only), so the
+    rewriter finds it already in normal form instead of rewriting a copy of it."""
+    first = dropped.index(True)
+    node, count = n, len(parts)
+    while count > first and isinstance(node, Binary) and node.op in ops:
+        right = len(_bool_chain(node.rhs, ops))
+        if count - right < first:
+            break
+        node, count = node.lhs, count - right
+    prefix = None
+    if first > 0 and count == first and _spine_is(node, op, ops, first):
+        prefix = node
+    rest = [p for i, p in enumerate(parts) if not dropped[i] and (prefix is None or i >= first)]
+    out = prefix
+    for p in rest:
+        out = p if out is None else Binary(op, out, p)
+    if isinstance(out, Binary) and out is not prefix:
+        return Binary(out.op, out.lhs, out.rhs, span=n.span)
+    return out
+
+
+def _spine_is(node: Node, op: str, ops: tuple[str, ...], count: int) -> bool:
+    """Whether ``node`` is ``count`` parts (nodes that are no ``ops`` chain) joined left to
+    right by ``op`` alone: what rebuilding them would make, so reusing it changes nothing."""
+    def is_chain(x):
+        return isinstance(x, Binary) and x.op in ops
+    for _ in range(count - 1):
+        if not (isinstance(node, Binary) and node.op == op) or is_chain(node.rhs):
+            return False
+        node = node.lhs
+    return not is_chain(node)
+
+
+def _keep_strongest(parts: list[Node], redundant, others=None) -> list[bool]:
     """Drop each part made redundant by another kept part (``redundant(i, j)``: part i adds
     nothing to part j); of equal or equivalent parts the first stays. ``others(i)``: the
     parts part i needs comparing with (default: all; see ``_chain_sides``)."""
@@ -607,7 +636,7 @@ def _keep_strongest(parts: list[Node], redundant, others=None) -> list[int]:
             if redundant(i, j) and not (redundant(j, i) and j > i):
                 dropped[i] = True
                 break
-    return [p for p, d in zip(parts, dropped) if not d]
+    return dropped
 
 
 # ---- rule sets -------------------------------------------------------------------------------
