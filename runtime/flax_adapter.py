@@ -9,7 +9,8 @@ No Flax import: the returned function has the parameters of
 ``flax.linen.dot_product_attention`` / ``flax.nnx.dot_product_attention`` by name
 (linen filters its keyword arguments by the function's signature; nnx passes
 ``mask, dropout_rng, dropout_rate, broadcast_dropout, deterministic, dtype, precision,
-module`` unconditionally).
+module, is_causal`` unconditionally). Tested against flax 0.12 (tests/test_flax_adapter.py
+calls the real layers: nnx and linen, training steps, nnx decoding with a cache).
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ def as_attention_fn(mod=None, *, implementation=None, scale=None, **tensors):
       ``mod & (flax_mask[b, h, q, kv] != 0)``. Rows left with no key give 0, where Flax's
       own function gives the mean of the values.
     * ``bias`` (real, broadcastable the same way) is added: ``mod + flax_bias[b, h, q, kv]``.
+    * ``is_causal=True`` (what ``nnx.MultiHeadAttention(..., is_causal=True)`` passes) ANDs
+      ``causal`` with the mod.
     * dropout on the attention weights (``dropout_rate > 0`` and not ``deterministic``)
       and ``module`` (sowing the weights, which are never materialised) raise
       ``ScoreModError``. ``dtype`` casts query/key/value; ``precision`` and
@@ -63,13 +66,21 @@ def as_attention_fn(mod=None, *, implementation=None, scale=None, **tensors):
         raise ScoreModError(f"tensor name '{taken[0]}' is reserved by as_attention_fn for Flax's "
                             f"{'mask' if taken[0] == MASK_TENSOR else 'bias'}", source=str(mod),
                             hint="rename the tensor in the source")
-    with_mask = compile_mod(f"({mod}) & ({MASK_TENSOR}[b, h, q, kv] != 0)")
-    with_bias = compile_mod(f"({mod}) + {BIAS_TENSOR}[b, h, q, kv]")
-    with_both = compile_mod(f"({mod}) & ({MASK_TENSOR}[b, h, q, kv] != 0) + {BIAS_TENSOR}[b, h, q, kv]")
+
+    def combined(is_causal: bool, with_mask: bool, with_bias: bool):
+        # Built once per combination (compile_mod caches by source text).
+        source = f"({mod})"
+        if is_causal:
+            source += " & causal"
+        if with_mask:
+            source += f" & ({MASK_TENSOR}[b, h, q, kv] != 0)"
+        if with_bias:
+            source += f" + {BIAS_TENSOR}[b, h, q, kv]"
+        return compile_mod(source)
 
     def attention_fn(query, key, value, bias=None, mask=None, broadcast_dropout=True, dropout_rng=None,
                      dropout_rate=0.0, deterministic=False, dtype=None, precision=None, module=None,
-                     force_fp32_for_softmax=False):
+                     force_fp32_for_softmax=False, is_causal=False):
         """Flax-compatible attention: ``[batch..., T, N, H]`` -> ``[batch..., T, N, H]``."""
         if dropout_rate > 0.0 and not deterministic:
             raise ScoreModError(f"attention dropout is not supported (dropout_rate={dropout_rate}, "
@@ -97,10 +108,8 @@ def as_attention_fn(mod=None, *, implementation=None, scale=None, **tensors):
             extra[MASK_TENSOR] = _flat_grid(mask, batch_shape, "mask")
         if bias is not None:
             extra[BIAS_TENSOR] = _flat_grid(bias, batch_shape, "bias")
-        combined = {(False, False): mod, (True, False): with_mask, (False, True): with_bias,
-                    (True, True): with_both}[(mask is not None, bias is not None)]
-        out = attention(q, k, v, mod=combined, scale=scale, implementation=implementation,
-                        **tensors, **extra)
+        out = attention(q, k, v, mod=combined(bool(is_causal), mask is not None, bias is not None), scale=scale,
+                        implementation=implementation, **tensors, **extra)
         return out.reshape(query.shape)
 
     attention_fn.mod = mod

@@ -1,12 +1,8 @@
-"""as_attention_fn against the calls Flax makes (no Flax needed: the calls are reproduced here).
-
-* flax.nnx.MultiHeadAttention calls ``attention_fn(query, key, value, mask=, dropout_rng=,
-  dropout_rate=, broadcast_dropout=, deterministic=, dtype=, precision=, module=)``.
-* flax.linen.MultiHeadDotProductAttention builds ``mask, dropout_rng, dropout_rate,
-  broadcast_dropout, deterministic, dtype, precision, force_fp32_for_softmax,
-  qk_attn_weights_einsum, attn_weights_value_einsum``, keeps those in
-  ``inspect.signature(attention_fn).parameters``, and adds ``module=self`` only with
-  ``sow_weights=True``.
+"""as_attention_fn in Flax's own attention layers (flax is a test dependency; these tests
+skip without it): nnx.MultiHeadAttention (incl. ``is_causal``, training, decoding with a
+cache) and linen.MultiHeadDotProductAttention, against Flax's own attention function
+with the same parameters; then the adapter's own behaviour (masks, bias, batch axes,
+refusals) called directly.
 """
 
 from __future__ import annotations
@@ -27,21 +23,6 @@ Q, K, V = (jnp.asarray(rng.standard_normal((B, T, N, H)), jnp.float32) for _ in 
 IDS = jnp.asarray(np.repeat([[0, 1, 2]], 4, axis=1).repeat(B, 0), jnp.int32)
 
 
-def nnx_call(fn, q, k, v, mask=None, dropout_rate=0.0, deterministic=True, module=None):
-    return fn(q, k, v, mask=mask, dropout_rng=None, dropout_rate=dropout_rate, broadcast_dropout=True,
-              deterministic=deterministic, dtype=None, precision=None, module=module)
-
-
-def linen_call(fn, q, k, v, mask=None, dropout_rate=0.0, deterministic=True, sow_weights=False):
-    kwargs = dict(mask=mask, dropout_rng=None, dropout_rate=dropout_rate, broadcast_dropout=True,
-                  deterministic=deterministic, dtype=None, precision=None, force_fp32_for_softmax=False,
-                  qk_attn_weights_einsum=None, attn_weights_value_einsum=None)
-    kwargs = {k: v for k, v in kwargs.items() if k in inspect.signature(fn).parameters}
-    if sow_weights:
-        return fn(q, k, v, **kwargs, module=object())
-    return fn(q, k, v, **kwargs)
-
-
 def causal_mask_like_flax(length, dtype=jnp.float32):
     """flax's make_causal_mask: float 1/0, [batch..., 1, T, T]."""
     idx = jnp.arange(length)
@@ -52,26 +33,112 @@ def attention(mod, **kw):
     return scoremod.attention(Q, K, V, mod=mod, implementation="reference", **kw)
 
 
-@pytest.mark.parametrize("caller", [nnx_call, linen_call])
-def test_called_like_flax(caller):
-    fn = scoremod.as_attention_fn("causal & doc(ids)", ids=IDS, implementation="reference")
-    np.testing.assert_allclose(caller(fn, Q, K, V), attention("causal & doc(ids)", ids=IDS), atol=1e-6)
+flax = pytest.importorskip("flax")
+from flax import nnx  # noqa: E402
+import flax.linen as nn  # noqa: E402
+
+D = N * H   # model width of the layers below
+
+
+def _nnx_pair(**kw):
+    """Two nnx layers with the same parameters: Flax's attention and ours."""
+    ours = nnx.MultiHeadAttention(num_heads=N, in_features=D, rngs=nnx.Rngs(0), decode=False,
+                                  attention_fn=scoremod.as_attention_fn(implementation="reference"), **kw)
+    theirs = nnx.MultiHeadAttention(num_heads=N, in_features=D, rngs=nnx.Rngs(0), decode=False, **kw)
+    return ours, theirs
+
+
+X = jnp.asarray(rng.standard_normal((B, T, D)), jnp.float32)
+
+
+def test_nnx_layer_matches_flax():
+    ours, theirs = _nnx_pair()
+    np.testing.assert_allclose(ours(X), theirs(X), atol=1e-5)
+    mask = nnx.make_causal_mask(jnp.ones((B, T)))
+    np.testing.assert_allclose(ours(X, mask=mask), theirs(X, mask=mask), atol=1e-5)
+
+
+def test_nnx_is_causal():
+    # flax 0.12 passes is_causal to attention_fn unconditionally (was a TypeError here).
+    ours, theirs = _nnx_pair()
+    want = theirs(X, mask=nnx.make_causal_mask(jnp.ones((B, T))))
+    np.testing.assert_allclose(ours(X, is_causal=True), want, atol=1e-5)
+
+
+def test_nnx_mod_with_tensors_in_a_layer():
+    layer = nnx.MultiHeadAttention(num_heads=N, in_features=D, rngs=nnx.Rngs(0), decode=False,
+                                   attention_fn=scoremod.as_attention_fn("causal & doc(ids)", ids=IDS,
+                                                                         implementation="reference"))
+    theirs = nnx.MultiHeadAttention(num_heads=N, in_features=D, rngs=nnx.Rngs(0), decode=False)
+    same_doc = IDS[:, None, :, None] == IDS[:, None, None, :]
+    want = theirs(X, mask=nnx.combine_masks(nnx.make_causal_mask(jnp.ones((B, T))), same_doc))
+    np.testing.assert_allclose(layer(X), want, atol=1e-5)
+
+
+def test_nnx_training_step():
+    ours, theirs = _nnx_pair()
+
+    def loss(model):
+        return jnp.mean(model(X, is_causal=True) ** 2)
+    g_ours = nnx.grad(loss)(ours)
+    g_theirs = nnx.grad(loss)(theirs)
+    for a, b in zip(jax.tree_util.tree_leaves(g_ours), jax.tree_util.tree_leaves(g_theirs)):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    step = nnx.jit(lambda model: nnx.grad(loss)(model))
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree_util.tree_leaves(step(ours)))
+
+
+def test_nnx_decode_loop_matches_the_full_causal_pass():
+    layer = nnx.MultiHeadAttention(num_heads=N, in_features=D, rngs=nnx.Rngs(0), decode=True,
+                                   attention_fn=scoremod.as_attention_fn(implementation="reference"))
+    full = nnx.MultiHeadAttention(num_heads=N, in_features=D, rngs=nnx.Rngs(0), decode=False)
+    want = full(X, mask=nnx.make_causal_mask(jnp.ones((B, T))))
+    layer.init_cache((B, T, D))
+    steps = [layer(X[:, t:t + 1]) for t in range(T)]
+    np.testing.assert_allclose(jnp.concatenate(steps, axis=1), want, atol=1e-5)
+
+
+def test_linen_layer_matches_flax_and_trains():
+    ours = nn.MultiHeadDotProductAttention(num_heads=N, attention_fn=scoremod.as_attention_fn(
+        implementation="reference"))
+    theirs = nn.MultiHeadDotProductAttention(num_heads=N)
+    params = theirs.init(jax.random.key(0), X)
+    mask = nn.make_causal_mask(jnp.ones((B, T)))
+    np.testing.assert_allclose(ours.apply(params, X, mask=mask), theirs.apply(params, X, mask=mask), atol=1e-5)
+
+    def loss(p, model):
+        return jnp.mean(model.apply(p, X, mask=mask) ** 2)
+    for a, b in zip(jax.tree_util.tree_leaves(jax.grad(loss)(params, ours)),
+                    jax.tree_util.tree_leaves(jax.grad(loss)(params, theirs))):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_dropout_and_sowing_are_refused_clearly():
+    layer = nnx.MultiHeadAttention(num_heads=N, in_features=D, rngs=nnx.Rngs(0), decode=False, dropout_rate=0.1,
+                                   attention_fn=scoremod.as_attention_fn("causal"))
+    with pytest.raises(ScoreModError, match="dropout"):
+        layer(X, deterministic=False)
+    # Dropout configured but switched off (evaluation) is fine.
+    assert layer(X, deterministic=True).shape == X.shape
+    linen = nn.MultiHeadDotProductAttention(num_heads=N, attention_fn=scoremod.as_attention_fn("causal"))
+    params = linen.init(jax.random.key(0), X)
+    with pytest.raises(ScoreModError, match="sow_weights"):
+        linen.apply(params, X, sow_weights=True)
 
 
 def test_signature_names_what_flax_passes():
     params = inspect.signature(scoremod.as_attention_fn("causal")).parameters
     for name in ("query", "key", "value", "bias", "mask", "broadcast_dropout", "dropout_rng", "dropout_rate",
-                 "deterministic", "dtype", "precision", "module", "force_fp32_for_softmax"):
+                 "deterministic", "dtype", "precision", "module", "force_fp32_for_softmax", "is_causal"):
         assert name in params
     assert list(params)[:5] == ["query", "key", "value", "bias", "mask"]
 
 
-@pytest.mark.parametrize("caller", [nnx_call, linen_call])
-def test_a_flax_mask_is_anded_with_the_mod(caller):
+def test_a_flax_mask_is_anded_with_the_mod():
     fn = scoremod.as_attention_fn("doc(ids)", ids=IDS, implementation="reference")
-    out = caller(fn, Q, K, V, mask=causal_mask_like_flax(T))
+    out = fn(Q, K, V, mask=causal_mask_like_flax(T))
     np.testing.assert_allclose(out, attention("causal & doc(ids)", ids=IDS), atol=1e-6)
-    out = caller(fn, Q, K, V, mask=causal_mask_like_flax(T, jnp.bool_)[:1])   # broadcast batch
+    out = fn(Q, K, V, mask=causal_mask_like_flax(T, jnp.bool_)[:1])   # broadcast batch
     np.testing.assert_allclose(out, attention("causal & doc(ids)", ids=IDS), atol=1e-6)
 
 
@@ -86,16 +153,6 @@ def test_rows_masked_by_flax_give_zero():
     mask = jnp.ones((B, 1, T, T), bool).at[:, :, 3].set(False)
     out = scoremod.as_attention_fn()(Q, K, V, mask=mask)
     assert not np.any(np.asarray(out)[:, 3]) and np.all(np.isfinite(out))
-
-
-def test_dropout_and_sowing_are_refused_clearly():
-    fn = scoremod.as_attention_fn("causal")
-    with pytest.raises(ScoreModError, match="dropout"):
-        nnx_call(fn, Q, K, V, dropout_rate=0.1, deterministic=False)
-    with pytest.raises(ScoreModError, match="sow_weights"):
-        linen_call(fn, Q, K, V, sow_weights=True)
-    # Dropout configured but switched off (evaluation) is fine.
-    assert nnx_call(fn, Q, K, V, dropout_rate=0.1, deterministic=True).shape == Q.shape
 
 
 def test_batch_axes_any_number_or_none():
