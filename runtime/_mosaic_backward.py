@@ -75,8 +75,9 @@ def _grad_tile(cfg: MosaicKernelConfig, s, dp, lse2, delta, *, partial, b, h, q_
     p = jnp.exp2(logits - lax.broadcast_in_dim(lse2, shape, [stat_dim]))
     ds = p * (dp - lax.broadcast_in_dim(delta, shape, [stat_dim]))
     if cfg.program.dtransform is not None:
-        rd = reads()
-        ds = ds * cfg.program.dscore(s * cfg.scale, b=b, h=h, q=q_pos, kv=kv_pos, reads=rd)
+        # Where p = 0 (masked) the product is 0 even if dT/dscore is not finite there.
+        dT = cfg.program.dscore(s * cfg.scale, b=b, h=h, q=q_pos, kv=kv_pos, reads=reads())
+        ds = jnp.where(p > 0.0, ds * dT, 0.0)
     return p, ds
 
 
