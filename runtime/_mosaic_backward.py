@@ -38,7 +38,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from scoremod.runtime._mosaic_forward import MosaicKernelConfig, _load, _logits2, _read_tile, plgpu
+from scoremod.runtime._mosaic_forward import (
+    MosaicKernelConfig, _load, _logits2, _read_tile, listed_block, plgpu)
 
 LOG2E = math.log2(math.e)
 
@@ -111,9 +112,7 @@ def backward_dq(bcfg: MosaicBackwardConfig, q, k, v, do, lse2, delta, lists, rea
         n_steps = n_full + pc_ref[pb, ph, i]
 
         def kv_block(step):
-            from_full = fi_ref[pb, ph, i, jnp.minimum(step, fi_ref.shape[-1] - 1)]
-            from_part = pi_ref[pb, ph, i, jnp.maximum(step - n_full, 0)]
-            return jnp.where(step < n_full, from_full, from_part)
+            return listed_block(fi_ref, pi_ref, (pb, ph, i), n_full, step)
 
         @pl.when(wg < 2)
         def _consumer():
@@ -278,9 +277,7 @@ def backward_dkv(bcfg: MosaicBackwardConfig, q, k, v, do, lse2, delta, lists, re
             return h, ph, n_full, n_full + pc_ref[pb, ph, j]
 
         def q_block(ph, n_full, step):
-            from_full = fi_ref[pb, ph, j, jnp.minimum(step, fi_ref.shape[-1] - 1)]
-            from_part = pi_ref[pb, ph, j, jnp.maximum(step - n_full, 0)]
-            return jnp.where(step < n_full, from_full, from_part)
+            return listed_block(fi_ref, pi_ref, (pb, ph, j), n_full, step)
 
         @pl.when(wg < 2)
         def _consumer():

@@ -111,6 +111,14 @@ def _read_tile(ref, shape, *, b, h, q_start, block_q, kv_start, block_kv):
     return _load(ref.at[bi, hi, pl.ds(q_start, block_q), pl.ds(kv_start, block_kv)], wgmma)
 
 
+def listed_block(full_ref, partial_ref, row: tuple, n_full, step):
+    """The ``step``-th block a kernel visits in plan row ``row`` (an index tuple into the
+    lists of ``compiler.plan.split_lists``): the FULL list first, then the PARTIAL list."""
+    from_full = full_ref[(*row, jnp.minimum(step, full_ref.shape[-1] - 1))]
+    from_part = partial_ref[(*row, jnp.maximum(step - n_full, 0))]
+    return jnp.where(step < n_full, from_full, from_part)
+
+
 def _logits2(cfg: MosaicKernelConfig, s, *, partial, b, h, q_pos, kv_pos, reads):
     """Base-2 logits ``log2(e) * where(M, T(scale * s) + B, -inf)`` of a tile.
 
@@ -162,10 +170,7 @@ def forward(cfg: MosaicKernelConfig, q, k, v, plan_arrays, reads, q_off, kv_off)
         n_steps = n_full + n_part
 
         def kv_block(step):
-            # The step-th listed block: the FULL list first, then the PARTIAL list.
-            from_full = fi_ref[pb, ph, i, jnp.minimum(step, fi_ref.shape[-1] - 1)]
-            from_part = pi_ref[pb, ph, i, jnp.maximum(step - n_full, 0)]
-            return jnp.where(step < n_full, from_full, from_part)
+            return listed_block(fi_ref, pi_ref, (pb, ph, i), n_full, step)
 
         def schedule():
             plgpu.barrier_arrive(sched)
