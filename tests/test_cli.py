@@ -140,3 +140,10 @@ def test_explain_malformed_flags_are_usage_errors(args, fragment):
     r = dslc("explain", "causal", *args)
     assert r.returncode == 2, r.stdout
     assert fragment in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_version():
+    import scoremod
+    r = dslc("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"dslc (scoremod) {scoremod.__version__}"
+    assert scoremod.__version__[0].isdigit()   # from the installed package's metadata

@@ -17,7 +17,11 @@ from scoremod.errors import (
 from scoremod.compiler.mod import Mod, compile_mod as compile
 from scoremod.dsl.definitions import define, undefine
 
-__version__ = "0.1.0"
+try:  # the one version number is pyproject.toml's
+    from importlib.metadata import PackageNotFoundError, version as _version
+    __version__ = _version("scoremod")
+except PackageNotFoundError:  # a source tree on sys.path, not installed
+    __version__ = "unknown"
 
 __all__ = [
     "attention", "as_attention_fn", "paged_attention", "PagedBlockSizes", "compile", "define", "undefine", "Mod",

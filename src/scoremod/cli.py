@@ -185,6 +185,8 @@ def _cmd_explain(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dslc", description="The scoremod compiler: check, list, show and explain attention mods.")
+    from scoremod import __version__
+    parser.add_argument("--version", action="version", version=f"dslc (scoremod) {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
