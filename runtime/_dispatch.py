@@ -53,14 +53,16 @@ def implementation_names(implementation, *, known: tuple[str, ...], on_gpu: tupl
     return tuple(names)
 
 
-def run_first(names: Sequence[str], runners: Mapping[str, Callable], *, what: str, mod: Mod, **call):
+def run_first(names: Sequence[str], runners: Mapping[str, Callable], *, what: str, mod: Mod,
+              record: list | None = None, **call):
     """Run ``runners[name](mod=mod, **call)`` for the first of ``names`` that does not decline.
 
     A runner declines with ``NotImplementedError`` (or an ``ImportError`` of its module);
     each decline and the final choice are logged on ``logging.getLogger("scoremod")`` at
-    INFO. When every one declines, a ``NotImplementedError`` gives every reason.
+    INFO, and appended to ``record`` (when given) as ``(name, why)`` / ``(name, None)``.
+    When every one declines, a ``NotImplementedError`` gives every reason.
     """
-    reasons = []   # (name, why it declined)
+    reasons = [] if record is None else record   # (name, why it declined)
     for name in names:
         try:
             result = runners[name](mod=mod, **call)
@@ -78,6 +80,8 @@ def run_first(names: Sequence[str], runners: Mapping[str, Callable], *, what: st
             logger.info("scoremod.%s: %s cannot run %r: %s", what, name, str(mod), why)
             continue
         logger.info("scoremod.%s: using %s for %r", what, name, str(mod))
+        if record is not None:
+            record.append((name, None))
         return result
     if len(reasons) == 1:
         raise NotImplementedError(f"{names[0]} cannot run {str(mod)!r}: {reasons[0][1]}")

@@ -16,6 +16,8 @@ any implementation traces: a ``ScoreModShapeError`` for query/key/value/options,
 from __future__ import annotations
 
 
+from dataclasses import dataclass
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,7 +31,7 @@ from scoremod.runtime._dispatch import (ATTENTION_ELSEWHERE, ATTENTION_ON_GPU, a
                                         check_head_groups, concrete, implementation_names,
                                         resolve_scale, run_first)
 
-__all__ = ["attention", "check_inputs", "check_tensors", "IMPLEMENTATIONS"]
+__all__ = ["attention", "check_inputs", "check_tensors", "dispatch", "Dispatch", "IMPLEMENTATIONS"]
 
 
 IMPLEMENTATIONS = ("reference", "xla", "pallas", "mosaic", "cudnn")
@@ -65,6 +67,12 @@ def attention(query, key, value, *, mod=None, scale=None, q_offset=0, kv_offset=
         >>> scoremod.attention(q, k, v, mod="causal & doc(ids)", ids=ids).shape
         (2, 128, 4, 64)
     """
+    return _attention(query, key, value, mod=mod, scale=scale, q_offset=q_offset, kv_offset=kv_offset,
+                      implementation=implementation, return_lse=return_lse, tensors=tensors)
+
+
+def _attention(query, key, value, *, mod, scale, q_offset, kv_offset, implementation, return_lse, tensors,
+               record=None):
     mod = as_mod(mod)
     names = implementation_names(implementation, known=IMPLEMENTATIONS, on_gpu=ATTENTION_ON_GPU,
                                  elsewhere=ATTENTION_ELSEWHERE, what="attention")
@@ -83,8 +91,50 @@ def attention(query, key, value, *, mod=None, scale=None, q_offset=0, kv_offset=
 
     out, lse = run_first(names, _RUNNERS, what="attention", mod=mod, query=query, key=key, value=value,
                          scale=scale, q_offset=q_offset, kv_offset=kv_offset, return_lse=return_lse,
-                         tensors=tensors)
+                         tensors=tensors, record=record)
     return (out, lse) if return_lse else out
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    """What ``attention()`` would do with a call (``dispatch``).
+
+    implementation: the implementation that would run (None when every one declines);
+    declined: ``(name, why)`` of each one tried before it, in order."""
+    implementation: str | None
+    declined: tuple[tuple[str, str], ...]
+
+    def __str__(self) -> str:
+        lines = [f"runs: {self.implementation or 'nothing (every implementation declines)'}"]
+        lines += [f"  {name} declines: {why}" for name, why in self.declined]
+        return "\n".join(lines)
+
+
+def dispatch(query, key, value, *, mod=None, scale=None, q_offset=0, kv_offset=0, implementation=None,
+             **tensors) -> Dispatch:
+    """Which implementation ``attention()`` would run for this call, and why each one tried
+    before it declines, without running anything: the call is traced abstractly
+    (``jax.eval_shape``), so query/key/value may be ``jax.ShapeDtypeStruct``\ s.
+
+    Arguments as ``attention()``. Mistakes in the call raise as ``attention()`` would.
+
+    Example::
+
+        >>> q = jax.ShapeDtypeStruct((2, 4096, 16, 128), jnp.bfloat16)
+        >>> print(scoremod.dispatch(q, q, q, mod="causal & window(1024)"))
+        runs: xla                      # on a CPU; on an H100/H200: mosaic
+    """
+    record: list = []
+
+    def call(q, k, v):
+        return _attention(q, k, v, mod=mod, scale=scale, q_offset=q_offset, kv_offset=kv_offset,
+                          implementation=implementation, return_lse=False, tensors=tensors, record=record)
+    try:
+        jax.eval_shape(call, query, key, value)
+    except NotImplementedError:
+        pass   # every implementation declined: record holds why
+    chosen = next((name for name, why in record if why is None), None)
+    return Dispatch(chosen, tuple((name, why) for name, why in record if why is not None))
 
 
 # ---- validation ------------------------------------------------------------------------------

@@ -172,3 +172,32 @@ def test_forward_mode_autodiff_says_what_supports_it():
     out, tangent = jax.jvp(lambda q: scoremod.attention(q, KV, KV, mod="causal", implementation=("xla", "reference")),
                            (Q,), (Q,))
     assert np.isfinite(np.asarray(tangent)).all()
+
+
+def test_dispatch_says_what_would_run_without_running(caplog):
+    q = jax.ShapeDtypeStruct((1, 16, 2, 8), jnp.float32)   # no arrays needed
+    d = scoremod.dispatch(q, q, q, mod="causal & window(4)", implementation=("mosaic", "pallas", "xla"))
+    assert d.implementation == "pallas"
+    assert [name for name, _ in d.declined] == ["mosaic"]
+    assert "runs: pallas" in str(d) and "mosaic declines" in str(d)
+    nothing = scoremod.dispatch(q, q, q, mod="causal", implementation="cudnn")
+    assert nothing.implementation is None and nothing.declined[0][0] == "cudnn"
+    # The same choice as attention() makes for the real call.
+    with caplog.at_level(logging.INFO, logger="scoremod"):
+        scoremod.attention(Q, KV, KV, mod="causal & window(4)", implementation=("mosaic", "pallas", "xla"))
+    assert "using pallas" in caplog.text
+
+
+def test_dispatch_raises_the_mistakes_attention_raises():
+    q = jax.ShapeDtypeStruct((1, 16, 2, 8), jnp.float32)
+    with pytest.raises(scoremod.ScoreModTensorError, match="missing tensor"):
+        scoremod.dispatch(q, q, q, mod="causal & doc(ids)")
+    with pytest.raises(scoremod.ScoreModShapeError):
+        scoremod.dispatch(q, jax.ShapeDtypeStruct((1, 16, 3, 8), jnp.float32), q)
+
+
+@pytest.mark.gpu
+def test_dispatch_on_a_gpu_picks_mosaic_for_bf16():
+    q = jax.ShapeDtypeStruct((1, 256, 2, 128), jnp.bfloat16)
+    d = scoremod.dispatch(q, q, q, mod="causal")
+    assert d.implementation in ("mosaic", "pallas")   # mosaic on sm_90; pallas on other GPUs

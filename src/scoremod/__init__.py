@@ -6,7 +6,7 @@
     'bias'
     >>> out = scoremod.attention(q, k, v, mod="causal & doc(ids)", ids=segment_ids)
 
-``attention``, ``paged_attention`` and ``as_attention_fn`` import jax on first use, so ``import scoremod``
+``attention``, ``dispatch``, ``paged_attention`` and ``as_attention_fn`` import jax on first use, so ``import scoremod``
 (and the ``dslc`` CLI) stays light.
 """
 
@@ -24,16 +24,16 @@ except PackageNotFoundError:  # a source tree on sys.path, not installed
     __version__ = "unknown"
 
 __all__ = [
-    "attention", "as_attention_fn", "paged_attention", "PagedBlockSizes", "compile", "define", "undefine", "Mod",
+    "attention", "dispatch", "as_attention_fn", "paged_attention", "PagedBlockSizes", "compile", "define", "undefine", "Mod",
     "ScoreModError", "ScoreModSyntaxError", "ScoreModNameError", "ScoreModTypeError",
     "ScoreModDefinitionError", "ScoreModTensorError", "ScoreModShapeError",
 ]
 
 
 def __getattr__(name):
-    if name == "attention":
-        from scoremod.runtime.attention import attention
-        return attention
+    if name in ("attention", "dispatch"):
+        from scoremod.runtime import attention as attention_module
+        return getattr(attention_module, name)
     if name in ("paged_attention", "PagedBlockSizes"):
         from scoremod.runtime import paged
         return getattr(paged, name)
