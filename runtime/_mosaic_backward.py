@@ -65,13 +65,12 @@ def backward_reason(program) -> str | None:
 
 
 def _grad_tile(cfg: MosaicKernelConfig, s, dp, lse2, delta, *, partial, b, h, q_pos, kv_pos, reads,
-               rows_axis: int):
+               stat_dim: int):
     """(P, dS) of a tile from raw products ``s`` and ``dp`` (f32, WGMMA layout).
 
-    ``rows_axis``: 0 when rows are queries (dQ), 1 when rows are keys (dK/dV: the tile is
-    transposed and the row statistics vary along axis 1)."""
+    ``stat_dim``: the tile axis the per-query ``lse2``/``delta`` run along: 0 in dQ (queries
+    as rows), 1 in dK/dV (the tile is transposed, keys as rows)."""
     shape = s.shape
-    stat_dim = 0 if rows_axis == 0 else 1
     logits = _logits2(cfg, s, partial=partial, b=b, h=h, q_pos=q_pos, kv_pos=kv_pos, reads=reads)
     p = jnp.exp2(logits - lax.broadcast_in_dim(lse2, shape, [stat_dim]))
     ds = p * (dp - lax.broadcast_in_dim(delta, shape, [stat_dim]))
@@ -159,7 +158,7 @@ def backward_dq(bcfg: MosaicBackwardConfig, q, k, v, do, lse2, delta, lists, rea
                 q_pos = rows + q_base
                 kv_pos = cols + (kv_base + kv_start)
                 _, ds = _grad_tile(cfg, s, dp, lse2, delta, partial=partial, b=b, h=h, q_pos=q_pos,
-                                   kv_pos=kv_pos, reads=tile_reads, rows_axis=0)
+                                   kv_pos=kv_pos, reads=tile_reads, stat_dim=0)
                 if partial and kv_valid_len != cfg.kv_len_padded:
                     ds = jnp.where(cols + kv_start < kv_valid_len, ds, 0.0)
 
@@ -224,22 +223,6 @@ def backward_dq(bcfg: MosaicBackwardConfig, q, k, v, do, lse2, delta, lists, rea
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
     )(q_off, kv_off, fcounts, findices, pcounts, pindices, q, k, v, do, lse2, delta, *reads)
-
-
-def _read_tile_transposed(ref, shape, *, b, h, q_start, block_q, kv_start, block_kv):
-    """A read's tile as ``[block_kv, block_q]`` (keys as rows) for the dK/dV kernel: reads
-    along one of q and kv only (``backward_reason``), or a scalar."""
-    b1, h1, t1, s1 = shape
-    bi = b if b1 > 1 else 0
-    hi = h if h1 > 1 else 0
-    wgmma = plgpu.Layout.WGMMA
-    if t1 == 1 and s1 == 1:
-        return ref[bi, hi, 0, 0]
-    if s1 == 1:   # varies along q: the columns
-        col = _load(ref.at[bi, hi, pl.ds(q_start, block_q), 0], wgmma.reduce(0))
-        return lax.broadcast_in_dim(col, (block_kv, block_q), [1])
-    row = _load(ref.at[bi, hi, 0, pl.ds(kv_start, block_kv)], wgmma.reduce(1))
-    return lax.broadcast_in_dim(row, (block_kv, block_q), [0])
 
 
 def backward_dkv(bcfg: MosaicBackwardConfig, q, k, v, do, lse2, delta, lists, reads, q_off, kv_off):
@@ -323,13 +306,13 @@ def backward_dkv(bcfg: MosaicBackwardConfig, q, k, v, do, lse2, delta, lists, re
                     dp = pl.run_scoped(dp_scope, plgpu.ACC((bkv, bq), jnp.float32))
 
                     def tile_reads():
-                        return [_read_tile_transposed(r, shp, b=b, h=h, q_start=q_start, block_q=bq,
-                                                      kv_start=kv_start, block_kv=bkv)
+                        return [_read_tile(r, shp, b=b, h=h, q_start=q_start, block_q=bq,
+                                           kv_start=kv_start, block_kv=bkv, transposed=True)
                                 for r, shp in zip(read_refs, cfg.read_shapes)]
                     q_pos = cols + (q_off_b + q_start)
                     kv_pos = rows + kv_base
                     p, ds = _grad_tile(cfg, s, dp, lse2, delta, partial=partial, b=b, h=h, q_pos=q_pos,
-                                       kv_pos=kv_pos, reads=tile_reads, rows_axis=1)
+                                       kv_pos=kv_pos, reads=tile_reads, stat_dim=1)
                     if partial and q_valid_len != cfg.q_len_padded:
                         real = cols + q_start < q_valid_len
                         p = jnp.where(real, p, 0.0)

@@ -93,21 +93,25 @@ def _load_takes_index() -> bool:
 _LOAD_TAKES_INDEX = _load_takes_index()
 
 
-def _read_tile(ref, shape, *, b, h, q_start, block_q, kv_start, block_kv):
-    """The tile of one materialized read ``[B|1, N|1, T|1, S|1]``, as a
-    ``[block_q, block_kv]`` array in the WGMMA layout (or a scalar)."""
+def _read_tile(ref, shape, *, b, h, q_start, block_q, kv_start, block_kv, transposed=False):
+    """The tile of one materialized read ``[B|1, N|1, T|1, S|1]``, as a ``[block_q, block_kv]``
+    array in the WGMMA layout (or a scalar); ``transposed``: as ``[block_kv, block_q]`` (the
+    dK/dV kernel's keys-as-rows tiles), for reads along at most one of q and kv."""
     b1, h1, t1, s1 = shape
     bi = b if b1 > 1 else 0
     hi = h if h1 > 1 else 0
     wgmma = plgpu.Layout.WGMMA
     if t1 == 1 and s1 == 1:
         return ref[bi, hi, 0, 0]
-    if s1 == 1:
-        row = _load(ref.at[bi, hi, pl.ds(q_start, block_q), 0], wgmma.reduce(1))
-        return lax.broadcast_in_dim(row, (block_q, block_kv), [0])
-    if t1 == 1:
-        col = _load(ref.at[bi, hi, 0, pl.ds(kv_start, block_kv)], wgmma.reduce(0))
-        return lax.broadcast_in_dim(col, (block_q, block_kv), [1])
+    tile = (block_kv, block_q) if transposed else (block_q, block_kv)
+    q_axis, kv_axis = (1, 0) if transposed else (0, 1)
+    if s1 == 1:   # along q only
+        row = _load(ref.at[bi, hi, pl.ds(q_start, block_q), 0], wgmma.reduce(kv_axis))
+        return lax.broadcast_in_dim(row, tile, [q_axis])
+    if t1 == 1:   # along kv only
+        col = _load(ref.at[bi, hi, 0, pl.ds(kv_start, block_kv)], wgmma.reduce(q_axis))
+        return lax.broadcast_in_dim(col, tile, [kv_axis])
+    assert not transposed, "reads along q and kv are declined by the dK/dV kernel (backward_reason)"
     return _load(ref.at[bi, hi, pl.ds(q_start, block_q), pl.ds(kv_start, block_kv)], wgmma)
 
 

@@ -311,10 +311,7 @@ def _run_mosaic_backward(bcfg, q, k, v, aux, out, lse, cotangents):
     rows = 2 * bcfg.block_q
     Tb, Sb = num_blocks(T, rows) * rows, num_blocks(S, rows) * rows
     dout = dout.astype(q.dtype)
-    # delta = rowsum(O * dO) - dlse: the lse cotangent enters as p * dlse on every logit.
-    delta = jnp.einsum("btnh,btnh->bnt", out.astype(jnp.float32), dout.astype(jnp.float32))
-    if dlse is not None:
-        delta = delta - jnp.where(jnp.isfinite(lse), dlse.astype(jnp.float32), 0.0)
+    delta = _pallas.backward_delta(out, dout, lse, dlse)
     # lse in base 2; 0 on rows with no allowed key (their logits are all -inf: P = 0).
     lse2 = jnp.where(lse == -jnp.inf, 0.0, lse * _mosaic_backward.LOG2E)
     pad_t = ((0, 0), (0, Tb - T), (0, 0), (0, 0))

@@ -251,16 +251,22 @@ def flash_backward(cfg, res, cotangents):
     q, k, v, aux, out, lse = res
     dout, dlse = cotangents
     dout = dout.astype(q.dtype)
-    # delta = rowsum(O * dO) - dlse: the lse cotangent enters as p * dlse on every logit.
-    delta = jnp.einsum("btnh,btnh->bnt", out.astype(jnp.float32), dout.astype(jnp.float32))
-    if dlse is not None:
-        delta = delta - jnp.where(jnp.isfinite(lse), dlse.astype(jnp.float32), 0.0)
+    delta = backward_delta(out, dout, lse, dlse)
     dq = _backward_dq(cfg, q, k, v, dout, lse, delta, aux["dq"], aux["reads"],
                       aux["q_off"], aux["kv_off"])
     dk, dv = _backward_dkv(cfg, q, k, v, dout, lse, delta, aux["dkv"], aux["reads"],
                            aux["q_off"], aux["kv_off"])
     aux_ct = jax.tree_util.tree_map(_zero_cotangent, aux)
     return dq, dk, dv, aux_ct
+
+
+def backward_delta(out, dout, lse, dlse):
+    """``delta f32[B, N, T] = rowsum(O * dO) - dlse`` (the lse cotangent enters as ``p * dlse``
+    on every logit; rows with lse -inf have no logits). Both flash backwards use it."""
+    delta = jnp.einsum("btnh,btnh->bnt", out.astype(jnp.float32), dout.astype(jnp.float32))
+    if dlse is not None:
+        delta = delta - jnp.where(jnp.isfinite(lse), dlse.astype(jnp.float32), 0.0)
+    return delta
 
 
 def _zero_cotangent(x):
