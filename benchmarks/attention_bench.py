@@ -1,13 +1,13 @@
 """Attention benchmark: scoremod's kernels against every peer on the machine (BENCHMARKS.md).
 
-    python benchmarks/attention_bench.py [--quick] [--out DIR] [--sweep]
+    python benchmarks/attention_bench.py [--quick] [--out DIR] [--masks causal,doc] [--impls mosaic,pallas] [--sweep]
 
 Shapes: bf16, B=2, N=16, T=S=8192, H=128 (``--quick``: T=S=2048); masks dense, causal,
 causal sliding window 1024 ("swa"), causal packed documents with 8 random-length
 documents per batch row ("doc"); forward and forward+backward.
 
-One process per framework: the JAX part (scoremod "mosaic", "mosaic-bwd" (the Mosaic
-forward with the opt-in Mosaic backward), "pallas" and "xla",
+One process per framework: the JAX part (scoremod "mosaic", "mosaic-pallas-bwd" (the
+Mosaic forward with the Pallas backward), "pallas" and "xla",
 jax.nn.dot_product_attention cudnn/xla, JAX's Pallas GPU ``mha``) runs first and saves
 the inputs and a reference slice; the PyTorch part (FlexAttention compiled, SDPA) runs
 after it in a fresh process on the same inputs. Every output is checked against a
@@ -166,6 +166,8 @@ def jax_part(args):
 
     results = dict(info=info, shape=dict(B=B, N=N, T=T, S=S, H=H), masks={}, plan={})
     impls = _jax_impls(q, k, v, ids, scale, block_sizes, one_loop)
+    if args.impls:
+        impls = {name: make for name, make in impls.items() if name in args.impls.split(",")}
 
     for mname, mod in MASKS.items():
         if args.masks and mname not in args.masks.split(","):
@@ -260,9 +262,9 @@ def _jax_impls(q, k, v, ids, scale, block_sizes, one_loop=False):
 
     def ours(impl):
         def make(mname, mod, tensors):
-            if impl == "mosaic-bwd":   # the Mosaic forward with the (opt-in) Mosaic backward
+            if impl == "mosaic-pallas-bwd":   # the Mosaic forward with the Pallas backward
                 from scoremod.runtime.mosaic_attention import MosaicBlockSizes, mosaic_attention
-                bs = dataclasses.replace(MosaicBlockSizes.get_default(q.shape[-1]), backward="mosaic")
+                bs = dataclasses.replace(MosaicBlockSizes.get_default(q.shape[-1]), backward="pallas")
                 return lambda a, b, c: mosaic_attention(a, b, c, mod=mod, scale=scale, tensors=tensors,
                                                         block_sizes=bs)
             if impl == "pallas":
@@ -301,7 +303,7 @@ def _jax_impls(q, k, v, ids, scale, block_sizes, one_loop=False):
         causal = mname != "dense"
         return lambda a, b, c: mha(a, b, c, seg, sm_scale=scale, causal=causal)
 
-    return {"mosaic": ours("mosaic"), "mosaic-bwd": ours("mosaic-bwd"), "pallas": ours("pallas"), "xla": ours("xla"), "jax-cudnn": jax_nn("cudnn"),
+    return {"mosaic": ours("mosaic"), "mosaic-pallas-bwd": ours("mosaic-pallas-bwd"), "pallas": ours("pallas"), "xla": ours("xla"), "jax-cudnn": jax_nn("cudnn"),
             "jax-xla": jax_nn("xla"), "jax-pallas-mha": jax_mha}
 
 
@@ -538,7 +540,7 @@ def report(args):
             fl = 4 * B * N * T * S * H * merged[m]["density"] * (3.5 if kind == "fwdbwd" else 1.0)
             cells.append(f"{ms:.3f} ({fl / ms / 1e9:.0f})")
         print(f"| {n} | " + " | ".join(cells) + " |")
-    for ours_name in ("mosaic", "mosaic-bwd", "pallas"):
+    for ours_name in ("mosaic", "pallas"):
         print(f"\nratio {ours_name} / peer (time; < 1 means {ours_name} is faster)")
         print("| peer | " + " | ".join(f"{m} {'fwd' if k == 'fwd' else 'fwd+bwd'}" for m, k in cols) + " |")
         print("|" + "---|" * (len(cols) + 1))
@@ -581,6 +583,7 @@ def main():
     p.add_argument("--sweep", action="store_true")
     p.add_argument("--sweep-bwd", action="store_true", help="also sweep backward block sizes")
     p.add_argument("--masks", default="")
+    p.add_argument("--impls", default="", help="comma-separated JAX rows to run (default: all)")
     p.add_argument("--block-sizes", default="", help="comma-separated PallasBlockSizes fields for pallas")
     args = p.parse_args()
     if args.sweep:
@@ -601,6 +604,8 @@ def main():
         base.append("--quick")
     if args.masks:
         base += ["--masks", args.masks]
+    if args.impls:
+        base += ["--impls", args.impls]
     if args.block_sizes:
         base += ["--block-sizes", args.block_sizes]
     env = dict(os.environ, PYTHONUNBUFFERED="1")

@@ -112,7 +112,7 @@ class Dispatch:
 
 def dispatch(query, key, value, *, mod=None, scale=None, q_offset=0, kv_offset=0, implementation=None,
              **tensors) -> Dispatch:
-    """Which implementation ``attention()`` would run for this call, and why each one tried
+    r"""Which implementation ``attention()`` would run for this call, and why each one tried
     before it declines, without running anything: the call is traced abstractly
     (``jax.eval_shape``), so query/key/value may be ``jax.ShapeDtypeStruct``\ s.
 

@@ -217,15 +217,20 @@ def test_gpu_skipped_blocks_are_never_read(mod):
 
 
 @pytest.mark.gpu
-def test_gpu_fully_masked_rows_and_grad():
+@pytest.mark.parametrize("backward", ["mosaic", "pallas"])
+def test_gpu_fully_masked_rows_and_grad(backward):
     q, k, v = _qkv(1, 256, 256, 2, 2, 128)
     out, lse = scoremod.attention(q, k, v, mod="kv >= 200 & causal", implementation="mosaic", return_lse=True)
     assert (np.asarray(out[:, :200], np.float32) == 0).all()
     assert np.isneginf(np.asarray(lse[:, :200])).all()
 
     def loss(q, k, v, impl):
-        return jnp.sum(scoremod.attention(q, k, v, mod="causal & window(64)", implementation=impl)
-                       .astype(jnp.float32) ** 2)
+        if impl == "mosaic":
+            out = ma.mosaic_attention(q, k, v, mod="causal & window(64)",
+                                      block_sizes=ma.MosaicBlockSizes(backward=backward))
+        else:
+            out = scoremod.attention(q, k, v, mod="causal & window(64)", implementation=impl)
+        return jnp.sum(out.astype(jnp.float32) ** 2)
     g = jax.grad(loss, argnums=(0, 1, 2))(q, k, v, "mosaic")
     g_ref = jax.grad(loss, argnums=(0, 1, 2))(q.astype(jnp.float32), k.astype(jnp.float32),
                                               v.astype(jnp.float32), "reference")
@@ -255,7 +260,7 @@ def test_a_missing_tensor_is_a_clear_error_not_a_decline(pretend_hopper):
         pallas_attention(q, k, v, mod="causal & doc(ids)")
 
 
-# ---- the Mosaic backward (MosaicBlockSizes(backward="mosaic"), not yet the default) --------
+# ---- the Mosaic backward (MosaicBlockSizes(backward="mosaic"), the default) ----------------
 
 def test_backward_choice_is_validated():
     with pytest.raises(scoremod.ScoreModShapeError, match="backward='cudnn' must be"):
@@ -305,18 +310,20 @@ def test_mosaic_backward_leaves_reads_along_q_and_kv_to_pallas(pretend_hopper, m
 
 @pytest.mark.gpu
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(src=sources(), shape=shapes(max_seq=300, min_seq=1), seed=st.integers(0, 2**16))
-def test_gpu_mosaic_backward_against_reference(src, shape, seed):
+@given(src=sources(), shape=shapes(max_seq=300, min_seq=1), head_dim=st.sampled_from([64, 128]),
+       seed=st.integers(0, 2**16))
+def test_gpu_mosaic_backward_against_reference(src, shape, head_dim, seed):
     rng = np.random.default_rng(seed)
     tensors = tensors_for(src.text, shape.B, shape.N, shape.T, shape.S, rng,
                           q_offset=shape.q_offset, kv_offset=shape.kv_offset)
-    q, k, v = _qkv(shape.B, shape.T, shape.S, shape.N, shape.K, 128, jnp.bfloat16, seed)
+    q, k, v = _qkv(shape.B, shape.T, shape.S, shape.N, shape.K, head_dim, jnp.bfloat16, seed)
     try:
         ma.check_supported(src.text, q, k, v, tensors)
     except NotImplementedError:
         assume(False)
-    bs = ma.MosaicBlockSizes(backward="mosaic")
-    w = jnp.asarray(rng.standard_normal((shape.B, shape.T, shape.N, 128)), jnp.float32)
+    bs = ma.MosaicBlockSizes.get_default(head_dim)
+    assert bs.backward == "mosaic"
+    w = jnp.asarray(rng.standard_normal((shape.B, shape.T, shape.N, head_dim)), jnp.float32)
 
     def loss(q, k, v, impl):
         call = dict(mod=src.text, q_offset=shape.q_offset, kv_offset=shape.kv_offset, tensors=tensors)
