@@ -39,7 +39,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from scoremod.runtime._mosaic_forward import (
-    MosaicKernelConfig, _load, _logits2, _read_tile, listed_block, plgpu)
+    MosaicKernelConfig, _load, _logits2, _read_tile, launch, listed_block, plan_row, plgpu, row_steps, tile_smem)
 
 LOG2E = math.log2(math.e)
 
@@ -92,7 +92,6 @@ def backward_dq(bcfg: MosaicBackwardConfig, q, k, v, do, lse2, delta, lists, rea
     n_reads = len(reads)
     G = cfg.groups
     nq = Tp // (2 * bq)
-    plan_b, plan_h = bcfg.dq_plan
     kv_valid_len = cfg.kv_len
 
     def kernel(qoff_ref, kvoff_ref, fc_ref, fi_ref, pc_ref, pi_ref, q_ref, k_ref, v_ref, do_ref,
@@ -105,13 +104,11 @@ def backward_dq(bcfg: MosaicBackwardConfig, q, k, v, do, lse2, delta, lists, rea
         h = lax.axis_index("heads")
         i = nq - 1 - lax.axis_index("q_seq")
         wg = lax.axis_index("wg")
-        pb = b if plan_b > 1 else 0
-        ph = h if plan_h > 1 else 0
-        n_full = fc_ref[pb, ph, i]
-        n_steps = n_full + pc_ref[pb, ph, i]
+        row = plan_row(bcfg.dq_plan, b, h, i)
+        n_full, n_steps = row_steps(fc_ref, pc_ref, row)
 
         def kv_block(step):
-            return listed_block(fi_ref, pi_ref, (pb, ph, i), n_full, step)
+            return listed_block(fi_ref, pi_ref, row, n_full, step)
 
         @pl.when(wg < 2)
         def _consumer():
@@ -195,34 +192,15 @@ def backward_dq(bcfg: MosaicBackwardConfig, q, k, v, do, lse2, delta, lists, rea
                     plgpu.barrier_wait(v_free.at[slot])
                 plgpu.copy_gmem_to_smem(v_ref.at[b, kv_rows, kvh], v_smem.at[slot], v_bar.at[slot])
 
-    def entry(*refs):
-        tiling = plgpu.TilingTransform((8, 64))
-        swizzle = plgpu.SwizzleTransform(128)
-        scratch = (
-            plgpu.SMEM((2, bq, H), dtype, transforms=(tiling, swizzle)),
-            plgpu.SMEM((2, bq, H), dtype, transforms=(tiling, swizzle)),
-            plgpu.SMEM((2, bq), jnp.float32),
-            plgpu.SMEM((2, bq), jnp.float32),
-            plgpu.SMEM((stages, bkv, H), dtype, transforms=(tiling, swizzle)),
-            plgpu.SMEM((stages, bkv, H), dtype, transforms=(tiling, swizzle)),
-        )
-        pl.run_scoped(
-            lambda *scoped: kernel(*refs, *scoped),
-            scratch,
-            (plgpu.Barrier(num_barriers=2),) * 4 + (plgpu.Barrier(num_barriers=stages),) * 2,
-            (plgpu.Barrier(num_arrivals=2, num_barriers=stages),) * 2,
-            collective_axes="wg",
-        )
-
-    return plgpu.kernel(
-        entry,
+    return launch(
+        kernel, (q_off, kv_off, fcounts, findices, pcounts, pindices, q, k, v, do, lse2, delta, *reads),
         out_type=jax.ShapeDtypeStruct(q.shape, dtype),
-        grid=(N, nq, B),
-        grid_names=("heads", "q_seq", "batch"),
-        num_threads=3,
-        thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True),
-    )(q_off, kv_off, fcounts, findices, pcounts, pindices, q, k, v, do, lse2, delta, *reads)
+        grid=(N, nq, B), grid_names=("heads", "q_seq", "batch"),
+        scratch=(tile_smem((2, bq, H), dtype), tile_smem((2, bq, H), dtype), plgpu.SMEM((2, bq), jnp.float32),
+                 plgpu.SMEM((2, bq), jnp.float32), tile_smem((stages, bkv, H), dtype),
+                 tile_smem((stages, bkv, H), dtype)),
+        barriers=((plgpu.Barrier(num_barriers=2),) * 4 + (plgpu.Barrier(num_barriers=stages),) * 2,
+                  (plgpu.Barrier(num_arrivals=2, num_barriers=stages),) * 2))
 
 
 def backward_dkv(bcfg: MosaicBackwardConfig, q, k, v, do, lse2, delta, lists, reads, q_off, kv_off):
@@ -237,7 +215,6 @@ def backward_dkv(bcfg: MosaicBackwardConfig, q, k, v, do, lse2, delta, lists, re
     n_reads = len(reads)
     G = cfg.groups
     nk = Sp // (2 * bkv)
-    plan_b, plan_h = bcfg.dkv_plan
     q_valid_len = cfg.q_len
 
     def kernel(qoff_ref, kvoff_ref, fc_ref, fi_ref, pc_ref, pi_ref, q_ref, k_ref, v_ref, do_ref,
@@ -250,17 +227,15 @@ def backward_dkv(bcfg: MosaicBackwardConfig, q, k, v, do, lse2, delta, lists, re
         kvh = lax.axis_index("kv_heads")
         j = nk - 1 - lax.axis_index("kv_seq")
         wg = lax.axis_index("wg")
-        pb = b if plan_b > 1 else 0
 
         def head_row(g):
-            """(h, plan head, n_full, n_steps) of the g-th query head of the group."""
+            """(h, plan row, n_full, n_steps) of the g-th query head of the group."""
             h = kvh * G + g
-            ph = h if plan_h > 1 else 0
-            n_full = fc_ref[pb, ph, j]
-            return h, ph, n_full, n_full + pc_ref[pb, ph, j]
+            row = plan_row(bcfg.dkv_plan, b, h, j)
+            return (h, row, *row_steps(fc_ref, pc_ref, row))
 
-        def q_block(ph, n_full, step):
-            return listed_block(fi_ref, pi_ref, (pb, ph, j), n_full, step)
+        def q_block(row, n_full, step):
+            return listed_block(fi_ref, pi_ref, row, n_full, step)
 
         @pl.when(wg < 2)
         def _consumer():
@@ -282,12 +257,12 @@ def backward_dkv(bcfg: MosaicBackwardConfig, q, k, v, do, lse2, delta, lists, re
 
             def head_fn(g, carry):
                 dk, dv, done = carry
-                h, ph, n_full, n_steps = head_row(g)
+                h, row, n_full, n_steps = head_row(g)
 
                 def step_fn(step, carry, *, partial):
                     dk, dv = carry
                     slot = lax.rem(done + step, stages)
-                    q_start = q_block(ph, n_full, step) * bq
+                    q_start = q_block(row, n_full, step) * bq
                     plgpu.barrier_wait(q_bar.at[slot])
 
                     def s_scope(acc_ref):
@@ -345,12 +320,12 @@ def backward_dkv(bcfg: MosaicBackwardConfig, q, k, v, do, lse2, delta, lists, re
             plgpu.set_max_registers(40, action="decrease")
 
             def head_fn(g, done):
-                h, ph, n_full, n_steps = head_row(g)
+                h, row, n_full, n_steps = head_row(g)
 
                 @pl.loop(0, n_steps)
                 def _(step):
                     slot = lax.rem(done + step, stages)
-                    rows_q = pl.ds(q_block(ph, n_full, step) * bq, bq)
+                    rows_q = pl.ds(q_block(row, n_full, step) * bq, bq)
 
                     @pl.when(done + step >= stages)
                     def _():
@@ -364,32 +339,13 @@ def backward_dkv(bcfg: MosaicBackwardConfig, q, k, v, do, lse2, delta, lists, re
 
             lax.fori_loop(0, G, head_fn, jnp.int32(0))
 
-    def entry(*refs):
-        tiling = plgpu.TilingTransform((8, 64))
-        swizzle = plgpu.SwizzleTransform(128)
-        scratch = (
-            plgpu.SMEM((2, bkv, H), dtype, transforms=(tiling, swizzle)),
-            plgpu.SMEM((2, bkv, H), dtype, transforms=(tiling, swizzle)),
-            plgpu.SMEM((stages, bq, H), dtype, transforms=(tiling, swizzle)),
-            plgpu.SMEM((stages, bq, H), dtype, transforms=(tiling, swizzle)),
-            plgpu.SMEM((stages, bq), jnp.float32),
-            plgpu.SMEM((stages, bq), jnp.float32),
-        )
-        pl.run_scoped(
-            lambda *scoped: kernel(*refs, *scoped),
-            scratch,
-            (plgpu.Barrier(num_barriers=2),) * 2 + (plgpu.Barrier(num_barriers=stages),) * 4,
-            plgpu.Barrier(num_arrivals=2, num_barriers=stages),
-            collective_axes="wg",
-        )
-
     kv_type = jax.ShapeDtypeStruct(k.shape, dtype)
-    return plgpu.kernel(
-        entry,
+    return launch(
+        kernel, (q_off, kv_off, fcounts, findices, pcounts, pindices, q, k, v, do, lse2, delta, *reads),
         out_type=(kv_type, kv_type),
-        grid=(K, nk, B),
-        grid_names=("kv_heads", "kv_seq", "batch"),
-        num_threads=3,
-        thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True),
-    )(q_off, kv_off, fcounts, findices, pcounts, pindices, q, k, v, do, lse2, delta, *reads)
+        grid=(K, nk, B), grid_names=("kv_heads", "kv_seq", "batch"),
+        scratch=(tile_smem((2, bkv, H), dtype), tile_smem((2, bkv, H), dtype), tile_smem((stages, bq, H), dtype),
+                 tile_smem((stages, bq, H), dtype), plgpu.SMEM((stages, bq), jnp.float32),
+                 plgpu.SMEM((stages, bq), jnp.float32)),
+        barriers=((plgpu.Barrier(num_barriers=2),) * 2 + (plgpu.Barrier(num_barriers=stages),) * 4,
+                  plgpu.Barrier(num_arrivals=2, num_barriers=stages)))

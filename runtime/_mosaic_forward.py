@@ -115,12 +115,42 @@ def _read_tile(ref, shape, *, b, h, q_start, block_q, kv_start, block_kv, transp
     return _load(ref.at[bi, hi, pl.ds(q_start, block_q), pl.ds(kv_start, block_kv)], wgmma)
 
 
+def plan_row(plan_shape: tuple[int, int], b, h, block):
+    """The index of a kernel's row in its plan's lists: ``(b, h, block)`` where the plan has
+    a batch/head axis (``plan_shape`` = (B', H'), 1 where the plan is shared), 0 elsewhere."""
+    return (b if plan_shape[0] > 1 else 0, h if plan_shape[1] > 1 else 0, block)
+
+
+def row_steps(full_counts_ref, partial_counts_ref, row: tuple):
+    """(FULL blocks, all listed blocks) of plan row ``row``."""
+    n_full = full_counts_ref[row]
+    return n_full, n_full + partial_counts_ref[row]
+
+
 def listed_block(full_ref, partial_ref, row: tuple, n_full, step):
     """The ``step``-th block a kernel visits in plan row ``row`` (an index tuple into the
     lists of ``compiler.plan.split_lists``): the FULL list first, then the PARTIAL list."""
     from_full = full_ref[(*row, jnp.minimum(step, full_ref.shape[-1] - 1))]
     from_part = partial_ref[(*row, jnp.maximum(step - n_full, 0))]
     return jnp.where(step < n_full, from_full, from_part)
+
+
+def tile_smem(shape, dtype):
+    """Shared memory for 16-bit tiles in the layout TMA writes and wgmma reads (8 x 64
+    tiles, 128-byte swizzle)."""
+    return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
+
+
+def launch(kernel, args, *, out_type, grid, grid_names, scratch, barriers):
+    """Run ``kernel(*arg_refs, *out_refs, scratch_refs, *barrier_refs)`` once per point of
+    ``grid`` (named ``grid_names``), in CUDA blocks of three warpgroups (``"wg"``: 0 and 1
+    consume, 2 produces). ``scratch``: a tuple of ``plgpu.SMEM``; ``barriers``: groups of
+    ``plgpu.Barrier``, each passed to the kernel as one argument."""
+    def entry(*refs):
+        pl.run_scoped(lambda *scoped: kernel(*refs, *scoped), scratch, *barriers, collective_axes="wg")
+
+    return plgpu.kernel(entry, out_type=out_type, grid=grid, grid_names=grid_names, num_threads=3,
+                        thread_name="wg", compiler_params=plgpu.CompilerParams(approx_math=True))(*args)
 
 
 def _logits2(cfg: MosaicKernelConfig, s, *, partial, b, h, q_pos, kv_pos, reads):
@@ -167,14 +197,11 @@ def forward(cfg: MosaicKernelConfig, q, k, v, plan_arrays, reads, q_off, kv_off)
         h = lax.axis_index("heads")
         i = nq - 1 - lax.axis_index("q_seq")   # heaviest (last) q-blocks first
         wg = lax.axis_index("wg")
-        pb = b if cfg.plan_b > 1 else 0
-        ph = h if cfg.plan_h > 1 else 0
-        n_full = fc_ref[pb, ph, i]
-        n_part = pc_ref[pb, ph, i]
-        n_steps = n_full + n_part
+        row = plan_row((cfg.plan_b, cfg.plan_h), b, h, i)
+        n_full, n_steps = row_steps(fc_ref, pc_ref, row)
 
         def kv_block(step):
-            return listed_block(fi_ref, pi_ref, (pb, ph, i), n_full, step)
+            return listed_block(fi_ref, pi_ref, row, n_full, step)
 
         def schedule():
             plgpu.barrier_arrive(sched)
@@ -305,32 +332,13 @@ def forward(cfg: MosaicKernelConfig, q, k, v, plan_arrays, reads, q_off, kv_off)
                 plgpu.barrier_wait(v_free.at[slot])
                 fetch(step + stages, slot)
 
-    def entry(*refs):
-        tiling = plgpu.TilingTransform((8, 64))
-        swizzle = plgpu.SwizzleTransform(128)
-        scratch = (
-            plgpu.SMEM((2, bq, H), dtype, transforms=(tiling, swizzle)),
-            plgpu.SMEM((stages, bkv, H), dtype, transforms=(tiling, swizzle)),
-            plgpu.SMEM((stages, bkv, H), dtype, transforms=(tiling, swizzle)),
-            plgpu.SMEM((2, bq), jnp.float32),
-        )
-        pl.run_scoped(
-            lambda *scoped: kernel(*refs, *scoped),
-            scratch,
-            (plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
-             plgpu.Barrier(num_barriers=2)),
-            (plgpu.Barrier(num_arrivals=2, num_barriers=stages),) * 2,
-            plgpu.Barrier(num_arrivals=2),
-            collective_axes="wg",
-        )
-
-    out, lse = plgpu.kernel(
-        entry,
+    return launch(
+        kernel, (q_off, kv_off, fcounts, findices, pcounts, pindices, q, k, v, *reads),
         out_type=(jax.ShapeDtypeStruct(q.shape, dtype), jax.ShapeDtypeStruct((B, N, Tp), jnp.float32)),
-        grid=(N, nq, B),
-        grid_names=("heads", "q_seq", "batch"),
-        num_threads=3,
-        thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True),
-    )(q_off, kv_off, fcounts, findices, pcounts, pindices, q, k, v, *reads)
-    return out, lse
+        grid=(N, nq, B), grid_names=("heads", "q_seq", "batch"),
+        scratch=(tile_smem((2, bq, H), dtype), tile_smem((stages, bkv, H), dtype),
+                 tile_smem((stages, bkv, H), dtype), plgpu.SMEM((2, bq), jnp.float32)),
+        barriers=((plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
+                   plgpu.Barrier(num_barriers=2)),
+                  (plgpu.Barrier(num_arrivals=2, num_barriers=stages),) * 2,
+                  plgpu.Barrier(num_arrivals=2)))
