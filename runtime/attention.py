@@ -27,6 +27,7 @@ from scoremod.dsl.ast import Tensor, walk
 from scoremod.compiler.tensors import check_tensors as check_read_shapes, read_tensors
 from scoremod.compiler.mod import Mod, compile_mod
 from scoremod.compiler.plan import check_positions
+from scoremod.runtime.context_parallel import context_attention
 from scoremod.runtime._dispatch import (ATTENTION_ELSEWHERE, ATTENTION_ON_GPU, as_mod, as_tensor, check_float_arrays,
                                         check_head_groups, concrete, implementation_names,
                                         resolve_scale, run_first)
@@ -38,7 +39,8 @@ IMPLEMENTATIONS = ("reference", "xla", "pallas", "mosaic", "cudnn")
 
 
 def attention(query, key, value, *, mod=None, scale=None, q_offset=0, kv_offset=0,
-              implementation=None, return_lse=False, **tensors):
+              implementation=None, return_lse=False, mesh=None, context_axis=None, context_layout=None,
+              **tensors):
     """Attention with the score modification ``mod``.
 
     Args:
@@ -54,6 +56,12 @@ def attention(query, key, value, *, mod=None, scale=None, q_offset=0, kv_offset=
       implementation: None (best available), "reference", "xla", "pallas", "mosaic",
         "cudnn", or a sequence of these, tried in order (NotImplementedError falls through).
       return_lse: also return the log-sum-exp of the logits, f32 ``[B, T, N]``.
+      mesh, context_axis: context parallelism (docs/context_parallel.md): the sequence
+        is sharded over the devices of ``mesh``'s axis ``context_axis`` and each device
+        runs ``implementation`` on the (q-chunk, kv-chunk) pairs the mask does not rule
+        out. Same result as the single-device call.
+      context_layout: None (chosen from the mask), "contiguous", "zigzag" or a
+        ``scoremod.ContextLayout``: which sequence chunks each device works on.
       **tensors: the tensor parameters the mod reads, by name (``ids=segment_ids``).
 
     Returns:
@@ -67,7 +75,41 @@ def attention(query, key, value, *, mod=None, scale=None, q_offset=0, kv_offset=
         >>> scoremod.attention(q, k, v, mod="causal & doc(ids)", ids=ids).shape
         (2, 128, 4, 64)
     """
+    if mesh is not None or context_axis is not None or context_layout is not None:
+        return _context_attention(query, key, value, mod=mod, scale=scale, q_offset=q_offset, kv_offset=kv_offset,
+                                  implementation=implementation, return_lse=return_lse, mesh=mesh,
+                                  context_axis=context_axis, layout=context_layout, tensors=tensors)
     return _attention(query, key, value, mod=mod, scale=scale, q_offset=q_offset, kv_offset=kv_offset,
+                      implementation=implementation, return_lse=return_lse, tensors=tensors)
+
+
+def _context_attention(query, key, value, *, mod, scale, q_offset, kv_offset, implementation, return_lse, mesh,
+                       context_axis, layout, tensors):
+    """``attention`` with the sequence sharded over ``mesh``'s ``context_axis``
+    (runtime/context_parallel.py); every argument checked here first."""
+    if mesh is None or context_axis is None:
+        raise ScoreModShapeError("context parallelism needs both mesh= and context_axis=",
+                                 hint="attention(..., mesh=jax.make_mesh((8,), ('sp',)), context_axis='sp')")
+    mod = as_mod(mod)
+    implementation_names(implementation, known=IMPLEMENTATIONS, on_gpu=ATTENTION_ON_GPU,
+                         elsewhere=ATTENTION_ELSEWHERE, what="attention")
+    scale = check_inputs(query, key, value, scale=scale, return_lse=return_lse)
+    batch, q_len, heads, _ = query.shape
+    kv_len = key.shape[1]
+    q_offset = _check_offset(q_offset, batch, "q_offset", q_len)
+    kv_offset = _check_offset(kv_offset, batch, "kv_offset", kv_len)
+    tensors = check_tensors(mod, tensors, batch=batch, heads=heads, q_len=q_len, kv_len=kv_len,
+                            q_offset=q_offset, kv_offset=kv_offset)
+
+    out, lse = context_attention(_pair_attention, query, key, value, mod=mod, mesh=mesh, context_axis=context_axis,
+                                 layout=layout, scale=scale, q_offset=q_offset, kv_offset=kv_offset,
+                                 implementation=implementation, tensors=tensors)
+    return (out, lse) if return_lse else out
+
+
+def _pair_attention(q, k, v, *, mod, scale, q_offset, kv_offset, implementation, return_lse, **tensors):
+    """What one device runs on one (q-chunk, kv-chunk) pair of a context-parallel call."""
+    return _attention(q, k, v, mod=mod, scale=scale, q_offset=q_offset, kv_offset=kv_offset,
                       implementation=implementation, return_lse=return_lse, tensors=tensors)
 
 

@@ -24,6 +24,11 @@ from functools import lru_cache
 import pytest
 from hypothesis import HealthCheck, Phase, settings
 
+# Context-parallel tests need several devices; on CPU XLA pretends to have 8 (set before
+# jax starts; computations that name no device still run on device 0).
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+
 # tests/evaluator.py and tests/strategies.py are imported as top-level modules.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 

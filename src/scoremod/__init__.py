@@ -24,7 +24,7 @@ except PackageNotFoundError:  # a source tree on sys.path, not installed
     __version__ = "unknown"
 
 __all__ = [
-    "attention", "dispatch", "as_attention_fn", "paged_attention", "PagedBlockSizes", "compile", "define", "undefine", "Mod",
+    "attention", "dispatch", "as_attention_fn", "paged_attention", "PagedBlockSizes", "ContextLayout", "compile", "define", "undefine", "Mod",
     "ScoreModError", "ScoreModSyntaxError", "ScoreModNameError", "ScoreModTypeError",
     "ScoreModDefinitionError", "ScoreModTensorError", "ScoreModShapeError",
 ]
@@ -37,6 +37,9 @@ def __getattr__(name):
     if name in ("paged_attention", "PagedBlockSizes"):
         from scoremod.runtime import paged
         return getattr(paged, name)
+    if name == "ContextLayout":
+        from scoremod.compiler.context_plan import ContextLayout
+        return ContextLayout
     if name == "as_attention_fn":
         from scoremod.runtime.flax_adapter import as_attention_fn
         return as_attention_fn

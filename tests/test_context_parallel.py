@@ -1,0 +1,179 @@
+"""Context parallelism (runtime/context_parallel.py, compiler/context_plan.py) on 8 CPU
+devices (tests/conftest.py): the sharded call against the single-device reference on
+generated mods and shapes, what the ring skips, balance, bad input."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import scoremod
+from scoremod.compiler.context_plan import (ContextLayout, contiguous_layout, device_work, pair_plan,
+                                            ring_schedule, zigzag_layout)
+from scoremod.compiler.plan import EMPTY, build_plan
+from scoremod.runtime import context_parallel as cp
+from scoremod.runtime._dispatch import as_mod
+from strategies import sources, tensors_for
+
+pytestmark = pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 devices (XLA_FLAGS in conftest.py)")
+
+
+def _mesh(devices: int, explicit: bool = False):
+    kind = jax.sharding.AxisType.Explicit if explicit else jax.sharding.AxisType.Auto
+    return jax.make_mesh((devices,), ("sp",), axis_types=(kind,), devices=jax.devices()[:devices])
+
+
+def _qkv(B, T, S, N, K, H, seed=0, dtype=jnp.float32):
+    k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
+    return (jax.random.normal(k1, (B, T, N, H), jnp.float32).astype(dtype),
+            jax.random.normal(k2, (B, S, K, H), jnp.float32).astype(dtype),
+            jax.random.normal(k3, (B, S, K, H), jnp.float32).astype(dtype))
+
+
+def _compare(mod, q, k, v, tensors, *, mesh, layout=None, implementation="reference", q_offset=0, kv_offset=0,
+             atol=2e-5):
+    """out, lse and (dq, dk, dv) of the sharded call against the single-device reference."""
+    def run(**kw):
+        def f(q, k, v):
+            return scoremod.attention(q, k, v, mod=mod, q_offset=q_offset, kv_offset=kv_offset, return_lse=True,
+                                      **kw, **tensors)
+        (out, lse), pullback = jax.vjp(f, q, k, v)
+        # the cotangents of sum(out * w) + sum(finite lse): one forward and backward each
+        w = jax.random.normal(jax.random.key(7), out.shape, out.dtype)
+        return out, lse, pullback((w, jnp.where(jnp.isneginf(lse), 0.0, 1.0)))
+
+    out, lse, got = run(implementation=implementation, mesh=mesh, context_axis="sp", context_layout=layout)
+    want_out, want_lse, want = run(implementation="reference")
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(want_out, np.float32), atol=atol)
+    assert (np.isneginf(lse) == np.isneginf(want_lse)).all()
+    finite = ~np.isneginf(want_lse)
+    np.testing.assert_allclose(np.asarray(lse)[finite], np.asarray(want_lse)[finite], atol=atol)
+    for name, a, b in zip(("dq", "dk", "dv"), got, want):
+        assert np.isfinite(np.asarray(a, np.float32)).all(), name
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), atol=10 * atol,
+                                   err_msg=name)
+
+
+@settings(max_examples=5)
+@given(src=sources(), devices=st.sampled_from([2, 4, 8]), layout=st.sampled_from([None, "contiguous", "zigzag"]),
+       chunk=st.integers(1, 3), heads=st.sampled_from([(2, 1), (2, 2), (4, 2)]), batch=st.integers(1, 2),
+       offsets=st.sampled_from([(0, 0), (5, 0), (0, 3)]), seed=st.integers(0, 2**16))
+def test_sharded_matches_single_device(src, devices, layout, chunk, heads, batch, offsets, seed):
+    T = S = 2 * devices * chunk * 2
+    N, K = heads
+    rng = np.random.default_rng(seed)
+    q_offset, kv_offset = offsets
+    tensors = tensors_for(src.text, batch, N, T, S, rng, q_offset=q_offset, kv_offset=kv_offset)
+    q, k, v = _qkv(batch, T, S, N, K, 8, seed)
+    _compare(src.text, q, k, v, tensors, mesh=_mesh(devices), layout=layout, q_offset=q_offset,
+             kv_offset=kv_offset)
+
+
+@pytest.mark.parametrize("mod, layout", [("causal & doc(ids)", "contiguous"), ("causal & window(5)", None),
+                                         ("kv >= 20 & causal", "contiguous")])
+def test_xla_as_the_local_kernel(mod, layout):
+    # GQA, documents (a plan from tensor values), rows with no allowed key (kv >= 20).
+    q, k, v = _qkv(2, 32, 32, 4, 2, 16)
+    ids = np.sort(np.random.default_rng(0).integers(0, 4, (2, 32)), axis=1).astype(np.int32)
+    tensors = {"ids": ids} if "ids" in mod else {}
+    _compare(mod, q, k, v, tensors, mesh=_mesh(4), layout=layout, implementation="xla", atol=2e-5)
+
+
+def test_explicit_mesh_under_set_mesh():
+    mesh = _mesh(4, explicit=True)
+    q, k, v = _qkv(1, 32, 32, 2, 2, 8)
+    with jax.sharding.set_mesh(mesh):
+        x = jax.device_put(q, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "sp")))
+        out = scoremod.attention(x, k, v, mod="causal", mesh=mesh, context_axis="sp", implementation="reference")
+    want = scoremod.attention(q, k, v, mod="causal", implementation="reference")
+    np.testing.assert_allclose(np.asarray(out), np.asarray(want), atol=2e-5)
+
+
+# ---- what the ring runs ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("mod", ["causal", "causal & window(12)", None, "kv >= 60", "q == kv"])
+@pytest.mark.parametrize("layout", [contiguous_layout(4), zigzag_layout(4)])
+def test_pairs_run_are_the_nonempty_pairs(mod, layout):
+    """The schedule runs exactly the non-empty (q-chunk, kv-chunk) pairs, checked against
+    the block plan classified at chunk granularity directly; the traced program has one
+    pair call per scheduled (step, chunk, chunk) and one ppermute pair per shift s != 0."""
+    T = 64
+    m = as_mod(mod)
+    plan = pair_plan(m, layout, q_len=T, kv_len=T)
+    size = T // layout.num_chunks
+    chunk_classes = np.asarray(build_plan(m, q_len=T, kv_len=T, block_q=size, block_kv=size).classes)[0, 0]
+    schedule = ring_schedule(plan, layout)
+    assert schedule.pairs_run() == int((chunk_classes != EMPTY).sum())
+
+    calls = []
+
+    def counting(*a, **kw):
+        calls.append(1)
+        return scoremod.attention(*a, **kw)
+    q, k, v = _qkv(1, T, T, 2, 2, 8)
+    ring_args = dict(mod=m, mesh=_mesh(4), context_axis="sp", layout=layout, scale=0.5, q_offset=0, kv_offset=0,
+                     implementation="reference", tensors={})
+    text = str(jax.make_jaxpr(lambda q, k, v: cp.context_attention(counting, q, k, v, **ring_args))(q, k, v))
+    runs = np.array(schedule.runs, bool)                      # [steps, P, a, b]
+    assert len(calls) == int(runs.any(axis=1).sum())
+    assert text.count("ppermute") == 2 * sum(1 for s in schedule.shifts if s)
+
+
+def test_window_talks_to_neighbours_only():
+    layout = contiguous_layout(8)
+    plan = pair_plan(scoremod.compile("causal & window(100)"), layout, q_len=8 * 128, kv_len=8 * 128)
+    assert ring_schedule(plan, layout).shifts == (0, 1)
+
+
+def test_zigzag_balances_causal():
+    """Busiest device over the mean of work (non-empty 128 x 128 blocks) at T = 128k on 8 devices."""
+    T = 131072
+    m = scoremod.compile("causal")
+    zig, contig = zigzag_layout(8), contiguous_layout(8)
+    balance = {}
+    for layout in (zig, contig):
+        blocks = device_work(pair_plan(m, layout, q_len=T, kv_len=T, max_block=128), layout)
+        balance[layout.name] = blocks.max() / blocks.mean()
+    assert balance["zigzag"] <= 1.05 < balance["contiguous"]
+    assert cp.choose_layout(m, 8, q_len=T, kv_len=T, batch=1, heads=1, q_offset=0, kv_offset=0,
+                            tensors={}).name == "zigzag"
+
+
+def test_merge_partials_of_empty_rows_has_finite_gradients():
+    o = jnp.ones((1, 2, 1, 3))
+    lse = jnp.array([[[-jnp.inf], [0.0]]])
+
+    def f(o1, l1):
+        out, l = cp.merge_partials(o1, l1, jnp.zeros_like(o), jnp.full_like(lse, -jnp.inf))
+        return out.sum() + jnp.where(jnp.isneginf(l), 0.0, l).sum()
+    g = jax.grad(f, argnums=(0, 1))(o, lse)
+    assert all(np.isfinite(np.asarray(x)).all() for x in g)
+
+
+# ---- bad input ------------------------------------------------------------------------------
+
+def test_bad_context_arguments():
+    q, k, v = _qkv(1, 32, 32, 2, 2, 8)
+    call = dict(mod="causal", implementation="reference")
+    with pytest.raises(scoremod.ScoreModShapeError, match="not an axis of the mesh"):
+        scoremod.attention(q, k, v, mesh=_mesh(4), context_axis="dp", **call)
+    with pytest.raises(scoremod.ScoreModShapeError, match="needs both mesh= and context_axis="):
+        scoremod.attention(q, k, v, mesh=_mesh(4), **call)
+    with pytest.raises(scoremod.ScoreModShapeError, match="must be a jax.sharding.Mesh"):
+        scoremod.attention(q, k, v, mesh="sp", context_axis="sp", **call)
+    with pytest.raises(scoremod.ScoreModShapeError, match="q_len=30 must be a multiple of 8"):
+        scoremod.attention(*_qkv(1, 30, 30, 2, 2, 8), mesh=_mesh(4), context_axis="sp", context_layout="zigzag",
+                           **call)
+    with pytest.raises(scoremod.ScoreModShapeError, match="is for 2 devices"):
+        scoremod.attention(q, k, v, mesh=_mesh(4), context_axis="sp", context_layout=contiguous_layout(2), **call)
+    with pytest.raises(scoremod.ScoreModShapeError, match="not one of"):
+        scoremod.attention(q, k, v, mesh=_mesh(4), context_axis="sp", context_layout="ring", **call)
+    with pytest.raises(scoremod.ScoreModShapeError, match="inside `with jax.set_mesh"):
+        scoremod.attention(q, k, v, mesh=_mesh(4, explicit=True), context_axis="sp", **call)
+    with pytest.raises(scoremod.ScoreModShapeError, match="every chunk must be held once"):
+        ContextLayout("mine", ((0, 1), (1, 2)))
+    with pytest.raises(scoremod.ScoreModTensorError):
+        scoremod.attention(q, k, v, mod="doc(ids)", mesh=_mesh(4), context_axis="sp", implementation="reference")
