@@ -39,6 +39,13 @@ class ContextLayout:
       name: "contiguous", "zigzag" (or a user's own name).
       chunks: ``chunks[d]`` is the tuple of chunk indices device d holds, in the order
         they sit in its local shard; every chunk exactly once, the same count per device.
+
+    Example (a layout of one's own: 4 devices, 8 chunks)::
+
+        >>> layout = ContextLayout("pairs", ((0, 4), (1, 5), (2, 6), (3, 7)))
+        >>> layout.order(16).tolist()[:4]        # device 0 holds positions 0-1 and 8-9
+        [0, 1, 8, 9]
+        >>> scoremod.attention(q, k, v, mod="causal", mesh=mesh, context_axis="sp", context_layout=layout)
     """
     name: str
     chunks: tuple[tuple[int, ...], ...]

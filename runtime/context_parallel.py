@@ -142,7 +142,7 @@ def _run_ring(ring: Ring, query, key, value, q_off, kv_off, blocks, tensor_value
     in_specs = (seq, seq, seq, P(), P(), P(), tuple(P() for _ in ring.names))
     T, S = query.shape[1], key.shape[1]
     q_order, kv_order = ring.layout.order(T), ring.layout.order(S)
-    permuted = ring.layout.name != "contiguous"
+    permuted = not (np.array_equal(q_order, np.arange(T)) and np.array_equal(kv_order, np.arange(S)))
 
     def whole(q, k, v, *rest):
         # An Explicit axis runs as Auto in here (auto_axes below), so both kinds of mesh

@@ -82,6 +82,12 @@ def test_xla_as_the_local_kernel(mod, layout):
     _compare(mod, q, k, v, tensors, mesh=_mesh(4), layout=layout, implementation="xla", atol=2e-5)
 
 
+def test_a_layout_of_ones_own():
+    q, k, v = _qkv(1, 32, 32, 2, 2, 8)
+    layout = ContextLayout("contiguous", ((3,), (2,), (1,), (0,)))   # the name does not matter, the chunks do
+    _compare("causal & window(9)", q, k, v, {}, mesh=_mesh(4), layout=layout)
+
+
 def test_explicit_mesh_under_set_mesh():
     mesh = _mesh(4, explicit=True)
     q, k, v = _qkv(1, 32, 32, 2, 2, 8)
