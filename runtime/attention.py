@@ -90,17 +90,9 @@ def _context_attention(query, key, value, *, mod, scale, q_offset, kv_offset, im
     if mesh is None or context_axis is None:
         raise ScoreModShapeError("context parallelism needs both mesh= and context_axis=",
                                  hint="attention(..., mesh=jax.make_mesh((8,), ('sp',)), context_axis='sp')")
-    mod = as_mod(mod)
-    implementation_names(implementation, known=IMPLEMENTATIONS, on_gpu=ATTENTION_ON_GPU,
-                         elsewhere=ATTENTION_ELSEWHERE, what="attention")
-    scale = check_inputs(query, key, value, scale=scale, return_lse=return_lse)
-    batch, q_len, heads, _ = query.shape
-    kv_len = key.shape[1]
-    q_offset = _check_offset(q_offset, batch, "q_offset", q_len)
-    kv_offset = _check_offset(kv_offset, batch, "kv_offset", kv_len)
-    tensors = check_tensors(mod, tensors, batch=batch, heads=heads, q_len=q_len, kv_len=kv_len,
-                            q_offset=q_offset, kv_offset=kv_offset)
-
+    mod, _, scale, q_offset, kv_offset, tensors = _checked_call(
+        query, key, value, mod=mod, scale=scale, q_offset=q_offset, kv_offset=kv_offset,
+        implementation=implementation, return_lse=return_lse, tensors=tensors)
     out, lse = context_attention(_pair_attention, query, key, value, mod=mod, mesh=mesh, context_axis=context_axis,
                                  layout=layout, scale=scale, q_offset=q_offset, kv_offset=kv_offset,
                                  implementation=implementation, tensors=tensors)
@@ -113,19 +105,29 @@ def _pair_attention(q, k, v, *, mod, scale, q_offset, kv_offset, implementation,
                       implementation=implementation, return_lse=return_lse, tensors=tensors)
 
 
-def _attention(query, key, value, *, mod, scale, q_offset, kv_offset, implementation, return_lse, tensors,
-               record=None):
+def _checked_call(query, key, value, *, mod, scale, q_offset, kv_offset, implementation, return_lse, tensors):
+    """Every argument of an ``attention`` call checked: (mod, implementation names, scale,
+    q_offset, kv_offset, tensors)."""
     mod = as_mod(mod)
     names = implementation_names(implementation, known=IMPLEMENTATIONS, on_gpu=ATTENTION_ON_GPU,
                                  elsewhere=ATTENTION_ELSEWHERE, what="attention")
     scale = check_inputs(query, key, value, scale=scale, return_lse=return_lse)
-    batch, q_len, heads, head_dim = query.shape
+    batch, q_len, heads, _ = query.shape
     kv_len = key.shape[1]
     q_offset = _check_offset(q_offset, batch, "q_offset", q_len)
     kv_offset = _check_offset(kv_offset, batch, "kv_offset", kv_len)
     tensors = check_tensors(mod, tensors, batch=batch, heads=heads, q_len=q_len, kv_len=kv_len,
                             q_offset=q_offset, kv_offset=kv_offset)
+    return mod, names, scale, q_offset, kv_offset, tensors
 
+
+def _attention(query, key, value, *, mod, scale, q_offset, kv_offset, implementation, return_lse, tensors,
+               record=None):
+    mod, names, scale, q_offset, kv_offset, tensors = _checked_call(
+        query, key, value, mod=mod, scale=scale, q_offset=q_offset, kv_offset=kv_offset,
+        implementation=implementation, return_lse=return_lse, tensors=tensors)
+    batch, q_len, heads, _ = query.shape
+    kv_len = key.shape[1]
     if q_len == 0 or kv_len == 0:  # nothing to attend: zeros and -inf, like a fully masked row
         out = jnp.zeros(query.shape, query.dtype)
         lse = jnp.full((batch, q_len, heads), -jnp.inf, jnp.float32)
