@@ -167,6 +167,9 @@ def jax_part(args):
     results = dict(info=info, shape=dict(B=B, N=N, T=T, S=S, H=H), masks={}, plan={})
     impls = _jax_impls(q, k, v, ids, scale, block_sizes, one_loop)
     if args.impls:
+        unknown = set(args.impls.split(",")) - set(impls)
+        if unknown:
+            raise SystemExit(f"--impls: unknown {sorted(unknown)}; the JAX rows are {sorted(impls)}")
         impls = {name: make for name, make in impls.items() if name in args.impls.split(",")}
 
     for mname, mod in MASKS.items():

@@ -126,9 +126,10 @@ class PairPlan:
         return isinstance(self.blocks, np.ndarray)
 
     @property
-    def nonempty(self):
-        """bool ``[C, C]`` (static) / ``[B', H', C, C]``: pairs with any allowed logit."""
-        return self.blocks.any(axis=(0, 1)) if self.is_static else self.blocks > 0
+    def nonempty(self) -> np.ndarray:
+        """bool ``[C, C]`` of a static plan: pairs with an allowed logit for some batch
+        element or head."""
+        return self.blocks.any(axis=(0, 1))
 
 
 def _pow2_divisor(n: int, cap: int) -> int:
@@ -143,9 +144,8 @@ def pair_plan(mod, layout: ContextLayout, *, q_len: int, kv_len: int, batch: int
     """The pair plan of ``mod`` (a Mod, Canonical or mask IR) for sequences cut by ``layout``.
 
     The blocks are the largest power of two up to ``max_block`` dividing both chunk
-    sizes, coarser when the grid would exceed the plan's cell limit (then a block may
-    straddle chunks and the counts are per chunk only as long as it does not: a
-    ScoreModShapeError says so instead)."""
+    sizes; a ScoreModShapeError when chunk sizes with a small power-of-two factor would
+    make that grid larger than the plan's cell limit."""
     q_chunk = layout.check_length("q_len", q_len)
     kv_chunk = layout.check_length("kv_len", kv_len)
     block = _pow2_divisor(np.gcd(q_chunk, kv_chunk), max_block)
@@ -157,14 +157,9 @@ def pair_plan(mod, layout: ContextLayout, *, q_len: int, kv_len: int, batch: int
                       q_offset=q_offset, kv_offset=kv_offset, tensors=tensors)
     C = layout.num_chunks
     bq, bk = q_chunk // block, kv_chunk // block
-    classes = plan.classes
+    classes = plan.classes                    # NumPy (static) or a jax array: the same ops
     b_, h_ = classes.shape[:2]
-    if isinstance(classes, np.ndarray):
-        counts = (classes != EMPTY).reshape(b_, h_, C, bq, C, bk).sum(axis=(3, 5), dtype=np.int64)
-        blocks = counts.astype(np.int32)
-    else:
-        import jax.numpy as jnp  # only for masks planned from tensor values
-        blocks = (classes != EMPTY).reshape(b_, h_, C, bq, C, bk).sum(axis=(3, 5), dtype=jnp.int32)
+    blocks = (classes != EMPTY).reshape(b_, h_, C, bq, C, bk).sum(axis=(3, 5)).astype(np.int32)
     return PairPlan(blocks=blocks, block_q=block, block_kv=block, q_chunk=q_chunk, kv_chunk=kv_chunk)
 
 

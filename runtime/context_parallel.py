@@ -31,8 +31,8 @@ from jax import lax
 from jax.sharding import Mesh, PartitionSpec as P
 
 from scoremod.errors import ScoreModShapeError
-from scoremod.compiler.context_plan import (ContextLayout, RingSchedule, device_work, layout_named, pair_plan,
-                                            ring_schedule)
+from scoremod.compiler.context_plan import (ContextLayout, PairPlan, RingSchedule, device_work, layout_named,
+                                            pair_plan, ring_schedule)
 
 __all__ = ["context_attention", "choose_layout", "merge_partials"]
 
@@ -62,19 +62,22 @@ def _check_mesh(mesh, context_axis):
 
 
 def choose_layout(mod, devices: int, *, q_len: int, kv_len: int, batch: int, heads: int, q_offset, kv_offset,
-                  tensors) -> ContextLayout:
-    """The default layout: for a static mask, the one of contiguous and zigzag whose
-    busiest device has less work (``device_work``; contiguous on a tie: fewer, larger calls);
-    contiguous for masks that read tensors (their balance depends on the values)."""
+                  tensors) -> tuple[ContextLayout, PairPlan]:
+    """The default layout and its pair plan: for a static mask, the one of contiguous and
+    zigzag whose busiest device has less work (``device_work``; contiguous on a tie: fewer,
+    larger calls); contiguous for masks that read tensors (their balance depends on the
+    values)."""
     contiguous = layout_named("contiguous", devices)
     zigzag = layout_named("zigzag", devices)
     kw = dict(q_len=q_len, kv_len=kv_len, batch=batch, heads=heads, q_offset=q_offset, kv_offset=kv_offset,
               tensors=tensors)
     plan = pair_plan(mod, contiguous, **kw)
     if not plan.is_static or q_len % zigzag.num_chunks or kv_len % zigzag.num_chunks:
-        return contiguous
-    busiest = int(device_work(plan, contiguous).max())
-    return zigzag if int(device_work(pair_plan(mod, zigzag, **kw), zigzag).max()) < busiest else contiguous
+        return contiguous, plan
+    zig_plan = pair_plan(mod, zigzag, **kw)
+    if device_work(zig_plan, zigzag).max() < device_work(plan, contiguous).max():
+        return zigzag, zig_plan
+    return contiguous, plan
 
 
 def context_attention(local_attention, query, key, value, *, mod, mesh, context_axis, layout=None, scale,
@@ -90,18 +93,19 @@ def context_attention(local_attention, query, key, value, *, mod, mesh, context_
     B, T, N, H = query.shape
     S = key.shape[1]
     if layout is None:
-        layout = choose_layout(mod, devices, q_len=T, kv_len=S, batch=B, heads=N, q_offset=q_offset,
-                               kv_offset=kv_offset, tensors=tensors)
-    elif isinstance(layout, str):
-        layout = layout_named(layout, devices)
-    elif not isinstance(layout, ContextLayout):
-        raise ScoreModShapeError(f"context_layout must be None, 'contiguous', 'zigzag' or a ContextLayout; got "
-                                 f"{type(layout).__name__}")
-    if layout.devices != devices:
-        raise ScoreModShapeError(f"the context layout is for {layout.devices} devices; mesh axis "
-                                 f"{context_axis!r} has {devices}")
-    plan = pair_plan(mod, layout, q_len=T, kv_len=S, batch=B, heads=N, q_offset=q_offset, kv_offset=kv_offset,
-                     tensors=tensors)
+        layout, plan = choose_layout(mod, devices, q_len=T, kv_len=S, batch=B, heads=N, q_offset=q_offset,
+                                     kv_offset=kv_offset, tensors=tensors)
+    else:
+        if isinstance(layout, str):
+            layout = layout_named(layout, devices)
+        elif not isinstance(layout, ContextLayout):
+            raise ScoreModShapeError(f"context_layout must be None, 'contiguous', 'zigzag' or a ContextLayout; "
+                                     f"got {type(layout).__name__}")
+        if layout.devices != devices:
+            raise ScoreModShapeError(f"the context layout is for {layout.devices} devices; mesh axis "
+                                     f"{context_axis!r} has {devices}")
+        plan = pair_plan(mod, layout, q_len=T, kv_len=S, batch=B, heads=N, q_offset=q_offset,
+                         kv_offset=kv_offset, tensors=tensors)
     explicit = mesh.axis_types[mesh.axis_names.index(context_axis)] == jax.sharding.AxisType.Explicit
     if explicit and jax.sharding.get_abstract_mesh() != mesh.abstract_mesh:
         raise ScoreModShapeError(

@@ -145,7 +145,7 @@ def test_zigzag_balances_causal():
         balance[layout.name] = blocks.max() / blocks.mean()
     assert balance["zigzag"] <= 1.05 < balance["contiguous"]
     assert cp.choose_layout(m, 8, q_len=T, kv_len=T, batch=1, heads=1, q_offset=0, kv_offset=0,
-                            tensors={}).name == "zigzag"
+                            tensors={})[0].name == "zigzag"
 
 
 def test_merge_partials_of_empty_rows_has_finite_gradients():
@@ -157,6 +157,10 @@ def test_merge_partials_of_empty_rows_has_finite_gradients():
         return out.sum() + jnp.where(jnp.isneginf(l), 0.0, l).sum()
     g = jax.grad(f, argnums=(0, 1))(o, lse)
     assert all(np.isfinite(np.asarray(x)).all() for x in g)
+    out, merged = cp.merge_partials(o, lse, 2 * o, lse)     # equal weights: the mean; lse + log 2
+    np.testing.assert_allclose(np.asarray(out[0, 1]), 1.5)
+    assert (np.asarray(out[0, 0]) == 0).all() and np.isneginf(merged[0, 0, 0])
+    np.testing.assert_allclose(float(merged[0, 1, 0]), np.log(2.0), rtol=1e-6)
 
 
 # ---- bad input ------------------------------------------------------------------------------
