@@ -89,6 +89,21 @@ class Mod:
                                 hint="use score_mod(), which applies the whole mod to the scores")
         return mask_mod_fn(self.canonical, self._checked_tensors(tensors))
 
+    def to_flex(self) -> str:
+        """The source of a self-contained Python module with PyTorch FlexAttention mods that
+        mean what this mod means (docs/export.md). It defines ``make_mods(*, q_offset=0,
+        kv_offset=0, **tensors)`` -> ``{"score_mod": fn or None, "mask_mod": fn or None}`` and
+        ``block_mask(B, H, Q_LEN, KV_LEN, *, device="cpu", BLOCK_SIZE=128, ..., **tensors)``.
+        What it cannot express raises ``ScoreModError``.
+
+            >>> src = scoremod.compile("causal & doc(ids)").to_flex()
+            >>> ns = {}; exec(src, ns)
+            >>> out = flex_attention(q, k, v, block_mask=ns["block_mask"](B, N, T, S, device="cuda", ids=ids))
+        """
+        # Deferred like the other products: flex_export imports this module.
+        from scoremod.compiler.flex_export import flex_module_source
+        return flex_module_source(self)
+
     def _checked_tensors(self, tensors: dict) -> dict:
         # Deferred: tensors imports numpy, and `import scoremod` stays light.
         from scoremod.compiler.tensors import check_missing_tensors

@@ -1,9 +1,10 @@
-"""``dslc``: check, list, show and explain scoremod sources.
+"""``dslc``: check, list, show, explain and export scoremod sources.
 
     dslc check "causal & window(1024)"
     dslc list
     dslc show window
     dslc explain "causal & doc(ids)" --seq 8192 --tensor ids=segments:4096,4096
+    dslc export "causal & doc(ids)" --to flex -o doc_mask.py
 """
 
 from __future__ import annotations
@@ -182,9 +183,35 @@ def _cmd_explain(args) -> int:
     return 0
 
 
+# ---- dslc export -----------------------------------------------------------------------------
+
+EXPORT_TARGETS = ("flex",)
+
+
+def _cmd_export(args) -> int:
+    from scoremod.compiler.mod import compile_mod
+    from scoremod.errors import ScoreModError
+    try:
+        source = sys.stdin.read() if args.source == "-" else args.source
+        text = compile_mod(source).to_flex()
+    except ScoreModError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    if args.output is None:
+        sys.stdout.write(text)
+        return 0
+    try:
+        with open(args.output, "w", encoding="utf-8") as f:
+            f.write(text)
+    except OSError as exc:
+        print(f"error: cannot write {args.output!r}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="dslc", description="The scoremod compiler: check, list, show and explain attention mods.")
+        prog="dslc", description="The scoremod compiler: check, list, show, explain and export attention mods.")
     from scoremod import __version__
     parser.add_argument("--version", action="version", version=f"dslc (scoremod) {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -212,6 +239,17 @@ def build_parser() -> argparse.ArgumentParser:
                                    "block counts, density, FLOPs saved and a grid of full/partial/empty blocks.")
     _configure_explain_parser(p)
     p.set_defaults(run=_cmd_explain)
+
+    p = sub.add_parser("export", help="write SOURCE as a Python module for another framework (--to flex)",
+                       description="Export SOURCE as the source of a self-contained Python module. --to flex: "
+                                   "PyTorch FlexAttention score_mod / mask_mod and a block_mask helper "
+                                   "(docs/export.md). Exit 1 with the error when it cannot be expressed.")
+    p.add_argument("source", metavar="SOURCE",
+                   help='a source, e.g. "causal & doc(ids)"; - reads it from standard input')
+    p.add_argument("--to", required=True, choices=EXPORT_TARGETS, help="the target: flex (PyTorch FlexAttention)")
+    p.add_argument("-o", "--output", metavar="FILE", default=None,
+                   help="write the module to FILE (default: standard output)")
+    p.set_defaults(run=_cmd_export)
     return parser
 
 
