@@ -22,17 +22,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scoremod.errors import ScoreModShapeError, ScoreModTensorError
+from scoremod.errors import ScoreModError, ScoreModShapeError, ScoreModTensorError
 from scoremod.dsl.ast import Tensor, walk
 from scoremod.compiler.tensors import check_tensors as check_read_shapes, read_tensors
 from scoremod.compiler.mod import Mod, compile_mod
 from scoremod.compiler.plan import check_positions
+from scoremod.runtime.attention_plan import AttentionPlan, PlanRecorder, decided_at_trace_time
 from scoremod.runtime.context_parallel import context_attention
 from scoremod.runtime._dispatch import (ATTENTION_ELSEWHERE, ATTENTION_ON_GPU, as_mod, as_tensor, check_float_arrays,
                                         check_head_groups, concrete, implementation_names,
                                         resolve_scale, run_first)
 
-__all__ = ["attention", "check_inputs", "check_tensors", "dispatch", "Dispatch", "IMPLEMENTATIONS"]
+__all__ = ["attention", "plan", "check_inputs", "check_tensors", "dispatch", "Dispatch", "IMPLEMENTATIONS"]
 
 
 IMPLEMENTATIONS = ("reference", "xla", "pallas", "mosaic", "cudnn")
@@ -40,7 +41,7 @@ IMPLEMENTATIONS = ("reference", "xla", "pallas", "mosaic", "cudnn")
 
 def attention(query, key, value, *, mod=None, scale=None, q_offset=0, kv_offset=0,
               implementation=None, return_lse=False, mesh=None, context_axis=None, context_layout=None,
-              **tensors):
+              plan=None, **tensors):
     """Attention with the score modification ``mod``.
 
     Args:
@@ -62,6 +63,10 @@ def attention(query, key, value, *, mod=None, scale=None, q_offset=0, kv_offset=
         out. Same result as the single-device call.
       context_layout: None (chosen from the mask), "contiguous", "zigzag" or a
         ``scoremod.ContextLayout``: which sequence chunks each device works on.
+      plan: an ``AttentionPlan`` from ``scoremod.plan`` (block plans built once for many
+        calls, e.g. every layer of a step). The call then takes the mod, the offsets, the
+        tensors and, unless given, the implementation from the plan; its shapes must be
+        the plan's. Not with ``mesh``.
       **tensors: the tensor parameters the mod reads, by name (``ids=segment_ids``).
 
     Returns:
@@ -75,6 +80,15 @@ def attention(query, key, value, *, mod=None, scale=None, q_offset=0, kv_offset=
         >>> scoremod.attention(q, k, v, mod="causal & doc(ids)", ids=ids).shape
         (2, 128, 4, 64)
     """
+    if plan is not None:
+        if mesh is not None or context_axis is not None or context_layout is not None:
+            raise ScoreModError("plan= cannot be combined with context parallelism (mesh=, context_axis=)",
+                                hint="drop plan=: the context-parallel path plans each device's chunk pairs itself")
+        mod, q_offset, kv_offset, implementation, tensors = _from_plan(
+            plan, query, key, mod=mod, q_offset=q_offset, kv_offset=kv_offset, implementation=implementation,
+            tensors=tensors)
+        return _attention(query, key, value, mod=mod, scale=scale, q_offset=q_offset, kv_offset=kv_offset,
+                          implementation=implementation, return_lse=return_lse, tensors=tensors, plans=plan)
     if mesh is not None or context_axis is not None or context_layout is not None:
         return _context_attention(query, key, value, mod=mod, scale=scale, q_offset=q_offset, kv_offset=kv_offset,
                                   implementation=implementation, return_lse=return_lse, mesh=mesh,
@@ -122,7 +136,7 @@ def _checked_call(query, key, value, *, mod, scale, q_offset, kv_offset, impleme
 
 
 def _attention(query, key, value, *, mod, scale, q_offset, kv_offset, implementation, return_lse, tensors,
-               record=None):
+               record=None, plans=None):
     mod, names, scale, q_offset, kv_offset, tensors = _checked_call(
         query, key, value, mod=mod, scale=scale, q_offset=q_offset, kv_offset=kv_offset,
         implementation=implementation, return_lse=return_lse, tensors=tensors)
@@ -135,7 +149,7 @@ def _attention(query, key, value, *, mod, scale, q_offset, kv_offset, implementa
 
     out, lse = run_first(names, _RUNNERS, what="attention", mod=mod, query=query, key=key, value=value,
                          scale=scale, q_offset=q_offset, kv_offset=kv_offset, return_lse=return_lse,
-                         tensors=tensors, record=record)
+                         tensors=tensors, record=record, plans=plans)
     return (out, lse) if return_lse else out
 
 
@@ -179,6 +193,99 @@ def dispatch(query, key, value, *, mod=None, scale=None, q_offset=0, kv_offset=0
         pass   # every implementation declined: record holds why
     chosen = next((name for name, why in record if why is None), None)
     return Dispatch(chosen, tuple((name, why) for name, why in record if why is not None))
+
+
+def plan(mod, q_len: int, kv_len: int | None = None, *, batch: int = 1, heads: int = 1, kv_heads: int | None = None,
+         head_dim: int = 128, dtype="bfloat16", q_offset=0, kv_offset=0, implementation=None,
+         **tensors) -> AttentionPlan:
+    """Build the block plans of an attention call once, for many calls (every layer of a step).
+
+    ``attention(q, k, v, plan=p)`` then runs without building them: for a mask that reads
+    tensors (``doc(ids)``) that is work on the device saved in every call after the first.
+    The plans are those of the implementation ``attention()`` would pick for query
+    ``[batch, q_len, heads, head_dim]`` and key/value ``[batch, kv_len, kv_heads,
+    head_dim]`` of ``dtype`` (or ``implementation``'s); calls must have those shapes.
+    Works inside ``jit`` (the tensors may be traced); the result is a pytree.
+
+    Args:
+      mod: a source string or compiled ``Mod``.
+      q_len, kv_len: T and S (kv_len defaults to q_len).
+      batch, heads, kv_heads, head_dim, dtype: the calls' other sizes and dtype
+        (kv_heads defaults to heads).
+      q_offset, kv_offset, implementation, **tensors: as for ``attention()``; the plan
+        keeps the offsets and the tensors, and calls with it take them from it.
+
+    Returns:
+      An ``AttentionPlan``. Raises what ``attention()`` raises for the same arguments.
+
+    Example::
+
+        >>> plan = scoremod.plan("causal & doc(ids)", 8192, batch=2, heads=16, ids=ids)
+        >>> out = scoremod.attention(q, k, v, plan=plan)        # in every layer
+    """
+    kv_len = q_len if kv_len is None else kv_len
+    kv_heads = heads if kv_heads is None else kv_heads
+    sizes = dict(q_len=q_len, kv_len=kv_len, batch=batch, heads=heads, kv_heads=kv_heads, head_dim=head_dim)
+    for name, value in sizes.items():
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ScoreModShapeError(f"scoremod.plan: {name} must be a positive int; got {value!r}")
+    try:
+        dtype = jnp.dtype(dtype)
+    except TypeError:
+        raise ScoreModShapeError(f"scoremod.plan: dtype must be a float dtype; got {dtype!r}") from None
+    query = jax.ShapeDtypeStruct((batch, q_len, heads, head_dim), dtype)
+    kv = jax.ShapeDtypeStruct((batch, kv_len, kv_heads, head_dim), dtype)
+    mod, _, _, q_offset, kv_offset, tensors = _checked_call(
+        query, kv, kv, mod=mod, scale=None, q_offset=q_offset, kv_offset=kv_offset, implementation=implementation,
+        return_lse=False, tensors=tensors)
+    # Which implementation runs and which block sizes it asks for: one abstract trace.
+    record: list = []
+    recorder = PlanRecorder()
+
+    def call(q, k, v):
+        return _attention(q, k, v, mod=mod, scale=None, q_offset=q_offset, kv_offset=kv_offset,
+                          implementation=implementation, return_lse=False, tensors=tensors, record=record,
+                          plans=recorder)
+    jax.eval_shape(call, query, kv, kv)
+    chosen = next(name for name, why in record if why is None)
+    built = AttentionPlan(mod, int(batch), int(q_len), int(kv_len), int(heads), int(kv_heads), int(head_dim),
+                          dtype.name, chosen, q_offset, kv_offset, dict(tensors))
+    if decided_at_trace_time(mod, q_offset, kv_offset):
+        return built
+    from scoremod.compiler.plan import build_plan
+    plans = {(bq, bkv): build_plan(mod, q_len=q_len, kv_len=kv_len, block_q=bq, block_kv=bkv, batch=batch,
+                                   heads=heads, q_offset=q_offset, kv_offset=kv_offset, tensors=tensors)
+             for bq, bkv in recorder.blocks}
+    return AttentionPlan(**{**built.__dict__, "plans": plans})
+
+
+def _from_plan(plan, query, key, *, mod, q_offset, kv_offset, implementation, tensors):
+    """(mod, q_offset, kv_offset, implementation, tensors) of a call with ``plan=``: the
+    plan's, after checking that what the call gives agrees with it."""
+    if not isinstance(plan, AttentionPlan):
+        raise ScoreModError(f"plan must be a scoremod.plan(...) result; got {type(plan).__name__}")
+    if tensors:
+        raise ScoreModTensorError(f"the plan carries the tensors it was built from; do not pass "
+                                  f"{', '.join(sorted(tensors))} with plan=",
+                                  hint="build a new plan with scoremod.plan(...) when the tensors change")
+    if mod is not None and as_mod(mod) != plan.mod:
+        raise ScoreModError(f"mod {str(as_mod(mod))!r} is not the plan's mod {str(plan.mod)!r}",
+                            hint="leave mod out: the call takes the plan's")
+    for name, given, own in (("q_offset", q_offset, plan.q_offset), ("kv_offset", kv_offset, plan.kv_offset)):
+        if isinstance(given, int) and not isinstance(given, bool) and given == 0:
+            continue   # not given
+        if not (isinstance(given, int) and isinstance(own, int) and given == own):
+            raise ScoreModError(f"{name} is the plan's; give it to scoremod.plan, not to attention(plan=...)")
+    for what, x in (("query", query), ("key", key)):
+        if not hasattr(x, "shape") or len(x.shape) != 4:
+            continue   # check_inputs says what is wrong
+        B, L, heads, H = x.shape
+        want = ((plan.batch, plan.q_len, plan.heads, plan.head_dim) if what == "query"
+                else (plan.batch, plan.kv_len, plan.kv_heads, plan.head_dim))
+        if (B, L, heads, H) != want:
+            raise ScoreModShapeError(f"{what} has shape {tuple(x.shape)}; the plan was built for {list(want)}",
+                                     hint="build the plan with this call's sizes")
+    return plan.mod, plan.q_offset, plan.kv_offset, implementation or plan.implementation, dict(plan.tensors)
 
 
 # ---- validation ------------------------------------------------------------------------------
@@ -283,8 +390,9 @@ def check_tensors(mod: Mod, tensors: dict, *, batch: int, heads: int, q_len: int
 # implementation when first tried (deferred: the kernels load Pallas and its GPU backends,
 # which a call that runs xla or reference never needs).
 
-def _run_reference(query, key, value, *, return_lse, **call):
+def _run_reference(query, key, value, *, return_lse, plans, **call):
     from scoremod.runtime.reference import reference_attention
+    del plans   # dense: no blocks to skip
     return reference_attention(query, key, value, **call)
 
 
@@ -308,11 +416,12 @@ def _run_mosaic(query, key, value, *, return_lse, **call):
     return out, (jnp.transpose(lse, (0, 2, 1)) if return_lse else None)
 
 
-def _run_cudnn(query, key, value, *, mod, scale, q_offset, kv_offset, return_lse, tensors):
+def _run_cudnn(query, key, value, *, mod, scale, q_offset, kv_offset, return_lse, tensors, plans):
     if return_lse:
         raise NotImplementedError("jax.nn.dot_product_attention does not return the log-sum-exp")
     if jax.default_backend() != "gpu":
         raise NotImplementedError(f"cuDNN needs a GPU; the default backend is {jax.default_backend()}")
+    del plans   # cuDNN plans its own (dense or causal) blocks
     canonical = mod.canonical
     causal = canonical.mask == compile_mod("causal").canonical.mask
     if canonical.transform is not None or canonical.bias is not None or not (causal or not canonical.has_mask):

@@ -32,11 +32,12 @@ import jax
 import jax.numpy as jnp
 
 from scoremod.compiler.intervals import num_blocks
-from scoremod.compiler.plan import build_plan, ragged_edge, split_lists
+from scoremod.compiler.plan import ragged_edge, split_lists
 from scoremod.compiler.tensors import check_missing_tensors
 from scoremod.compiler.tile import TileProgram
 from scoremod.errors import ScoreModShapeError
 from scoremod.runtime import _mosaic_backward, _mosaic_forward
+from scoremod.runtime.attention_plan import plan_for
 from scoremod.runtime._dispatch import as_mod, kernel_input_reason
 from scoremod.runtime._mosaic_forward import MosaicKernelConfig
 from scoremod.runtime import pallas_attention as _pallas
@@ -203,7 +204,7 @@ def check_supported(mod, query, key, value, tensors=None, block_sizes: MosaicBlo
 
 
 def mosaic_attention(query, key, value, *, mod=None, scale=None, q_offset=0, kv_offset=0,
-                     return_lse=False, tensors=None, block_sizes: MosaicBlockSizes | None = None):
+                     return_lse=False, tensors=None, block_sizes: MosaicBlockSizes | None = None, plans=None):
     """Block-sparse flash attention with a scoremod mod, on Mosaic GPU.
 
     Args:
@@ -215,6 +216,8 @@ def mosaic_attention(query, key, value, *, mod=None, scale=None, q_offset=0, kv_
       return_lse: also return ``lse f32[B, N, T]``.
       tensors: the mod's tensor parameters by name.
       block_sizes: ``MosaicBlockSizes`` (default ``MosaicBlockSizes.get_default(H)``).
+      plans: an ``AttentionPlan`` holding this call's block plans (``scoremod.plan``), or
+        None to build them here.
 
     Raises NotImplementedError (with the reason) for calls the kernel cannot run.
 
@@ -242,8 +245,8 @@ def mosaic_attention(query, key, value, *, mod=None, scale=None, q_offset=0, kv_
     reads = program.materialize_reads(tensors, B, N, q_positions, kv_positions)
     reads = tuple(_pad_read(r, Tp, Sp) for r in reads)
 
-    plan = build_plan(mod, q_len=T, kv_len=S, block_q=rows, block_kv=bs.block_kv, batch=B, heads=N,
-                      q_offset=q_offset, kv_offset=kv_offset, tensors=tensors)
+    plan = plan_for(plans, mod, q_len=T, kv_len=S, block_q=rows, block_kv=bs.block_kv, batch=B, heads=N,
+                    q_offset=q_offset, kv_offset=kv_offset, tensors=tensors)
     lists = split_lists(plan.kv_counts, plan.kv_indices, plan.kv_full, entry_edge=ragged_edge(S, bs.block_kv))
     lists = tuple(jnp.asarray(x, jnp.int32) for x in lists)
 
@@ -254,11 +257,11 @@ def mosaic_attention(query, key, value, *, mod=None, scale=None, q_offset=0, kv_
     aux = dict(lists=lists, reads=reads, q_off=q_off, kv_off=kv_off)
     if bs.backward == "mosaic" and _mosaic_backward.backward_reason(program) is None:
         bcfg, aux["mosaic_bwd"] = _prepare_mosaic_backward(
-            mod, cfg, B=B, N=N, q_offset=q_offset, kv_offset=kv_offset, tensors=tensors)
+            mod, cfg, plans, B=B, N=N, q_offset=q_offset, kv_offset=kv_offset, tensors=tensors)
         backward = ("mosaic", bcfg)
     else:
         pcfg, aux["pallas"] = _pallas.prepare(mod, program, query, key, value, scale=scale, q_offset=q_offset,
-                                              kv_offset=kv_offset, tensors=tensors, forward=False)
+                                              kv_offset=kv_offset, tensors=tensors, forward=False, plans=plans)
         backward = ("pallas", pcfg)
     out, lse = _flash(cfg, backward, query, key, value, aux)
     return (out, lse) if return_lse else out
@@ -288,14 +291,14 @@ def _run_forward(cfg: MosaicKernelConfig, q, k, v, aux):
 BACKWARD_BLOCK = 64
 
 
-def _prepare_mosaic_backward(mod, cfg: MosaicKernelConfig, *, B, N, q_offset, kv_offset, tensors):
+def _prepare_mosaic_backward(mod, cfg: MosaicKernelConfig, plans, *, B, N, q_offset, kv_offset, tensors):
     """The Mosaic backward's config and its plans' lists: dQ walks (128 x 64)-block rows,
     dK/dV the transposed (64 x 128)-block plan."""
     T, S, blk = cfg.q_len, cfg.kv_len, BACKWARD_BLOCK
-    dq_plan = build_plan(mod, q_len=T, kv_len=S, block_q=2 * blk, block_kv=blk, batch=B, heads=N,
-                         q_offset=q_offset, kv_offset=kv_offset, tensors=tensors)
-    dkv_plan = build_plan(mod, q_len=T, kv_len=S, block_q=blk, block_kv=2 * blk, batch=B, heads=N,
-                          q_offset=q_offset, kv_offset=kv_offset, tensors=tensors)
+    dq_plan = plan_for(plans, mod, q_len=T, kv_len=S, block_q=2 * blk, block_kv=blk, batch=B, heads=N,
+                       q_offset=q_offset, kv_offset=kv_offset, tensors=tensors)
+    dkv_plan = plan_for(plans, mod, q_len=T, kv_len=S, block_q=blk, block_kv=2 * blk, batch=B, heads=N,
+                        q_offset=q_offset, kv_offset=kv_offset, tensors=tensors)
     lists = dict(
         dq=split_lists(dq_plan.kv_counts, dq_plan.kv_indices, dq_plan.kv_full, entry_edge=ragged_edge(S, blk)),
         dkv=split_lists(dkv_plan.q_counts, dkv_plan.q_indices, dkv_plan.q_full, entry_edge=ragged_edge(T, blk),

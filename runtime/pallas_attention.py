@@ -26,11 +26,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scoremod.compiler.plan import build_plan, merged_list, ragged_edge, split_lists
+from scoremod.compiler.plan import merged_list, ragged_edge, split_lists
 from scoremod.compiler.tensors import check_missing_tensors
 from scoremod.compiler.tile import TileProgram
 from scoremod.errors import ScoreModShapeError
 from scoremod.runtime._dispatch import FLOAT_DTYPES, as_mod, kernel_input_reason
+from scoremod.runtime.attention_plan import plan_for
 from scoremod.runtime._pallas_common import KernelConfig
 from scoremod.runtime._triton import MIN_TILE, pltriton
 from scoremod.runtime._pallas_forward import forward as _forward
@@ -144,7 +145,7 @@ def check_supported(mod, query, key, value, tensors=None) -> TileProgram:
 
 def pallas_attention(query, key, value, *, mod=None, scale=None, q_offset=0, kv_offset=0,
                      return_lse=False, tensors=None, block_sizes: PallasBlockSizes | None = None,
-                     interpret=None, _debug_counts=False):
+                     interpret=None, plans=None, _debug_counts=False):
     """Block-sparse flash attention with a scoremod mod.
 
     Args:
@@ -156,6 +157,8 @@ def pallas_attention(query, key, value, *, mod=None, scale=None, q_offset=0, kv_
       tensors: the mod's tensor parameters by name.
       block_sizes: ``PallasBlockSizes`` (default ``PallasBlockSizes.get_default(H, dtype)``).
       interpret: run Pallas in interpret mode (default: on any non-GPU backend).
+      plans: an ``AttentionPlan`` holding this call's block plans (``scoremod.plan``), or
+        None to build them here.
 
     Raises NotImplementedError (with the reason) for calls the kernel cannot run.
     """
@@ -164,7 +167,7 @@ def pallas_attention(query, key, value, *, mod=None, scale=None, q_offset=0, kv_
     program = check_supported(mod, query, key, value, tensors)
     cfg, aux = prepare(mod, program, query, key, value, scale=scale, q_offset=q_offset,
                        kv_offset=kv_offset, tensors=tensors, block_sizes=block_sizes,
-                       interpret=interpret, debug_counts=_debug_counts)
+                       interpret=interpret, debug_counts=_debug_counts, plans=plans)
     q_off, kv_off = aux["q_off"], aux["kv_off"]
 
     if _debug_counts:
@@ -177,7 +180,7 @@ def pallas_attention(query, key, value, *, mod=None, scale=None, q_offset=0, kv_
 
 def prepare(mod, program: TileProgram, query, key, value, *, scale=None, q_offset=0, kv_offset=0,
             tensors=None, block_sizes: PallasBlockSizes | None = None, interpret=None,
-            debug_counts=False, forward=True):
+            debug_counts=False, forward=True, plans=None):
     """The static ``KernelConfig`` and the per-call arrays (plan lists, reads, offsets) of
     the Pallas kernels for one call. ``forward=False`` leaves out the forward's lists (the
     mosaic forward reuses the backward kernels through this)."""
@@ -207,14 +210,13 @@ def prepare(mod, program: TileProgram, query, key, value, *, scale=None, q_offse
     reads = program.materialize_reads(tensors, B, N, q_positions, kv_positions)
     cfg = dataclasses.replace(cfg, read_shapes=tuple(tuple(r.shape) for r in reads))
 
-    plans = {}
+    built = {}
 
     def plan(bq, bkv):
-        if (bq, bkv) not in plans:
-            plans[bq, bkv] = build_plan(mod, q_len=T, kv_len=S, block_q=bq, block_kv=bkv,
-                                         batch=B, heads=N, q_offset=q_offset,
-                                         kv_offset=kv_offset, tensors=tensors)
-        return plans[bq, bkv]
+        if (bq, bkv) not in built:
+            built[bq, bkv] = plan_for(plans, mod, q_len=T, kv_len=S, block_q=bq, block_kv=bkv, batch=B, heads=N,
+                                      q_offset=q_offset, kv_offset=kv_offset, tensors=tensors)
+        return built[bq, bkv]
 
     dqp = plan(cfg.blocks.block_q_dq, cfg.blocks.block_kv_dq)
     dkvp = plan(cfg.blocks.block_q_dkv, cfg.blocks.block_kv_dkv)

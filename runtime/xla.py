@@ -31,6 +31,7 @@ from scoremod.compiler.mod import Mod
 from scoremod.errors import ScoreModShapeError
 from scoremod.compiler.intervals import num_blocks
 from scoremod.compiler.plan import EMPTY, build_plan, compact_rows
+from scoremod.runtime.attention_plan import decided_at_trace_time, plan_for
 
 __all__ = ["xla_attention", "XlaBlockSizes"]
 
@@ -69,7 +70,7 @@ class _Config:
 
 
 def xla_attention(query, key, value, *, mod: Mod, scale: float, q_offset=0, kv_offset=0,
-                  tensors=None, block_sizes: XlaBlockSizes | None = None):
+                  tensors=None, block_sizes: XlaBlockSizes | None = None, plans=None):
     """Chunked attention with an online softmax (inputs already validated by ``attention()``).
 
     Args:
@@ -78,6 +79,8 @@ def xla_attention(query, key, value, *, mod: Mod, scale: float, q_offset=0, kv_o
       q_offset, kv_offset: int or int32 ``[B]``.
       tensors: dict of the mod's tensor parameters.
       block_sizes: tile sizes (default ``XlaBlockSizes.get_default()``; clamped to T and S).
+      plans: an ``AttentionPlan`` holding this call's block plan (``scoremod.plan``), or
+        None to build it here.
 
     Returns:
       ``(out [B, T, N, H] in query's dtype, lse f32 [B, T, N])``.
@@ -92,8 +95,15 @@ def xla_attention(query, key, value, *, mod: Mod, scale: float, q_offset=0, kv_o
     S = key.shape[1]
     static = (q_offset, kv_offset) if isinstance(q_offset, int) and isinstance(kv_offset, int) else None
     cfg = _Config(mod, float(scale), T, S, _clamp(block_sizes.block_q, T), _clamp(block_sizes.block_kv, S), static)
-    return _attention_jit(cfg, query, key, value, dict(tensors or {}),
-                          _offset_array(q_offset, B), _offset_array(kv_offset, B))
+    tensors = dict(tensors or {})
+    # A plan decided at trace time is built inside (NumPy, cached); one from tensor values
+    # or array offsets is an argument, so a plan given by the caller is used as it is.
+    plan = None
+    if mod.canonical.has_mask and not decided_at_trace_time(mod, q_offset, kv_offset):
+        plan = plan_for(plans, mod, q_len=T, kv_len=S, block_q=cfg.block_q, block_kv=cfg.block_kv, batch=B,
+                        heads=query.shape[2], q_offset=q_offset, kv_offset=kv_offset, tensors=tensors)
+    return _attention_jit(cfg, query, key, value, tensors, _offset_array(q_offset, B), _offset_array(kv_offset, B),
+                          plan)
 
 
 def _clamp(block: int, length: int) -> int:
@@ -109,7 +119,7 @@ def _offset_array(offset, batch: int):
 
 # ---- which tiles to visit -------------------------------------------------------------------
 
-def _visit_lists(cfg: _Config, tensors, q_off, kv_off, batch: int, heads: int):
+def _visit_lists(cfg: _Config, plan, batch: int, heads: int):
     """Per q-block, the kv-chunks to visit, and the transpose (for the backward).
 
     Returns ``(kv_counts [nq], kv_indices [nq, nk], q_counts [nk], q_indices [nk, nq])``,
@@ -117,7 +127,7 @@ def _visit_lists(cfg: _Config, tensors, q_off, kv_off, batch: int, heads: int):
     increasing order. A tile is visited when it may be non-empty for some batch element
     or head.
     """
-    nonempty = _nonempty_tiles(cfg, tensors, q_off, kv_off, batch, heads)
+    nonempty = _nonempty_tiles(cfg, plan, batch, heads)
     return _lists(nonempty) + _lists(nonempty.T)
 
 
@@ -125,19 +135,19 @@ def _lists(nonempty):
     return compact_rows(nonempty)
 
 
-def _nonempty_tiles(cfg: _Config, tensors, q_off, kv_off, batch: int, heads: int):
+def _nonempty_tiles(cfg: _Config, plan, batch: int, heads: int):
     """bool ``[nq, nk]``: tiles the block plan does not prove EMPTY for every b and h.
 
-    NumPy for static masks (decided at trace time, cached by ``build_plan``); a jax array
-    for masks that read tensors or take array offsets (built inside the trace: new
-    values never recompile).
+    ``plan``: the call's ``BlockPlan`` for masks that read tensors or take array offsets
+    (jax arrays: new values never recompile), None otherwise: then the plan is decided at
+    trace time (NumPy, cached by ``build_plan``), or there is no mask.
     """
     if not cfg.mod.canonical.has_mask:
         return np.ones((num_blocks(cfg.q_len, cfg.block_q), num_blocks(cfg.kv_len, cfg.block_kv)), bool)
-    static = cfg.static_offsets
-    plan = build_plan(cfg.mod, q_len=cfg.q_len, kv_len=cfg.kv_len, block_q=cfg.block_q, block_kv=cfg.block_kv,
-                      batch=batch, heads=heads, q_offset=static[0] if static else q_off,
-                      kv_offset=static[1] if static else kv_off, tensors=tensors)
+    if plan is None:
+        q_offset, kv_offset = cfg.static_offsets
+        plan = build_plan(cfg.mod, q_len=cfg.q_len, kv_len=cfg.kv_len, block_q=cfg.block_q, block_kv=cfg.block_kv,
+                          batch=batch, heads=heads, q_offset=q_offset, kv_offset=kv_offset)
     return (plan.classes != EMPTY).any(axis=(0, 1))
 
 
@@ -186,13 +196,13 @@ def _scores(cfg, q_blk, k_c):
     return s * cfg.scale
 
 
-def _forward(cfg: _Config, query, key, value, tensors, q_off, kv_off):
+def _forward(cfg: _Config, query, key, value, tensors, q_off, kv_off, plan):
     B, T, N, H = query.shape
     K = key.shape[2]
     G = N // K
     bq, bk = cfg.block_q, cfg.block_kv
     q, k, v = _layout(cfg, query, key, value)
-    kv_counts, kv_indices, _, _ = _visit_lists(cfg, tensors, q_off, kv_off, B, N)
+    kv_counts, kv_indices, _, _ = _visit_lists(cfg, plan, B, N)
     tile_logits = _tile_logits_fn(cfg, tensors, q_off, kv_off, B, K, G)
 
     def q_block(qi):
@@ -228,7 +238,7 @@ def _forward(cfg: _Config, query, key, value, tensors, q_off, kv_off):
     return out, lse
 
 
-def _backward(cfg: _Config, query, key, value, tensors, q_off, kv_off, out, lse, dout, dlse):
+def _backward(cfg: _Config, query, key, value, tensors, q_off, kv_off, plan, out, lse, dout, dlse):
     B, T, N, H = query.shape
     S, K = key.shape[1], key.shape[2]
     G = N // K
@@ -239,7 +249,7 @@ def _backward(cfg: _Config, query, key, value, tensors, q_off, kv_off, out, lse,
     lse = _grouped(lse, cfg, K, -jnp.inf)           # padding rows: no keys, so p = 0
     delta = _grouped(delta, cfg, K, 0.0)
     dlse = _grouped(dlse.astype(jnp.float32), cfg, K, 0.0)
-    _, _, q_counts, q_indices = _visit_lists(cfg, tensors, q_off, kv_off, B, N)
+    _, _, q_counts, q_indices = _visit_lists(cfg, plan, B, N)
     tile_logits = _tile_logits_fn(cfg, tensors, q_off, kv_off, B, K, G)
 
     def kv_chunk(dq, c):
@@ -283,21 +293,22 @@ def _backward(cfg: _Config, query, key, value, tensors, q_off, kv_off, out, lse,
 # ---- custom_vjp ---------------------------------------------------------------------------
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _attention(cfg, query, key, value, tensors, q_off, kv_off):
-    return _forward(cfg, query, key, value, tensors, q_off, kv_off)
+def _attention(cfg, query, key, value, tensors, q_off, kv_off, plan):
+    return _forward(cfg, query, key, value, tensors, q_off, kv_off, plan)
 
 
-def _attention_fwd(cfg, query, key, value, tensors, q_off, kv_off):
-    out, lse = _forward(cfg, query, key, value, tensors, q_off, kv_off)
-    return (out, lse), (query, key, value, tensors, q_off, kv_off, out, lse)
+def _attention_fwd(cfg, query, key, value, tensors, q_off, kv_off, plan):
+    out, lse = _forward(cfg, query, key, value, tensors, q_off, kv_off, plan)
+    return (out, lse), (query, key, value, tensors, q_off, kv_off, plan, out, lse)
 
 
 def _attention_bwd(cfg, residuals, cotangents):
-    query, key, value, tensors, q_off, kv_off, out, lse = residuals
+    query, key, value, tensors, q_off, kv_off, plan, out, lse = residuals
     dout, dlse = cotangents
-    dq, dk, dv = _backward(cfg, query, key, value, tensors, q_off, kv_off, out, lse, dout, dlse)
-    # Tensor parameters and offsets are constants (docs/language.md §7 Tensors).
-    return dq, dk, dv, jax.tree.map(_zero_cotangent, tensors), _zero_cotangent(q_off), _zero_cotangent(kv_off)
+    dq, dk, dv = _backward(cfg, query, key, value, tensors, q_off, kv_off, plan, out, lse, dout, dlse)
+    # Tensor parameters, offsets and the plan are constants (docs/language.md §7 Tensors).
+    return (dq, dk, dv, jax.tree.map(_zero_cotangent, tensors), _zero_cotangent(q_off), _zero_cotangent(kv_off),
+            jax.tree.map(_zero_cotangent, plan))
 
 
 def _zero_cotangent(x):

@@ -252,10 +252,10 @@ def test_vmap_over_an_extra_batch_axis(impl):
 def test_xla_visits_only_tiles_the_plan_does_not_prove_empty():
     mod = scoremod.compile("causal")
     cfg = xla_module._Config(mod, 1.0, 64, 64, 16, 16, (0, 0))
-    kv_counts, _, q_counts, _ = xla_module._visit_lists(cfg, {}, None, None, 1, 2)
+    kv_counts, _, q_counts, _ = xla_module._visit_lists(cfg, None, 1, 2)
     assert list(kv_counts) == [1, 2, 3, 4] and list(q_counts) == [4, 3, 2, 1]   # 10 of 16 tiles
     window = xla_module._Config(scoremod.compile("causal & window(16)"), 1.0, 64, 64, 16, 16, (0, 0))
-    assert list(xla_module._visit_lists(window, {}, None, None, 1, 2)[0]) == [1, 2, 2, 2]
+    assert list(xla_module._visit_lists(window, None, 1, 2)[0]) == [1, 2, 2, 2]
 
 
 def test_empty_sequences():

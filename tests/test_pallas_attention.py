@@ -23,7 +23,7 @@ from evaluator import attention_reference  # noqa: E402  (independent float64 or
 
 from scoremod.compiler.mod import compile_mod  # noqa: E402
 from scoremod.compiler.plan import BlockPlan  # noqa: E402
-from scoremod.runtime import pallas_attention as pa  # noqa: E402
+from scoremod.runtime import attention_plan, pallas_attention as pa  # noqa: E402
 
 # ---- a dense block-plan builder and a dense reference (small sizes only) ----------------------
 # The dense builder evaluates the mask on the whole [B, N, T, S] grid and compacts it into the
@@ -143,7 +143,7 @@ def _check(mod, *, B=1, T=40, S=40, N=2, K=2, H=16, dtype=jnp.float32, q_offset=
            tensors=None, seed=0, grads=True, block_sizes=SMALL, plan_builder=None,
            monkeypatch=None):
     if plan_builder is not None:
-        monkeypatch.setattr(pa, "build_plan", plan_builder)
+        monkeypatch.setattr(attention_plan, "build_plan", plan_builder)   # what the kernels' plan_for calls
     q, k, v, do = _inputs(jax.random.PRNGKey(seed), B, T, S, N, K, H, dtype)
     kw = dict(mod=mod, q_offset=q_offset, kv_offset=kv_offset, tensors=tensors)
     out, lse = pa.pallas_attention(q, k, v, return_lse=True, block_sizes=block_sizes,

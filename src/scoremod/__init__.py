@@ -6,7 +6,7 @@
     'bias'
     >>> out = scoremod.attention(q, k, v, mod="causal & doc(ids)", ids=segment_ids)
 
-``attention``, ``dispatch``, ``paged_attention`` and ``as_attention_fn`` import jax on first use, so ``import scoremod``
+``attention``, ``dispatch``, ``plan``, ``paged_attention`` and ``as_attention_fn`` import jax on first use, so ``import scoremod``
 (and the ``dslc`` CLI) stays light.
 """
 
@@ -24,16 +24,19 @@ except PackageNotFoundError:  # a source tree on sys.path, not installed
     __version__ = "unknown"
 
 __all__ = [
-    "attention", "dispatch", "as_attention_fn", "paged_attention", "PagedBlockSizes", "ContextLayout", "compile", "define", "undefine", "Mod",
+    "attention", "dispatch", "plan", "AttentionPlan", "as_attention_fn", "paged_attention", "PagedBlockSizes", "ContextLayout", "compile", "define", "undefine", "Mod",
     "ScoreModError", "ScoreModSyntaxError", "ScoreModNameError", "ScoreModTypeError",
     "ScoreModDefinitionError", "ScoreModTensorError", "ScoreModShapeError",
 ]
 
 
 def __getattr__(name):
-    if name in ("attention", "dispatch"):
+    if name in ("attention", "dispatch", "plan"):
         from scoremod.runtime import attention as attention_module
         return getattr(attention_module, name)
+    if name == "AttentionPlan":
+        from scoremod.runtime.attention_plan import AttentionPlan
+        return AttentionPlan
     if name in ("paged_attention", "PagedBlockSizes"):
         from scoremod.runtime import paged
         return getattr(paged, name)
