@@ -193,15 +193,20 @@ def compact_rows(selected):
     order; entries past the count repeat the last selected position (0 when none).
 
     NumPy in, NumPy out (``np.nonzero`` a slice of rows at a time, so a 1M-token static
-    plan never holds more than ``NUMPY_CHUNK_CELLS`` temporaries); jax in, jax out (a
-    cumsum and one scatter: jittable, no sort on the device). Plans, the split of a plan
-    into FULL and PARTIAL lists, the xla path's visit lists and the paged walk all use it.
+    plan never holds more than ``NUMPY_CHUNK_CELLS`` temporaries); jax in, jax out:
+    jittable, no sort on the device; short rows by two fused reductions
+    (``_compact_rows_by_counting``), long ones by a cumsum and a scatter. Plans, the
+    split of a plan into FULL and PARTIAL lists, the xla path's visit lists and the paged
+    walk all use it.
     """
     if isinstance(selected, np.ndarray):
         return _compact_rows_numpy(selected)
     lead, m = selected.shape[:-1], selected.shape[-1]
     flat = selected.reshape(-1, m)
     rows = flat.shape[0]
+    if 0 < m and rows * m * m <= COUNTING_COMPACTION_CELLS:
+        count, out = _compact_rows_by_counting(flat)
+        return count.reshape(lead), out.reshape(selected.shape)
     pos = jnp.cumsum(flat, axis=1, dtype=jnp.int32)
     count = pos[:, -1] if m else jnp.zeros((rows,), jnp.int32)
     cols = jnp.arange(m, dtype=jnp.int32)
@@ -212,6 +217,27 @@ def compact_rows(selected):
     last = jnp.take_along_axis(out, jnp.maximum(count - 1, 0)[:, None], axis=1)
     out = jnp.where(cols[None, :] < count[:, None], out, last)
     return count.reshape(lead), out.reshape(selected.shape)
+
+
+# Rows x m x m at most for compacting by counting: its two reductions touch that many
+# cells (at T=8192 and 64-blocks, 16 heads and batch 2: 2^25), where the cumsum-and-scatter
+# path is a dozen small kernels on the GPU (measured on an H100: benchmarks/RESULTS.md).
+COUNTING_COMPACTION_CELLS = 2**27
+
+
+def _compact_rows_by_counting(flat):
+    """``compact_rows`` of a jax bool ``[rows, m]`` by counting, no scatter: with ``pos[i]``
+    the number of selected entries in ``0..i``, the (j+1)-th selected entry is at the
+    number of ``i`` with ``pos[i] <= j`` (``pos`` never decreases); entries past the count
+    take ``j = count - 1``, the last one (0 when none is selected)."""
+    rows, m = flat.shape
+    cols = jnp.arange(m, dtype=jnp.int32)
+    upto_col = cols[None, :] <= cols[:, None]                                         # [i, i']: i' <= i
+    pos = jnp.sum(upto_col[None] & flat[:, None, :], axis=-1, dtype=jnp.int32)       # [rows, m]
+    count = pos[:, -1]
+    j = jnp.minimum(cols[None, :], count[:, None] - 1)                                 # [rows, m]
+    out = jnp.sum(pos[:, None, :] <= j[:, :, None], axis=-1, dtype=jnp.int32)         # [rows, m]
+    return count, out
 
 
 # ---- the plan's lists as kernels walk them ------------------------------------------------

@@ -260,11 +260,14 @@ def test_check_tensors_under_jit_checks_shapes_only():
 
 @settings(max_examples=30, deadline=None)   # the jax twin compiles once per shape
 @given(st.lists(st.lists(st.booleans(), min_size=1, max_size=9), min_size=1, max_size=6).filter(
-    lambda rows: len({len(r) for r in rows}) == 1), st.sampled_from([None, 1, 5, 12]))
-def test_compact_rows_numpy_and_jax_match_a_loop(rows, chunk_cells):
+    lambda rows: len({len(r) for r in rows}) == 1), st.sampled_from([None, 1, 5, 12]), st.booleans())
+def test_compact_rows_numpy_and_jax_match_a_loop(rows, chunk_cells, by_counting):
     # chunk_cells: NumPy compacts a slice of rows at a time; small slices test the seams.
+    # by_counting: jax compacts short rows by counting, long ones by cumsum and scatter.
     import scoremod.compiler.plan as plan_module
     from scoremod.compiler.plan import compact_rows
+    saved_cells = plan_module.COUNTING_COMPACTION_CELLS
+    plan_module.COUNTING_COMPACTION_CELLS = saved_cells if by_counting else 0
     if chunk_cells is not None:
         saved = plan_module.NUMPY_CHUNK_CELLS
         plan_module.NUMPY_CHUNK_CELLS = chunk_cells
@@ -279,6 +282,7 @@ def test_compact_rows_numpy_and_jax_match_a_loop(rows, chunk_cells):
             np.testing.assert_array_equal(np.asarray(got_counts), want_counts)
             np.testing.assert_array_equal(np.asarray(got), want)
     finally:
+        plan_module.COUNTING_COMPACTION_CELLS = saved_cells
         if chunk_cells is not None:
             plan_module.NUMPY_CHUNK_CELLS = saved
 
