@@ -15,6 +15,7 @@ density (the fraction of blocks a kernel visits), FLOPs saved against dense atte
 the bytes of plan metadata kernels read, and the block grid (FlexAttention's
 ``BlockMask.__str__`` style), downsampled to the terminal width, one grid per distinct
 (batch, head) plane. Warnings: everything masked, query rows with no key.
+``Explanation.to_svg()`` (``dslc explain --svg FILE``) draws the same report as an SVG picture.
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import textwrap
 from dataclasses import dataclass, field
 from typing import Any
+from xml.sax.saxutils import escape, quoteattr
 
 import numpy as np
 
@@ -153,6 +156,30 @@ class Explanation:
     def render(self, width: int | None = None) -> str:
         """The text report, with grids at most ``width`` characters wide (default: the terminal)."""
         width = width or self.width or shutil.get_terminal_size((80, 24)).columns
+        return "\n".join(self._header_lines() + self._grids(width))
+
+    def __str__(self) -> str:
+        return self.render()
+
+    def to_svg(self) -> str:
+        """The report as a self-contained SVG picture (text; no dependency): the header lines
+        of the text report, a legend, and the block grid with one coloured cell per
+        (q-block, kv-block), query blocks down and key blocks across, ticks at block starts.
+
+        Like the text report it draws one grid per distinct (batch, head) plane (the first
+        four). Grids of more than ``SVG_MAX_CELLS`` blocks a side are downsampled, each cell
+        covering f x f blocks with the text grid's rule (full if all are full, empty if all
+        are empty, else partial; the legend says f); f doubles until the grids take at most
+        ``SVG_MAX_RECTS`` rectangles (one per horizontal run of equal cells), so the file
+        stays under about 400 KB at any size.
+
+            >>> svg = scoremod.compile("causal & window(1024)").explain(8192).to_svg()
+            >>> Path("window.svg").write_text(svg)   # or: dslc explain ... --svg window.svg
+        """
+        return _render_svg(self)
+
+    def _header_lines(self) -> list[str]:
+        """The report's lines above the grid: source, kind, sizes, counts, density, plan, warnings."""
         c = self.counts
         total = sum(c.values())
         B, H, nq, nk = self.grid_shape
@@ -171,12 +198,7 @@ class Explanation:
             f"{100 * self.flops_saved:.1f}%",
             f"plan:      {self.plan_bytes:,} bytes of block metadata (kv lists + transpose)",
         ]
-        lines += [f"warning: {w}" for w in self.warnings]
-        lines += self._grids(width)
-        return "\n".join(lines)
-
-    def __str__(self) -> str:
-        return self.render()
+        return lines + [f"warning: {w}" for w in self.warnings]
 
     def _sharing(self) -> str:
         B, H = self.grid_shape[:2]
@@ -184,39 +206,48 @@ class Explanation:
                   if n > 1 and planes == 1]
         return f" (one plan for all {' and '.join(shared)})" if shared else ""
 
+    def _distinct_planes(self) -> list[list[tuple[int, int]]]:
+        """The (batch, head) planes grouped by equal grids, in order of first appearance."""
+        B, H = self.grid_shape[:2]
+        groups: dict[bytes, list[tuple[int, int]]] = {}
+        for b in range(B):
+            for h in range(H):
+                groups.setdefault(self.classes[b, h].tobytes(), []).append((b, h))
+        return list(groups.values())
+
     def _grids(self, width: int) -> list[str]:
         B, H, nq, nk = self.grid_shape
         avail = max(8, width - 2)
         # One factor for both axes keeps diagonals diagonal.
         fr = fc = max(-(-nk // avail), -(-nq // _MAX_GRID_ROWS))
-        groups: dict[bytes, list[tuple[int, int]]] = {}
-        for b in range(B):
-            for h in range(H):
-                groups.setdefault(self.classes[b, h].tobytes(), []).append((b, h))
+        groups = self._distinct_planes()
         lines = [f"grid [{B}, {H}, {nq}, {nk}] (1 char = {fr} x {fc} blocks of {self.block_q} x {self.block_kv} "
                  f"positions; {_CHARS[FULL]} full, {_CHARS[PARTIAL]} partial, {_CHARS[EMPTY]} empty)"]
-        for shown, planes in enumerate(groups.values()):
+        chars = np.array([_CHARS[EMPTY], _CHARS[PARTIAL], _CHARS[FULL]])
+        for shown, planes in enumerate(groups):
             if shown == _MAX_GRIDS_SHOWN:
                 lines.append(f"... and {len(groups) - shown} more distinct grids")
                 break
             if B * H > 1:
                 lines.append(f"{_planes(planes, B, H)}:")
             b, h = planes[0]
-            lines += ["  " + row for row in _downsample(self.classes[b, h], fr, fc)]
+            lines += ["  " + "".join(row) for row in chars[_summarise(self.classes[b, h], fr, fc)]]
         return lines
 
 
-def _downsample(grid: np.ndarray, fr: int, fc: int) -> list[str]:
-    """Rows of characters for a [nq, nk] grid, each char summarising fr x fc blocks
-    (FULL if all are full, EMPTY if all are empty, else PARTIAL)."""
+def _summarise(grid: np.ndarray, fr: int, fc: int) -> np.ndarray:
+    """A [nq, nk] grid of classes downsampled to one class per fr x fc blocks: FULL if all are
+    full, EMPTY if all are empty, else PARTIAL (the last row / column of cells may cover fewer).
+
+        >>> _summarise(np.array([[2, 2, 0], [2, 1, 0]]), 2, 2).tolist()
+        [[1, 0]]
+    """
     nq, nk = grid.shape
     rows, cols = -(-nq // fr), -(-nk // fc)
     padded = np.pad(grid, ((0, rows * fr - nq), (0, cols * fc - nk)), mode="edge")
     cells = padded.reshape(rows, fr, cols, fc)
     low, high = cells.min(axis=(1, 3)), cells.max(axis=(1, 3))
-    summary = np.where(low == FULL, FULL, np.where(high == EMPTY, EMPTY, PARTIAL))
-    chars = np.array([_CHARS[EMPTY], _CHARS[PARTIAL], _CHARS[FULL]])
-    return ["".join(row) for row in chars[summary]]
+    return np.where(low == FULL, FULL, np.where(high == EMPTY, EMPTY, PARTIAL))
 
 
 def _ranges(indices, block: int, length: int) -> str:
@@ -264,6 +295,189 @@ def _compact(values) -> str:
 def _fmt_offset(offset) -> str:
     arr = np.asarray(offset)
     return str(arr.tolist()) if arr.ndim else str(int(arr))
+
+
+# -- SVG picture (Explanation.to_svg) ---------------------------------------------------------
+
+# Drawn cells per grid side before to_svg downsamples.
+SVG_MAX_CELLS = 256
+# Rectangles (horizontal runs of equal cells) for all drawn grids; about 45 bytes each.
+SVG_MAX_RECTS = 8000
+_SVG_COLOURS = {FULL: "#08519c", PARTIAL: "#fd8d3c", EMPTY: "#eeeeee"}
+_SVG_NAMES = {FULL: "full", PARTIAL: "partial", EMPTY: "empty"}
+_SVG_LEGEND = {FULL: "full: every pair attends, no mask evaluated",
+               PARTIAL: "partial: the mask is evaluated per element",
+               EMPTY: "empty: skipped"}
+_FONT_PX = 12
+_TITLE_PX = 15
+_CHAR_PX = 7.3     # width of a monospace character at _FONT_PX
+_LINE_PX = 16
+_PAD_PX = 16
+_WRAP_CHARS = 110  # header lines wrap here
+_CELL_PX_MAX = 32  # the largest drawn cell
+_GRID_MIN_H_PX = 24  # the least grid height
+
+
+def _render_svg(ex: Explanation) -> str:
+    """``Explanation.to_svg``: header, legend, then one panel per distinct (batch, head) grid."""
+    B, H, nq, nk = ex.grid_shape
+    groups = ex._distinct_planes()
+    shown = groups[:_MAX_GRIDS_SHOWN]
+    grids = [ex.classes[planes[0]] for planes in shown]
+    f = _svg_factor(grids)
+    rows, cols = -(-nq // f), -(-nk // f)
+    cell_px = min(_CELL_PX_MAX, (640 if len(shown) == 1 else 384) / max(rows, cols))
+    # Square cells keep diagonals diagonal; only a grid of a few rows (decode) is stretched
+    # down to stay visible.
+    cell_h = max(cell_px, _GRID_MIN_H_PX / rows)
+    grid_w, grid_h = cols * cell_px, rows * cell_h
+
+    title = f"block grid [{B}, {H}, {nq}, {nk}]"
+    if B * H > 1:
+        title += (f": {len(groups)} distinct grid{'s' if len(groups) > 1 else ''} for the {B * H} "
+                  f"(batch, head) planes" + (f", the first {len(shown)} drawn" if len(shown) < len(groups) else ""))
+    header = [wrapped for line in ex._header_lines()
+              for wrapped in textwrap.wrap(line, _WRAP_CHARS, subsequent_indent=" " * 11, break_on_hyphens=False)]
+    blocks = f"{f} x {f} blocks" if f > 1 else "1 x 1 block"
+    scale = f"each cell: {blocks} of {ex.block_q} x {ex.block_kv} positions"
+    if f > 1:
+        scale += " (full if all are full, empty if all are empty, else partial)"
+    offsets = np.any(np.asarray(ex.q_offset)) or np.any(np.asarray(ex.kv_offset))
+    axes = ("axes: query blocks down, key blocks across; ticks at a block's first "
+            + ("row / column (position = q_offset + row, kv_offset + column)" if offsets else "position"))
+
+    out: list[str] = []
+    y = _PAD_PX + _FONT_PX
+    heading = f"scoremod explain: {title}"
+    out.append(_svg_text(_PAD_PX, y + 2, heading, **{"font-size": _TITLE_PX, "font-weight": "bold"}))
+    y += _LINE_PX + 6
+    # Spaces kept, as in the text report (aligned values, indented continuation lines).
+    out.append('<g class="header" xml:space="preserve" style="white-space:pre">')
+    for line in header:
+        colour = {"fill": "#b30000"} if line.startswith("warning:") else {}
+        out.append(_svg_text(_PAD_PX, y, line, **colour))
+        y += _LINE_PX
+    out.append("</g>")
+    y += 6
+    out.append('<g class="legend">')
+    for cls in (FULL, PARTIAL, EMPTY):
+        out.append(f'<rect x="{_PAD_PX}" y="{y - 10}" width="12" height="12" fill="{_SVG_COLOURS[cls]}" '
+                   f'stroke="#888"/>')
+        out.append(_svg_text(_PAD_PX + 18, y, _SVG_LEGEND[cls]))
+        y += _LINE_PX
+    for line in (scale, axes):
+        out.append(_svg_text(_PAD_PX, y, line))
+        y += _LINE_PX
+    out.append("</g>")
+    text_w = max(max(len(line) for line in header + [scale, axes]) * _CHAR_PX,
+                 len(heading) * _CHAR_PX * _TITLE_PX / _FONT_PX)
+
+    ticks_q = _svg_ticks(nq, cell_h / f, 24)
+    ticks_kv = _svg_ticks(nk, cell_px / f, (len(str(nk * ex.block_kv)) + 2) * _CHAR_PX)
+    labels_w = max(len(str(t * ex.block_q)) for t in ticks_q + [0]) * _CHAR_PX
+    gx = _PAD_PX + max(labels_w, 4 * _CHAR_PX) + 8
+    for planes in shown:
+        y += 8
+        label = _planes(planes, B, H) if B * H > 1 else ""
+        out.append(f'<g class="plane" data-planes={quoteattr(label)}>')
+        if label:
+            out.append(_svg_text(_PAD_PX, y, f"{label}:", **{"font-weight": "bold"}))
+            y += _LINE_PX
+        out.append(_svg_text(_PAD_PX, y + 22, "q ↓"))
+        out.append(_svg_text(gx, y, "kv →"))
+        gy = y + 30
+        for t in ticks_kv:
+            x = gx + t * cell_px / f
+            out.append(f'<path d="M{_num(x)} {_num(gy - 5)}V{_num(gy)}" stroke="#444"/>')
+            out.append(_svg_text(x, gy - 8, str(t * ex.block_kv), **{"text-anchor": "middle" if t else "start"}))
+        for t in ticks_q:
+            yy = gy + t * cell_h / f
+            out.append(f'<path d="M{_num(gx - 5)} {_num(yy)}H{_num(gx)}" stroke="#444"/>')
+            out.append(_svg_text(gx - 7, yy + (9 if t == 0 else 4), str(t * ex.block_q), **{"text-anchor": "end"}))
+        out.append(_svg_grid(_summarise(ex.classes[planes[0]], f, f), gx, gy, cell_px, cell_h))
+        out.append(f'<rect x="{_num(gx)}" y="{_num(gy)}" width="{_num(grid_w)}" height="{_num(grid_h)}" '
+                   f'fill="none" stroke="#888"/>')
+        out.append("</g>")
+        y = gy + grid_h + _LINE_PX
+    if len(groups) > len(shown):
+        y += 4
+        out.append(_svg_text(_PAD_PX, y, f"... and {len(groups) - len(shown)} more distinct grids"))
+        y += _LINE_PX
+    width = math.ceil(max(2 * _PAD_PX + text_w, gx + grid_w + 2 * _PAD_PX + len(str(nk * ex.block_kv)) * _CHAR_PX))
+    height = math.ceil(y + _PAD_PX)
+    return "\n".join([
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}" font-family="monospace" font-size="{_FONT_PX}">',
+        f"<title>{escape(f'scoremod explain: {ex.mod} — {title}')}</title>",
+        f'<rect width="{width}" height="{height}" fill="#ffffff"/>',
+        *out,
+        "</svg>",
+    ]) + "\n"
+
+
+def _svg_factor(grids: list[np.ndarray]) -> int:
+    """Blocks per drawn cell side: at most SVG_MAX_CELLS cells a side, then doubled until the
+    grids' horizontal runs of equal cells (one rectangle each) number at most SVG_MAX_RECTS."""
+    nq, nk = grids[0].shape
+    f = -(-max(nq, nk) // SVG_MAX_CELLS)
+    while f < max(nq, nk) and sum(_count_runs(_summarise(g, f, f)) for g in grids) > SVG_MAX_RECTS:
+        f *= 2
+    return f
+
+
+def _count_runs(summary: np.ndarray) -> int:
+    """Horizontal runs of equal cells in a [rows, cols] grid of classes."""
+    return summary.shape[0] + int(np.count_nonzero(np.diff(summary, axis=1)))
+
+
+def _svg_grid(summary: np.ndarray, gx: float, gy: float, cell_px: float, cell_h: float) -> str:
+    """One grid of drawn cells: a ``<g>`` per class holding a rect per horizontal run of equal
+    cells, in cell units (x: column, y: row; a run of c cells is c wide, 1 high) under a
+    ``scale(cell_px cell_h)`` transform, so each class's rects add up to its number of cells.
+    White lines separate the cells when they are at least 8 pixels wide.
+
+    A cell at the ragged edge (fewer than f blocks left) is drawn full size, like the text grid's.
+    """
+    rects: dict[int, list[str]] = {FULL: [], PARTIAL: [], EMPTY: []}
+    for r, row in enumerate(summary):
+        starts = np.concatenate(([0], np.flatnonzero(np.diff(row)) + 1))
+        stops = np.concatenate((starts[1:], [len(row)]))
+        for a, b in zip(starts.tolist(), stops.tolist()):
+            rects[int(row[a])].append(f'<rect x="{a}" y="{r}" width="{b - a}" height="1"/>')
+    out = [f'<g transform="translate({_num(gx)} {_num(gy)}) scale({_num(cell_px, 4)} {_num(cell_h, 4)})" '
+           f'shape-rendering="crispEdges">']
+    for cls in (EMPTY, PARTIAL, FULL):
+        out.append(f'<g class="{_SVG_NAMES[cls]}" fill="{_SVG_COLOURS[cls]}">')
+        out += rects[cls]
+        out.append("</g>")
+    out.append("</g>")
+    rows, cols = summary.shape
+    if cell_px >= 8 and rows * cols > 1:
+        w, h = cols * cell_px, rows * cell_h
+        d = "".join(f"M{_num(gx + c * cell_px)} {_num(gy)}v{_num(h)}" for c in range(1, cols))
+        d += "".join(f"M{_num(gx)} {_num(gy + r * cell_h)}h{_num(w)}" for r in range(1, rows))
+        out.append(f'<path d="{d}" stroke="#ffffff" stroke-width="1" fill="none"/>')
+    return "\n".join(out)
+
+
+def _svg_ticks(n_blocks: int, block_px: float, min_gap_px: float) -> list[int]:
+    """Block indices to tick: multiples of the smallest power of two at least min_gap_px apart."""
+    step = 1
+    while step * block_px < min_gap_px:
+        step *= 2
+    return list(range(0, n_blocks, step))
+
+
+def _svg_text(x: float, y: float, text: str, **attrs) -> str:
+    """A ``<text>`` element, its content XML-escaped (sources hold ``&``, ``<`` and ``>``)."""
+    extra = "".join(f' {name}="{value}"' for name, value in attrs.items())
+    return f'<text x="{_num(x)}" y="{_num(y)}"{extra}>{escape(text)}</text>'
+
+
+def _num(x: float, digits: int = 2) -> str:
+    """A coordinate with at most ``digits`` decimals and no trailing zeros: 12, 2.5."""
+    text = f"{x:.{digits}f}".rstrip("0").rstrip(".")
+    return text if text not in ("", "-0") else "0"
 
 
 def explain(mod, q_len: int, kv_len: int | None = None, block=(128, 128), batch: int = 1, heads: int = 1, *,

@@ -118,7 +118,8 @@ class Mod:
                 heads: int = 1, *, q_offset=0, kv_offset=0, width: int | None = None, **tensors):
         """What would run for these sizes: canonical form, lowering, block counts, density
         and the block grid. ``str()`` of the result is the text report; ``.to_dict()`` /
-        ``.to_json()`` the machine-readable one (see ``scoremod.compiler.explain``).
+        ``.to_json()`` the machine-readable one; ``.to_svg()`` a picture of the grid (see
+        ``scoremod.compiler.explain``).
 
             >>> print(scoremod.compile("causal & window(1024)").explain(8192))
         """

@@ -228,7 +228,7 @@ def dispatch_summary(mod: Mod) -> str:
             extras.append("the transform runs on each score tile (its derivative in score in the backward)")
         kernels = (f"on a GPU, {' then '.join(ATTENTION_ON_GPU)}: the block-sparse kernels visit {visits}"
                    + "".join(f"; {e}" for e in extras)
-                   + " (mosaic: sm_90 only, forward, with the pallas backward)")
+                   + " (mosaic: sm_90 only, forward and backward)")
     else:
         kernels = (f"the kernels decline it ({why}), so {ATTENTION_ON_GPU[-1]} runs it on a GPU too")
     if canonical.tensors:

@@ -199,3 +199,35 @@ def test_export_in_process(capsys):
     assert main(["export", "softcap(30) & causal", "--to", "flex"]) == 0
     out = capsys.readouterr().out
     assert "KIND = 'transform'" in out and "torch.tanh" in out
+
+
+# ---- dslc explain --svg ---------------------------------------------------------------------
+
+def test_explain_svg_writes_the_picture_and_still_prints_the_report(tmp_path):
+    import xml.etree.ElementTree as ET
+    out = tmp_path / "window.svg"
+    r = dslc("explain", "causal & window(256)", "--seq", "1024", "--svg", str(out))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("canonical: abs(q - kv) < 256 & q >= kv\n") and r.stderr == ""
+    root = ET.parse(out).getroot()
+    assert root.tag == "{http://www.w3.org/2000/svg}svg"
+    # 8 x 8 blocks of 128, kv in (q - 256, q]: block (i, i) partial, (i, i - 1) full (q - kv is
+    # 1..255), (i, i - 2) partial (129..383), the rest empty
+    area = {g.get("class"): sum(int(rect.get("width")) * int(rect.get("height")) for rect in g)
+            for g in root.iter("{http://www.w3.org/2000/svg}g") if g.get("class") in ("full", "partial", "empty")}
+    assert area == {"full": 7, "partial": 8 + 6, "empty": 64 - 7 - 14}
+    j = dslc("explain", "causal", "--seq", "256", "--json", "--svg", str(out))
+    assert j.returncode == 0 and j.stdout.startswith("{"), j.stderr
+    assert "causal" not in out.read_text() and "q &gt;= kv" in out.read_text()   # overwritten
+
+
+@pytest.mark.parametrize("target", ["/nonexistent-dir/grid.svg", "DIR"])
+def test_explain_svg_unwritable_file_is_a_clear_error(tmp_path, target):
+    r = dslc("explain", "causal", "--seq", "256", "--svg", target.replace("DIR", str(tmp_path)))
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr.startswith("error: cannot write") and "Traceback" not in r.stderr, r.stderr
+
+
+def test_explain_help_mentions_svg():
+    r = dslc("explain", "--help")
+    assert r.returncode == 0 and "--svg FILE" in r.stdout

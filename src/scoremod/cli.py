@@ -4,6 +4,7 @@
     dslc list
     dslc show window
     dslc explain "causal & doc(ids)" --seq 8192 --tensor ids=segments:4096,4096
+    dslc explain "causal & window(1024)" --seq 8192 --svg window.svg
     dslc export "causal & doc(ids)" --to flex -o doc_mask.py
 """
 
@@ -156,6 +157,9 @@ def _configure_explain_parser(parser) -> None:
     parser.add_argument("--width", type=int, default=None, metavar="COLS",
                         help="grid width in characters (default: the terminal's)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the text report")
+    parser.add_argument("--svg", metavar="FILE", default=None,
+                        help="also write the report and block grid as an SVG picture to FILE "
+                             "(the text or JSON report still prints)")
 
 
 def _cmd_explain(args) -> int:
@@ -179,6 +183,13 @@ def _cmd_explain(args) -> int:
     except ScoreModError as exc:
         print(exc, file=sys.stderr)
         return 1
+    if args.svg is not None:
+        try:
+            with open(args.svg, "w", encoding="utf-8") as f:
+                f.write(result.to_svg())
+        except OSError as exc:
+            print(f"error: cannot write {args.svg!r}: {exc.strerror or exc}", file=sys.stderr)
+            return 1
     print(result.to_json() if args.json else result.render())
     return 0
 
@@ -236,7 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("explain", help="canonical form, lowering and the block-sparsity grid",
                        description="Explain what would run for SOURCE: canonical form, kind, lowering, "
-                                   "block counts, density, FLOPs saved and a grid of full/partial/empty blocks.")
+                                   "block counts, density, FLOPs saved and a grid of full/partial/empty blocks. "
+                                   "--svg FILE also draws them as an SVG picture.")
     _configure_explain_parser(p)
     p.set_defaults(run=_cmd_explain)
 
