@@ -1,6 +1,6 @@
 """Context parallelism from the plan alone (no GPU): per-device work, balance, pairs and
-ring steps skipped, and K/V bytes each device receives, for the contiguous and zigzag
-layouts (docs/context_parallel.md).
+ring steps skipped, and K/V bytes each device receives, for the contiguous, zigzag and
+balanced (4 chunks per device, dealt from the plan) layouts (docs/context_parallel.md).
 
     python benchmarks/context_plan.py [--devices 8] [--seqs 131072,524288,1048576]
 
@@ -18,8 +18,8 @@ import time
 import numpy as np
 
 import scoremod
-from scoremod.compiler.context_plan import (PairPlan, contiguous_layout, device_work, pair_plan, ring_schedule,
-                                            zigzag_layout)
+from scoremod.compiler.context_plan import (ContextLayout, PairPlan, contiguous_layout, device_work, pair_plan,
+                                            ring_schedule, zigzag_layout)
 
 KV_HEADS, HEAD_DIM, ITEMSIZE = 8, 128, 2
 
@@ -59,7 +59,9 @@ def main():
     for T in (int(x) for x in args.seqs.split(",")):
         masks = [("causal", {}), ("causal & window(4096)", {}), ("causal & doc(ids)", {"ids": documents(T, 64, rng)})]
         for text, tensors in masks:
-            for layout in (contiguous_layout(P), zigzag_layout(P)):
+            balanced = scoremod.context_layout(text, P, T, **tensors)
+            balanced = ContextLayout("balanced", tuple(map(tuple, np.asarray(balanced.table()).tolist())))
+            for layout in (contiguous_layout(P), zigzag_layout(P), balanced):
                 r = row(text, tensors, layout, T)
                 print(f"| {T} | {text} | {layout.name} | {r['work_max'] / 2**30:.2f} | {r['balance']:.2f} | "
                       f"{r['run']} / {r['pairs']} | {r['steps']} / {P} | {r['received'] / 2**20:.0f} "

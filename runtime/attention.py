@@ -28,12 +28,12 @@ from scoremod.compiler.tensors import check_tensors as check_read_shapes, read_t
 from scoremod.compiler.mod import Mod, compile_mod
 from scoremod.compiler.plan import check_positions
 from scoremod.runtime.attention_plan import AttentionPlan, PlanRecorder, decided_at_trace_time
-from scoremod.runtime.context_parallel import context_attention
+from scoremod.runtime.context_parallel import BALANCED_CHUNKS_PER_DEVICE, context_attention
 from scoremod.runtime._dispatch import (ATTENTION_ELSEWHERE, ATTENTION_ON_GPU, as_mod, as_tensor, check_float_arrays,
                                         check_head_groups, concrete, implementation_names,
                                         resolve_scale, run_first)
 
-__all__ = ["attention", "plan", "check_inputs", "check_tensors", "dispatch", "Dispatch", "IMPLEMENTATIONS"]
+__all__ = ["attention", "plan", "context_layout", "check_inputs", "check_tensors", "dispatch", "Dispatch", "IMPLEMENTATIONS"]
 
 
 IMPLEMENTATIONS = ("reference", "xla", "pallas", "mosaic", "cudnn")
@@ -61,8 +61,9 @@ def attention(query, key, value, *, mod=None, scale=None, q_offset=0, kv_offset=
         is sharded over the devices of ``mesh``'s axis ``context_axis`` and each device
         runs ``implementation`` on the (q-chunk, kv-chunk) pairs the mask does not rule
         out. Same result as the single-device call.
-      context_layout: None (chosen from the mask), "contiguous", "zigzag" or a
-        ``scoremod.ContextLayout``: which sequence chunks each device works on.
+      context_layout: None (chosen from the mask), "contiguous", "zigzag", "balanced" or a
+        ``scoremod.ContextLayout`` (``scoremod.context_layout``): which sequence chunks each
+        device works on.
       plan: an ``AttentionPlan`` from ``scoremod.plan`` (block plans built once for many
         calls, e.g. every layer of a step). The call then takes the mod, the offsets, the
         tensors and, unless given, the implementation from the plan; its shapes must be
@@ -257,6 +258,54 @@ def plan(mod, q_len: int, kv_len: int | None = None, *, batch: int = 1, heads: i
                                    heads=heads, q_offset=q_offset, kv_offset=kv_offset, tensors=tensors)
              for bq, bkv in recorder.blocks}
     return AttentionPlan(**{**built.__dict__, "plans": plans})
+
+
+def context_layout(mod, devices: int, q_len: int, kv_len: int | None = None, *,
+                   chunks_per_device: int = BALANCED_CHUNKS_PER_DEVICE, batch: int = 1, heads: int = 1,
+                   q_offset=0, kv_offset=0, **tensors):
+    """A ``balanced`` context layout: ``devices x chunks_per_device`` sequence chunks dealt
+    so that every device has about the same non-empty blocks of ``mod``, from the mask
+    (and the tensors' values: ``doc(ids)``). Pass it to ``attention(..., mesh=,
+    context_axis=, context_layout=layout)``, or permute the data once per step and keep it
+    permuted: ``x[:, layout.order(T)]`` with ``context_layout=layout.with_inputs_permuted()``
+    (docs/context_parallel.md).
+
+    Works inside ``jit``: from traced tensors the layout holds a traced chunk table (new
+    values never recompile); from a static mask it is known at trace time.
+
+    Args:
+      mod: a source string or compiled ``Mod``.
+      devices: P, the size of the mesh axis.
+      q_len, kv_len: T and S (kv_len defaults to q_len); multiples of P x chunks_per_device.
+      chunks_per_device: chunks each device holds (more: finer balance, more pair calls
+        per ring step, chunks_per_device ** 2 of them).
+      batch, heads, q_offset, kv_offset, **tensors: as for ``attention()``.
+
+    Returns:
+      A ``scoremod.ContextLayout`` named "balanced".
+
+    Example::
+
+        >>> layout = scoremod.context_layout("causal & doc(ids)", 8, T, ids=ids)
+        >>> out = scoremod.attention(q, k, v, mod="causal & doc(ids)", ids=ids, mesh=mesh,
+        ...                          context_axis="sp", context_layout=layout)
+    """
+    kv_len = q_len if kv_len is None else kv_len
+    sizes = dict(devices=devices, q_len=q_len, kv_len=kv_len, batch=batch, heads=heads,
+                 chunks_per_device=chunks_per_device)
+    for name, value in sizes.items():
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ScoreModShapeError(f"scoremod.context_layout: {name} must be a positive int; got {value!r}")
+    query = jax.ShapeDtypeStruct((batch, q_len, heads, 8), jnp.float32)
+    kv = jax.ShapeDtypeStruct((batch, kv_len, heads, 8), jnp.float32)
+    mod, _, _, q_offset, kv_offset, tensors = _checked_call(
+        query, kv, kv, mod=mod, scale=None, q_offset=q_offset, kv_offset=kv_offset, implementation=None,
+        return_lse=False, tensors=tensors)
+    from scoremod.compiler.context_plan import balanced_layout
+    layout, _ = balanced_layout(mod, int(devices), int(chunks_per_device), q_len=int(q_len), kv_len=int(kv_len),
+                                batch=int(batch), heads=int(heads), q_offset=q_offset, kv_offset=kv_offset,
+                                tensors=tensors)
+    return layout
 
 
 def _from_plan(plan, query, key, *, mod, q_offset, kv_offset, implementation, tensors):

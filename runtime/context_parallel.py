@@ -31,8 +31,8 @@ from jax import lax
 from jax.sharding import Mesh, PartitionSpec as P
 
 from scoremod.errors import ScoreModShapeError
-from scoremod.compiler.context_plan import (ContextLayout, PairPlan, RingSchedule, device_work, layout_named,
-                                            pair_plan, ring_schedule)
+from scoremod.compiler.context_plan import (ContextLayout, PairPlan, RingSchedule, balanced_layout, device_work,
+                                            layout_named, pair_plan, ring_schedule)
 
 __all__ = ["context_attention", "choose_layout", "merge_partials"]
 
@@ -61,12 +61,18 @@ def _check_mesh(mesh, context_axis):
     return mesh.shape[context_axis]
 
 
+# Chunks per device of the "balanced" layout when it is named without a ContextLayout:
+# 4 brings 64 random-length documents at T = 128k on 8 devices within 1.05 of the mean
+# (tests/test_context_parallel.py); each device runs chunks_per_device^2 pairs per step.
+BALANCED_CHUNKS_PER_DEVICE = 4
+
+
 def choose_layout(mod, devices: int, *, q_len: int, kv_len: int, batch: int, heads: int, q_offset, kv_offset,
                   tensors) -> tuple[ContextLayout, PairPlan]:
     """The default layout and its pair plan: for a static mask, the one of contiguous and
     zigzag whose busiest device has less work (``device_work``; contiguous on a tie: fewer,
     larger calls); contiguous for masks that read tensors (their balance depends on the
-    values)."""
+    values: ``context_layout="balanced"`` deals chunks from them)."""
     contiguous = layout_named("contiguous", devices)
     zigzag = layout_named("zigzag", devices)
     kw = dict(q_len=q_len, kv_len=kv_len, batch=batch, heads=heads, q_offset=q_offset, kv_offset=kv_offset,
@@ -80,6 +86,25 @@ def choose_layout(mod, devices: int, *, q_len: int, kv_len: int, batch: int, hea
     return contiguous, plan
 
 
+def resolve_layout(layout, mod, devices: int, *, q_len: int, kv_len: int, batch: int, heads: int, q_offset,
+                   kv_offset, tensors) -> tuple[ContextLayout, PairPlan]:
+    """``context_layout`` (None, a name or a ContextLayout) as a layout and its pair plan."""
+    kw = dict(q_len=q_len, kv_len=kv_len, batch=batch, heads=heads, q_offset=q_offset, kv_offset=kv_offset,
+              tensors=tensors)
+    if layout is None:
+        return choose_layout(mod, devices, **kw)
+    if layout == "balanced":
+        return balanced_layout(mod, devices, BALANCED_CHUNKS_PER_DEVICE, **kw)
+    if isinstance(layout, str):
+        layout = layout_named(layout, devices)
+    elif not isinstance(layout, ContextLayout):
+        raise ScoreModShapeError(f"context_layout must be None, 'contiguous', 'zigzag', 'balanced' or a "
+                                 f"ContextLayout; got {type(layout).__name__}")
+    if layout.devices != devices:
+        raise ScoreModShapeError(f"the context layout is for {layout.devices} devices; the mesh axis has {devices}")
+    return layout, pair_plan(mod, layout, **kw)
+
+
 def context_attention(local_attention, query, key, value, *, mod, mesh, context_axis, layout=None, scale,
                       q_offset, kv_offset, implementation, tensors):
     """(out, lse) of attention over a sequence sharded on ``mesh``'s ``context_axis``.
@@ -87,39 +112,33 @@ def context_attention(local_attention, query, key, value, *, mod, mesh, context_
     Called by ``attention()`` after it has checked the inputs (shapes as there: query
     ``[B, T, N, H]``, key/value ``[B, S, K, H]``, lse ``f32[B, T, N]``), with the call each
     (q-chunk, kv-chunk) pair runs as ``local_attention``; ``layout`` is None
-    (``choose_layout``), "contiguous", "zigzag" or a ``ContextLayout``.
+    (``choose_layout``), "contiguous", "zigzag", "balanced" or a ``ContextLayout``.
     """
     devices = _check_mesh(mesh, context_axis)
     B, T, N, H = query.shape
     S = key.shape[1]
-    if layout is None:
-        layout, plan = choose_layout(mod, devices, q_len=T, kv_len=S, batch=B, heads=N, q_offset=q_offset,
-                                     kv_offset=kv_offset, tensors=tensors)
-    else:
-        if isinstance(layout, str):
-            layout = layout_named(layout, devices)
-        elif not isinstance(layout, ContextLayout):
-            raise ScoreModShapeError(f"context_layout must be None, 'contiguous', 'zigzag' or a ContextLayout; "
-                                     f"got {type(layout).__name__}")
-        if layout.devices != devices:
-            raise ScoreModShapeError(f"the context layout is for {layout.devices} devices; mesh axis "
-                                     f"{context_axis!r} has {devices}")
-        plan = pair_plan(mod, layout, q_len=T, kv_len=S, batch=B, heads=N, q_offset=q_offset,
-                         kv_offset=kv_offset, tensors=tensors)
+    layout, plan = resolve_layout(layout, mod, devices, q_len=T, kv_len=S, batch=B, heads=N, q_offset=q_offset,
+                                  kv_offset=kv_offset, tensors=tensors)
     explicit = mesh.axis_types[mesh.axis_names.index(context_axis)] == jax.sharding.AxisType.Explicit
     if explicit and jax.sharding.get_abstract_mesh() != mesh.abstract_mesh:
         raise ScoreModShapeError(
             f"mesh axis {context_axis!r} is Explicit: call attention inside `with jax.set_mesh(mesh):`",
             hint="or build the mesh with axis_types=(jax.sharding.AxisType.Auto, ...)")
+    # A static layout is part of the program; one from tensor values travels as an input
+    # (as its plan does), so new values never recompile.
+    static_layout = layout if layout.is_static else None
+    schedule = ring_schedule(plan, layout) if layout.is_static else RingSchedule(tuple(range(devices)), None)
     ring = Ring(local_attention=local_attention, mod=mod, mesh=mesh, axis=context_axis, explicit=explicit,
-                layout=layout, schedule=ring_schedule(plan, layout), q_chunk=plan.q_chunk, kv_chunk=plan.kv_chunk,
-                scale=scale, implementation=implementation, names=tuple(sorted(tensors)))
+                layout=static_layout, chunks_per_device=layout.chunks_per_device,
+                inputs_permuted=layout.inputs_permuted, schedule=schedule, q_chunk=plan.q_chunk,
+                kv_chunk=plan.kv_chunk, scale=scale, implementation=implementation, names=tuple(sorted(tensors)))
     q_off = jnp.broadcast_to(jnp.asarray(q_offset, jnp.int32), (B,))
     kv_off = jnp.broadcast_to(jnp.asarray(kv_offset, jnp.int32), (B,))
-    # Static plans are baked into the program (the schedule); a plan from tensor values
-    # travels as an input.
-    blocks = jnp.zeros((), jnp.int32) if plan.is_static else plan.blocks
-    out, lse = _run_ring(ring, query, key, value, q_off, kv_off, blocks, tuple(tensors[n] for n in ring.names))
+    # Static plans with static layouts are baked into the program (the schedule); otherwise
+    # each pair asks the plan, which travels as an input.
+    blocks = jnp.zeros((), jnp.int32) if schedule.runs is not None else jnp.asarray(plan.blocks)
+    out, lse = _run_ring(ring, query, key, value, q_off, kv_off, blocks, jnp.asarray(layout.table()),
+                         tuple(tensors[n] for n in ring.names))
     return out.astype(query.dtype), lse
 
 
@@ -131,7 +150,9 @@ class Ring:
     mesh: Mesh
     axis: str
     explicit: bool            # the mesh axis is Explicit (run as Auto inside auto_axes)
-    layout: ContextLayout
+    layout: ContextLayout | None   # None: the chunk table is an input (a layout from tensor values)
+    chunks_per_device: int
+    inputs_permuted: bool     # q, k, v come (and the output goes) in layout order
     schedule: RingSchedule
     q_chunk: int
     kv_chunk: int
@@ -141,12 +162,18 @@ class Ring:
 
 
 @partial(jax.jit, static_argnums=0)
-def _run_ring(ring: Ring, query, key, value, q_off, kv_off, blocks, tensor_values):
+def _run_ring(ring: Ring, query, key, value, q_off, kv_off, blocks, chunk_table, tensor_values):
     seq = P(None, ring.axis)
-    in_specs = (seq, seq, seq, P(), P(), P(), tuple(P() for _ in ring.names))
+    in_specs = (seq, seq, seq, P(), P(), P(), P(), tuple(P() for _ in ring.names))
     T, S = query.shape[1], key.shape[1]
-    q_order, kv_order = ring.layout.order(T), ring.layout.order(S)
-    permuted = not (np.array_equal(q_order, np.arange(T)) and np.array_equal(kv_order, np.arange(S)))
+    layout = ring.layout if ring.layout is not None else ContextLayout("balanced", chunk_table)
+    q_order, kv_order = layout.order(T), layout.order(S)
+    if ring.inputs_permuted:
+        permuted = False     # the caller keeps the arrays in layout order
+    elif ring.layout is None:
+        permuted = True
+    else:
+        permuted = not (np.array_equal(q_order, np.arange(T)) and np.array_equal(kv_order, np.arange(S)))
 
     def whole(q, k, v, *rest):
         # An Explicit axis runs as Auto in here (auto_axes below), so both kinds of mesh
@@ -161,23 +188,23 @@ def _run_ring(ring: Ring, query, key, value, q_off, kv_off, blocks, tensor_value
         out, lse = jax.shard_map(partial(_device_ring, ring), mesh=mesh, in_specs=in_specs, out_specs=(seq, seq),
                                  check_vma=False)(*args)
         if permuted:
-            inverse = np.argsort(q_order).astype(np.int32)
+            inverse = layout.inverse_order(T)
             out, lse = out[:, inverse], lse[:, inverse]
         return out, lse
 
     run = jax.sharding.auto_axes(whole, axes=ring.axis, out_sharding=(seq, seq)) if ring.explicit else whole
-    return run(query, key, value, q_off, kv_off, blocks, tensor_values)
+    return run(query, key, value, q_off, kv_off, blocks, chunk_table, tensor_values)
 
 
-def _device_ring(ring: Ring, q, k, v, q_off, kv_off, blocks, tensor_values):
+def _device_ring(ring: Ring, q, k, v, q_off, kv_off, blocks, chunk_of, tensor_values):
     """One device's ring: q ``[B, T/P, N, H]``, k/v ``[B, S/P, K, H]`` (its chunks, in
-    layout order); f32 out and lse of its rows."""
-    layout, schedule = ring.layout, ring.schedule
-    P_ = layout.devices
-    per = layout.chunks_per_device
+    layout order); f32 out and lse of its rows. ``chunk_of`` int32 ``[P, chunks per
+    device]``: the layout's chunks (replicated)."""
+    schedule = ring.schedule
+    P_ = chunk_of.shape[0]
+    per = ring.chunks_per_device
     qc, kc = ring.q_chunk, ring.kv_chunk
     d = lax.axis_index(ring.axis)
-    chunk_of = jnp.asarray(np.array(layout.chunks, np.int32))           # [P, chunks per device]
     tensors = dict(zip(ring.names, tensor_values))
     B, _, N, H = q.shape
     outs = [jnp.zeros((B, qc, N, H), jnp.float32) for _ in range(per)]

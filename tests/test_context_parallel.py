@@ -58,7 +58,7 @@ def _compare(mod, q, k, v, tensors, *, mesh, layout=None, implementation="refere
 
 
 @settings(max_examples=5)
-@given(src=sources(), devices=st.sampled_from([2, 4, 8]), layout=st.sampled_from([None, "contiguous", "zigzag"]),
+@given(src=sources(), devices=st.sampled_from([2, 4, 8]), layout=st.sampled_from([None, "contiguous", "zigzag", "balanced"]),
        chunk=st.integers(1, 3), heads=st.sampled_from([(2, 1), (2, 2), (4, 2)]), batch=st.integers(1, 2),
        offsets=st.sampled_from([(0, 0), (5, 0), (0, 3)]), seed=st.integers(0, 2**16))
 def test_sharded_matches_single_device(src, devices, layout, chunk, heads, batch, offsets, seed):
@@ -187,3 +187,99 @@ def test_bad_context_arguments():
         ContextLayout("mine", ((0, 1), (1, 2)))
     with pytest.raises(scoremod.ScoreModTensorError):
         scoremod.attention(q, k, v, mod="doc(ids)", mesh=_mesh(4), context_axis="sp", implementation="reference")
+
+
+# ---- balanced layouts ---------------------------------------------------------------------------
+
+@settings(max_examples=40, deadline=None)
+@given(devices=st.integers(1, 5), per=st.integers(1, 5), seed=st.integers(0, 2**16), spread=st.sampled_from([3, 100]))
+def test_balance_chunks_numpy_and_jax_agree_and_deal_every_chunk(devices, per, seed, spread):
+    from scoremod.compiler.context_plan import balance_chunks
+    w = np.random.default_rng(seed).integers(0, spread, devices * per)
+    table = balance_chunks(w, devices)
+    traced = np.asarray(jax.jit(balance_chunks, static_argnums=1)(jnp.asarray(w), devices))
+    np.testing.assert_array_equal(table, traced)
+    assert table.shape == (devices, per) and sorted(table.ravel()) == list(range(devices * per))
+    assert (np.diff(table, axis=1) > 0).all()
+    # never worse than dealing in index order, and within one chunk of the ideal
+    loads = w[table].sum(axis=1)
+    assert loads.max() <= w.reshape(devices, per).sum(axis=1).max()
+    assert loads.max() <= w.sum() / devices + w.max()
+
+
+def _documents(T, n, seed):
+    rng = np.random.default_rng(seed)
+    cuts = np.sort(rng.choice(np.arange(1, T), n - 1, replace=False))
+    return np.searchsorted(cuts, np.arange(T), side="right").astype(np.int32)[None]
+
+
+@pytest.mark.parametrize("mod, seed", [("causal", 0), ("causal & doc(ids)", 0), ("causal & doc(ids)", 1)])
+def test_balanced_layout_at_128k_on_8_devices(mod, seed):
+    """Busiest device over the mean (non-empty 512 x 512 blocks) with the balanced layout,
+    64 random-length documents; the contiguous layout's figure beside it."""
+    T = 131072
+    tensors = {"ids": _documents(T, 64, seed)} if "ids" in mod else {}
+    layout = scoremod.context_layout(mod, 8, T, **tensors)
+    assert layout.name == "balanced" and layout.chunks_per_device == 4
+    m = scoremod.compile(mod)
+
+    def balance(layout):
+        plan = pair_plan(m, layout, q_len=T, kv_len=T, tensors=tensors)
+        static = type(plan)(np.asarray(plan.blocks), plan.block_q, plan.block_kv, plan.q_chunk, plan.kv_chunk)
+        work = device_work(static, ContextLayout(layout.name, tuple(map(tuple, np.asarray(layout.table())))))
+        return work.max() / work.mean()
+    assert balance(layout) <= 1.05 < balance(contiguous_layout(8))
+
+
+@pytest.mark.parametrize("mod", ["causal & doc(ids)", "causal & window(7)"])
+def test_balanced_layout_matches_single_device(mod):
+    # documents: a layout computed from the ids inside the program; a window: a static one
+    q, k, v = _qkv(2, 64, 64, 4, 2, 8, seed=3)
+    ids = _documents(67, 5, 2).repeat(2, 0)          # positions run to 63 + 3
+    tensors = {"ids": ids} if "ids" in mod else {}
+    # the name (4 chunks per device) for the window; a layout object (2, fewer pairs to trace) for documents
+    layout = scoremod.context_layout(mod, 4, 64, chunks_per_device=2, batch=2, q_offset=3, kv_offset=3,
+                                     **tensors) if tensors else "balanced"
+    _compare(mod, q, k, v, tensors, mesh=_mesh(4), layout=layout, q_offset=3, kv_offset=3)
+
+
+def test_data_kept_in_layout_order_and_new_ids_do_not_recompile():
+    mod, T, B = "causal & doc(ids)", 64, 2
+    mesh = _mesh(4)
+    q, k, v = _qkv(B, T, T, 2, 2, 8, seed=4)
+    traces = []
+
+    @jax.jit
+    def step(q, k, v, ids):
+        traces.append(1)
+        layout = scoremod.context_layout(mod, 4, T, chunks_per_device=2, batch=B, ids=ids)
+        order = layout.order(T)
+        out = scoremod.attention(q[:, order], k[:, order], v[:, order], mod=mod, ids=ids, mesh=mesh,
+                                 context_axis="sp", context_layout=layout.with_inputs_permuted(),
+                                 implementation="reference")
+        return out[:, layout.inverse_order(T)], layout.table()
+
+    tables = []
+    for seed in (0, 1):
+        ids = jnp.asarray(_documents(T, 4, seed).repeat(B, 0))
+        out, table = step(q, k, v, ids)
+        want = scoremod.attention(q, k, v, mod=mod, ids=ids, implementation="reference")
+        np.testing.assert_allclose(np.asarray(out), np.asarray(want), atol=2e-5)
+        tables.append(np.asarray(table))
+    assert len(traces) == 1
+    assert not np.array_equal(tables[0], tables[1])   # the layout followed the documents
+
+
+def test_bad_balanced_layouts():
+    with pytest.raises(scoremod.ScoreModShapeError, match="chunks_per_device must be a positive int"):
+        scoremod.context_layout("causal", 4, 64, chunks_per_device=0)
+    with pytest.raises(scoremod.ScoreModShapeError, match="must be a multiple of 16"):
+        scoremod.context_layout("causal", 4, 60)
+    with pytest.raises(scoremod.ScoreModTensorError):
+        scoremod.context_layout("causal & doc(ids)", 4, 64)
+    layout = scoremod.context_layout("causal", 2, 64)
+    q, k, v = _qkv(1, 64, 64, 2, 2, 8)
+    with pytest.raises(scoremod.ScoreModShapeError, match="layout is for 2 devices"):
+        scoremod.attention(q, k, v, mod="causal", mesh=_mesh(4), context_axis="sp", context_layout=layout)
+    with pytest.raises(scoremod.ScoreModShapeError, match="int array"):
+        ContextLayout("mine", jnp.zeros((4,), jnp.float32))

@@ -24,14 +24,15 @@ except PackageNotFoundError:  # a source tree on sys.path, not installed
     __version__ = "unknown"
 
 __all__ = [
-    "attention", "dispatch", "plan", "AttentionPlan", "as_attention_fn", "paged_attention", "PagedBlockSizes", "ContextLayout", "compile", "define", "undefine", "Mod",
+    "attention", "dispatch", "plan", "AttentionPlan", "as_attention_fn", "paged_attention", "PagedBlockSizes",
+    "ContextLayout", "context_layout", "compile", "define", "undefine", "Mod",
     "ScoreModError", "ScoreModSyntaxError", "ScoreModNameError", "ScoreModTypeError",
     "ScoreModDefinitionError", "ScoreModTensorError", "ScoreModShapeError",
 ]
 
 
 def __getattr__(name):
-    if name in ("attention", "dispatch", "plan"):
+    if name in ("attention", "dispatch", "plan", "context_layout"):
         from scoremod.runtime import attention as attention_module
         return getattr(attention_module, name)
     if name == "AttentionPlan":
