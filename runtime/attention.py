@@ -28,7 +28,8 @@ from scoremod.compiler.tensors import check_tensors as check_read_shapes, read_t
 from scoremod.compiler.mod import Mod, compile_mod
 from scoremod.compiler.plan import check_positions
 from scoremod.runtime.attention_plan import AttentionPlan, PlanRecorder, decided_at_trace_time
-from scoremod.runtime.context_parallel import BALANCED_CHUNKS_PER_DEVICE, context_attention
+from scoremod.runtime.context_parallel import (BALANCED_CHUNKS_PER_DEVICE, context_attention,
+                                               local_axis_size, local_context_attention)
 from scoremod.runtime._dispatch import (ATTENTION_ELSEWHERE, ATTENTION_ON_GPU, as_mod, as_tensor, check_float_arrays,
                                         check_head_groups, concrete, implementation_names,
                                         resolve_scale, run_first)
@@ -41,7 +42,7 @@ IMPLEMENTATIONS = ("reference", "xla", "pallas", "mosaic", "cudnn")
 
 def attention(query, key, value, *, mod=None, scale=None, q_offset=0, kv_offset=0,
               implementation=None, return_lse=False, mesh=None, context_axis=None, context_layout=None,
-              plan=None, **tensors):
+              context_strategy=None, plan=None, **tensors):
     """Attention with the score modification ``mod``.
 
     Args:
@@ -60,10 +61,15 @@ def attention(query, key, value, *, mod=None, scale=None, q_offset=0, kv_offset=
       mesh, context_axis: context parallelism (docs/context_parallel.md): the sequence
         is sharded over the devices of ``mesh``'s axis ``context_axis`` and each device
         runs ``implementation`` on the (q-chunk, kv-chunk) pairs the mask does not rule
-        out. Same result as the single-device call.
+        out. Same result as the single-device call. ``context_axis`` without ``mesh``:
+        inside the user's own ``jax.shard_map`` over that axis, on local shards
+        (``[B, T/P, N, H]``: this device's chunks in ``context_layout``'s order, contiguous
+        by default; tensors global; offsets the global sequence's).
       context_layout: None (chosen from the mask), "contiguous", "zigzag", "balanced" or a
         ``scoremod.ContextLayout`` (``scoremod.context_layout``): which sequence chunks each
         device works on.
+      context_strategy: None (chosen: docs/context_parallel.md), "ring" (K/V passed
+        around, steps the mask rules out skipped) or "all_gather" (K/V gathered once).
       plan: an ``AttentionPlan`` from ``scoremod.plan`` (block plans built once for many
         calls, e.g. every layer of a step). The call then takes the mod, the offsets, the
         tensors and, unless given, the implementation from the plan; its shapes must be
@@ -81,8 +87,9 @@ def attention(query, key, value, *, mod=None, scale=None, q_offset=0, kv_offset=
         >>> scoremod.attention(q, k, v, mod="causal & doc(ids)", ids=ids).shape
         (2, 128, 4, 64)
     """
+    context = (mesh, context_axis, context_layout, context_strategy)
     if plan is not None:
-        if mesh is not None or context_axis is not None or context_layout is not None:
+        if any(x is not None for x in context):
             raise ScoreModError("plan= cannot be combined with context parallelism (mesh=, context_axis=)",
                                 hint="drop plan=: the context-parallel path plans each device's chunk pairs itself")
         mod, q_offset, kv_offset, implementation, tensors = _from_plan(
@@ -90,27 +97,42 @@ def attention(query, key, value, *, mod=None, scale=None, q_offset=0, kv_offset=
             tensors=tensors)
         return _attention(query, key, value, mod=mod, scale=scale, q_offset=q_offset, kv_offset=kv_offset,
                           implementation=implementation, return_lse=return_lse, tensors=tensors, plans=plan)
-    if mesh is not None or context_axis is not None or context_layout is not None:
+    if any(x is not None for x in context):
         return _context_attention(query, key, value, mod=mod, scale=scale, q_offset=q_offset, kv_offset=kv_offset,
                                   implementation=implementation, return_lse=return_lse, mesh=mesh,
-                                  context_axis=context_axis, layout=context_layout, tensors=tensors)
+                                  context_axis=context_axis, layout=context_layout, strategy=context_strategy,
+                                  tensors=tensors)
     return _attention(query, key, value, mod=mod, scale=scale, q_offset=q_offset, kv_offset=kv_offset,
                       implementation=implementation, return_lse=return_lse, tensors=tensors)
 
 
 def _context_attention(query, key, value, *, mod, scale, q_offset, kv_offset, implementation, return_lse, mesh,
-                       context_axis, layout, tensors):
-    """``attention`` with the sequence sharded over ``mesh``'s ``context_axis``
-    (runtime/context_parallel.py); every argument checked here first."""
-    if mesh is None or context_axis is None:
-        raise ScoreModShapeError("context parallelism needs both mesh= and context_axis=",
+                       context_axis, layout, strategy, tensors):
+    """``attention`` with the sequence sharded over ``mesh``'s ``context_axis``, or on local
+    shards inside a shard_map over ``context_axis`` (runtime/context_parallel.py); every
+    argument checked here first (local shards against the global sequence's sizes)."""
+    if context_axis is None:
+        raise ScoreModShapeError("context parallelism needs context_axis= (and mesh= for global arrays)",
                                  hint="attention(..., mesh=jax.make_mesh((8,), ('sp',)), context_axis='sp')")
+    if mesh is None:
+        devices = local_axis_size(context_axis)
+        check_inputs(query, key, value, scale=scale, return_lse=return_lse)
+        (B, Tl, N, H), (Sl, K) = query.shape, key.shape[1:3]
+        whole_q = jax.ShapeDtypeStruct((B, Tl * devices, N, H), query.dtype)
+        whole_kv = jax.ShapeDtypeStruct((B, Sl * devices, K, H), key.dtype)
+        mod, _, scale, q_offset, kv_offset, tensors = _checked_call(
+            whole_q, whole_kv, whole_kv, mod=mod, scale=scale, q_offset=q_offset, kv_offset=kv_offset,
+            implementation=implementation, return_lse=return_lse, tensors=tensors)
+        out, lse = local_context_attention(_pair_attention, query, key, value, mod=mod, context_axis=context_axis,
+                                           layout=layout, strategy=strategy, scale=scale, q_offset=q_offset,
+                                           kv_offset=kv_offset, implementation=implementation, tensors=tensors)
+        return (out, lse) if return_lse else out
     mod, _, scale, q_offset, kv_offset, tensors = _checked_call(
         query, key, value, mod=mod, scale=scale, q_offset=q_offset, kv_offset=kv_offset,
         implementation=implementation, return_lse=return_lse, tensors=tensors)
     out, lse = context_attention(_pair_attention, query, key, value, mod=mod, mesh=mesh, context_axis=context_axis,
-                                 layout=layout, scale=scale, q_offset=q_offset, kv_offset=kv_offset,
-                                 implementation=implementation, tensors=tensors)
+                                 layout=layout, strategy=strategy, scale=scale, q_offset=q_offset,
+                                 kv_offset=kv_offset, implementation=implementation, tensors=tensors)
     return (out, lse) if return_lse else out
 
 

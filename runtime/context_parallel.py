@@ -80,7 +80,10 @@ def choose_layout(mod, devices: int, *, q_len: int, kv_len: int, batch: int, hea
     plan = pair_plan(mod, contiguous, **kw)
     if not plan.is_static or q_len % zigzag.num_chunks or kv_len % zigzag.num_chunks:
         return contiguous, plan
+    # Both plans in zigzag's (finer) blocks: work counted in coarser blocks overcounts the
+    # partial ones, which would favour zigzag wrongly.
     zig_plan = pair_plan(mod, zigzag, **kw)
+    plan = pair_plan(mod, contiguous, max_block=zig_plan.block_q, **kw)
     if device_work(zig_plan, zigzag).max() < device_work(plan, contiguous).max():
         return zigzag, zig_plan
     return contiguous, plan
@@ -105,41 +108,122 @@ def resolve_layout(layout, mod, devices: int, *, q_len: int, kv_len: int, batch:
     return layout, pair_plan(mod, layout, **kw)
 
 
-def context_attention(local_attention, query, key, value, *, mod, mesh, context_axis, layout=None, scale,
-                      q_offset, kv_offset, implementation, tensors):
-    """(out, lse) of attention over a sequence sharded on ``mesh``'s ``context_axis``.
+STRATEGIES = ("ring", "all_gather")
 
-    Called by ``attention()`` after it has checked the inputs (shapes as there: query
-    ``[B, T, N, H]``, key/value ``[B, S, K, H]``, lse ``f32[B, T, N]``), with the call each
-    (q-chunk, kv-chunk) pair runs as ``local_attention``; ``layout`` is None
-    (``choose_layout``), "contiguous", "zigzag", "balanced" or a ``ContextLayout``.
-    """
-    devices = _check_mesh(mesh, context_axis)
-    B, T, N, H = query.shape
-    S = key.shape[1]
+
+def choose_strategy(strategy, schedule: RingSchedule, *, devices: int, heads: int, kv_heads: int) -> str:
+    """``context_strategy``: "ring", "all_gather", or None for the rule: a ring when its
+    schedule leaves ring steps out (a window: fewer bytes moved than gathering all K/V);
+    else an all-gather when K/V are smaller than the queries (GQA, kv_heads < heads): the
+    same bytes as a full ring, in one collective, and one kernel call per q-chunk instead
+    of a merge per pair; else a ring (its transfers overlap the pairs' computation)."""
+    if strategy is None:
+        if len(schedule.shifts) < devices or kv_heads >= heads:
+            return "ring"
+        return "all_gather"
+    if strategy not in STRATEGIES:
+        raise ScoreModShapeError(f"context_strategy must be None, 'ring' or 'all_gather'; got {strategy!r}")
+    return strategy
+
+
+def _plan_ring(local_attention, mod, devices: int, *, mesh, context_axis, explicit, layout, strategy, scale,
+               B, T, S, N, K, q_offset, kv_offset, implementation, tensors):
+    """The Ring (static) and its array inputs (blocks, chunk table) for one call."""
     layout, plan = resolve_layout(layout, mod, devices, q_len=T, kv_len=S, batch=B, heads=N, q_offset=q_offset,
                                   kv_offset=kv_offset, tensors=tensors)
-    explicit = mesh.axis_types[mesh.axis_names.index(context_axis)] == jax.sharding.AxisType.Explicit
-    if explicit and jax.sharding.get_abstract_mesh() != mesh.abstract_mesh:
-        raise ScoreModShapeError(
-            f"mesh axis {context_axis!r} is Explicit: call attention inside `with jax.set_mesh(mesh):`",
-            hint="or build the mesh with axis_types=(jax.sharding.AxisType.Auto, ...)")
     # A static layout is part of the program; one from tensor values travels as an input
     # (as its plan does), so new values never recompile.
     static_layout = layout if layout.is_static else None
     schedule = ring_schedule(plan, layout) if layout.is_static else RingSchedule(tuple(range(devices)), None)
     ring = Ring(local_attention=local_attention, mod=mod, mesh=mesh, axis=context_axis, explicit=explicit,
                 layout=static_layout, chunks_per_device=layout.chunks_per_device,
-                inputs_permuted=layout.inputs_permuted, schedule=schedule, q_chunk=plan.q_chunk,
-                kv_chunk=plan.kv_chunk, scale=scale, implementation=implementation, names=tuple(sorted(tensors)))
-    q_off = jnp.broadcast_to(jnp.asarray(q_offset, jnp.int32), (B,))
-    kv_off = jnp.broadcast_to(jnp.asarray(kv_offset, jnp.int32), (B,))
+                inputs_permuted=layout.inputs_permuted, schedule=schedule,
+                strategy=choose_strategy(strategy, schedule, devices=devices, heads=N, kv_heads=K),
+                q_chunk=plan.q_chunk, kv_chunk=plan.kv_chunk, scale=scale, implementation=implementation,
+                names=tuple(sorted(tensors)))
     # Static plans with static layouts are baked into the program (the schedule); otherwise
     # each pair asks the plan, which travels as an input.
     blocks = jnp.zeros((), jnp.int32) if schedule.runs is not None else jnp.asarray(plan.blocks)
-    out, lse = _run_ring(ring, query, key, value, q_off, kv_off, blocks, jnp.asarray(layout.table()),
+    return ring, blocks, jnp.asarray(layout.table())
+
+
+def context_attention(local_attention, query, key, value, *, mod, mesh, context_axis, layout=None, strategy=None,
+                      scale, q_offset, kv_offset, implementation, tensors):
+    """(out, lse) of attention over a sequence sharded on ``mesh``'s ``context_axis``.
+
+    Called by ``attention()`` after it has checked the inputs (shapes as there: query
+    ``[B, T, N, H]``, key/value ``[B, S, K, H]``, lse ``f32[B, T, N]``), with the call each
+    (q-chunk, kv-chunk) pair runs as ``local_attention``; ``layout`` is None
+    (``choose_layout``), "contiguous", "zigzag", "balanced" or a ``ContextLayout``;
+    ``strategy`` None (``choose_strategy``), "ring" or "all_gather".
+    """
+    devices = _check_mesh(mesh, context_axis)
+    B, T, N, H = query.shape
+    S, K = key.shape[1], key.shape[2]
+    explicit = mesh.axis_types[mesh.axis_names.index(context_axis)] == jax.sharding.AxisType.Explicit
+    if explicit and jax.sharding.get_abstract_mesh() != mesh.abstract_mesh:
+        raise ScoreModShapeError(
+            f"mesh axis {context_axis!r} is Explicit: call attention inside `with jax.set_mesh(mesh):`",
+            hint="or build the mesh with axis_types=(jax.sharding.AxisType.Auto, ...)")
+    ring, blocks, table = _plan_ring(local_attention, mod, devices, mesh=mesh, context_axis=context_axis,
+                                     explicit=explicit, layout=layout, strategy=strategy, scale=scale, B=B, T=T,
+                                     S=S, N=N, K=K, q_offset=q_offset, kv_offset=kv_offset,
+                                     implementation=implementation, tensors=tensors)
+    q_off = jnp.broadcast_to(jnp.asarray(q_offset, jnp.int32), (B,))
+    kv_off = jnp.broadcast_to(jnp.asarray(kv_offset, jnp.int32), (B,))
+    out, lse = _run_ring(ring, query, key, value, q_off, kv_off, blocks, table,
                          tuple(tensors[n] for n in ring.names))
     return out.astype(query.dtype), lse
+
+
+def local_axis_size(context_axis) -> int:
+    """P, the size of ``context_axis`` in the enclosing ``jax.shard_map``; a ScoreModShapeError
+    when no enclosing shard_map binds it."""
+    try:
+        return int(lax.axis_size(context_axis))
+    except NameError:
+        raise ScoreModShapeError(
+            f"context_axis={context_axis!r} without mesh= runs on local shards inside a jax.shard_map over that "
+            f"axis, and no enclosing shard_map binds it",
+            hint="pass mesh= for global arrays, or call attention inside jax.shard_map(..., mesh=mesh)") from None
+
+
+def local_context_attention(local_attention, query, key, value, *, mod, context_axis, layout=None, strategy=None,
+                            scale, q_offset, kv_offset, implementation, tensors):
+    """(out, lse) for local shards, called inside the user's ``jax.shard_map`` over
+    ``context_axis``: query ``[B, T/P, N, H]`` and key/value ``[B, S/P, K, H]`` are this
+    device's chunks of the global sequence in the layout's order (contiguous by default:
+    device d holds positions d*T/P ..), tensors are global and replicated, offsets are
+    the global sequence's. Returns this device's out and lse."""
+    devices = local_axis_size(context_axis)
+    B, Tl, N, H = query.shape
+    Sl, K = key.shape[1], key.shape[2]
+    if isinstance(layout, ContextLayout) and not layout.inputs_permuted:
+        layout = layout.with_inputs_permuted()   # local shards are in layout order by definition
+    elif layout is None or isinstance(layout, str):
+        layout = _local_named_layout(layout, mod, devices, B=B, T=Tl * devices, S=Sl * devices, N=N,
+                                     q_offset=q_offset, kv_offset=kv_offset, tensors=tensors)
+    ring, blocks, table = _plan_ring(local_attention, mod, devices, mesh=None, context_axis=context_axis,
+                                     explicit=False, layout=layout, strategy=strategy, scale=scale, B=B,
+                                     T=Tl * devices, S=Sl * devices, N=N, K=K, q_offset=q_offset,
+                                     kv_offset=kv_offset, implementation=implementation, tensors=tensors)
+    q_off = jnp.broadcast_to(jnp.asarray(q_offset, jnp.int32), (B,))
+    kv_off = jnp.broadcast_to(jnp.asarray(kv_offset, jnp.int32), (B,))
+    out, lse = _device_ring(ring, query, key, value, q_off, kv_off, blocks, table,
+                            tuple(tensors[n] for n in ring.names))
+    return out.astype(query.dtype), lse
+
+
+def _local_named_layout(name, mod, devices, *, B, T, S, N, q_offset, kv_offset, tensors) -> ContextLayout:
+    """Local shards: the data already sits in some layout, so None means contiguous (the
+    shards as jax.shard_map cuts a global array), and a name its layout, marked as applied."""
+    if name is None or name == "contiguous":
+        return layout_named("contiguous", devices).with_inputs_permuted()
+    if name == "balanced":
+        raise ScoreModShapeError("context_layout='balanced' cannot describe local shards: the data's layout "
+                                 "comes from the values", hint="pass the ContextLayout the data was permuted with "
+                                 "(scoremod.context_layout(...))")
+    return layout_named(name, devices).with_inputs_permuted()
 
 
 @dataclass(frozen=True)
@@ -154,6 +238,7 @@ class Ring:
     chunks_per_device: int
     inputs_permuted: bool     # q, k, v come (and the output goes) in layout order
     schedule: RingSchedule
+    strategy: str             # "ring" or "all_gather" (choose_strategy)
     q_chunk: int
     kv_chunk: int
     scale: float
@@ -200,6 +285,8 @@ def _device_ring(ring: Ring, q, k, v, q_off, kv_off, blocks, chunk_of, tensor_va
     """One device's ring: q ``[B, T/P, N, H]``, k/v ``[B, S/P, K, H]`` (its chunks, in
     layout order); f32 out and lse of its rows. ``chunk_of`` int32 ``[P, chunks per
     device]``: the layout's chunks (replicated)."""
+    if ring.strategy == "all_gather":
+        return _device_all_gather(ring, q, k, v, q_off, kv_off, chunk_of, tensor_values)
     schedule = ring.schedule
     P_ = chunk_of.shape[0]
     per = ring.chunks_per_device
@@ -238,8 +325,46 @@ def _device_ring(ring: Ring, q, k, v, q_off, kv_off, blocks, chunk_of, tensor_va
                     return o.astype(jnp.float32), l
 
                 def nothing():
-                    return jnp.zeros((B, qc, N, H), jnp.float32), jnp.full((B, qc, N), -jnp.inf, jnp.float32)
+                    return _varying_like(q, ring.axis, jnp.zeros((B, qc, N, H), jnp.float32),
+                                         jnp.full((B, qc, N), -jnp.inf, jnp.float32))
 
                 o, l = pair() if always else lax.cond(run, pair, nothing)
                 outs[a], lses[a] = merge_partials(outs[a], lses[a], o, l)
     return jnp.concatenate(outs, axis=1), jnp.concatenate(lses, axis=1)
+
+
+def _device_all_gather(ring: Ring, q, k, v, q_off, kv_off, chunk_of, tensor_values):
+    """One device's all-gather strategy: K/V of every device gathered once (back in
+    sequence order), then one call per q-chunk against all of it (the kernel skips the
+    empty blocks itself; no merges). Its transpose reduce-scatters dK/dV home."""
+    per, qc = ring.chunks_per_device, ring.q_chunk
+    d = lax.axis_index(ring.axis)
+    tensors = dict(zip(ring.names, tensor_values))
+    k_all = lax.all_gather(k, ring.axis, axis=1, tiled=True)        # [B, S, K, H] in layout order
+    v_all = lax.all_gather(v, ring.axis, axis=1, tiled=True)
+    S = k_all.shape[1]
+    layout = ring.layout if ring.layout is not None else ContextLayout("balanced", chunk_of)
+    if not layout.is_static or not np.array_equal(layout.order(S), np.arange(S)):
+        inverse = layout.inverse_order(S)
+        k_all, v_all = k_all[:, inverse], v_all[:, inverse]
+    outs, lses = [], []
+    for a in range(per):
+        o, l = ring.local_attention(
+            q[:, a * qc:(a + 1) * qc], k_all, v_all, mod=ring.mod, scale=ring.scale,
+            q_offset=q_off + chunk_of[d, a] * qc, kv_offset=kv_off, implementation=ring.implementation,
+            return_lse=True, **tensors)
+        outs.append(o.astype(jnp.float32))
+        lses.append(l)
+    return jnp.concatenate(outs, axis=1), jnp.concatenate(lses, axis=1)
+
+
+def _varying_like(ref, axis, *values):
+    """``values`` typed as varying over ``axis`` when ``ref`` is (inside a user's shard_map
+    that checks varying-manual-axes types, both branches of a ``lax.cond`` must agree);
+    unchanged otherwise."""
+    aval = jax.typeof(ref)
+    manual = getattr(aval, "manual_axis_type", None)     # jax 0.10-0.11; older releases: .vma
+    varying = manual.varying if manual is not None else getattr(aval, "vma", frozenset())
+    if axis not in varying:
+        return values
+    return tuple(lax.pcast(x, axis, to="varying") for x in values)

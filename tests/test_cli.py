@@ -130,6 +130,31 @@ def test_explain_bad_arguments_are_clear_errors_without_tracebacks(tmp_path, arg
 
 
 @pytest.mark.parametrize("args, fragment", [
+    (["--devices", "0"], "--devices 0: must be a positive int"),
+    (["--devices", "-3"], "--devices -3: must be a positive int"),
+    (["--devices", "3"], "q_len=1024 is not a multiple of 3"),
+    (["--devices", "4", "--kv-seq", "1026"], "kv_len=1026 is not a multiple of 4"),
+    (["--devices", "4", "--heads", "6", "--kv-heads", "4"], "must be a multiple of key/value heads K=4"),
+    (["--devices", "4", "--head-dim", "0"], "--head-dim 0: must be a positive int"),
+    (["--kv-heads", "2"], "--kv-heads sets the K/V bytes of context parallelism: it needs --devices P"),
+])
+def test_explain_bad_devices_are_clear_errors_without_tracebacks(args, fragment):
+    r = dslc("explain", "causal", "--seq", "1024", *args)
+    assert r.returncode == 1 and r.stdout == "", r.stdout
+    assert fragment in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_explain_devices_prints_the_shard_plan():
+    r = dslc("explain", "causal", "--seq", "1024", "--devices", "4", "--width", "80")
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert r.stdout.startswith("canonical: q >= kv\n")
+    assert "\n\ncontext parallel: 4 devices; q 1024, kv 1024; batch 1, heads 1\n" in r.stdout
+    assert "takes zigzag" in r.stdout
+    assert "--devices P" in dslc("explain", "--help").stdout
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--seq", "64", "--devices", "four"], "argument --devices: invalid int value: 'four'"),
     (["--seq", "abc"], "argument --seq: invalid int value"),
     (["--seq", "64", "--block", "64,abc"], "argument --block: expected BQ or BQ,BKV"),
     (["--seq", "64", "--block", "7,3,2"], "argument --block: expected BQ or BQ,BKV"),

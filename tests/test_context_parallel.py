@@ -34,7 +34,7 @@ def _qkv(B, T, S, N, K, H, seed=0, dtype=jnp.float32):
 
 
 def _compare(mod, q, k, v, tensors, *, mesh, layout=None, implementation="reference", q_offset=0, kv_offset=0,
-             atol=2e-5):
+             atol=2e-5, strategy=None):
     """out, lse and (dq, dk, dv) of the sharded call against the single-device reference."""
     def run(**kw):
         def f(q, k, v):
@@ -45,7 +45,8 @@ def _compare(mod, q, k, v, tensors, *, mesh, layout=None, implementation="refere
         w = jax.random.normal(jax.random.key(7), out.shape, out.dtype)
         return out, lse, pullback((w, jnp.where(jnp.isneginf(lse), 0.0, 1.0)))
 
-    out, lse, got = run(implementation=implementation, mesh=mesh, context_axis="sp", context_layout=layout)
+    out, lse, got = run(implementation=implementation, mesh=mesh, context_axis="sp", context_layout=layout,
+                        context_strategy=strategy)
     want_out, want_lse, want = run(implementation="reference")
     np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(want_out, np.float32), atol=atol)
     assert (np.isneginf(lse) == np.isneginf(want_lse)).all()
@@ -170,7 +171,7 @@ def test_bad_context_arguments():
     call = dict(mod="causal", implementation="reference")
     with pytest.raises(scoremod.ScoreModShapeError, match="not an axis of the mesh"):
         scoremod.attention(q, k, v, mesh=_mesh(4), context_axis="dp", **call)
-    with pytest.raises(scoremod.ScoreModShapeError, match="needs both mesh= and context_axis="):
+    with pytest.raises(scoremod.ScoreModShapeError, match=r"needs context_axis= \(and mesh= for global arrays\)"):
         scoremod.attention(q, k, v, mesh=_mesh(4), **call)
     with pytest.raises(scoremod.ScoreModShapeError, match="must be a jax.sharding.Mesh"):
         scoremod.attention(q, k, v, mesh="sp", context_axis="sp", **call)
@@ -283,3 +284,73 @@ def test_bad_balanced_layouts():
         scoremod.attention(q, k, v, mod="causal", mesh=_mesh(4), context_axis="sp", context_layout=layout)
     with pytest.raises(scoremod.ScoreModShapeError, match="int array"):
         ContextLayout("mine", jnp.zeros((4,), jnp.float32))
+
+
+
+# ---- the all-gather strategy and local shards -----------------------------------------------------
+
+@pytest.mark.parametrize("mod, layout, heads", [("causal & doc(ids)", None, (4, 2)), ("causal", "zigzag", (2, 2)),
+                                                ("causal & doc(ids)", "balanced", (4, 1))])
+def test_all_gather_strategy_matches_single_device(mod, layout, heads):
+    N, K = heads
+    q, k, v = _qkv(2, 64, 64, N, K, 8, seed=5)
+    tensors = {"ids": _documents(64, 5, 3).repeat(2, 0)} if "ids" in mod else {}
+    _compare(mod, q, k, v, tensors, mesh=_mesh(4), layout=layout, strategy="all_gather", q_offset=0)
+
+
+def test_strategy_rule():
+    """A ring where it skips steps (windows), an all-gather for GQA otherwise, else a ring;
+    checked in the traced program (all_gather vs ppermute)."""
+    def collectives(mod, N, K, **kw):
+        q, k, v = _qkv(1, 64, 64, N, K, 8)
+        f = lambda q, k, v: scoremod.attention(q, k, v, mod=mod, mesh=_mesh(4), context_axis="sp",  # noqa: E731
+                                               implementation="reference", **kw)
+        text = str(jax.make_jaxpr(f)(q, k, v))
+        return ("all_gather" in text, "ppermute" in text)
+    assert collectives("causal & window(4)", 4, 1) == (False, True)    # 2 of 4 ring steps: a ring
+    assert collectives("causal", 4, 1) == (True, False)               # GQA, every step: gather
+    assert collectives("causal", 2, 2) == (False, True)               # MHA: a ring
+    assert collectives("causal", 2, 2, context_strategy="all_gather") == (True, False)
+    with pytest.raises(scoremod.ScoreModShapeError, match="context_strategy must be"):
+        collectives("causal", 2, 2, context_strategy="tree")
+
+
+@pytest.mark.parametrize("layout, strategy", [(None, None), ("zigzag", "ring"), ("zigzag", "all_gather")])
+def test_local_shards_inside_shard_map(layout, strategy):
+    """attention(context_axis=) without mesh, inside the user's own shard_map: local shards
+    of the data (in the layout's order) and global ids; out, lse and grads as one device."""
+    mesh, T, B = _mesh(4), 64, 2
+    mod = "causal & doc(ids)"
+    q, k, v = _qkv(B, T, T, 4, 2, 8, seed=6)
+    ids = jnp.asarray(_documents(T + 5, 4, 0).repeat(B, 0))
+    order = (zigzag_layout(4) if layout == "zigzag" else contiguous_layout(4)).order(T)
+    inverse = np.argsort(order)
+    seq = jax.sharding.PartitionSpec(None, "sp")
+
+    def sharded(q, k, v):
+        def local(q, k, v, ids):
+            return scoremod.attention(q, k, v, mod=mod, ids=ids, context_axis="sp", context_layout=layout,
+                                      context_strategy=strategy, q_offset=5, kv_offset=5, return_lse=True,
+                                      implementation="reference")
+        out, lse = jax.shard_map(local, mesh=mesh, in_specs=(seq, seq, seq, jax.sharding.PartitionSpec()),
+                                 out_specs=(seq, seq))(q[:, order], k[:, order], v[:, order], ids)
+        return out[:, inverse], lse[:, inverse]
+
+    def single(q, k, v):
+        return scoremod.attention(q, k, v, mod=mod, ids=ids, q_offset=5, kv_offset=5, return_lse=True,
+                                  implementation="reference")
+    for f_got, f_want in [(jax.jit(sharded), single)]:
+        (out, lse), (want_out, want_lse) = f_got(q, k, v), f_want(q, k, v)
+        np.testing.assert_allclose(np.asarray(out), np.asarray(want_out), atol=2e-5)
+        np.testing.assert_allclose(np.asarray(lse), np.asarray(want_lse), atol=2e-5)
+    loss = lambda f: lambda q, k, v: jnp.sum(f(q, k, v)[0] * jnp.cos(q))  # noqa: E731
+    got = jax.jit(jax.grad(loss(sharded), argnums=(0, 1, 2)))(q, k, v)
+    want = jax.grad(loss(single), argnums=(0, 1, 2))(q, k, v)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-4)
+
+
+def test_local_shards_need_an_enclosing_shard_map():
+    q, k, v = _qkv(1, 16, 16, 2, 2, 8)
+    with pytest.raises(scoremod.ScoreModShapeError, match="no enclosing shard_map binds it"):
+        scoremod.attention(q, k, v, mod="causal", context_axis="sp")

@@ -5,6 +5,7 @@
     dslc show window
     dslc explain "causal & doc(ids)" --seq 8192 --tensor ids=segments:4096,4096
     dslc explain "causal & window(1024)" --seq 8192 --svg window.svg
+    dslc explain "causal & doc(ids)" --seq 8192 --tensor ids=segments:4096,2048,2048 --devices 4
     dslc export "causal & doc(ids)" --to flex -o doc_mask.py
 """
 
@@ -160,6 +161,14 @@ def _configure_explain_parser(parser) -> None:
     parser.add_argument("--svg", metavar="FILE", default=None,
                         help="also write the report and block grid as an SVG picture to FILE "
                              "(the text or JSON report still prints)")
+    parser.add_argument("--devices", type=int, default=None, metavar="P",
+                        help="also show the shard-level plan of context parallelism over P devices for the "
+                             "contiguous, zigzag and balanced layouts: work per device, balance, pairs and ring "
+                             "steps run, K/V bytes received (JSON: under \"context_parallel\")")
+    parser.add_argument("--kv-heads", type=int, default=None, metavar="K",
+                        help="with --devices: key/value heads for the bytes moved (default: --heads)")
+    parser.add_argument("--head-dim", type=int, default=None, metavar="H",
+                        help="with --devices: head dimension for the bytes moved (default: 128; bf16 assumed)")
 
 
 def _cmd_explain(args) -> int:
@@ -180,6 +189,7 @@ def _cmd_explain(args) -> int:
         result = explain(mod, args.seq, args.kv_seq, block=args.block, batch=args.batch, heads=args.heads,
                          q_offset=args.q_offset, kv_offset=args.kv_offset, width=args.width,
                          lowering=dispatch_summary(mod), **tensors)
+        shards = _context_explanation(mod, args, tensors)
     except ScoreModError as exc:
         print(exc, file=sys.stderr)
         return 1
@@ -190,8 +200,38 @@ def _cmd_explain(args) -> int:
         except OSError as exc:
             print(f"error: cannot write {args.svg!r}: {exc.strerror or exc}", file=sys.stderr)
             return 1
-    print(result.to_json() if args.json else result.render())
+    if args.json:
+        import json
+        print(json.dumps({**result.to_dict(), **({"context_parallel": shards.to_dict()} if shards else {})}))
+    else:
+        print(result.render() + (f"\n\n{shards.render()}" if shards else ""))
     return 0
+
+
+def _context_explanation(mod, args, tensors):
+    """``--devices P``: the shard-level plan (``compiler/context_explain.py``), with the layout
+    ``attention(..., context_layout=None)`` takes asked of the runtime (``choose_layout``)."""
+    import dataclasses
+    from scoremod.compiler.context_explain import explain_context
+    from scoremod.errors import ScoreModShapeError
+    if args.devices is None:
+        for flag, value in (("--kv-heads", args.kv_heads), ("--head-dim", args.head_dim)):
+            if value is not None:
+                raise ScoreModShapeError(f"{flag} sets the K/V bytes of context parallelism: it needs --devices P")
+        return None
+    for flag, value in (("--devices", args.devices), ("--kv-heads", args.kv_heads), ("--head-dim", args.head_dim)):
+        if value is not None and value < 1:
+            raise ScoreModShapeError(f"{flag} {value}: must be a positive int",
+                                     hint="for example --devices 8" if flag == "--devices" else None)
+    from scoremod.runtime.context_parallel import BALANCED_CHUNKS_PER_DEVICE, choose_layout
+    kv_len = args.seq if args.kv_seq is None else args.kv_seq
+    head_dim = 128 if args.head_dim is None else args.head_dim
+    report = explain_context(mod, args.devices, args.seq, kv_len, batch=args.batch, heads=args.heads,
+                             q_offset=args.q_offset, kv_offset=args.kv_offset, kv_heads=args.kv_heads,
+                             head_dim=head_dim, balanced_chunks=BALANCED_CHUNKS_PER_DEVICE, **tensors)
+    chosen, _ = choose_layout(mod, args.devices, q_len=args.seq, kv_len=kv_len, batch=args.batch, heads=args.heads,
+                              q_offset=args.q_offset, kv_offset=args.kv_offset, tensors=tensors)
+    return dataclasses.replace(report, default_layout=chosen.name)
 
 
 # ---- dslc export -----------------------------------------------------------------------------
@@ -248,7 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("explain", help="canonical form, lowering and the block-sparsity grid",
                        description="Explain what would run for SOURCE: canonical form, kind, lowering, "
                                    "block counts, density, FLOPs saved and a grid of full/partial/empty blocks. "
-                                   "--svg FILE also draws them as an SVG picture.")
+                                   "--svg FILE also draws them as an SVG picture; --devices P adds the shard-level "
+                                   "plan of context parallelism over P devices.")
     _configure_explain_parser(p)
     p.set_defaults(run=_cmd_explain)
 
