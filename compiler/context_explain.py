@@ -24,10 +24,9 @@ multiples of that times P) it gives what ``benchmarks/context_plan.py`` measures
   other than shift 0, against a plain ring's P - 1 shards.
 
 Masks whose plan comes from tensor values (``doc(ids)``) or per-batch offsets are planned
-here from the given values as if static. At run time such a mask keeps every ring step:
-pairs without an allowed logit skip their computation under ``lax.cond``, but every
-shard is still sent. The report then shows the run time's ring steps and bytes, with the
-plan's figures beside them (``ring_steps_plan``, ``kv_bytes_received_plan``).
+here from the given values as if static. At run time such a mask keeps every ring step in
+the program, and a step no device needs skips its transfer and its pairs under
+``lax.cond`` on the plan computed there: the run time moves what the plan shows.
 
 The layout ``attention(..., context_layout=None)`` would take is the runtime's decision
 (``runtime.context_parallel.choose_layout``); the compiler does not import the runtime, so
@@ -70,7 +69,6 @@ class LayoutFigures:
       shifts: the ring shifts the plan needs.
       steps: ring steps at run time (``len(shifts)``, or P for plans from tensor values).
       received_bytes: K/V bytes each device receives at run time.
-      received_bytes_plan: the same if only the plan's shifts ran.
     """
     name: str
     chunks: tuple[tuple[int, ...], ...]
@@ -81,7 +79,6 @@ class LayoutFigures:
     shifts: tuple[int, ...]
     steps: int
     received_bytes: int
-    received_bytes_plan: int
 
     @property
     def busiest(self) -> int:
@@ -110,9 +107,7 @@ class LayoutFigures:
             "pairs": self.pairs,
             "shifts": list(self.shifts),
             "ring_steps": self.steps,
-            "ring_steps_plan": len(self.shifts),
             "kv_bytes_received": self.received_bytes,
-            "kv_bytes_received_plan": self.received_bytes_plan,
         }
 
 
@@ -127,7 +122,7 @@ class ContextExplanation:
         assume ``kv_heads`` heads of ``head_dim`` elements of ``itemsize`` bytes).
       q_offset, kv_offset: as given.
       from_values: the pair plan comes from tensor values (or per-batch offsets): at run
-        time every ring step runs and sends.
+        time it is computed in the program, each ring step under a cond on it.
       layouts: the figures of each layout that fits.
       omitted: ``(layout name, reason)`` for each layout left out.
       default_layout: the layout ``attention(..., context_layout=None)`` takes, or None
@@ -202,9 +197,6 @@ class ContextExplanation:
         for f in self.layouts:
             steps = f"{f.steps} / {P}"
             received = _bytes(f.received_bytes)
-            if self.from_values:
-                steps += f" (plan {len(f.shifts)})"
-                received += f" (plan {_bytes(f.received_bytes_plan)})"
             rows.append((f.name, f"{P} x {len(f.chunks[0])}", str(f.block), _count(f.busiest),
                          "-" if f.balance is None else f"{f.balance:.2f}", f"{f.pairs_run} / {f.pairs}", steps,
                          received))
@@ -223,9 +215,8 @@ class ContextExplanation:
             why = (f"the mask reads tensors ({', '.join(mask_tensors)})" if mask_tensors
                    else "the offsets are per batch element")
             lines += _wrap(f"note: {why}, so its plan comes from values: planned here from the given ones. At run "
-                           f"time such a mask keeps every ring step (pairs without an allowed logit skip their "
-                           f"computation under lax.cond, their K/V shard is still sent): ring steps and K/V "
-                           f"received show the run time's figure, the plan's in brackets.")
+                           f"time the program holds every ring step and skips, under lax.cond on the plan it "
+                           f"computes, the transfers and pairs no device needs: it moves what is shown here.")
         heads = f"{self.kv_heads} kv head{'s' if self.kv_heads != 1 else ''}"
         dtype = ", bf16" if self.itemsize == 2 else ""
         lines += _wrap(f"K/V received: per device, one K and one V shard [B, S/P, K, H] = "
@@ -407,8 +398,7 @@ def explain_context(mod, devices: int, q_len: int, kv_len: int | None = None, *,
                 raise
             omitted.append((name, exc.message))
             continue
-        dynamic = not plan.is_static     # the runtime keeps every ring step for such a plan
-        from_values = from_values or dynamic
+        from_values = from_values or not plan.is_static
         plan = _static(plan)
         schedule = ring_schedule(plan, layout)
         sent = sum(1 for s in schedule.shifts if s)
@@ -416,8 +406,7 @@ def explain_context(mod, devices: int, q_len: int, kv_len: int | None = None, *,
             name=name, chunks=layout.chunks, block=plan.block_q,
             work=tuple(int(w) for w in device_work(plan, layout)),
             pairs_run=schedule.pairs_run(), pairs=P * P * chunks * chunks, shifts=schedule.shifts,
-            steps=P if dynamic else len(schedule.shifts),
-            received_bytes=(P - 1) * shard if dynamic else sent * shard, received_bytes_plan=sent * shard))
+            steps=len(schedule.shifts), received_bytes=sent * shard))
     return ContextExplanation(mod, P, int(q_len), int(kv_len), int(batch), int(heads), int(kv_heads),
                               int(head_dim), int(itemsize), q_offset, kv_offset, from_values, tuple(figures),
                               tuple(omitted), default_layout)

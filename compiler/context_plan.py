@@ -32,7 +32,7 @@ from scoremod.errors import ScoreModShapeError
 from scoremod.compiler.plan import EMPTY, MAX_GRID_CELLS, build_plan
 
 __all__ = ["ContextLayout", "PairPlan", "contiguous_layout", "zigzag_layout", "layout_named", "pair_plan",
-           "device_work", "RingSchedule", "ring_schedule", "balance_chunks", "balanced_layout"]
+           "device_work", "RingSchedule", "ring_schedule", "balance_chunks", "balanced_layout", "shifts_needed"]
 
 LAYOUTS = ("contiguous", "zigzag", "balanced")
 
@@ -263,6 +263,27 @@ def ring_schedule(plan: PairPlan, layout: ContextLayout) -> RingSchedule:
             shifts.append(s)
             runs.append(step)
     return RingSchedule(shifts=tuple(shifts), runs=tuple(runs))
+
+
+def shifts_needed(blocks, chunk_table):
+    """bool ``[P]``: whether any device has a non-empty pair at ring shift s (device d with
+    the kv chunks of device ``(d - s) % P``). ``blocks [B', H', C, C]`` a pair plan's counts,
+    ``chunk_table int32 [P, C / P]`` a layout's chunks. NumPy in, NumPy out (what
+    ``ring_schedule`` keeps); jax in, jax out: the same answer at run time for plans from
+    tensor values, equal on every device (the inputs are replicated), so every device takes
+    the same branch around a step's transfer.
+
+        >>> shifts_needed(np.tril(np.ones((4, 4), np.int32))[None, None], np.arange(4)[:, None]).tolist()
+        [True, True, True, True]
+    """
+    xp = np if isinstance(blocks, np.ndarray) and isinstance(chunk_table, np.ndarray) else jnp
+    nonempty = (xp.asarray(blocks) > 0).any(axis=(0, 1))                      # [C, C]
+    P = chunk_table.shape[0]
+    # pair[s, d, a, b] = nonempty[chunk_table[d, a], chunk_table[(d - s) % P, b]]
+    source = (xp.arange(P)[None, :] - xp.arange(P)[:, None]) % P             # [s, d]
+    q_chunks = chunk_table[None, :, :, None]                                  # [1, P, per, 1]
+    kv_chunks = chunk_table[source][:, :, None, :]                            # [P, P, 1, per]
+    return nonempty[q_chunks, kv_chunks].any(axis=(1, 2, 3))
 
 
 def device_work(plan: PairPlan, layout: ContextLayout) -> np.ndarray:

@@ -32,7 +32,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from scoremod.errors import ScoreModShapeError
 from scoremod.compiler.context_plan import (ContextLayout, PairPlan, RingSchedule, balanced_layout, device_work,
-                                            layout_named, pair_plan, ring_schedule)
+                                            layout_named, pair_plan, ring_schedule, shifts_needed)
 
 __all__ = ["context_attention", "choose_layout", "merge_partials"]
 
@@ -297,12 +297,22 @@ def _device_ring(ring: Ring, q, k, v, q_off, kv_off, blocks, chunk_of, tensor_va
     outs = [jnp.zeros((B, qc, N, H), jnp.float32) for _ in range(per)]
     lses = [jnp.full((B, qc, N), -jnp.inf, jnp.float32) for _ in range(per)]
 
+    # A plan from tensor values keeps every shift in the program; a shift no device needs
+    # (the same answer on every device: its inputs are replicated) sends nothing.
+    needed = shifts_needed(blocks, chunk_of) if schedule.runs is None else None
     for step, s in enumerate(schedule.shifts):
         if s == 0:
             ks, vs = k, v
         else:
             perm = [(src, (src + s) % P_) for src in range(P_)]
-            ks, vs = lax.ppermute(k, ring.axis, perm), lax.ppermute(v, ring.axis, perm)
+
+            def send(perm=perm):
+                return lax.ppermute(k, ring.axis, perm), lax.ppermute(v, ring.axis, perm)
+            if needed is None:
+                ks, vs = send()
+            else:
+                ks, vs = lax.cond(needed[s], send,
+                                  lambda: _varying_like(k, ring.axis, jnp.zeros_like(k), jnp.zeros_like(v)))
         src = (d - s) % P_
         for a in range(per):
             q_chunk = chunk_of[d, a]
@@ -361,10 +371,13 @@ def _device_all_gather(ring: Ring, q, k, v, q_off, kv_off, chunk_of, tensor_valu
 def _varying_like(ref, axis, *values):
     """``values`` typed as varying over ``axis`` when ``ref`` is (inside a user's shard_map
     that checks varying-manual-axes types, both branches of a ``lax.cond`` must agree);
-    unchanged otherwise."""
-    aval = jax.typeof(ref)
-    manual = getattr(aval, "manual_axis_type", None)     # jax 0.10-0.11; older releases: .vma
-    varying = manual.varying if manual is not None else getattr(aval, "vma", frozenset())
-    if axis not in varying:
+    values already varying, or outside such a shard_map, are returned unchanged."""
+    if axis not in _varying_axes(ref):
         return values
-    return tuple(lax.pcast(x, axis, to="varying") for x in values)
+    return tuple(x if axis in _varying_axes(x) else lax.pcast(x, axis, to="varying") for x in values)
+
+
+def _varying_axes(x) -> frozenset:
+    aval = jax.typeof(x)
+    manual = getattr(aval, "manual_axis_type", None)     # jax 0.10-0.11; older releases: .vma
+    return manual.varying if manual is not None else getattr(aval, "vma", frozenset())

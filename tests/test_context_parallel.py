@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import scoremod
-from scoremod.compiler.context_plan import (ContextLayout, contiguous_layout, device_work, pair_plan,
+from scoremod.compiler.context_plan import (ContextLayout, PairPlan, contiguous_layout, device_work, pair_plan,
                                             ring_schedule, zigzag_layout)
 from scoremod.compiler.plan import EMPTY, build_plan
 from scoremod.runtime import context_parallel as cp
@@ -354,3 +354,34 @@ def test_local_shards_need_an_enclosing_shard_map():
     q, k, v = _qkv(1, 16, 16, 2, 2, 8)
     with pytest.raises(scoremod.ScoreModShapeError, match="no enclosing shard_map binds it"):
         scoremod.attention(q, k, v, mod="causal", context_axis="sp")
+
+
+@settings(max_examples=30, deadline=None)
+@given(devices=st.sampled_from([2, 3, 4]), per=st.integers(1, 3), seed=st.integers(0, 2**16),
+       density=st.sampled_from([0.05, 0.3]))
+def test_shifts_needed_at_run_time_are_the_static_schedules_shifts(devices, per, seed, density):
+    """The run-time twin (jax, for plans from tensor values) keeps exactly the shifts the
+    static schedule keeps, for random pair plans and layouts."""
+    from scoremod.compiler.context_plan import shifts_needed
+    rng = np.random.default_rng(seed)
+    C = devices * per
+    blocks = (rng.random((1, 2, C, C)) < density).astype(np.int32)
+    layout = ContextLayout("random", tuple(map(tuple, np.sort(rng.permutation(C).reshape(devices, per), axis=1))))
+    plan = PairPlan(blocks, 1, 1, 1, 1)
+    want = ring_schedule(plan, layout).shifts
+    table = np.array(layout.chunks, np.int32)
+    for got in (shifts_needed(blocks, table), np.asarray(jax.jit(shifts_needed)(blocks, table))):
+        assert tuple(np.flatnonzero(got)) == want
+
+
+def test_documents_send_only_the_shifts_some_device_needs():
+    """A plan from ids keeps every shift in the program, each transfer under a cond on the
+    run-time plan: two short documents per device need shift 0 only, and the result holds."""
+    q, k, v = _qkv(1, 64, 64, 2, 2, 8, seed=8)
+    ids = np.repeat(np.arange(8), 8)[None].astype(np.int32)          # 8 documents of 8: 2 per device
+    f = lambda q, k, v: scoremod.attention(q, k, v, mod="causal & doc(ids)", ids=ids, mesh=_mesh(4),  # noqa: E731
+                                           context_axis="sp", context_layout="contiguous",
+                                           implementation="reference")
+    text = str(jax.make_jaxpr(f)(q, k, v))
+    assert text.count("ppermute") == 2 * 3 and text.count("cond[") >= 3
+    _compare("causal & doc(ids)", q, k, v, {"ids": ids}, mesh=_mesh(4), layout="contiguous")
