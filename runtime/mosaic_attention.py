@@ -53,6 +53,10 @@ _NEEDED = ("kernel", "wgmma", "ACC", "SMEM", "Barrier", "Layout", "layout_cast",
            "broadcasted_iota", "commit_smem", "wait_smem_to_gmem", "TilingTransform", "SwizzleTransform")
 
 
+# Backward tiles (rows per consumer warpgroup, keys per tile in dQ / per consumer in dK/dV).
+BACKWARD_BLOCK = 64
+
+
 @dataclass(frozen=True)
 class MosaicBlockSizes:
     """Tiling of the Mosaic forward kernel.
@@ -69,6 +73,8 @@ class MosaicBlockSizes:
         H200 (bf16, B=2, N=16, T=S=8192, H=128; 2026-12-02) forward+backward with the
         Mosaic backward took 0.80x the time with the Pallas one on dense and causal,
         0.91x on a 1024 window and 0.94x on packed documents (benchmarks/RESULTS.md).
+      backward_stages: the Mosaic backward's shared-memory ring slots (Q/dO tiles in dK/dV,
+        K/V tiles in dQ), at least 2.
 
     ``get_default(head_dim)`` picks values measured on the H200 (benchmarks/RESULTS.md).
     """
@@ -76,6 +82,7 @@ class MosaicBlockSizes:
     block_kv: int = 128
     num_stages: int = 2
     backward: str = "mosaic"
+    backward_stages: int = 2
 
     def __post_init__(self):
         if self.block_q != 64:
@@ -84,6 +91,8 @@ class MosaicBlockSizes:
             raise ScoreModShapeError(f"block_kv={self.block_kv} must be a positive multiple of 64")
         if self.num_stages < 2:
             raise ScoreModShapeError(f"num_stages={self.num_stages} must be at least 2")
+        if self.backward_stages < 2:
+            raise ScoreModShapeError(f"backward_stages={self.backward_stages} must be at least 2")
         if self.backward not in ("pallas", "mosaic"):
             raise ScoreModShapeError(f"backward={self.backward!r} must be 'pallas' or 'mosaic'")
 
@@ -102,6 +111,15 @@ class MosaicBlockSizes:
         stages, head dim 128, where the buffers alone are 229888)."""
         return (2 * self.block_q * head_dim + 2 * self.num_stages * self.block_kv * head_dim) * itemsize \
             + 2 * self.block_q * 4 + 4096
+
+
+    def backward_smem_bytes(self, head_dim: int, itemsize: int = 2) -> int:
+        """Shared memory each Mosaic backward kernel asks for: two 64-row tiles of each of
+        two operands held (Q/dO in dQ, K/V in dK/dV), ``backward_stages`` 64-row tiles of
+        each of the two streamed ones, f32 lse/delta rows, and 4 KiB of slack."""
+        rows = BACKWARD_BLOCK
+        return (4 * rows * head_dim + 2 * self.backward_stages * rows * head_dim) * itemsize \
+            + 2 * max(2, self.backward_stages) * rows * 4 + 4096
 
 
 SMEM_LIMIT = 227 * 1024   # bytes of shared memory one block may take on sm_90
@@ -193,6 +211,9 @@ def check_supported(mod, query, key, value, tensors=None, block_sizes: MosaicBlo
     if bs.smem_bytes(H) > SMEM_LIMIT:
         raise NotImplementedError(f"{bs} needs {bs.smem_bytes(H)} bytes of shared memory at head dim {H}; "
                                   f"sm_90 has {SMEM_LIMIT}")
+    if bs.backward == "mosaic" and bs.backward_stages > 2 and bs.backward_smem_bytes(H) > SMEM_LIMIT:
+        raise NotImplementedError(f"{bs}: the backward needs {bs.backward_smem_bytes(H)} bytes of shared memory at "
+                                  f"head dim {H}; sm_90 has {SMEM_LIMIT} (use fewer backward_stages)")
     program = TileProgram.build(mod.canonical, {n: jnp.ndim(t) for n, t in tensors.items()})
     ok, why = program.kernel_support()
     if not ok:
@@ -257,7 +278,8 @@ def mosaic_attention(query, key, value, *, mod=None, scale=None, q_offset=0, kv_
     aux = dict(lists=lists, reads=reads, q_off=q_off, kv_off=kv_off)
     if bs.backward == "mosaic" and _mosaic_backward.backward_reason(program) is None:
         bcfg, aux["mosaic_bwd"] = _prepare_mosaic_backward(
-            mod, cfg, plans, B=B, N=N, q_offset=q_offset, kv_offset=kv_offset, tensors=tensors)
+            mod, cfg, plans, B=B, N=N, q_offset=q_offset, kv_offset=kv_offset, tensors=tensors,
+            stages=bs.backward_stages)
         backward = ("mosaic", bcfg)
     else:
         pcfg, aux["pallas"] = _pallas.prepare(mod, program, query, key, value, scale=scale, q_offset=q_offset,
@@ -287,11 +309,10 @@ def _run_forward(cfg: MosaicKernelConfig, q, k, v, aux):
     return out, lse
 
 
-# Backward tiles (rows per consumer warpgroup, keys per tile in dQ / per consumer in dK/dV).
-BACKWARD_BLOCK = 64
 
 
-def _prepare_mosaic_backward(mod, cfg: MosaicKernelConfig, plans, *, B, N, q_offset, kv_offset, tensors):
+def _prepare_mosaic_backward(mod, cfg: MosaicKernelConfig, plans, *, B, N, q_offset, kv_offset, tensors,
+                             stages: int):
     """The Mosaic backward's config and its plans' lists: dQ walks (128 x 64)-block rows,
     dK/dV the transposed (64 x 128)-block plan."""
     T, S, blk = cfg.q_len, cfg.kv_len, BACKWARD_BLOCK
@@ -305,7 +326,7 @@ def _prepare_mosaic_backward(mod, cfg: MosaicKernelConfig, plans, *, B, N, q_off
                         row_edge=ragged_edge(S, 2 * blk)))
     lists = {name: tuple(jnp.asarray(x, jnp.int32) for x in arrays) for name, arrays in lists.items()}
     bcfg = _mosaic_backward.MosaicBackwardConfig(
-        fwd=cfg, block_q=blk, block_kv=blk, num_stages=2, dq_plan=dq_plan.grid_shape[:2],
+        fwd=cfg, block_q=blk, block_kv=blk, num_stages=stages, dq_plan=dq_plan.grid_shape[:2],
         dkv_plan=dkv_plan.grid_shape[:2])
     return bcfg, lists
 

@@ -265,6 +265,13 @@ def test_a_missing_tensor_is_a_clear_error_not_a_decline(pretend_hopper):
 def test_backward_choice_is_validated():
     with pytest.raises(scoremod.ScoreModShapeError, match="backward='cudnn' must be"):
         ma.MosaicBlockSizes(backward="cudnn")
+    with pytest.raises(scoremod.ScoreModShapeError, match="backward_stages=1 must be at least 2"):
+        ma.MosaicBlockSizes(backward_stages=1)
+    # two held and `stages` streamed 64-row tiles of H bf16 per kernel, f32 lse/delta rows, slack
+    assert ma.MosaicBlockSizes(backward_stages=3).backward_smem_bytes(128) == \
+        (4 + 2 * 3) * 64 * 128 * 2 + 2 * 3 * 64 * 4 + 4096
+    assert ma.MosaicBlockSizes(backward_stages=4).backward_smem_bytes(128) <= ma.SMEM_LIMIT
+    assert ma.MosaicBlockSizes(backward_stages=3).backward_smem_bytes(256) > ma.SMEM_LIMIT
 
 
 def _lower_grad(mod, q, k, v, tensors, block_sizes, q_offset=0, kv_offset=0):
@@ -290,6 +297,8 @@ def test_mosaic_backward_lowers(pretend_hopper, monkeypatch, mod, tensors, shape
     q, k, v = _qkv(*shape)
     _lower_grad(mod, q, k, v, tensors, ma.MosaicBlockSizes(backward="mosaic"), q_offset=3)
     assert used, "the Mosaic backward was not used"
+    if mod == "causal":   # deeper rings lower too
+        _lower_grad(mod, q, k, v, tensors, ma.MosaicBlockSizes(backward_stages=4), q_offset=3)
 
 
 @needs_mosaic
