@@ -49,7 +49,7 @@ BUILTIN_DOCS = {
 RESERVED_TENSOR_NAMES = frozenset({
     "query", "key", "value", "mod", "scale", "q_offset", "kv_offset", "implementation",
     "return_lse", "block_sizes", "interpret", "k_pages", "v_pages", "block_tables", "lengths",
-    "mesh", "context_axis", "context_layout", "context_strategy", "plan",
+    "mesh", "context_axis", "context_layout", "context_strategy", "plan", "sinks",
 })
 
 MAX_EXPANDED_NODES = 100_000

@@ -28,6 +28,7 @@ from scoremod.compiler.tensors import check_tensors as check_read_shapes, read_t
 from scoremod.compiler.mod import Mod, compile_mod
 from scoremod.compiler.plan import check_positions
 from scoremod.runtime.attention_plan import AttentionPlan, PlanRecorder, decided_at_trace_time
+from scoremod.runtime.sinks import add_sinks, check_sinks
 from scoremod.runtime.context_parallel import (BALANCED_CHUNKS_PER_DEVICE, context_attention,
                                                local_axis_size, local_context_attention)
 from scoremod.runtime._dispatch import (ATTENTION_ELSEWHERE, ATTENTION_ON_GPU, as_mod, as_tensor, check_float_arrays,
@@ -42,7 +43,7 @@ IMPLEMENTATIONS = ("reference", "xla", "pallas", "mosaic", "cudnn")
 
 def attention(query, key, value, *, mod=None, scale=None, q_offset=0, kv_offset=0,
               implementation=None, return_lse=False, mesh=None, context_axis=None, context_layout=None,
-              context_strategy=None, plan=None, **tensors):
+              context_strategy=None, plan=None, sinks=None, **tensors):
     """Attention with the score modification ``mod``.
 
     Args:
@@ -74,6 +75,9 @@ def attention(query, key, value, *, mod=None, scale=None, q_offset=0, kv_offset=
         calls, e.g. every layer of a step). The call then takes the mod, the offsets, the
         tensors and, unless given, the implementation from the plan; its shapes must be
         the plan's. Not with ``mesh``.
+      sinks: None, or float ``[N]``: one learned logit per query head that joins every
+        row's softmax denominator and carries no value (docs/attention.md, "Sinks");
+        differentiable; the lse then includes it.
       **tensors: the tensor parameters the mod reads, by name (``ids=segment_ids``).
 
     Returns:
@@ -87,6 +91,15 @@ def attention(query, key, value, *, mod=None, scale=None, q_offset=0, kv_offset=
         >>> scoremod.attention(q, k, v, mod="causal & doc(ids)", ids=ids).shape
         (2, 128, 4, 64)
     """
+    if sinks is not None:
+        if getattr(query, "ndim", None) == 4:
+            sinks = check_sinks(sinks, query.shape[2])
+        out, lse = attention(query, key, value, mod=mod, scale=scale, q_offset=q_offset, kv_offset=kv_offset,
+                             implementation=implementation, return_lse=True, mesh=mesh, context_axis=context_axis,
+                             context_layout=context_layout, context_strategy=context_strategy, plan=plan,
+                             **tensors)
+        out, lse = add_sinks(out, lse, check_sinks(sinks, out.shape[2]))
+        return (out, lse) if return_lse else out
     context = (mesh, context_axis, context_layout, context_strategy)
     if plan is not None:
         if any(x is not None for x in context):

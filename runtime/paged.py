@@ -51,6 +51,7 @@ from scoremod.runtime._dispatch import (as_mod, as_tensor, check_float_arrays, c
                                         implementation_names, int32_range_error, resolve_scale, run_first)
 from scoremod.compiler.tile import TileProgram
 from scoremod.runtime import _paged_kernel as _k
+from scoremod.runtime.sinks import add_sinks, check_sinks
 from scoremod.runtime._triton import MIN_TILE
 
 __all__ = ["paged_attention", "paged_attention_reference", "PagedBlockSizes", "PAGED_IMPLEMENTATIONS"]
@@ -101,7 +102,7 @@ class PagedBlockSizes:
 # ---- the public entry -----------------------------------------------------------------------
 
 def paged_attention(q, k_pages, v_pages, block_tables, lengths, *, mod=None, scale=None,
-                    implementation=None, interpret=None, block_sizes=None, **tensors):
+                    implementation=None, interpret=None, block_sizes=None, sinks=None, **tensors):
     """Attention of the newest tokens over a paged KV cache, with the score modification ``mod``.
 
     Args:
@@ -121,6 +122,8 @@ def paged_attention(q, k_pages, v_pages, block_tables, lengths, *, mod=None, sca
         falls through to the next, logged on ``logging.getLogger("scoremod")``.
       interpret: run the Pallas kernel in interpret mode; None: on CPU only.
       block_sizes: ``PagedBlockSizes`` for the kernel (None: defaults).
+      sinks: None, or float ``[N]``: one logit per query head in every row's softmax
+        denominator, carrying no value (as ``attention(..., sinks=)``; runtime/sinks.py).
       **tensors: the mod's tensor parameters, indexed by absolute position
         (``ids=int32[B, max_len]``).
 
@@ -146,17 +149,20 @@ def paged_attention(q, k_pages, v_pages, block_tables, lengths, *, mod=None, sca
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
 
+    if sinks is not None:
+        sinks = check_sinks(sinks, q.shape[2])
     if q.shape[1] == 0:
         return jnp.zeros(q.shape, q.dtype)
 
-    return run_first(names, _RUNNERS, what="paged_attention", mod=mod, q=q, k_pages=k_pages, v_pages=v_pages,
-                     block_tables=block_tables, lengths=lengths, tensors=tensors, scale=scale,
-                     block_sizes=block_sizes, interpret=bool(interpret))
+    out, lse = run_first(names, _RUNNERS, what="paged_attention", mod=mod, q=q, k_pages=k_pages, v_pages=v_pages,
+                         block_tables=block_tables, lengths=lengths, tensors=tensors, scale=scale,
+                         block_sizes=block_sizes, interpret=bool(interpret))
+    return out if sinks is None else add_sinks(out, lse, sinks)[0]
 
 
 # ---- implementations ------------------------------------------------------------------------
-# Each runner takes validated inputs and returns the output, or raises NotImplementedError
-# saying why it cannot run this call.
+# Each runner takes validated inputs and returns (out [B, T, N, H], lse f32 [B, T, N]), or
+# raises NotImplementedError saying why it cannot run this call.
 
 def _run_pallas(q, k_pages, v_pages, block_tables, lengths, *, mod, tensors, scale, block_sizes, interpret):
     _check_kernel_support(mod, q, k_pages, tensors)
@@ -313,7 +319,8 @@ def _paged_reference_jit(q, k_pages, v_pages, block_tables, lengths, tensors, *,
     l = jnp.sum(p, axis=-1, keepdims=True)
     p = p / jnp.where(l != 0, l, 1.0)
     out = jnp.einsum("bkgts,bskh->btkgh", p.reshape(B, K, G, T, S), v, precision=hi)
-    return out.reshape(B, T, N, H).astype(q.dtype)
+    lse = jnp.where(l != 0, m + jnp.log(jnp.where(l != 0, l, 1.0)), -jnp.inf)[..., 0]     # [B, N, T]
+    return out.reshape(B, T, N, H).astype(q.dtype), lse.transpose(0, 2, 1)
 
 
 # ---- the Pallas path --------------------------------------------------------------------------
@@ -404,9 +411,10 @@ def _paged_pallas(q, k_pages, v_pages, block_tables, lengths, tensors, *, mod, s
         pages_per_step=pages_per_step, num_splits=num_splits, num_warps=block_sizes.num_warps,
         num_stages=block_sizes.num_stages, interpret=interpret)
     if num_splits == 1:
-        out = o[:, :, 0]
+        out, lse = o[:, :, 0], lse[:, :, 0]
     else:
-        out, _ = _k.combine_splits(o, lse)
+        out, lse = _k.combine_splits(o, lse)
     out = out[:, :, :T * G].reshape(B, K, T, G, H).transpose(0, 2, 1, 3, 4).reshape(B, T, N, H)
-    return out.astype(q.dtype)
+    lse = lse[:, :, :T * G].reshape(B, K, T, G).transpose(0, 2, 1, 3).reshape(B, T, N)
+    return out.astype(q.dtype), lse
 

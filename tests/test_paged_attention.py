@@ -25,6 +25,7 @@ from strategies import diagonal_masks, prelude_masks, sources, tensors_for
 from scoremod.compiler.mod import compile_mod
 from scoremod.compiler.band import diagonal_band
 from scoremod.compiler.page_walk import EMPTY, FULL, WalkPlan, compact_pages, page_classes, walk_pages
+from scoremod.errors import ScoreModShapeError
 from scoremod.runtime.paged import PagedBlockSizes, paged_attention, _program
 
 ON_GPU = jax.default_backend() == "gpu"
@@ -57,8 +58,8 @@ def dense_kv(k_pages, v_pages, tables):
     return k, v
 
 
-def oracle(q, k_pages, v_pages, tables, lengths, source=None, tensors=None, scale=None):
-    """float64 [B, T, N, H]."""
+def oracle(q, k_pages, v_pages, tables, lengths, source=None, tensors=None, scale=None, sinks=None):
+    """float64 [B, T, N, H]; ``sinks [N]``: one more logit per row and head that carries no value."""
     q = np.asarray(q, np.float64)
     B, T, N, H = q.shape
     K = k_pages.shape[2]
@@ -75,6 +76,10 @@ def oracle(q, k_pages, v_pages, tables, lengths, source=None, tensors=None, scal
     exists = np.arange(S)[None, :] < lengths[:, None]
     logits = np.where(exists[:, None, None, :], logits, -np.inf)
     v = np.where(exists[:, :, None, None], v, 0.0)
+    if sinks is not None:
+        column = np.broadcast_to(np.asarray(sinks, np.float64)[None, :, None, None], logits.shape[:3] + (1,))
+        logits = np.concatenate([logits, column], axis=-1)
+        v = np.concatenate([v, np.zeros((B, 1) + v.shape[2:])], axis=1)
     m = logits.max(-1, keepdims=True)
     empty = m == -np.inf
     with np.errstate(invalid="ignore", under="ignore"):
@@ -82,6 +87,23 @@ def oracle(q, k_pages, v_pages, tables, lengths, source=None, tensors=None, scal
     l = p.sum(-1, keepdims=True)
     p = p / np.where(l > 0, l, 1.0)
     return np.einsum("bnts,bsnh->btnh", p, v)
+
+
+@pytest.mark.parametrize("source,T,N,K,splits", [("causal & window(6)", 3, 4, 4, 1), ("causal & doc(ids)", 3, 4, 1, 2),
+                                                 (None, 1, 8, 2, None), ("false", 1, 4, 2, None)])
+def test_sinks_match_oracle(source, T, N, K, splits):
+    rng = np.random.default_rng(_seed("sinks", source, T, N, K))
+    B, ps, max_pages = 3, 4, 6
+    q, kp, vp, tables, lengths = make_cache(rng, B=B, T=T, N=N, K=K, page_size=ps, max_pages=max_pages)
+    tensors = _tensors(source, B, N, T, max_pages * ps, lengths, rng)
+    sinks = (2 * rng.standard_normal(N)).astype(np.float32)
+    want = oracle(q, kp, vp, tables, lengths, source, tensors, sinks=sinks)
+    for impl in ("pallas", "reference"):
+        out = paged_attention(q, kp, vp, tables, lengths, mod=source, implementation=impl, sinks=sinks,
+                              block_sizes=PagedBlockSizes(block_kv=8, num_splits=splits), **tensors)
+        np.testing.assert_allclose(np.asarray(out), want, atol=3e-5, rtol=3e-5, err_msg=impl)
+    with pytest.raises(ScoreModShapeError, match="sinks must have shape"):
+        paged_attention(q, kp, vp, tables, lengths, mod=source, sinks=sinks[:-1], **tensors)
 
 
 def nonempty_pages(source, lengths, T, N, page_size, max_pages, tensors=None):
