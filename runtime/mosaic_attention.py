@@ -362,6 +362,7 @@ def _flash(cfg, backward, q, k, v, aux):
 
 
 def _flash_fwd(cfg, backward, q, k, v, aux):
+    q, k, v, aux = _pallas.primal_values("mosaic", q, k, v, aux)
     out, lse = _run_forward(cfg, q, k, v, aux)
     return (out, lse), (q, k, v, aux, out, lse)
 
@@ -369,6 +370,7 @@ def _flash_fwd(cfg, backward, q, k, v, aux):
 def _flash_bwd(cfg, backward, res, cotangents):
     """``backward``: ("pallas", KernelConfig) or ("mosaic", MosaicBackwardConfig)."""
     q, k, v, aux, out, lse = res
+    cotangents = tuple(map(_pallas.dense_cotangent, cotangents))
     kind, bcfg = backward
     if kind == "mosaic":
         dq, dk, dv = _run_mosaic_backward(bcfg, q, k, v, aux, out, lse, cotangents)
@@ -378,4 +380,4 @@ def _flash_bwd(cfg, backward, res, cotangents):
     return dq, dk, dv, aux_ct
 
 
-_flash.defvjp(_flash_fwd, _flash_bwd)
+_flash.defvjp(_flash_fwd, _flash_bwd, symbolic_zeros=True)

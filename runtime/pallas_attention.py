@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
 import numpy as np
 
 from scoremod.compiler.plan import merged_list, ragged_edge, split_lists
@@ -243,15 +244,38 @@ def _flash(cfg, q, k, v, aux):
 
 
 def _flash_fwd(cfg, q, k, v, aux):
+    q, k, v, aux = primal_values("pallas", q, k, v, aux)
     out, lse = _forward(cfg, q, k, v, aux["fwd"], aux["reads"], aux["q_off"], aux["kv_off"])
     return (out, lse), (q, k, v, aux, out, lse)
+
+
+def primal_values(kernel: str, *primals):
+    """The values of a kernel's custom_vjp inputs (``symbolic_zeros``: each is a
+    ``CustomVJPPrimal``). A float in ``aux`` (the last input: the mod's tensor reads) that
+    is being differentiated raises NotImplementedError, so ``attention`` falls through to
+    an implementation that gives tensor parameters their gradients (xla) instead of
+    returning zeros for them. This runs when the call is made under ``jax.grad``."""
+    *arrays, aux = primals
+    for leaf in jax.tree.leaves(aux, is_leaf=lambda x: hasattr(x, "perturbed")):
+        if leaf.perturbed and jnp.issubdtype(jnp.asarray(leaf.value).dtype, jnp.floating):
+            raise NotImplementedError(f"the {kernel} kernels do not give tensor parameters gradients yet; "
+                                      f"the xla path does (docs/attention.md, Gradients)")
+    return (*(p.value for p in arrays), jax.tree.map(lambda p: p.value, aux,
+                                                     is_leaf=lambda x: hasattr(x, "perturbed")))
+
+
+def dense_cotangent(ct):
+    """A cotangent as an array (``symbolic_zeros``: an unused output's is a SymbolicZero)."""
+    if isinstance(ct, SymbolicZero):
+        return jnp.zeros(ct.aval.shape, ct.aval.dtype)
+    return ct
 
 
 def flash_backward(cfg, res, cotangents):
     """The Pallas backward: (dq, dk, dv, zero cotangents for aux) from the residuals
     ``(q, k, v, aux, out, lse [B, N, T])`` (``prepare`` makes cfg and aux)."""
     q, k, v, aux, out, lse = res
-    dout, dlse = cotangents
+    dout, dlse = map(dense_cotangent, cotangents)
     dout = dout.astype(q.dtype)
     delta = backward_delta(out, dout, lse, dlse)
     dq = _backward_dq(cfg, q, k, v, dout, lse, delta, aux["dq"], aux["reads"],
@@ -278,4 +302,4 @@ def _zero_cotangent(x):
     return np.zeros(x.shape, dtype=jax.dtypes.float0)
 
 
-_flash.defvjp(_flash_fwd, flash_backward)
+_flash.defvjp(_flash_fwd, flash_backward, symbolic_zeros=True)

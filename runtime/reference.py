@@ -30,7 +30,7 @@ def reference_attention(query, key, value, *, mod, scale: float, q_offset=0, kv_
       mod: a compiled ``scoremod.Mod``.
       scale: float; score = scale * <q, k>.
       q_offset, kv_offset: int or int32 ``[B]``.
-      tensors: dict of the mod's tensor parameters (constants: no gradient flows to them).
+      tensors: dict of the mod's tensor parameters (float ones get gradients, ints are constants).
 
     Returns:
       ``(out [B, T, N, H] in query's dtype, lse f32 [B, T, N])``.
@@ -49,7 +49,10 @@ def reference_attention(query, key, value, *, mod, scale: float, q_offset=0, kv_
     v = value.astype(jnp.float32)
     scores = jnp.einsum("btkgh,bskh->bkgts", q, k, precision=hi).reshape(B, N, T, S) * scale
 
-    tensors = {name: jax.lax.stop_gradient(t) for name, t in (tensors or {}).items()}
+    # Float tensors are differentiable (the gradient of each element sums over the logits
+    # that read it); ints are indices and ids, constants (docs/attention.md, "Gradients").
+    tensors = {name: t if jnp.issubdtype(jnp.asarray(t).dtype, jnp.floating) else jax.lax.stop_gradient(t)
+               for name, t in (tensors or {}).items()}
     score_mod = mod.score_mod(**tensors)
     b = jnp.arange(B, dtype=jnp.int32)[:, None, None, None]
     h = jnp.arange(N, dtype=jnp.int32)[None, :, None, None]

@@ -11,7 +11,8 @@ log-sum-exp (FlashAttention-2's backward), so the backward pass is O(T * block_k
 too: one scan over kv-chunks, each visiting the q-blocks the plan lists for it,
 accumulating dK/dV for the chunk and adding into dQ. The score_mod's own derivative
 (a transform such as softcap) comes from ``jax.vjp`` of the closure on the tile.
-Tensor parameters are constants (zero cotangent). Forward-mode autodiff (``jvp``)
+Float tensor parameters get gradients, accumulated tile by tile in the backward (int
+tensors are constants). Forward-mode autodiff (``jvp``)
 is not supported, as for any ``custom_vjp``.
 
 Rows with no allowed key: ``l == 0``; they give 0, lse -inf, and zero gradients.
@@ -174,14 +175,16 @@ def _grouped(x, cfg: _Config, K: int, fill):
 
 
 def _tile_logits_fn(cfg: _Config, tensors, q_off, kv_off, B: int, K: int, G: int):
-    """``tile_logits(scores [B, K, G, bq, bk], qi, c)``: the mod's logits of tile (qi, c)."""
-    score_mod = cfg.mod.score_mod(**tensors)
+    """``tile_logits(scores [B, K, G, bq, bk], qi, c, floats)``: the mod's logits of tile
+    (qi, c), with the float tensors ``floats`` (a dict, differentiable) and the others
+    from ``tensors``."""
     b = jnp.arange(B, dtype=jnp.int32)[:, None, None, None, None]
     h = jnp.arange(K * G, dtype=jnp.int32).reshape(1, K, G, 1, 1)
     rows = jnp.arange(cfg.block_q, dtype=jnp.int32)
     cols = jnp.arange(cfg.block_kv, dtype=jnp.int32)
 
-    def tile_logits(scores, qi, c):
+    def tile_logits(scores, qi, c, floats):
+        score_mod = cfg.mod.score_mod(**{**tensors, **floats})
         qpos = (q_off[:, None] + qi * cfg.block_q + rows)[:, None, None, :, None]
         kv_col = c * cfg.block_kv + cols
         kvpos = (kv_off[:, None] + kv_col)[:, None, None, None, :]
@@ -189,6 +192,11 @@ def _tile_logits_fn(cfg: _Config, tensors, q_off, kv_off, B: int, K: int, G: int
         return jnp.where(kv_col < cfg.kv_len, logits, -jnp.inf)   # padding columns do not exist
 
     return tile_logits
+
+
+def _float_tensors(tensors) -> dict:
+    """The tensors that get gradients: the floating ones (ints are indices and ids)."""
+    return {n: t for n, t in tensors.items() if jnp.issubdtype(t.dtype, jnp.floating)}
 
 
 def _scores(cfg, q_blk, k_c):
@@ -204,6 +212,7 @@ def _forward(cfg: _Config, query, key, value, tensors, q_off, kv_off, plan):
     q, k, v = _layout(cfg, query, key, value)
     kv_counts, kv_indices, _, _ = _visit_lists(cfg, plan, B, N)
     tile_logits = _tile_logits_fn(cfg, tensors, q_off, kv_off, B, K, G)
+    floats = _float_tensors(tensors)
 
     def q_block(qi):
         q_blk = lax.dynamic_slice_in_dim(q, qi * bq, bq, axis=3)
@@ -213,7 +222,7 @@ def _forward(cfg: _Config, query, key, value, tensors, q_off, kv_off, plan):
             c = jnp.asarray(kv_indices)[qi, j]
             k_c = lax.dynamic_slice_in_dim(k, c * bk, bk, axis=2)
             v_c = lax.dynamic_slice_in_dim(v, c * bk, bk, axis=2)
-            logits = tile_logits(_scores(cfg, q_blk, k_c), qi, c)
+            logits = tile_logits(_scores(cfg, q_blk, k_c), qi, c, floats)
             m_new = jnp.maximum(m, logits.max(axis=-1))
             m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)   # all -inf so far: exp(-inf - 0) = 0
             alpha = jnp.exp(m - m_safe)
@@ -251,17 +260,19 @@ def _backward(cfg: _Config, query, key, value, tensors, q_off, kv_off, plan, out
     dlse = _grouped(dlse.astype(jnp.float32), cfg, K, 0.0)
     _, _, q_counts, q_indices = _visit_lists(cfg, plan, B, N)
     tile_logits = _tile_logits_fn(cfg, tensors, q_off, kv_off, B, K, G)
+    floats = _float_tensors(tensors)
 
-    def kv_chunk(dq, c):
+    def kv_chunk(carry, c):
+        dq, dfloats = carry
         k_c = lax.dynamic_slice_in_dim(k, c * bk, bk, axis=2)
         v_c = lax.dynamic_slice_in_dim(v, c * bk, bk, axis=2)
 
         def visit(j, carry):
-            dq, dk_c, dv_c = carry
+            dq, dk_c, dv_c, dfloats = carry
             qi = jnp.asarray(q_indices)[c, j]
             rows = lambda x: lax.dynamic_slice_in_dim(x, qi * bq, bq, axis=3)
             q_blk, do_blk, lse_blk, delta_blk, dlse_blk = map(rows, (q, do, lse, delta, dlse))
-            logits, logits_vjp = jax.vjp(lambda s: tile_logits(s, qi, c), _scores(cfg, q_blk, k_c))
+            logits, logits_vjp = jax.vjp(lambda s, f: tile_logits(s, qi, c, f), _scores(cfg, q_blk, k_c), floats)
             has_key = (lse_blk != -jnp.inf)[..., None]
             p = jnp.where(has_key, jnp.exp(logits - jnp.where(has_key, lse_blk[..., None], 0.0)), 0.0)
             dv_c = dv_c + jnp.einsum("bkgqc,bkgqh->bkch", p.astype(do.dtype), do_blk,
@@ -271,23 +282,26 @@ def _backward(cfg: _Config, query, key, value, tensors, q_off, kv_off, plan, out
             # Only logits with p > 0 carry gradient. Elsewhere (masked, padding rows and
             # columns of ragged tiles, where scores are exactly 0) the transform's derivative
             # may be inf (sqrt(abs(score)) at 0) and 0 * inf would be NaN.
-            ds = (jnp.where(p > 0, logits_vjp(dlogits)[0], 0.0) * cfg.scale).astype(q.dtype)
+            # The float tensors' cotangent: only logits with p > 0 carry one, as for ds.
+            dscores, dtile = logits_vjp(jnp.where(p > 0, dlogits, 0.0))
+            ds = (jnp.where(p > 0, dscores, 0.0) * cfg.scale).astype(q.dtype)
+            dfloats = jax.tree.map(jnp.add, dfloats, dtile)
             dq_blk = jnp.einsum("bkgqc,bkch->bkgqh", ds, k_c, preferred_element_type=jnp.float32)
             dq = lax.dynamic_update_slice_in_dim(dq, rows(dq) + dq_blk, qi * bq, axis=3)
             dk_c = dk_c + jnp.einsum("bkgqc,bkgqh->bkch", ds, q_blk, preferred_element_type=jnp.float32)
-            return dq, dk_c, dv_c
+            return dq, dk_c, dv_c, dfloats
 
         zeros = jnp.zeros((B, K, bk, H), jnp.float32)
-        dq, dk_c, dv_c = lax.fori_loop(0, jnp.asarray(q_counts)[c], visit, (dq, zeros, zeros))
-        return dq, (dk_c, dv_c)
+        dq, dk_c, dv_c, dfloats = lax.fori_loop(0, jnp.asarray(q_counts)[c], visit, (dq, zeros, zeros, dfloats))
+        return (dq, dfloats), (dk_c, dv_c)
 
-    dq, (dk, dv) = lax.scan(kv_chunk, jnp.zeros(q.shape, jnp.float32),
-                            jnp.arange(num_blocks(cfg.kv_len, cfg.block_kv), dtype=jnp.int32))
+    (dq, dfloats), (dk, dv) = lax.scan(kv_chunk, (jnp.zeros(q.shape, jnp.float32), jax.tree.map(jnp.zeros_like, floats)),
+                                       jnp.arange(num_blocks(cfg.kv_len, cfg.block_kv), dtype=jnp.int32))
     dq = dq.transpose(0, 3, 1, 2, 4).reshape(B, -1, N, H)[:, :T]
     # [nk, B, K, bk, H] -> [B, nk * bk, K, H]
     dk = dk.transpose(1, 0, 3, 2, 4).reshape(B, -1, K, H)[:, :S]
     dv = dv.transpose(1, 0, 3, 2, 4).reshape(B, -1, K, H)[:, :S]
-    return dq.astype(query.dtype), dk.astype(key.dtype), dv.astype(value.dtype)
+    return dq.astype(query.dtype), dk.astype(key.dtype), dv.astype(value.dtype), dfloats
 
 
 # ---- custom_vjp ---------------------------------------------------------------------------
@@ -305,9 +319,10 @@ def _attention_fwd(cfg, query, key, value, tensors, q_off, kv_off, plan):
 def _attention_bwd(cfg, residuals, cotangents):
     query, key, value, tensors, q_off, kv_off, plan, out, lse = residuals
     dout, dlse = cotangents
-    dq, dk, dv = _backward(cfg, query, key, value, tensors, q_off, kv_off, plan, out, lse, dout, dlse)
-    # Tensor parameters, offsets and the plan are constants (docs/language.md §7 Tensors).
-    return (dq, dk, dv, jax.tree.map(_zero_cotangent, tensors), _zero_cotangent(q_off), _zero_cotangent(kv_off),
+    dq, dk, dv, dfloats = _backward(cfg, query, key, value, tensors, q_off, kv_off, plan, out, lse, dout, dlse)
+    # Float tensors get their gradients; int tensors, offsets and the plan are constants.
+    dtensors = {n: dfloats[n].astype(t.dtype) if n in dfloats else _zero_cotangent(t) for n, t in tensors.items()}
+    return (dq, dk, dv, dtensors, _zero_cotangent(q_off), _zero_cotangent(kv_off),
             jax.tree.map(_zero_cotangent, plan))
 
 

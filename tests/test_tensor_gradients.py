@@ -1,0 +1,123 @@
+"""Gradients to float tensor parameters (learnable biases): reference and xla give each
+element the sum over the logits that read it of dL/dlogit * dlogit/delement, checked
+against central finite differences of the independent float64 oracle
+(tests/evaluator.py) on T5-bucketed, pair, per-head-slope, relpos and learned-softcap
+biases; xla against reference on generated sources; int tensors get no gradient; the
+pallas kernels, which cannot yet, decline under jax.grad instead of returning zeros."""
+
+from __future__ import annotations
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import assume, given, settings, strategies as st
+
+import scoremod
+from evaluator import attention_reference
+from strategies import shapes, sources
+
+B, T, N, K, H = 2, 13, 4, 2, 8
+T5 = "causal + t[h, where(q - kv < 8, q - kv, min(15, 8 + floor(log((q - kv) / 8) / log(16) * 8)))]"
+
+CASES = [
+    ("t5 buckets", T5, lambda rng: {"t": rng.standard_normal((N, 16))}),
+    ("pair bias", "causal & window(9) + bias(t)", lambda rng: {"t": rng.standard_normal((B, N, T, T))}),
+    ("per-head slopes", "causal + -s[h] * abs(q - kv)", lambda rng: {"s": rng.uniform(0.1, 1.0, N)}),
+    ("relpos", "relpos(t, 5) + causal", lambda rng: {"t": rng.standard_normal((N, 11))}),
+    ("learned softcap", "g[h] * tanh(score / g[h]) + causal", lambda rng: {"g": rng.uniform(1.0, 3.0, N)}),
+    ("gate", "score * sigmoid(g[h]) + causal", lambda rng: {"g": rng.standard_normal(N)}),
+]
+
+
+def _qkv(seed, dtype=jnp.float32):
+    ks = jax.random.split(jax.random.key(seed), 4)
+    return (jax.random.normal(ks[0], (B, T, N, H), dtype), jax.random.normal(ks[1], (B, T, K, H), dtype),
+            jax.random.normal(ks[2], (B, T, K, H), dtype), jax.random.normal(ks[3], (B, T, N, H)))
+
+
+@pytest.mark.parametrize("name, source, make", CASES, ids=[c[0] for c in CASES])
+def test_gradients_match_finite_differences_of_the_oracle(name, source, make):
+    rng = np.random.default_rng(0)
+    q, k, v, w = _qkv(1)
+    tensors = {n: np.asarray(t, np.float32) for n, t in make(rng).items()}
+    (tname, table), = tensors.items()
+
+    def oracle_loss(value):
+        out, lse = attention_reference(np.asarray(q), np.asarray(k), np.asarray(v), source,
+                                       tensors={tname: value})
+        return float(np.sum(out * np.asarray(w, np.float64)) + np.sum(np.where(np.isfinite(lse), np.sin(lse), 0.0)))
+
+    flat = table.astype(np.float64).ravel()
+    picks = rng.choice(flat.size, min(flat.size, 24), replace=False)
+    eps = 1e-4
+    numeric = []
+    for i in picks:
+        e = np.zeros_like(flat)
+        e[i] = eps
+        numeric.append((oracle_loss((flat + e).reshape(table.shape)) - oracle_loss((flat - e).reshape(table.shape)))
+                       / (2 * eps))
+    for impl in ("reference", "xla"):
+        def loss(t):
+            out, lse = scoremod.attention(q, k, v, mod=source, implementation=impl, return_lse=True, **{tname: t})
+            return jnp.sum(out * w) + jnp.sum(jnp.where(jnp.isfinite(lse), jnp.sin(lse), 0.0))
+        got = np.asarray(jax.jit(jax.grad(loss))(jnp.asarray(table))).ravel()[picks]
+        np.testing.assert_allclose(got, numeric, atol=2e-3, rtol=2e-3, err_msg=f"{name} {impl}")
+    assert np.abs(numeric).max() > 1e-3   # the table matters to the loss: the test can fail
+
+
+@settings(max_examples=12)
+@given(src=sources(max_depth=2), shape=shapes(max_seq=24), seed=st.integers(0, 2**16))
+def test_xla_tensor_gradients_equal_the_references(src, shape, seed):
+    tensors = src.make_tensors(shape, np.random.default_rng(seed))
+    floats = {n: t for n, t in tensors.items() if jnp.issubdtype(jnp.asarray(t).dtype, jnp.floating)}
+    assume(floats)
+    ints = {n: t for n, t in tensors.items() if n not in floats}
+    ks = jax.random.split(jax.random.key(seed), 4)
+    q = jax.random.normal(ks[0], (shape.B, shape.T, shape.N, 8))
+    k, v = (jax.random.normal(kk, (shape.B, shape.S, shape.K, 8)) for kk in ks[1:3])
+    w = jax.random.normal(ks[3], q.shape)
+
+    def grads(impl):
+        def loss(floats):
+            out = scoremod.attention(q, k, v, mod=src.text, implementation=impl, q_offset=shape.q_offset,
+                                     kv_offset=shape.kv_offset, **floats, **ints)
+            return jnp.sum(out * w)
+        return jax.grad(loss)({n: jnp.asarray(t) for n, t in floats.items()})
+    want, got = grads("reference"), grads("xla")
+    for n in floats:
+        scale = max(1.0, float(jnp.abs(want[n]).max()))
+        np.testing.assert_allclose(np.asarray(got[n]), np.asarray(want[n]), atol=1e-4 * scale, err_msg=n)
+
+
+def test_int_tensors_get_no_gradient():
+    q, k, v, _ = _qkv(2)
+    ids = jnp.asarray(np.sort(np.random.default_rng(0).integers(0, 3, (B, T)), axis=1), jnp.int32)
+    s = jnp.linspace(0.1, 1.0, N)
+    for impl in ("reference", "xla"):
+        g = jax.grad(lambda ts: jnp.sum(scoremod.attention(q, k, v, mod="causal & doc(ids) + -s[h] * abs(q - kv)",
+                                                           implementation=impl, **ts)),
+                     allow_int=True)({"ids": ids, "s": s})
+        assert g["ids"].dtype == jax.dtypes.float0 and np.abs(np.asarray(g["s"])).max() > 0
+
+
+def test_pallas_declines_tensor_gradients_instead_of_returning_zeros(caplog):
+    q, k, v, w = _qkv(3)
+    s = jnp.linspace(0.1, 1.0, N)
+    source = "causal & window(5) + -s[h] * abs(q - kv)"
+
+    def loss(impl):
+        return lambda s: jnp.sum(scoremod.attention(q, k, v, mod=source, s=s, implementation=impl) * w)
+    with caplog.at_level(logging.INFO, logger="scoremod"):
+        got = jax.grad(loss(("pallas", "xla")))(s)
+    assert "do not give tensor parameters gradients" in caplog.text
+    np.testing.assert_allclose(np.asarray(got), np.asarray(jax.grad(loss("reference"))(s)), atol=2e-5)
+    # with only q differentiated, pallas runs (its tensors are constants there)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="scoremod"):
+        jax.grad(lambda q: jnp.sum(scoremod.attention(q, k, v, mod=source, s=s, implementation="pallas")))(q)
+    assert "using pallas" in caplog.text
+    with pytest.raises(NotImplementedError, match="do not give tensor parameters gradients"):
+        jax.grad(loss("pallas"))(s)
