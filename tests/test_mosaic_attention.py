@@ -302,6 +302,26 @@ def test_mosaic_backward_lowers(pretend_hopper, monkeypatch, mod, tensors, shape
 
 
 @needs_mosaic
+@pytest.mark.parametrize("mod, tensors", [
+    ("score + sin(score)", {}),
+    ("causal & cos(q - kv) * 0.5 + 2 * sin(score / 2) + score", {}),
+    ("causal & m[b, q, kv] & cos(h) * score", {"m": np.ones((2, 200, 260), bool)}),   # a bool tensor as a mask
+])
+def test_sin_cos_and_bool_masks_lower_or_decline_with_a_reason(pretend_hopper, mod, tensors):
+    """Mosaic GPU lowers sin and cos (jax 0.10 and 0.11 have lane rules for both); should a jax
+    lack one, mosaic must decline saying which, never fail with a lowering traceback."""
+    q, k, v = _qkv(2, 200, 260, 2, 1, 64)
+    try:
+        ma.check_supported(mod, q, k, v, tensors)
+    except NotImplementedError as exc:
+        assert "Mosaic GPU has no lowering for" in str(exc) and ("sin" in str(exc) or "cos" in str(exc))
+        return
+    _lower(mod, q, k, v, tensors, q_offset=jnp.array([0, 60], jnp.int32))
+    # The backward evaluates dT/dscore = 1 + cos(score) (or its like) on tiles too.
+    _lower_grad(mod, q, k, v, tensors, ma.MosaicBlockSizes(backward="mosaic"), q_offset=3)
+
+
+@needs_mosaic
 def test_mosaic_backward_leaves_reads_along_q_and_kv_to_pallas(pretend_hopper, monkeypatch):
     # The dK/dV kernel reads tiles transposed; a [T, S] table goes to the Pallas backward.
     import scoremod.runtime._mosaic_backward as mb
@@ -383,3 +403,18 @@ def test_gpu_mosaic_backward_skips_and_masked_rows(mod, q_offset):
         a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
         assert np.isfinite(a).all(), name
         assert np.linalg.norm(a - b) <= 3e-2 * max(np.linalg.norm(b), 1e-3), name
+
+
+@needs_mosaic
+def test_mosaic_declines_gradients_to_float_tensors(pretend_hopper):
+    """Under jax.grad with a float tensor differentiated, mosaic declines (the call would
+    fall through to xla) instead of returning zero for it; with the tensor constant it lowers."""
+    q, k, v = _qkv(1, 128, 128, 2, 2, 128)
+    s = jnp.linspace(0.1, 1.0, 2)
+
+    def loss(q, s):
+        return ma.mosaic_attention(q, k, v, mod="causal + -s[h] * abs(q - kv)", tensors={"s": s}).astype(
+            jnp.float32).sum()
+    with pytest.raises(NotImplementedError, match="do not give tensor parameters gradients"):
+        jax.jit(jax.grad(loss, argnums=1)).trace(q, s)
+    jax.jit(jax.grad(loss, argnums=0)).trace(q, s).lower(lowering_platforms=("cuda",))
