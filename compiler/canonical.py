@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 from functools import reduce
 
-from scoremod.dsl.ast import Binary, BoolLit, Call, IntLit, Node, RealLit, Unary, mentions, tensor_names
+from scoremod.dsl.ast import Binary, BoolLit, Call, IntLit, Node, RealLit, Tensor, Unary, mentions, tensor_names
 from scoremod.dsl.printer import to_source
 from scoremod.dsl.typecheck import BOOL, top_level_parts, type_of
 from scoremod.compiler.rewrite import simplify
@@ -56,6 +56,9 @@ class Canonical:
             return self.mask
         if not self.has_mask:
             return value
+        if isinstance(value, Tensor):
+            # Under '&' a tensor read would be a mask (read != 0): a read as the value is added.
+            return Binary("+", self.mask, value)
         return Binary("&", self.mask, value)
 
     def __str__(self) -> str:

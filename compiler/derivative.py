@@ -86,6 +86,10 @@ def _d(n: Node, v: str) -> Node:
             return B("*", B("-", _ONE, B("*", n, n)), dx)
         if fn == "sigmoid":
             return B("*", B("*", n, B("-", _ONE, n)), dx)
+        if fn == "sin":
+            return B("*", Call("cos", (x,)), dx)
+        if fn == "cos":
+            return B("-", _ZERO, B("*", Call("sin", (x,)), dx))
         if fn in ("floor", "ceil", "sign"):
             return _ZERO
         if fn == "min":

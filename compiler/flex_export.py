@@ -41,7 +41,8 @@ RESERVED_TENSOR_NAMES = ("device", "BLOCK_SIZE")
 _DTYPE = {BOOL: "torch.bool", INT: "torch.int32", REAL: "torch.float32"}
 
 _REAL_FUNCS = {"exp": "torch.exp", "exp2": "torch.exp2", "log": "torch.log", "log2": "torch.log2",
-               "sqrt": "torch.sqrt", "tanh": "torch.tanh", "sigmoid": "torch.sigmoid"}
+               "sqrt": "torch.sqrt", "tanh": "torch.tanh", "sigmoid": "torch.sigmoid",
+               "sin": "torch.sin", "cos": "torch.cos"}
 
 _COMPARE = ("<", "<=", ">", ">=", "==", "!=")
 
@@ -338,12 +339,16 @@ _HELPER_NEEDS = {"_read": {"_to_int32"}, "_floor": {"_to_int32"}, "_ceil": {"_to
                  "_floordiv": {"_divisor"}, "_mod": {"_divisor"}}
 
 _ALWAYS = '''
-def _tensor(tensors, name, rank):
-    """A tensor parameter as a torch tensor; ``rank``: the fewest indices it is read with."""
+def _tensor(tensors, name, rank, mask=False):
+    """A tensor parameter as a torch tensor; ``rank``: the fewest indices it is read with;
+    ``mask``: the source reads it as a mask by itself (``m[...]`` meaning ``m[...] != 0``)."""
     value = tensors[name]
     value = value if isinstance(value, torch.Tensor) else torch.as_tensor(value)
     if value.is_complex():
         raise ValueError(f"tensor {name!r} has dtype {value.dtype}; expected int, float or bool")
+    if mask and value.is_floating_point():
+        raise ValueError(f"tensor {name!r} has dtype {value.dtype}, but the mod reads it as a mask "
+                         f"(read != 0); a mask tensor must be bool or int")
     if value.dim() > rank:
         raise ValueError(f"tensor {name!r} of shape {list(value.shape)} has rank {value.dim()}, "
                          f"but it is read with {rank} indices")
@@ -539,7 +544,8 @@ def _module_text(mod) -> str:
         "    _check_names(tensors)",
     ]
     for name, rank in ranks.items():
-        out.append(f"    p_{name} = _tensor(tensors, {name!r}, {rank})")
+        mask = ", mask=True" if name in getattr(mod, "mask_reads", ()) else ""
+        out.append(f"    p_{name} = _tensor(tensors, {name!r}, {rank}{mask})")
     out += [
         "    q_offset = _offset('q_offset', q_offset)",
         "    kv_offset = _offset('kv_offset', kv_offset)",

@@ -586,6 +586,13 @@ class _Analyzer:
         a = self._real(a)
         unknown = a.unknown
         lo, hi = a.lo, a.hi
+        if fn in ("sin", "cos"):
+            # Not monotone: bounded by [-1, 1] wherever the argument is finite (NaN for an
+            # infinite one). _real_result widens the bounds like every real result, which
+            # also covers float32 approximations that overshoot 1 by a few ulps.
+            one = self._float(1.0)
+            nan = xp.logical_not(xp.isfinite(lo) & xp.isfinite(hi))
+            return self._real_result(-one, one, _or(xp, unknown, nan))
         if fn in ("log", "log2", "sqrt"):
             unknown = _or(xp, unknown, lo < 0)  # NaN below the domain
             lo, hi = xp.maximum(lo, 0.0), xp.maximum(hi, 0.0)

@@ -30,6 +30,7 @@ class Env(Protocol):
 _FUNCS: dict[str, Callable] = {
     "exp": jnp.exp, "exp2": jnp.exp2, "log": jnp.log, "log2": jnp.log2, "sqrt": jnp.sqrt,
     "tanh": jnp.tanh, "sigmoid": jax.nn.sigmoid, "abs": jnp.abs, "sign": jnp.sign,
+    "sin": jnp.sin, "cos": jnp.cos,
 }
 
 

@@ -9,7 +9,7 @@ from scoremod.errors import ScoreModError, ScoreModTensorError
 from scoremod.dsl.ast import Node, deep_recursion, mentions, tensor_names
 from scoremod.dsl.definitions import expand, globals_version
 from scoremod.dsl.parser import normalize_newlines, parse_source
-from scoremod.dsl.typecheck import check
+from scoremod.dsl.typecheck import check, read_masks
 from scoremod.compiler.canonical import Canonical, canonicalize
 
 __all__ = ["Mod", "compile_mod"]
@@ -27,6 +27,9 @@ class Mod:
       source: the text it was compiled from.
       kind: "mask", "bias" or "transform".
       tensors: names of the tensor parameters it reads, in order of first use.
+      mask_reads: names of the tensors the source reads as masks by themselves (a read
+        under ``&``, ``|``, ``~`` or as ``where``'s condition means ``read != 0``); their
+        values must be bool or int (``compiler.tensors.check_mask_read_dtypes``).
 
     Example::
 
@@ -37,6 +40,7 @@ class Mod:
     canonical: Canonical
     source: str = field(default="", repr=False)
     expr: Node | None = field(default=None, repr=False)  # expanded, checked, before canonicalization
+    mask_reads: tuple[str, ...] = field(default=(), repr=False)
 
     @property
     def kind(self) -> str:
@@ -153,11 +157,12 @@ def _compile(text: str) -> Mod:
         src = parse_source(text)
         expr = expand(src)
         check(expr, text)
+        expr, mask_reads = read_masks(expr)   # a tensor read used as a mask is read != 0
         try:
             canonical = canonicalize(expr)
         except ScoreModError as exc:
             raise type(exc)(exc.message, source=text, span=exc.span, hint=exc.hint) from None
-    return Mod(canonical, text, expr)
+    return Mod(canonical, text, expr, mask_reads)
 
 
 def compile_mod(source: "str | Mod") -> Mod:

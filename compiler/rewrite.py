@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import operator
+import struct
 from functools import lru_cache
 from typing import Callable
 
@@ -187,16 +188,37 @@ _BINARY = {
     "<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge,
     "==": operator.eq, "!=": operator.ne,
 }
+
+
+def _as_float32(x) -> float:
+    """``x`` rounded to float32, as the kernels see a real (an int promotes the same way)."""
+    return struct.unpack("<f", struct.pack("<f", x))[0]
+
+
+def _of_float32(fn):
+    """``fn`` folded only for an argument that is a float32 value: sin/cos of a large real
+    depend on its last bits (``sin(16777217)`` is ``sin(16777216.0)`` in float32), so an
+    argument the kernels would round first (or an infinite one, ``math.sin`` raises) is
+    left unfolded."""
+    def fold(x):
+        if _as_float32(x) != x:
+            raise ValueError("not a float32 value")
+        return fn(x)
+    return fold
+
+
 _UNARY_FN = {
     "abs": abs, "exp": math.exp, "exp2": lambda x: 2.0 ** x, "log": math.log, "log2": math.log2,
     "sqrt": math.sqrt, "tanh": math.tanh, "sigmoid": lambda x: 1.0 / (1.0 + math.exp(-x)),
     "floor": math.floor, "ceil": math.ceil, "sign": lambda x: (x > 0) - (x < 0),
+    "sin": _of_float32(math.sin), "cos": _of_float32(math.cos),
 }
 
 
 def fold_constant(node: Node) -> Node | None:
     """Evaluate an operation whose operands are all literals (kept when the result would be
-    NaN, out of int32 range, or a Python error such as division by zero)."""
+    NaN, out of int32 range, or a Python error such as division by zero; ``sin``/``cos`` also
+    of an argument that is no float32 value, see ``_of_float32``)."""
     try:
         if isinstance(node, Binary) and _is_lit(node.lhs) and _is_lit(node.rhs):
             a, b = node.lhs.value, node.rhs.value
@@ -234,7 +256,7 @@ def fold_constant(node: Node) -> Node | None:
                 result = _UNARY_FN[node.fn](vals[0])
                 if node.fn in ("floor", "ceil"):
                     result = int(result) if math.isfinite(result) else None
-                elif node.fn in ("exp", "exp2", "log", "log2", "sqrt", "tanh", "sigmoid"):
+                elif node.fn in ("exp", "exp2", "log", "log2", "sqrt", "tanh", "sigmoid", "sin", "cos"):
                     result = float(result)
                 if result is None:
                     return None

@@ -1,5 +1,6 @@
 """Tensor parameters: ``check_tensors`` (missing, extra, ill-shaped tensors ->
-``ScoreModTensorError``) and ``check_missing_tensors``, the one check for a missing tensor.
+``ScoreModTensorError``) and ``check_missing_tensors``, the one check for a missing tensor
+(and for a float tensor the source reads as a mask by itself, ``check_mask_read_dtypes``).
 
 How a read's indices map onto the tensor's axes (right alignment, axis roles) is
 ``compiler/axes.py``. The runtime and ``explain`` call ``check_tensors`` before anything
@@ -19,7 +20,8 @@ from scoremod.dsl.definitions import closest_name, global_definitions, prelude
 from scoremod.compiler.axes import axis_roles, used_indices
 from scoremod.compiler.intervals import BlockGrid, PositionBlocks, value_interval
 
-__all__ = ["tensor_reads", "check_tensors", "check_missing_tensors", "expected_shape", "mask_of", "read_tensors"]
+__all__ = ["tensor_reads", "check_tensors", "check_missing_tensors", "check_mask_read_dtypes", "expected_shape",
+           "mask_of", "read_tensors"]
 
 _SHAPE_HINT = "leading axes may be left out; axes of size 1 broadcast"
 
@@ -190,7 +192,8 @@ def check_missing_tensors(mod_or_canonical, tensors: Mapping[str, Any], *, batch
                           heads: int | None = None, q_len: int | None = None, kv_len: int | None = None,
                           q_offset=0, kv_offset=0) -> None:
     """Raise ``ScoreModTensorError`` for the first tensor ``mod_or_canonical`` reads that is not
-    in ``tensors``: the one check for a missing tensor, called by every entry point.
+    in ``tensors``: the one check for a missing tensor, called by every entry point. Then
+    ``check_mask_read_dtypes``: a float tensor that a ``Mod``'s source reads as a mask.
 
     Args:
       mod_or_canonical: a ``Mod``, a ``Canonical`` or a mask node; every tensor its mask,
@@ -210,6 +213,46 @@ def check_missing_tensors(mod_or_canonical, tensors: Mapping[str, Any], *, batch
             reads, **_shape_sizes(batch, heads, q_len, kv_len, q_offset, kv_offset))
         raise ScoreModTensorError(f"missing tensor '{name}': the mod reads {reads[0]}; expected shape {expected}",
                                   hint=_missing_tensor_hint(name, reads, tensors))
+    check_mask_read_dtypes(mod_or_canonical, tensors)
+
+
+def check_mask_read_dtypes(mod, tensors: Mapping[str, Any]) -> None:
+    """Raise ``ScoreModTensorError`` when a tensor the source reads as a mask by itself
+    (``causal & m[b, q, kv]`` means ``m[b, q, kv] != 0``: ``Mod.mask_reads``) holds floats.
+
+    A mask tensor is bool or int (0/1). A float one is refused rather than compared with
+    0: ``causal & bias(t)`` with a float table ``t`` reads ``t`` as a mask, which is not
+    what a bias under a mask means (that is ``causal + bias(t)``). Only a ``Mod`` knows
+    which reads those are; a ``Canonical`` or a mask node is not checked.
+    """
+    names = getattr(mod, "mask_reads", ())
+    if not names:
+        return
+    reads = _reads_of(mod)
+    for name in names:
+        if name not in tensors or name not in reads:   # not passed, or simplified away
+            continue
+        _, dtype = _shape_and_dtype(name, tensors[name])
+        if dtype.kind != "f":
+            continue
+        read, span = _mask_read(mod, name)
+        raise ScoreModTensorError(
+            f"tensor '{name}' has dtype {dtype}, but the mod reads it as a mask (a tensor read under '&', '|', "
+            f"'~' or as where's condition is a mask: {read} means {read} != 0); a mask tensor must be bool or int",
+            source=mod.source or None, span=span,
+            hint=f"to add {name} as a bias write '+' (e.g. causal + bias({name})); to compare a float tensor "
+                 f"write it out, e.g. {read} != 0 or {read} > 0.5")
+
+
+def _mask_read(mod, name: str) -> tuple[Tensor | str, tuple[int, int] | None]:
+    """A read of ``name`` that the source uses as a mask, and its span in the source (where
+    ``read_masks`` wrote ``read != 0``: a comparison with the read's own span)."""
+    expr = getattr(mod, "expr", None)
+    for n in walk(expr) if expr is not None else ():
+        if (isinstance(n, Binary) and n.op == "!=" and isinstance(n.lhs, Tensor) and n.lhs.name == name
+                and isinstance(n.rhs, IntLit) and n.rhs.value == 0 and n.span == n.lhs.span):
+            return n.lhs, n.span
+    return _reads_of(mod)[name][0], None
 
 
 def _missing_tensor_hint(name: str, reads: list[Tensor], tensors: Mapping[str, Any]) -> str:

@@ -6,7 +6,7 @@ from scoremod.dsl.ast import (
 )
 from scoremod.dsl.parser import parse_source, parse_definitions
 from scoremod.dsl.definitions import define, undefine, expand, prelude, global_definitions
-from scoremod.dsl.typecheck import check, type_of, top_level_parts, BOOL, INT, REAL, NUM
+from scoremod.dsl.typecheck import check, type_of, top_level_parts, read_masks, BOOL, INT, REAL, NUM
 from scoremod.dsl.printer import to_source
 
 __all__ = [
@@ -14,6 +14,6 @@ __all__ = [
     "Unary", "Var", "walk", "mentions", "tensor_names",
     "parse_source", "parse_definitions",
     "define", "undefine", "expand", "prelude", "global_definitions",
-    "check", "type_of", "top_level_parts", "BOOL", "INT", "REAL", "NUM",
+    "check", "type_of", "top_level_parts", "read_masks", "BOOL", "INT", "REAL", "NUM",
     "to_source",
 ]

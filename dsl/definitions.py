@@ -29,13 +29,13 @@ __all__ = [
 BUILTINS: dict[str, tuple[int, ...]] = {
     "abs": (1,), "min": (2,), "max": (2,), "clip": (3,), "where": (3,), "exp": (1,),
     "exp2": (1,), "log": (1,), "log2": (1,), "sqrt": (1,), "tanh": (1,), "sigmoid": (1,),
-    "floor": (1,), "ceil": (1,), "sign": (1,),
+    "floor": (1,), "ceil": (1,), "sign": (1,), "sin": (1,), "cos": (1,),
 }
 BUILTIN_SIGNATURES = {
     "abs": "abs(x)", "min": "min(x, y)", "max": "max(x, y)", "clip": "clip(x, lo, hi)",
     "where": "where(mask, a, b)", "exp": "exp(x)", "exp2": "exp2(x)", "log": "log(x)",
     "log2": "log2(x)", "sqrt": "sqrt(x)", "tanh": "tanh(x)", "sigmoid": "sigmoid(x)",
-    "floor": "floor(x)", "ceil": "ceil(x)", "sign": "sign(x)",
+    "floor": "floor(x)", "ceil": "ceil(x)", "sign": "sign(x)", "sin": "sin(x)", "cos": "cos(x)",
 }
 BUILTIN_DOCS = {
     "abs": "absolute value", "min": "smaller of two numbers", "max": "larger of two numbers",
@@ -43,6 +43,7 @@ BUILTIN_DOCS = {
     "exp": "e ** x", "exp2": "2 ** x", "log": "natural logarithm", "log2": "base-2 logarithm",
     "sqrt": "square root", "tanh": "hyperbolic tangent", "sigmoid": "1 / (1 + exp(-x))",
     "floor": "largest int <= x", "ceil": "smallest int >= x", "sign": "-1, 0 or 1",
+    "sin": "sine (x in radians)", "cos": "cosine (x in radians)",
 }
 
 # Keywords of attention()/paged_attention(): a tensor parameter may not take these names.

@@ -3,6 +3,12 @@
 Types: ``bool`` (a mask), ``int``, ``real``, and ``num`` (a tensor element: int or
 real, decided by the tensor's dtype at call time). The top-level chain of ``+``/``&``
 is where a mask may act as a ``-inf`` bias; anywhere else that is an error.
+
+A tensor read in a **mask position** (an operand of ``&``, ``|`` or ``~``, or the
+condition of ``where``) is a mask: it means ``read != 0`` (docs/language.md, "3. Types":
+tensor reads as masks). ``check`` types it so; ``read_masks`` writes the ``!= 0`` into the
+IR, so everything after typing (canonical form, lowering, interval analysis, export) sees
+an ordinary comparison.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ from scoremod.dsl.ast import (
     Binary, BoolLit, Call, IntLit, Node, RealLit, Tensor, Unary, Var, COMPARE_OPS, make_error, mentions,
 )
 
-__all__ = ["BOOL", "INT", "REAL", "NUM", "check", "type_of", "top_level_parts"]
+__all__ = ["BOOL", "INT", "REAL", "NUM", "check", "type_of", "top_level_parts", "read_masks"]
 
 BOOL, INT, REAL, NUM = "bool", "int", "real", "num"
 # The range of int (docs/language.md, "8. Arithmetic"): literals, positions, ids, offsets.
@@ -87,7 +93,10 @@ class _Checker:
         "1. Meaning": the top-level chain, however it is bracketed), while
         ``alibi(8) & alibi(4)`` is a mistake for '+'."""
         if isinstance(node, Binary) and node.op in ("+", "&"):
-            (a, ma), (b, mb) = self._top(node.lhs), self._top(node.rhs)
+            if node.op == "&":
+                (a, ma), (b, mb) = self._top_and_operand(node.lhs), self._top_and_operand(node.rhs)
+            else:
+                (a, ma), (b, mb) = self._top(node.lhs), self._top(node.rhs)
             if a == BOOL and b == BOOL:
                 return BOOL, True
             if node.op == "&" and not ma and not mb:
@@ -100,6 +109,12 @@ class _Checker:
             return _promote(a, b), ma or mb
         t = self.inner(node)
         return t, t == BOOL
+
+    def _top_and_operand(self, node: Node) -> tuple[str, bool]:
+        """An operand of '&' in the top-level chain: a tensor read there is a mask."""
+        if isinstance(node, Tensor):
+            return self.mask(node, "'&'"), True
+        return self._top(node)
 
     def inner(self, node: Node) -> str:
         key = id(node)
@@ -115,7 +130,11 @@ class _Checker:
         return t
 
     def mask(self, node: Node, what: str) -> str:
+        """Type of ``node`` in a mask position: bool, or an error. A tensor read there is a
+        mask (``read != 0``, see ``read_masks``)."""
         t = self.inner(node)
+        if isinstance(node, Tensor):
+            return BOOL
         if t != BOOL:
             self.error(f"{what} needs masks, but {self.snippet(node)} is a number", node,
                        f"compare it to make a mask, e.g. {self.snippet(node)} != 0")
@@ -167,12 +186,17 @@ class _Checker:
     def _binary(self, node: Binary) -> str:
         op = node.op
         if op in ("&", "+"):
-            a, b = self.inner(node.lhs), self.inner(node.rhs)
+            if op == "&":   # a tensor read under '&' is a mask (read != 0)
+                a, b = (self.mask(x, "'&'") if isinstance(x, Tensor) else self.inner(x)
+                        for x in (node.lhs, node.rhs))
+            else:
+                a, b = self.inner(node.lhs), self.inner(node.rhs)
             if a == BOOL and b == BOOL:
                 return BOOL
             if BOOL in (a, b):
                 m = node.lhs if a == BOOL else node.rhs
-                self.error(f"{self.snippet(m)} is a mask; a mask acts as a -inf bias only at the top level, "
+                read = f" (a tensor read under '&' means {self.snippet(m)} != 0)" if isinstance(m, Tensor) else ""
+                self.error(f"{self.snippet(m)} is a mask{read}; a mask acts as a -inf bias only at the top level, "
                            f"not inside another expression", node,
                            "move it to the top level (mask & (...)), or use where(mask, a, b)")
             if op == "&":
@@ -220,11 +244,72 @@ class _Checker:
             return t
         if fn in ("floor", "ceil"):
             return INT if types[0] == INT else (NUM if types[0] == NUM else INT)
-        return REAL  # exp exp2 log log2 sqrt tanh sigmoid
+        return REAL  # exp exp2 log log2 sqrt tanh sigmoid sin cos
 
 
 def _kind_word(node: Node) -> str:
     return "transforms" if mentions(node, "score") else "biases"
+
+
+def _mask_positions(node: Node) -> tuple[bool, ...]:
+    """For each child of ``node``: whether it is in a mask position (an operand of ``&``,
+    ``|``, ``~``, or ``where``'s condition), where a tensor read means ``read != 0``."""
+    if isinstance(node, Binary) and node.op in ("&", "|"):
+        return (True, True)
+    if isinstance(node, Unary) and node.op == "~":
+        return (True,)
+    if isinstance(node, Call) and node.fn == "where":
+        return (True, False, False)
+    return (False,) * len(node.children())
+
+
+def _with_children(node: Node, children: list[Node]) -> Node:
+    if isinstance(node, Binary):
+        return Binary(node.op, children[0], children[1], span=node.span)
+    if isinstance(node, Unary):
+        return Unary(node.op, children[0], span=node.span)
+    if isinstance(node, Call):
+        return Call(node.fn, tuple(children), span=node.span)
+    if isinstance(node, Tensor):
+        return Tensor(node.name, tuple(children), span=node.span)
+    return node
+
+
+def read_masks(node: Node) -> tuple[Node, tuple[str, ...]]:
+    """``node`` with every tensor read in a mask position replaced by ``read != 0``, and the
+    names of the tensors read so (in order of first use).
+
+    ``causal & m[b, q, kv]`` becomes ``causal & m[b, q, kv] != 0``; ``causal + m[b, q, kv]``
+    and a read anywhere else (``m[b, q, kv]`` alone, ``where(c, m[q], 0)``) stay numbers.
+    The position is syntactic, in the expanded IR: a read that a definition's parameter
+    puts under '&' (``f(x) = causal & x``, ``f(m[b, q, kv])``) is a mask too, and
+    ``bias(t)`` under '&' (``causal & bias(t)``) is the mask ``t[b, h, q, kv] != 0``.
+    Iterative (trees may be deep); a subtree shared by several parents is rebuilt once.
+    """
+    done: dict[int, Node] = {}
+    keep: list[Node] = []   # holds the nodes whose ids key ``done``
+    names: dict[str, None] = {}
+    stack = [(node, False)]
+    while stack:
+        n, ready = stack.pop()
+        if id(n) in done:
+            continue
+        kids = n.children()
+        if not ready and kids:
+            stack.append((n, True))
+            stack.extend((k, False) for k in kids if id(k) not in done)
+            continue
+        new = []
+        for k, is_mask in zip(kids, _mask_positions(n)):
+            c = done[id(k)]
+            if is_mask and isinstance(k, Tensor):
+                names.setdefault(k.name)
+                c = Binary("!=", c, IntLit(0, span=c.span), span=c.span)
+            new.append(c)
+        changed = any(a is not b for a, b in zip(new, kids))
+        done[id(n)] = _with_children(n, new) if changed else n
+        keep.append(n)
+    return done[id(node)], tuple(names)
 
 
 def check(node: Node, text: str | None = None) -> str:

@@ -68,12 +68,15 @@ def as_attention_fn(mod=None, *, implementation=None, scale=None, **tensors):
                             hint="rename the tensor in the source")
 
     def combined(is_causal: bool, with_mask: bool, with_bias: bool):
-        # Built once per combination (compile_mod caches by source text).
+        # Built once per combination (compile_mod caches by source text). The masks join the
+        # top-level chain with '+', which means '&' there (a mask next to a real is a -inf
+        # bias, two masks are ANDed) but never makes a mod that is a bare tensor read, like
+        # bias(t), into a mask (under '&' a read is one: docs/language.md, "3. Types").
         source = f"({mod})"
         if is_causal:
-            source += " & causal"
+            source += " + causal"
         if with_mask:
-            source += f" & ({MASK_TENSOR}[b, h, q, kv] != 0)"
+            source += f" + ({MASK_TENSOR}[b, h, q, kv] != 0)"
         if with_bias:
             source += f" + {BIAS_TENSOR}[b, h, q, kv]"
         return compile_mod(source)

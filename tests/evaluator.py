@@ -26,9 +26,12 @@ Semantics implemented here (docs/language.md, with the choices the brief leaves 
   ``floor(a / b)`` and ``a % b`` is ``a - floor(a / b) * b``. Integer division by zero
   raises ``ZeroDivisionError`` (the language leaves it undefined; generators avoid it).
   ``/`` and ``**`` always give reals. ``floor``/``ceil`` of a real give an int.
-  ``clip(x, lo, hi)`` is ``min(max(x, lo), hi)``. ``sign`` is -1, 0 or 1.
+  ``clip(x, lo, hi)`` is ``min(max(x, lo), hi)``. ``sign`` is -1, 0 or 1. ``sin``/``cos``
+  take radians.
 * Tensors (§5): values are converted with ``np.asarray``; bool and int tensors read as
-  int64, float tensors as float64. Indices align to the right: a rank-r tensor indexed
+  int64, float tensors as float64. A tensor read written (after following parameters and
+  definitions) as an operand of ``&``, ``|`` or ``~``, or as ``where``'s condition, is a
+  mask: ``read != 0``; anywhere else (alone, under ``+``, in arithmetic) it is a number. Indices align to the right: a rank-r tensor indexed
   with k >= r indices uses the last r (fewer than r is an error). Every index is
   **clipped** to ``[0, dim - 1]`` (kernels clip too). A bare tensor name must be a
   scalar (0-d). An expression that is not a tensor (a literal, or a parameter bound to
@@ -61,7 +64,7 @@ __all__ = [
 
 BUILTIN_FUNCTIONS = {
     "abs": 1, "min": 2, "max": 2, "clip": 3, "where": 3, "exp": 1, "exp2": 1, "log": 1,
-    "log2": 1, "sqrt": 1, "tanh": 1, "sigmoid": 1, "floor": 1, "ceil": 1, "sign": 1,
+    "log2": 1, "sqrt": 1, "tanh": 1, "sigmoid": 1, "floor": 1, "ceil": 1, "sign": 1, "sin": 1, "cos": 1,
 }
 _VARIABLES = ("b", "h", "q", "kv", "score")
 
@@ -175,7 +178,12 @@ class _Evaluator:
         on one of its sides (``alibi(8) & alibi(4)`` is an error)."""
         node, env = self.unfold(node, env)
         if isinstance(node, ast.Binary) and node.op in ("+", "&"):
-            (lhs, lmask), (rhs, rmask) = self._top(node.lhs, env), self._top(node.rhs, env)
+            if node.op == "&":   # a tensor read under '&' is a mask
+                (lhs, lmask), (rhs, rmask) = (
+                    (self.value(x, env) != 0, True) if self.is_tensor_read(x, env) else self._top(x, env)
+                    for x in (node.lhs, node.rhs))
+            else:
+                (lhs, lmask), (rhs, rmask) = self._top(node.lhs, env), self._top(node.rhs, env)
             if lhs.dtype == bool and rhs.dtype == bool:
                 return np.logical_and(lhs, rhs), True
             if node.op == "&" and not lmask and not rmask:
@@ -183,6 +191,29 @@ class _Evaluator:
             return _as_bias(lhs) + _as_bias(rhs), lmask or rmask
         value = self.value(node, env)
         return value, value.dtype == bool
+
+    def is_tensor_read(self, node: ast.Node, env) -> bool:
+        """Whether ``node`` (through parameters and definitions) reads a tensor parameter:
+        a bare name that names nothing else, or an indexed one (``m[b, q, kv]``)."""
+        node, env = self.unfold(node, env)
+        if isinstance(node, ast.Tensor):
+            return True
+        if isinstance(node, ast.Name):
+            return self._names_tensor(node.name, env)
+        if isinstance(node, ast.Index):
+            base, base_env = self.unfold(node.base, env)
+            if isinstance(base, ast.Name):
+                return self._names_tensor(base.name, base_env)
+            return isinstance(base, ast.Tensor)
+        return False
+
+    def _names_tensor(self, name: str, env) -> bool:
+        return name not in env and not self.has_definitions_named(name) and name not in BUILTIN_FUNCTIONS
+
+    def as_mask(self, node: ast.Node, env) -> np.ndarray:
+        """The value of ``node`` where a mask is expected: a tensor read there is ``read != 0``."""
+        value = self.value(node, env)
+        return value != 0 if self.is_tensor_read(node, env) else value
 
     def value(self, node: ast.Node, env) -> np.ndarray:
         """The value of ``node`` as an inner expression (masks stay bool)."""
@@ -215,11 +246,12 @@ class _Evaluator:
         if isinstance(node, ast.Index):
             return self.index(node, env)
         if isinstance(node, ast.Unary):
-            x = self.value(node.operand, env)
             if node.op == "~":
-                return np.logical_not(x)
-            return -x
+                return np.logical_not(self.as_mask(node.operand, env))
+            return -self.value(node.operand, env)
         if isinstance(node, ast.Binary):
+            if node.op in ("&", "|"):
+                return self.binary(node.op, self.as_mask(node.lhs, env), self.as_mask(node.rhs, env))
             return self.binary(node.op, self.value(node.lhs, env), self.value(node.rhs, env))
         raise TypeError(f"cannot evaluate {type(node).__name__}")
 
@@ -230,7 +262,8 @@ class _Evaluator:
         if name in BUILTIN_FUNCTIONS and not bare:
             if len(args) != BUILTIN_FUNCTIONS[name]:
                 raise TypeError(f"{name} takes {BUILTIN_FUNCTIONS[name]} arguments, got {len(args)}")
-            return self.builtin(name, [self.value(a, env) for a in args])
+            return self.builtin(name, [self.as_mask(a, env) if name == "where" and i == 0 else self.value(a, env)
+                                       for i, a in enumerate(args)])
         if bare and not self.has_definitions_named(name) and name not in BUILTIN_FUNCTIONS:
             return self.read_tensor(name, [], bare=True)
         raise NameError(f"no definition or function {name} with {len(args)} arguments")
@@ -334,6 +367,10 @@ class _Evaluator:
                 return np.tanh(x)
             if fn == "sigmoid":
                 return 1.0 / (1.0 + np.exp(-x))
+            if fn == "sin":
+                return np.sin(x)
+            if fn == "cos":
+                return np.cos(x)
         raise ValueError(f"unknown function {fn}")
 
 

@@ -7,7 +7,9 @@ For other test authors; the main entry points:
   ``kind`` is "mask", "bias", "transform" or None (any). They use every prelude name
   with sensible literal arguments, comparisons of index arithmetic over q/kv/b/h, ``|``,
   ``~``, ``where``, ALiBi/relpos/dense biases, transforms of ``score`` (softcap,
-  ``30 * tanh(score / 30)``, ...), segment ids, and definitions made in the source.
+  ``30 * tanh(score / 30)``, ``sin``/``cos``, ...), segment ids, tensor reads that are
+  masks by themselves (``causal & mk[b, q, kv]``, bool or int 0/1 tensors), and
+  definitions made in the source.
   Values stay finite: no NaN, no +inf, no division by zero, small ints.
 * ``masks(...)`` = ``sources(kind="mask", ...)``; ``prelude_masks(...)``: one prelude mask
   name with arguments (what plans must be *exact* for).
@@ -115,14 +117,16 @@ class _Frag:
     type: str  # "bool", "int" or "real"
     score: bool = False
     tensors: bool = False
+    read: bool = False          # a bare tensor read once expanded (under '&' it would be a mask)
+    param: str | None = None    # a bare parameter of the definition being drawn
 
 
 def _wrap(f: _Frag, min_prec: int) -> str:
     return f.text if f.prec >= min_prec else f"({f.text})"
 
 
-def _atom(text: str, type_: str, score: bool = False, tensors: bool = False) -> _Frag:
-    return _Frag(text, _ATOM, type_, score, tensors)
+def _atom(text: str, type_: str, score: bool = False, tensors: bool = False, read: bool = False) -> _Frag:
+    return _Frag(text, _ATOM, type_, score, tensors, read)
 
 
 def _bin(op: str, a: _Frag, b: _Frag, type_: str) -> _Frag:
@@ -150,7 +154,12 @@ def _not(a: _Frag) -> _Frag:
 
 
 def _paren(a: _Frag) -> _Frag:
-    return _Frag(f"({a.text})", _ATOM, a.type, a.score, a.tensors)
+    return _Frag(f"({a.text})", _ATOM, a.type, a.score, a.tensors, a.read, a.param)
+
+
+def _not_read(a: _Frag) -> _Frag:
+    """``a``, or ``-a`` when ``a`` is a bare tensor read (which '&', '|', '~' read as a mask)."""
+    return _neg(a) if a.read else a
 
 
 @dataclass(frozen=True)
@@ -160,6 +169,8 @@ class _Def:
     type: str
     score: bool
     tensors: bool
+    read: bool = False             # the body is a bare tensor read
+    passes: int | None = None      # the body is this parameter, bare
 
 
 class _Gen:
@@ -191,10 +202,11 @@ class _Gen:
 
     def call_def(self, d: _Def, depth: int) -> _Frag:
         if not d.params:
-            return _atom(d.name, d.type, d.score, d.tensors)
+            return _atom(d.name, d.type, d.score, d.tensors, read=d.read)
         args = [self.int_(min(depth, 1)) for _ in d.params]
         f = _call(d.name, args, d.type)
-        return _Frag(f.text, f.prec, d.type, d.score or f.score, d.tensors or f.tensors)
+        read = d.read or (d.passes is not None and args[d.passes].read)
+        return _Frag(f.text, f.prec, d.type, d.score or f.score, d.tensors or f.tensors, read)
 
     # ints: index arithmetic over positions
 
@@ -207,9 +219,10 @@ class _Gen:
             if leaf == "lit":
                 return self.lit_int()
             if leaf == "param":
-                return _atom(self.choice(self.params), "int")
+                name = self.choice(self.params)
+                return _Frag(name, _ATOM, "int", param=name)
             if leaf == "scalar":
-                return _atom("w", "int", tensors=True)
+                return _atom("w", "int", tensors=True, read=True)
             return _atom(leaf, "int")
         d = depth - 1
         form = self.choice(["+", "-", "*", "//", "%", "neg", "abs", "min", "max", "clip", "def", "floor"])
@@ -263,9 +276,19 @@ class _Gen:
         }[name]()
         return _atom(text, "bool", tensors=name in ("doc1", "doc2", "prefix", "length", "window_t"))
 
-    def bool_(self, depth: int) -> _Frag:
+    def mask_read(self) -> _Frag:
+        """A tensor read that is a mask by itself (bool or int 0/1 values; see ``_values``)."""
+        text = self.choice(["mk[b, q, kv]", "hm[h, q, kv]", "km[b, kv]", "fl"])
+        return _atom(text, "bool", tensors=True, read=True)
+
+    def bool_(self, depth: int, mask_pos: bool = False) -> _Frag:
+        """A mask. ``mask_pos``: it is an operand of '&', '|', '~' or where's condition, where a
+        bare tensor read is a mask too (elsewhere, under '+' say, the read would be a number)."""
         if depth <= 0 or self.draw(st.integers(0, 3)) == 0:
-            leaf = self.choice(["prelude", "prelude", "cmp", "cmp", "ids", "const"])
+            leaf = self.choice(["prelude", "prelude", "cmp", "cmp", "ids", "const"]
+                               + (["read"] if mask_pos and self.with_tensors else []))
+            if leaf == "read":
+                return self.mask_read()
             if leaf == "prelude":
                 return self.prelude_mask()
             if leaf == "cmp" or (leaf == "ids" and not self.with_tensors):
@@ -277,11 +300,11 @@ class _Gen:
         d = depth - 1
         form = self.choice(["&", "|", "~", "+", "where", "cmp", "realcmp", "maskeq", "def"])
         if form in ("&", "|", "+"):
-            f = _bin(form, self.bool_(d), self.bool_(d), "bool")
+            f = _bin(form, self.bool_(d, form != "+"), self.bool_(d, form != "+"), "bool")
         elif form == "~":
-            f = _not(self.bool_(d))
+            f = _not(self.bool_(d, True))
         elif form == "where":
-            f = _call("where", [self.bool_(d), self.bool_(d), self.bool_(d)], "bool")
+            f = _call("where", [self.bool_(d, True), self.bool_(d), self.bool_(d)], "bool")
         elif form == "cmp":
             f = _bin(self.choice(_CMP), self.int_(d), self.int_(d), "bool")
         elif form == "realcmp":
@@ -302,8 +325,8 @@ class _Gen:
             return _atom(f"alibi({self.draw(st.integers(1, 16))})", "real")
         if name == "relpos":
             m = self.draw(st.integers(0, 4))
-            return _atom(f"relpos(rp{m}, {m})", "real", tensors=True)
-        return _atom("bias(bt)", "real", tensors=True)
+            return _atom(f"relpos(rp{m}, {m})", "real", tensors=True, read=True)
+        return _atom("bias(bt)", "real", tensors=True, read=True)
 
     def lit_real(self) -> _Frag:
         value = self.draw(st.sampled_from([0.5, 0.25, 1.5, 2.0, 0.125, 3.0, 1e-3, 10.0]))
@@ -323,7 +346,7 @@ class _Gen:
             return self.int_(1)
         d = depth - 1
         forms = ["+", "-", "*", "/", "neg", "tanh", "sigmoid", "exp", "exp2", "log", "sqrt", "pow",
-                 "minmax", "clip", "where", "def", "int"]
+                 "minmax", "clip", "where", "def", "int", "sin", "cos"]
         if score:
             forms += ["softcap", "tanhcap"]
         form = self.choice(forms)
@@ -338,7 +361,7 @@ class _Gen:
                 f = _bin("/", r(), _bin("+", _call("abs", [r()], "real"), _atom("1", "int"), "real"), "real")
         elif form == "neg":
             f = _neg(r())
-        elif form in ("tanh", "sigmoid"):
+        elif form in ("tanh", "sigmoid", "sin", "cos"):
             f = _call(form, [r()], "real")
         elif form in ("exp", "exp2"):
             f = _call(form, [_call("tanh", [r()], "real")], "real")
@@ -355,7 +378,7 @@ class _Gen:
         elif form == "clip":
             f = _call("clip", [r(), _neg(_atom("2.5", "real")), _atom("2.5", "real")], "real")
         elif form == "where":
-            f = _call("where", [self.bool_(d), r(), r()], "real")
+            f = _call("where", [self.bool_(d, True), r(), r()], "real")
         elif form == "softcap":
             f = _atom(f"softcap({self.draw(st.sampled_from([5, 20, 30, 50]))})", "real", score=True)
         elif form == "tanhcap":
@@ -387,13 +410,16 @@ class _Gen:
                 body = self.real(2, score=self.draw(st.booleans()))
         finally:
             self.params = ()
-        self.defs.append(_Def(name, params, type_, body.score, body.tensors))
+        passes = params.index(body.param) if body.param in params else None
+        self.defs.append(_Def(name, params, type_, body.score, body.tensors, body.read, passes))
         head = f"{name}({', '.join(params)})" if params else name
         return f"{head} = {body.text}"
 
     def top_part(self, want: str, score: bool) -> _Frag:
         """One operand of the top-level chain: a mask, or a real (with score if asked)."""
         if want == "bool":
+            if self.with_tensors and self.draw(st.integers(0, 5)) == 0:   # causal & mk[b, q, kv]
+                return _bin("&", self.prelude_mask(), self.mask_read(), "bool")
             return self.bool_(self.max_depth)
         if score:
             f = self.real(self.max_depth, score=True)
@@ -401,7 +427,7 @@ class _Gen:
                 f = _bin("+", f, _atom("score", "real", score=True), "real")
             return f
         if self.draw(st.integers(0, 5)) == 0:  # an explicit -inf bias: where(m, x, -inf)
-            return _call("where", [self.bool_(1), self.real(1, False), _neg(_atom("inf", "real"))], "real")
+            return _call("where", [self.bool_(1, True), self.real(1, False), _neg(_atom("inf", "real"))], "real")
         return self.real(self.max_depth, score=False)
 
     def top(self, kind: str) -> _Frag:
@@ -420,7 +446,8 @@ class _Gen:
         while len(parts) > 1:
             i = self.draw(st.integers(0, len(parts) - 2))
             a, b = parts[i], parts[i + 1]
-            ops = ["+", "&"] if "bool" in (a.type, b.type) else ["+"]
+            # '&' needs a mask on one side, and would read a bare tensor read (bias(bt), w) as a mask.
+            ops = ["+", "&"] if "bool" in (a.type, b.type) and not (a.read or b.read) else ["+"]
             op = self.choice(ops)
             type_ = "bool" if a.type == b.type == "bool" else "real"
             parts[i:i + 2] = [_bin(op, a, b, type_)]
@@ -520,6 +547,12 @@ _FIXED_BAD = [
     ("score & alibi(4)", ScoreModTypeError),
     ("where(q, 1, 2)", ScoreModTypeError),
     ("where(causal, causal, 1)", ScoreModTypeError),
+    ("sin(causal)", ScoreModTypeError),
+    ("cos(score) & sin(q)", ScoreModTypeError),
+    ("mk[q] == causal", ScoreModTypeError),
+    ("where(mk[q] & 2, 1, 0)", ScoreModTypeError),
+    ("sin(q, kv)", ScoreModNameError),
+    ("sin", ScoreModNameError),
     ("windw(3)", ScoreModNameError),
     ("window(1, 2, 3)", ScoreModNameError),
     ("causal(1)", ScoreModNameError),
@@ -560,8 +593,8 @@ def ill_typed_sources(draw, with_tensors: bool = True) -> BadSource:
     gen = _Gen(draw, with_tensors, 2)
     how = draw(st.sampled_from(["real&real", "mask*", "fn(mask)", "~num", "num|", "mask<num", "chain",
                                 "typo", "arity", "nested-bias"]))
-    if how == "real&real":
-        text = _bin("&", gen.real(2, False), gen.real(2, draw(st.booleans())), "real").text
+    if how == "real&real":   # (a bare tensor read under '&' is a mask: negated, it is a number)
+        text = _bin("&", _not_read(gen.real(2, False)), _not_read(gen.real(2, draw(st.booleans()))), "real").text
         return BadSource(text, ScoreModTypeError)
     if how == "mask*":
         op = draw(st.sampled_from(["*", "-", "/", "//", "%", "**"]))
@@ -569,12 +602,12 @@ def ill_typed_sources(draw, with_tensors: bool = True) -> BadSource:
         pair = (m, x) if draw(st.booleans()) else (x, m)
         return BadSource(_bin(op, pair[0], pair[1], "real").text, ScoreModTypeError)
     if how == "fn(mask)":
-        fn = draw(st.sampled_from(["exp", "abs", "tanh", "sqrt", "floor"]))
+        fn = draw(st.sampled_from(["exp", "abs", "tanh", "sqrt", "floor", "sin", "cos"]))
         return BadSource(_call(fn, [gen.bool_(2)], "real").text, ScoreModTypeError)
     if how == "~num":
-        return BadSource(_not(gen.real(2, False)).text, ScoreModTypeError)
+        return BadSource(_not(_not_read(gen.real(2, False))).text, ScoreModTypeError)
     if how == "num|":
-        return BadSource(_bin("|", gen.int_(2), gen.bool_(1), "bool").text, ScoreModTypeError)
+        return BadSource(_bin("|", _not_read(gen.int_(2)), gen.bool_(1), "bool").text, ScoreModTypeError)
     if how == "mask<num":
         return BadSource(_bin(draw(st.sampled_from(_CMP)), gen.bool_(1), gen.int_(1), "bool").text,
                          ScoreModTypeError)
@@ -637,10 +670,11 @@ def _tensor_uses(expr):
     Roles, strongest first: "divisor" (right of / // %: positive ints), "index" (inside
     another tensor's index: small non-negative ints), "ids" (compared with another tensor
     read: segment ids), "position" (compared with anything else: ints in the range of
-    positions), "real" (everything else: a bias, N(0, 1) values).
+    positions), "mask" (a read that is an operand of '&', '|', '~' or where's condition,
+    a mask by itself: bool or int 0/1), "real" (everything else: a bias, N(0, 1) values).
     """
     from scoremod.dsl.ast import Binary, Call, Tensor, Unary, walk
-    rank = {"divisor": 0, "index": 1, "ids": 2, "position": 3, "real": 4}
+    rank = {"divisor": 0, "index": 1, "ids": 2, "position": 3, "mask": 4, "real": 5}
     reads: dict[str, list] = {}
     roles: dict[str, str] = {}
     arithmetic = {"+", "-", "*"}
@@ -655,7 +689,10 @@ def _tensor_uses(expr):
                     roles[n.name] = ctx
                 for i in n.indices:
                     stack.append((i, "index"))
-            elif isinstance(n, Binary):
+                continue
+            if ctx == "mask":   # only a read itself is a mask there; what is below it is not
+                ctx = "real"
+            if isinstance(n, Binary):
                 if n.op in ("<", "<=", ">", ">=", "==", "!="):
                     lhs_t = any(isinstance(x, Tensor) for x in walk(n.lhs))
                     rhs_t = any(isinstance(x, Tensor) for x in walk(n.rhs))
@@ -668,16 +705,19 @@ def _tensor_uses(expr):
                 elif n.op in arithmetic:
                     stack.append((n.lhs, ctx))
                     stack.append((n.rhs, ctx))
+                elif n.op in ("&", "|"):
+                    stack.append((n.lhs, "mask"))
+                    stack.append((n.rhs, "mask"))
                 else:
                     stack.append((n.lhs, "real"))
                     stack.append((n.rhs, "real"))
             elif isinstance(n, Unary):
-                stack.append((n.operand, ctx if n.op == "-" else "real"))
+                stack.append((n.operand, ctx if n.op == "-" else "mask"))
             elif isinstance(n, Call):
                 keeps = n.fn in ("abs", "min", "max", "clip", "floor", "ceil", "sign")
                 for k, a in enumerate(n.args):
                     if n.fn == "where":
-                        stack.append((a, "real" if k == 0 else ctx))
+                        stack.append((a, "mask" if k == 0 else ctx))
                     else:
                         stack.append((a, ctx if keeps else "real"))
     visit(expr, "real")
@@ -694,8 +734,9 @@ def tensors_for(source, B: int, N: int, T: int, S: int, rng: np.random.Generator
     ``[N, 2m + 1]``, ``bt[b, h, q, kv]`` gets ``[B, N, max q + 1, max kv + 1]``).
     Values follow how the tensor is used (see ``_tensor_uses``): segment ids are small
     ints, sorted (packed documents) or not (``sorted_ids``: None = random); "position"
-    ints lie in ``[0, max position + 1]``; divisors in ``[1, 8]``; reals are N(0, 1).
-    Returns int32 and float32 NumPy arrays (what a user passes).
+    ints lie in ``[0, max position + 1]``; divisors in ``[1, 8]``; reads that are masks by
+    themselves are bool or int 0/1 (mostly 1); reals are N(0, 1).
+    Returns int32, float32 and (masks read by themselves) bool NumPy arrays, what a user passes.
     """
     from evaluator import evaluate_expr  # the grid evaluation of index expressions
     expr = _expanded(source)
@@ -732,6 +773,9 @@ def _tensor_names(node):
 def _values(role: str, shape: tuple, max_pos: int, rng, sorted_ids) -> np.ndarray:
     if role == "real":
         return rng.standard_normal(shape).astype(np.float32)
+    if role == "mask":   # mostly true; bool or int 0/1, as a user passes a mask
+        ones = np.asarray(rng.random(shape) < 0.7)
+        return ones if rng.integers(0, 2) else ones.astype(np.int32)
     if role == "divisor":
         return rng.integers(1, 9, size=shape).astype(np.int32)
     if role == "index":

@@ -149,6 +149,15 @@ def test_a_bias_is_added():
     np.testing.assert_allclose(out, attention("causal + bias(bt)", bt=bt), atol=1e-5)
 
 
+def test_a_mod_that_is_a_tensor_read_stays_a_bias_under_flax_masks():
+    # Under '&' a tensor read is a mask (docs/language.md): the adapter must not put one there.
+    bt = jnp.asarray(rng.standard_normal((B, N, T, T)), jnp.float32)
+    fn = scoremod.as_attention_fn("bias(bt)", bt=bt, implementation="reference")
+    want = attention("causal + bias(bt)", bt=bt)
+    np.testing.assert_allclose(fn(Q, K, V, mask=causal_mask_like_flax(T)), want, atol=1e-5)
+    np.testing.assert_allclose(fn(Q, K, V, is_causal=True), want, atol=1e-5)
+
+
 def test_rows_masked_by_flax_give_zero():
     mask = jnp.ones((B, 1, T, T), bool).at[:, :, 3].set(False)
     out = scoremod.as_attention_fn()(Q, K, V, mask=mask)

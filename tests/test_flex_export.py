@@ -152,6 +152,8 @@ def test_generated_sources_match_the_reference(src, shape, seed):
     "floor(score * 3) / 3 + ceil(-score) + sign(score) + exp2(score / 8) - log(abs(score) + 1) + sqrt(abs(score))",
     "score % 0.75 + score // 0.5 + clip(score, -1, 1) + min(score, 0.25) * max(q, kv)",
     "where(q > kv, 1, 2) + 0.5 * where(true, 3, 4) + (2147483647 + 1) * 0 + q ** 2 / 100",
+    "score + sin(score)",
+    "causal & 2 * sin(score / 2) * cos(q - kv) + cos(h) + sin(0.5)",
 ])
 def test_hand_written_sources(source):
     check_matches(source)
@@ -219,6 +221,30 @@ def test_tensor_dtypes_and_scalars():
     expected = run_reference(mod, q, k, v, t=t.astype(np.float32), m=m, w=np.int32(3))
     got = run_flex(load(mod), q, k, v, t=torch.from_numpy(t), m=torch.from_numpy(m), w=3)
     np.testing.assert_allclose(got[0], expected[0], rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("dtype", [np.bool_, np.int32])
+def test_bool_tensors_read_as_masks(dtype):
+    rng = np.random.default_rng(3)
+    m = (rng.random((2, 9, 11)) < 0.6).astype(dtype)
+    pad = (rng.random((2, 11)) < 0.3).astype(dtype)
+    keep = np.array([True, False, True, True])
+    source = "causal & m[b, q, kv] & (~pad[b, kv]) + where(keep[h], alibi(4), 0)"
+    module = load(source)
+    assert "m[b, q, kv] != 0" in module.SOURCE and module.make_mods(m=m, pad=pad, keep=keep)["mask_mod"] is not None
+    got = check_matches(source, tensors={"m": m, "pad": pad, "keep": keep})
+    # the same as writing the comparisons out
+    same = check_matches("causal & m[b, q, kv] != 0 & (~(pad[b, kv] != 0)) + where(keep[h] != 0, alibi(4), 0)",
+                         tensors={"m": m, "pad": pad, "keep": keep})
+    np.testing.assert_array_equal(got[0], same[0])
+
+
+def test_a_float_tensor_read_as_a_mask_is_refused_by_the_module():
+    module = load("causal & m[q, kv]")
+    with pytest.raises(ValueError, match="tensor 'm' has dtype torch.float32, but the mod reads it as a mask"):
+        module.make_mods(m=torch.ones(9, 11))
+    load("causal & m[q, kv] != 0").make_mods(m=torch.ones(9, 11))   # written out: any dtype
+    load("causal + bias(t)").make_mods(t=torch.ones(9, 11))         # added: a bias
 
 
 def test_literal_floats_are_float32():

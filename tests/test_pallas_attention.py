@@ -233,7 +233,7 @@ def test_fully_masked_rows_transform_per_head_plan(monkeypatch):
 def test_dense_bias_tensor_jit(monkeypatch):
     # A tensor read that depends on both q and kv, under jit.
     t = jax.random.normal(jax.random.PRNGKey(5), (36, 36), jnp.float32)
-    _check("causal & bias(t)", T=36, S=36, N=2, K=1, tensors={"t": t}, grads=False,
+    _check("causal + bias(t)", T=36, S=36, N=2, K=1, tensors={"t": t}, grads=False,
            monkeypatch=monkeypatch)
     q, k, v, _ = _inputs(jax.random.PRNGKey(2), 1, 36, 36, 2, 1, 16, jnp.float32)
     f = jax.jit(lambda q, k, v: pa.pallas_attention(q, k, v, mod="causal", block_sizes=SMALL,
@@ -246,7 +246,7 @@ def test_unsupported_raises():
     q = jnp.zeros((1, 16, 2, 16))
     t = jnp.zeros((2, 9))
     with pytest.raises(NotImplementedError, match="computed positions"):
-        pa.pallas_attention(q, q, q, mod="causal & relpos(t, 4)", tensors={"t": t}, interpret=True)
+        pa.pallas_attention(q, q, q, mod="causal + relpos(t, 4)", tensors={"t": t}, interpret=True)
     big = jnp.zeros((1, 16, 1, 512))
     with pytest.raises(NotImplementedError, match="head dim"):
         pa.pallas_attention(big, big, big, mod="causal", interpret=True)
