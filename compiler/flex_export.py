@@ -29,7 +29,7 @@ from scoremod.errors import ScoreModError
 from scoremod.dsl.ast import (
     Binary, BoolLit, Call, IntLit, Node, RealLit, Tensor, Unary, Var, deep_recursion, mentions, walk,
 )
-from scoremod.dsl.typecheck import BOOL, INT, NUM, REAL
+from scoremod.dsl.typecheck import BOOL, INT, NUM, REAL, promote
 from scoremod.compiler.canonical import conjuncts
 
 __all__ = ["flex_module_source", "RESERVED_TENSOR_NAMES"]
@@ -45,14 +45,6 @@ _REAL_FUNCS = {"exp": "torch.exp", "exp2": "torch.exp2", "log": "torch.log", "lo
                "sin": "torch.sin", "cos": "torch.cos"}
 
 _COMPARE = ("<", "<=", ">", ">=", "==", "!=")
-
-
-def _promote(a: str, b: str) -> str:
-    if REAL in (a, b):
-        return REAL
-    if NUM in (a, b):
-        return NUM
-    return INT
 
 
 def _float32_text(value: float) -> str:
@@ -200,13 +192,13 @@ class _Emitter:
         if op == "|":
             return self.assign("torch.logical_or({}, {})".format(*self.both_tensors(a, b, BOOL)), BOOL)
         if op in _COMPARE:
-            type_ = BOOL if a.type == BOOL else _promote(a.type, b.type)
+            type_ = BOOL if a.type == BOOL else promote(a.type, b.type)
             x, y = self.pair(a, b, type_)
             return self.assign(f"{x} {op} {y}", BOOL)
         if op in ("/", "**"):
             x, y = self.pair(a, b, REAL)
             return self.assign(f"{x} / {y}" if op == "/" else f"torch.pow({x}, {y})", REAL)
-        type_ = _promote(a.type, b.type)
+        type_ = promote(a.type, b.type)
         if op in ("+", "-", "*"):
             x, y = self.pair(a, b, type_)
             return self.assign(f"{x} {op} {y}", type_)
@@ -234,18 +226,18 @@ class _Emitter:
     def call(self, fn: str, args: list[_Value]) -> _Value:
         if fn == "where":
             c, a, b = args
-            type_ = BOOL if a.type == BOOL else _promote(a.type, b.type)
+            type_ = BOOL if a.type == BOOL else promote(a.type, b.type)
             if type_ == BOOL:
                 x, y = self.both_tensors(a, b, BOOL)
             else:
                 x, y = self.pair(a, b, type_)
             return self.assign(f"torch.where({self.tensor(c)}, {x}, {y})", type_)
         if fn in ("min", "max"):
-            type_ = _promote(args[0].type, args[1].type)
+            type_ = promote(args[0].type, args[1].type)
             x, y = self.both_tensors(args[0], args[1], type_)
             return self.assign(f"torch.{'minimum' if fn == 'min' else 'maximum'}({x}, {y})", type_)
         if fn == "clip":
-            type_ = _promote(_promote(args[0].type, args[1].type), args[2].type)
+            type_ = promote(promote(args[0].type, args[1].type), args[2].type)
             x, lo = self.both_tensors(args[0], args[1], type_)
             hi = self.tensor(args[2], REAL if type_ == REAL else None) if args[2].literal else self.as_type(args[2], type_)
             return self.assign(f"torch.minimum(torch.maximum({x}, {lo}), {hi})", type_)

@@ -16,7 +16,7 @@ import struct
 from functools import lru_cache
 from typing import Callable
 
-from scoremod.dsl.ast import Binary, BoolLit, Call, IntLit, Node, RealLit, Tensor, Unary, Var, COMPARE_OPS
+from scoremod.dsl.ast import Binary, BoolLit, Call, IntLit, Node, RealLit, Unary, Var, COMPARE_OPS, with_children
 from scoremod.dsl.printer import to_source
 from scoremod.dsl.typecheck import BOOL, INT, INT32_MAX, INT32_MIN, type_of
 
@@ -751,17 +751,6 @@ def _rules_by_key(names: tuple[str, ...]) -> tuple[dict, list]:
     return by_key, [r[1:] for r in ordered if r[0] is None]
 
 
-def _rebuild(node: Node, children: list[Node]) -> Node:
-    if isinstance(node, Binary):
-        return Binary(node.op, children[0], children[1], span=node.span)
-    if isinstance(node, Unary):
-        return Unary(node.op, children[0], span=node.span)
-    if isinstance(node, Call):
-        return Call(node.fn, tuple(children), span=node.span)
-    if isinstance(node, Tensor):
-        return Tensor(node.name, tuple(children), span=node.span)
-    return node
-
 
 def _tree_size(root: Node) -> int:
     """Nodes in ``root`` counted as a tree (a shared subtree once per use)."""
@@ -827,7 +816,7 @@ class _Run:
                         continue
                     for a, b in zip(new, kids):
                         if a is not b:
-                            result = _rebuild(node, new)
+                            result = with_children(node, new)
                             break
                     out = self.rewrite(result)
                     if out is not None:

@@ -217,6 +217,20 @@ def make_error(cls, message: str, *, source: str | None = None, span: Span | Non
     return cls(clip_long_words(message), source=source, span=span, hint=clip_long_words(hint))
 
 
+def with_children(node: Node, children) -> Node:
+    """``node`` rebuilt with ``children`` in place of its own (same kind, op, name, span);
+    a leaf is returned as it is."""
+    if isinstance(node, Binary):
+        return Binary(node.op, children[0], children[1], span=node.span)
+    if isinstance(node, Unary):
+        return Unary(node.op, children[0], span=node.span)
+    if isinstance(node, Call):
+        return Call(node.fn, tuple(children), span=node.span)
+    if isinstance(node, Tensor):
+        return Tensor(node.name, tuple(children), span=node.span)
+    return node
+
+
 def walk(node: Node):
     """Every node of the tree, parents before children (iterative: trees may be deep)."""
     stack = [node]

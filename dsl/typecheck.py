@@ -15,10 +15,10 @@ from __future__ import annotations
 
 from scoremod.errors import ScoreModTypeError
 from scoremod.dsl.ast import (
-    Binary, BoolLit, Call, IntLit, Node, RealLit, Tensor, Unary, Var, COMPARE_OPS, make_error, mentions,
+    Binary, BoolLit, Call, IntLit, Node, RealLit, Tensor, Unary, Var, COMPARE_OPS, make_error, mentions, with_children,
 )
 
-__all__ = ["BOOL", "INT", "REAL", "NUM", "check", "type_of", "top_level_parts", "read_masks"]
+__all__ = ["BOOL", "INT", "REAL", "NUM", "check", "type_of", "top_level_parts", "read_masks", "promote"]
 
 BOOL, INT, REAL, NUM = "bool", "int", "real", "num"
 # The range of int (docs/language.md, "8. Arithmetic"): literals, positions, ids, offsets.
@@ -27,7 +27,8 @@ INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 _MAX_SNIPPET = 60
 
 
-def _promote(a: str, b: str) -> str:
+def promote(a: str, b: str) -> str:
+    """The type of an arithmetic result of types ``a`` and ``b`` (real > num > int)."""
     if REAL in (a, b):
         return REAL
     if NUM in (a, b):
@@ -106,7 +107,7 @@ class _Checker:
                            f"{self.snippet(node.rhs)} are {kinds}", node, "add biases with '+'")
             if BOOL in (a, b):
                 return REAL, True  # the mask reads as a bias: 0 where it holds, -inf elsewhere
-            return _promote(a, b), ma or mb
+            return promote(a, b), ma or mb
         t = self.inner(node)
         return t, t == BOOL
 
@@ -202,7 +203,7 @@ class _Checker:
             if op == "&":
                 self.error(f"'&' needs a mask on at least one side; {self.snippet(node.lhs)} and "
                            f"{self.snippet(node.rhs)} are numbers", node, "add numbers with '+'")
-            return _promote(a, b)
+            return promote(a, b)
         if op == "|":
             self.mask(node.lhs, "'|'")
             self.mask(node.rhs, "'|'")
@@ -225,7 +226,7 @@ class _Checker:
                        "\"8. Arithmetic\")")
         if op in ("/", "**"):
             return REAL
-        return _promote(a, b)
+        return promote(a, b)
 
     def _call(self, node: Call) -> str:
         fn, args = node.fn, node.args
@@ -235,12 +236,12 @@ class _Checker:
             if (a == BOOL) != (b == BOOL):
                 self.error("where's branches must both be masks or both be numbers", node,
                            "to use a mask as a number write where(mask, 1, 0)")
-            return BOOL if a == BOOL else _promote(a, b)
+            return BOOL if a == BOOL else promote(a, b)
         types = [self.number(a, f"{fn}()") for a in args]
         if fn in ("abs", "sign", "min", "max", "clip"):
             t = types[0]
             for u in types[1:]:
-                t = _promote(t, u)
+                t = promote(t, u)
             return t
         if fn in ("floor", "ceil"):
             return INT if types[0] == INT else (NUM if types[0] == NUM else INT)
@@ -261,18 +262,6 @@ def _mask_positions(node: Node) -> tuple[bool, ...]:
     if isinstance(node, Call) and node.fn == "where":
         return (True, False, False)
     return (False,) * len(node.children())
-
-
-def _with_children(node: Node, children: list[Node]) -> Node:
-    if isinstance(node, Binary):
-        return Binary(node.op, children[0], children[1], span=node.span)
-    if isinstance(node, Unary):
-        return Unary(node.op, children[0], span=node.span)
-    if isinstance(node, Call):
-        return Call(node.fn, tuple(children), span=node.span)
-    if isinstance(node, Tensor):
-        return Tensor(node.name, tuple(children), span=node.span)
-    return node
 
 
 def read_masks(node: Node) -> tuple[Node, tuple[str, ...]]:
@@ -307,7 +296,7 @@ def read_masks(node: Node) -> tuple[Node, tuple[str, ...]]:
                 c = Binary("!=", c, IntLit(0, span=c.span), span=c.span)
             new.append(c)
         changed = any(a is not b for a, b in zip(new, kids))
-        done[id(n)] = _with_children(n, new) if changed else n
+        done[id(n)] = with_children(n, new) if changed else n
         keep.append(n)
     return done[id(node)], tuple(names)
 
