@@ -53,7 +53,7 @@ from scoremod.compiler.tensors import check_missing_tensors, check_tensors, mask
 __all__ = [
     "BlockPlan", "EMPTY", "PARTIAL", "FULL", "build_plan", "check_offset", "check_positions", "compact_rows", "plan_from_classes",
     "plan_grid_shape",
-    "validate_plan_sizes", "check_tensors", "MAX_GRID_CELLS", "TRACE_COUNTS", "merged_list", "ragged_edge",
+    "validate_plan_sizes", "check_tensors", "plan_is_static", "MAX_GRID_CELLS", "TRACE_COUNTS", "merged_list", "ragged_edge",
     "split_lists",
 ]
 
@@ -370,6 +370,13 @@ _jitted_plan = jax.jit(_traced_plan, static_argnames=("mask", "q_len", "kv_len",
                                                       "batch", "heads"))
 
 
+def plan_is_static(mask, q_offset, kv_offset) -> bool:
+    """Whether ``build_plan`` builds this plan with NumPy at trace time (and caches it): the
+    mask (IR, Canonical or Mod) reads no tensor and both offsets are Python ints."""
+    mask = mask_of(mask)
+    return (mask is None or not tensor_names(mask)) and isinstance(q_offset, int) and isinstance(kv_offset, int)
+
+
 def build_plan(mask, *, q_len: int, kv_len: int, block_q: int = 128, block_kv: int = 128, batch: int = 1,
                heads: int = 1, q_offset=0, kv_offset=0, tensors: Mapping[str, Any] | None = None) -> BlockPlan:
     """The block plan of ``mask`` for these sizes (layout in the module docstring).
@@ -404,7 +411,7 @@ def build_plan(mask, *, q_len: int, kv_len: int, block_q: int = 128, block_kv: i
         raise ScoreModShapeError(
             f"the block grid {list(shape)} has {cells:,} cells, more than {MAX_GRID_CELLS:,}",
             hint=f"use larger blocks (block_q={block_q}, block_kv={block_kv})")
-    static = not used and isinstance(q_offset, int) and isinstance(kv_offset, int)
+    static = plan_is_static(mask, q_offset, kv_offset)
     sizes = dict(q_len=int(q_len), kv_len=int(kv_len), block_q=int(block_q), block_kv=int(block_kv),
                  batch=int(batch), heads=int(heads))
     if static:

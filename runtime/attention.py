@@ -26,8 +26,8 @@ from scoremod.errors import ScoreModError, ScoreModShapeError, ScoreModTensorErr
 from scoremod.dsl.ast import Tensor, walk
 from scoremod.compiler.tensors import check_tensors as check_read_shapes, read_tensors
 from scoremod.compiler.mod import Mod, compile_mod
-from scoremod.compiler.plan import check_positions
-from scoremod.runtime.attention_plan import AttentionPlan, PlanRecorder, decided_at_trace_time
+from scoremod.compiler.plan import check_positions, plan_is_static
+from scoremod.runtime.attention_plan import AttentionPlan, PlanRecorder
 from scoremod.runtime.sinks import add_sinks, check_sinks
 from scoremod.runtime.context_parallel import (BALANCED_CHUNKS_PER_DEVICE, context_attention,
                                                local_axis_size, local_context_attention)
@@ -98,7 +98,7 @@ def attention(query, key, value, *, mod=None, scale=None, q_offset=0, kv_offset=
                              implementation=implementation, return_lse=True, mesh=mesh, context_axis=context_axis,
                              context_layout=context_layout, context_strategy=context_strategy, plan=plan,
                              **tensors)
-        out, lse = add_sinks(out, lse, check_sinks(sinks, out.shape[2]))
+        out, lse = add_sinks(out, lse, sinks)   # checked above: the call raised unless query is 4-D
         return (out, lse) if return_lse else out
     context = (mesh, context_axis, context_layout, context_strategy)
     if plan is not None:
@@ -286,7 +286,7 @@ def plan(mod, q_len: int, kv_len: int | None = None, *, batch: int = 1, heads: i
     chosen = next(name for name, why in record if why is None)
     built = AttentionPlan(mod, int(batch), int(q_len), int(kv_len), int(heads), int(kv_heads), int(head_dim),
                           dtype.name, chosen, q_offset, kv_offset, dict(tensors))
-    if decided_at_trace_time(mod, q_offset, kv_offset):
+    if plan_is_static(mod, q_offset, kv_offset):
         return built
     from scoremod.compiler.plan import build_plan
     plans = {(bq, bkv): build_plan(mod, q_len=q_len, kv_len=kv_len, block_q=bq, block_kv=bkv, batch=batch,

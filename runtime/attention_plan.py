@@ -30,20 +30,10 @@ from typing import Any
 import jax
 
 from scoremod.compiler.mod import Mod
-from scoremod.compiler.plan import BlockPlan, build_plan
-from scoremod.compiler.tensors import mask_of
-from scoremod.dsl.ast import tensor_names
+from scoremod.compiler.plan import BlockPlan, build_plan, plan_is_static
 from scoremod.errors import ScoreModError
 
-__all__ = ["AttentionPlan", "PlanRecorder", "plan_for", "decided_at_trace_time"]
-
-
-def decided_at_trace_time(mod: Mod, q_offset, kv_offset) -> bool:
-    """Whether ``mod``'s block plans are built with NumPy at trace time (and cached): its
-    mask reads no tensor and both offsets are Python ints."""
-    mask = mask_of(mod)
-    static_mask = mask is None or not tensor_names(mask)
-    return static_mask and isinstance(q_offset, int) and isinstance(kv_offset, int)
+__all__ = ["AttentionPlan", "PlanRecorder", "plan_for"]
 
 
 @jax.tree_util.register_pytree_node_class
@@ -79,7 +69,7 @@ class AttentionPlan:
     @property
     def static(self) -> bool:
         """True when the mask's plans are decided at trace time (nothing to carry)."""
-        return decided_at_trace_time(self.mod, self.q_offset, self.kv_offset)
+        return plan_is_static(self.mod, self.q_offset, self.kv_offset)
 
     def block_plan(self, block_q: int, block_kv: int) -> BlockPlan:
         """The ``BlockPlan`` of (block_q, block_kv); ``ScoreModError`` if this plan does not hold it."""

@@ -31,8 +31,8 @@ from jax import lax
 from scoremod.compiler.mod import Mod
 from scoremod.errors import ScoreModShapeError
 from scoremod.compiler.intervals import num_blocks
-from scoremod.compiler.plan import EMPTY, build_plan, compact_rows
-from scoremod.runtime.attention_plan import decided_at_trace_time, plan_for
+from scoremod.compiler.plan import EMPTY, build_plan, compact_rows, plan_is_static
+from scoremod.runtime.attention_plan import plan_for
 
 __all__ = ["xla_attention", "XlaBlockSizes"]
 
@@ -100,7 +100,7 @@ def xla_attention(query, key, value, *, mod: Mod, scale: float, q_offset=0, kv_o
     # A plan decided at trace time is built inside (NumPy, cached); one from tensor values
     # or array offsets is an argument, so a plan given by the caller is used as it is.
     plan = None
-    if mod.canonical.has_mask and not decided_at_trace_time(mod, q_offset, kv_offset):
+    if mod.canonical.has_mask and not plan_is_static(mod, q_offset, kv_offset):
         plan = plan_for(plans, mod, q_len=T, kv_len=S, block_q=cfg.block_q, block_kv=cfg.block_kv, batch=B,
                         heads=query.shape[2], q_offset=q_offset, kv_offset=kv_offset, tensors=tensors)
     return _attention_jit(cfg, query, key, value, tensors, _offset_array(q_offset, B), _offset_array(kv_offset, B),
