@@ -4,8 +4,12 @@ A ``TileProgram`` is built from a canonical form and the ranks of the tensors it
 reads. Each distinct tensor read becomes a ``TensorRead``; the runtime materializes it
 once per call as a 4-D array ``[B|1, H|1, T|1, S|1]`` (an axis is 1 when the read does
 not depend on it) and the kernel hands the tile's slice of it back to the program.
-Reads whose indices are not plain positions (``t[h, clip(q - kv, -m, m) + m]``) are
-"gather" reads: the XLA path runs them, kernels do not (``kernel_support`` says why).
+Reads whose indices are not plain positions (``t[h, clip(q - kv, -m, m) + m]``,
+``t[abs(q - kv)]``, ``t[0, b, h, q]``) are "gather" reads: the runtime hands the kernel
+the whole table and the program computes the indices on the tile and gathers through a
+``TableLookup`` (clipped into range like every read). Kernels that cannot gather (mosaic,
+the paged kernel) decline them (``kernel_support`` says why); a read whose index depends
+on ``score`` is declined by every kernel.
 
     prog = TileProgram.build(mod.canonical, {"ids": 2})
     tile = prog.logits(scores, b=b, h=h, q=q_pos[:, None], kv=kv_pos[None, :], reads=tiles)
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Callable
 
 import jax.numpy as jnp
 
@@ -24,9 +29,12 @@ from scoremod.compiler.canonical import Canonical
 from scoremod.compiler.derivative import derivative
 from scoremod.compiler.lowering import emit, gather_read, logits_from_canonical, values_from_canonical
 
-__all__ = ["TensorRead", "TileProgram", "AXES"]
+__all__ = ["TensorRead", "TableLookup", "TileProgram", "AXES", "MAX_TABLE_SIZE"]
 
 AXES = ("b", "h", "q", "kv")
+
+# Gathers index a table by a flat int32 offset (row-major), so a table holds fewer elements.
+MAX_TABLE_SIZE = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -40,6 +48,11 @@ class TensorRead:
     @property
     def name(self) -> str:
         return self.node.name
+
+    @property
+    def reads_score(self) -> bool:
+        """Whether an index depends on ``score`` (no kernel can gather at such an index)."""
+        return any(mentions(i, "score") for i in used_indices(self.node.indices, self.rank))
 
     def shape(self, batch: int, heads: int, q_len: int, kv_len: int) -> tuple[int, int, int, int]:
         """Shape of the materialized read: ``[B|1, H|1, T|1, S|1]``."""
@@ -56,6 +69,30 @@ def _read_of(node: Tensor, rank: int) -> TensorRead:
     return TensorRead(node, rank, axes, gather=not plain)
 
 
+@dataclass(frozen=True, eq=False)
+class TableLookup:
+    """A whole table that a kernel lets a tile program gather from (a gather read).
+
+    shape: the table's shape (rank >= 1). load(flat): the table's elements at int32
+    row-major offsets ``flat`` (an array of any shape, every offset in range), e.g.
+    ``lambda flat: table_ref[flat]`` on the flattened table in a Pallas kernel.
+    """
+    shape: tuple[int, ...]
+    load: Callable
+
+    def gather(self, indices):
+        """``table[indices]`` with the language's rules (docs/language.md, "7. Tensors"):
+        right-aligned indices, each clipped into ``[0, dim - 1]``, as ``gather_read``
+        does on the XLA path. indices: int arrays that broadcast together (a tile's
+        ``[bq|1, bkv|1]`` or scalars)."""
+        used = used_indices(indices, len(self.shape))
+        flat = None
+        for index, dim in zip(used, self.shape):
+            index = jnp.minimum(jnp.maximum(jnp.asarray(index, jnp.int32), 0), dim - 1)
+            flat = index if flat is None else flat * dim + index
+        return self.load(flat)
+
+
 class _TileEnv:
     def __init__(self, program: "TileProgram", variables: dict, reads):
         self.program = program
@@ -67,6 +104,8 @@ class _TileEnv:
 
     def tensor(self, node, indices):
         value = self.reads[self.program.read_index[node]]
+        if isinstance(value, TableLookup):
+            value = jnp.asarray(value.gather(indices))
         if value.dtype == jnp.bool_ or jnp.issubdtype(value.dtype, jnp.integer):
             return value.astype(jnp.int32)
         return value.astype(jnp.float32)
@@ -87,14 +126,25 @@ class TileProgram:
     def read_index(self) -> dict[Tensor, int]:
         return {r.node: i for i, r in enumerate(self.reads)}
 
-    def kernel_support(self) -> tuple[bool, str]:
-        """(True, "") when a kernel can run this program, else (False, why)."""
+    def kernel_support(self, *, gathers: bool = False) -> tuple[bool, str]:
+        """(True, "") when a kernel can run this program, else (False, why).
+
+        gathers: the kernel takes gather reads (computed indices) as whole tables and
+        lets the program gather from them per tile (``TableLookup``: the Pallas kernel).
+        Without it (mosaic, the paged kernel) only reads at plain b, h, q, kv run.
+        A read whose index depends on ``score`` runs in no kernel.
+        """
         if mentions(self.canonical.mask, "score"):
             return False, "the mask reads score; kernels decide masks from positions and tensors only"
         for r in self.reads:
-            if r.gather:
+            if r.reads_score:
+                return False, (f"tensor read {r.node} indexes by score; kernels gather tables "
+                               "at indices computed from positions and tensors only")
+        for r in self.reads:
+            if r.gather and not gathers:
                 return False, (f"tensor read {r.node} indexes by computed positions; "
-                               "kernels take reads indexed by plain b, h, q, kv")
+                               "this kernel takes reads indexed by plain b, h, q, kv "
+                               "(the pallas kernel gathers such reads)")
         return True, ""
 
     def mask_reads(self) -> tuple[int, ...]:
@@ -105,14 +155,19 @@ class TileProgram:
     # -- materializing reads (outside kernels) --
     def materialize_reads(self, tensors: dict, batch: int, heads: int,
                           q_positions, kv_positions) -> list:
-        """Each read as a 4-D array ``[B|1, H|1, T|1, S|1]`` (see ``TensorRead.shape``).
+        """Each plain read as a 4-D array ``[B|1, H|1, T|1, S|1]`` (see ``TensorRead.shape``);
+        each gather read as its whole table (the tensor in its own shape, int32 for int
+        and bool tensors, float32 for floats), for a kernel to gather from per tile
+        through a ``TableLookup``.
 
         q_positions: int32[B, T] absolute query positions; kv_positions: int32[B, S].
         """
         out = []
         for r in self.reads:
             if r.gather:
-                out.append(None)
+                table = jnp.asarray(tensors[r.name])
+                integral = table.dtype == jnp.bool_ or jnp.issubdtype(table.dtype, jnp.integer)
+                out.append(table.astype(jnp.int32 if integral else jnp.float32))
                 continue
             b = jnp.arange(batch, dtype=jnp.int32)[:, None, None, None] if "b" in r.axes else jnp.zeros((1, 1, 1, 1), jnp.int32)
             h = jnp.arange(heads, dtype=jnp.int32)[None, :, None, None] if "h" in r.axes else jnp.zeros((1, 1, 1, 1), jnp.int32)
@@ -137,7 +192,11 @@ class TileProgram:
         return _TileEnv(self, {"score": scores, "b": b, "h": h, "q": q, "kv": kv}, reads)
 
     def logits(self, scores, *, b, h, q, kv, reads=()):
-        """``where(M, T(score) + B, -inf)`` on a tile; f32 ``[bq, bkv]``."""
+        """``where(M, T(score) + B, -inf)`` on a tile; f32 ``[bq, bkv]``.
+
+        reads: one entry per ``self.reads``: the tile of a plain read (``[bq|1, bkv|1]``),
+        a ``TableLookup`` for a gather read, or None for a read this function does not use.
+        """
         return logits_from_canonical(self.canonical, self._env(scores, b, h, q, kv, reads))
 
     def values(self, scores, *, b, h, q, kv, reads=()):

@@ -28,7 +28,7 @@ from jax.experimental import pallas as pl
 from scoremod.runtime._triton import compiler_params
 from scoremod.runtime._pallas_common import (
     LOG2E, KernelConfig, ReadSet, dot, exp2, dscore, fixed_reads, listed_span, load_row_stats, load_rows,
-    offset_and_plan_specs, read_spec, span, store, tile_logits2, tile_valid, values_and_all_reads)
+    offset_and_plan_specs, read_specs, span, store, tile_logits2, tile_valid, values_and_all_reads)
 
 
 def _safe_lse2(lse):
@@ -118,7 +118,7 @@ def backward_dq(cfg: KernelConfig, q, k, v, do, lse, delta, plan_arrays, reads, 
     in_specs = [
         *offset_and_plan_specs(B, (fcounts, findices, pcounts, pindices), grid_fn),
         q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec,
-    ] + [read_spec(s, grid_fn) for s in cfg.read_shapes]
+    ] + read_specs(cfg, grid_fn)
     kernel = functools.partial(_dq_kernel, cfg=cfg, read_set=read_set)
     return pl.pallas_call(
         kernel,
@@ -212,7 +212,7 @@ def backward_dkv(cfg: KernelConfig, q, k, v, do, lse, delta, plan_arrays, reads,
     in_specs = [
         *offset_and_plan_specs(B, (fcounts, findices, pcounts, pindices), grid_fn),
         q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec,
-    ] + [read_spec(s, grid_fn) for s in cfg.read_shapes]
+    ] + read_specs(cfg, grid_fn)
     if G == 1:
         out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
     else:  # one share per query head, summed over the group below

@@ -3,9 +3,12 @@
 * ``KernelConfig``: everything static about one call (shapes, blocks, the tile program).
 * ``TileLogits``: the logits of one (q-block, kv-block) tile, FULL fast path or PARTIAL
   path (mask evaluated), with ragged edges masked, in base 2 (``log2(e) * logit``).
-* read helpers: tensor reads of the ``TileProgram`` arrive as 4-D arrays
+* read helpers: plain tensor reads of the ``TileProgram`` arrive as 4-D arrays
   ``[B|1, N|1, T|1, S|1]``; each kernel gets a BlockSpec that selects the program's
   (b, h) and keeps whole T|1 and S|1 axes, and loads the tile's slice by dynamic index.
+  Gather reads (computed indices, ``relpos``) arrive as whole tables, flattened; every
+  program sees the whole table and the tile program gathers from it at the indices it
+  computes (``TableLookup``: an integer-array load, a gather in Triton).
 
 All loads that can run past the end of an array go through ``pltriton.load`` with a mask
 and ``other``: Triton reads raw pointers (an unmasked load past the end reads garbage),
@@ -14,6 +17,7 @@ and interpret mode pads with NaN.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -24,7 +28,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from scoremod.dsl.ast import walk
-from scoremod.compiler.tile import TileProgram
+from scoremod.compiler.tile import TableLookup, TileProgram
 
 if TYPE_CHECKING:  # (pallas_attention imports this module)
     from scoremod.runtime.pallas_attention import PallasBlockSizes
@@ -80,7 +84,7 @@ class KernelConfig:
     heads: int                    # N, query heads
     kv_heads: int                 # K
     head_dim: int
-    read_shapes: tuple            # 4-D shape of each materialized read
+    read_shapes: tuple            # 4-D shape of each materialized read; a gather read's table shape
     interpret: bool
     blocks: "PallasBlockSizes"    # the call's tiling, each block clamped to the sequence
     debug_counts: bool = False
@@ -201,6 +205,24 @@ def read_spec(shape, grid_fn):
     return pl.BlockSpec((None, None, t1, s1), index_map)
 
 
+def read_specs(cfg: KernelConfig, grid_fn):
+    """BlockSpecs of every read argument: ``read_spec`` for plain reads, the whole
+    flattened table for gather reads (``flat_reads``)."""
+    specs = []
+    for r, shape in zip(cfg.program.reads, cfg.read_shapes):
+        if r.gather:
+            specs.append(pl.BlockSpec((math.prod(shape),), lambda *pids: (0,)))
+        else:
+            specs.append(read_spec(shape, grid_fn))
+    return specs
+
+
+def flat_reads(program: TileProgram, reads):
+    """The read arguments of the kernels: plain reads as they are, gather reads' tables
+    flattened (the tile program gathers by row-major offset, ``TableLookup``)."""
+    return tuple(jnp.reshape(a, (-1,)) if r.gather else a for r, a in zip(program.reads, reads))
+
+
 def load_read(ref, shape, *, q_start, block_q, q_valid, kv_start, block_kv, kv_valid):
     """The tile of a read: ``[bq|1, bkv|1]`` (int32 or f32), zeros past the ends."""
     _, _, t1, s1 = shape
@@ -219,13 +241,15 @@ def load_read(ref, shape, *, q_start, block_q, q_valid, kv_start, block_kv, kv_v
 
 class ReadSet:
     """Which reads a tile needs and when: q-only reads once per program, kv reads per tile;
-    reads only the mask uses are loaded on PARTIAL tiles only."""
+    reads only the mask uses are loaded on PARTIAL tiles only; gather reads (``tables``)
+    are gathered by the tile program from the whole table, when it evaluates them."""
 
     def __init__(self, program: TileProgram, shapes):
         self.shapes = tuple(shapes)
         n = len(self.shapes)
         mask_reads = set(program.mask_reads())
         self.mask_only = frozenset(i for i in mask_reads if not self._used_by_values(program, i))
+        self.tables = frozenset(i for i, r in enumerate(program.reads) if r.gather)
         self.n = n
 
     @staticmethod
@@ -235,6 +259,11 @@ class ReadSet:
             if part is not None and any(n == node for n in walk(part)):
                 return True
         return False
+
+
+def _gather_load(table_ref, flat):
+    # An integer-array index into a 1-D ref: a gather (Triton: one pointer per element).
+    return table_ref[flat]
 
 
 def tile_reads(read_set: ReadSet, refs, *, q_start, block_q, q_valid, kv_start, block_kv,
@@ -278,9 +307,14 @@ def fixed_reads(read_set: ReadSet, refs, *, q_start, block_q, q_valid, kv_start=
 
     kv_fixed=False (q-major kernels): reads that do not depend on kv.
     kv_fixed=True (kv-major kernels): reads that do not depend on q.
+    Gather reads are here too, as a ``TableLookup`` on the whole table: it loads nothing
+    until the tile program gathers through it on a tile.
     """
     out = {}
     for i in range(read_set.n):
+        if i in read_set.tables:
+            out[i] = TableLookup(tuple(read_set.shapes[i]), functools.partial(_gather_load, refs[i]))
+            continue
         t1, s1 = read_set.shapes[i][2], read_set.shapes[i][3]
         if (not kv_fixed and s1 == 1) or (kv_fixed and t1 == 1):
             out[i] = load_read(refs[i], read_set.shapes[i], q_start=q_start, block_q=block_q,

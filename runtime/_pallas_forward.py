@@ -20,7 +20,7 @@ from jax.experimental import pallas as pl
 
 from scoremod.runtime._triton import compiler_params
 from scoremod.runtime._pallas_common import (
-    LN2, KernelConfig, ReadSet, dot, exp2, fixed_reads, listed_span, load_rows, offset_and_plan_specs, read_spec,
+    LN2, KernelConfig, ReadSet, dot, exp2, fixed_reads, listed_span, load_rows, offset_and_plan_specs, read_specs,
     span, store, tile_logits2, tile_reads)
 
 
@@ -124,7 +124,7 @@ def forward(cfg: KernelConfig, q, k, v, plan_arrays, reads, q_off, kv_off):
         pl.BlockSpec((None, cfg.blocks.block_q, None, hp), lambda i, b, h: (b, nq - 1 - i, h, 0)),
         pl.BlockSpec((None, cfg.kv_len, None, hp), lambda i, b, h: (b, 0, h // G, 0)),
         pl.BlockSpec((None, cfg.kv_len, None, hp), lambda i, b, h: (b, 0, h // G, 0)),
-    ] + [read_spec(s, grid_fn) for s in cfg.read_shapes]
+    ] + read_specs(cfg, grid_fn)
     out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype),
                  jax.ShapeDtypeStruct((B, N, T), jnp.float32)]
     out_specs = [pl.BlockSpec((None, cfg.blocks.block_q, None, hp), lambda i, b, h: (b, nq - 1 - i, h, 0)),

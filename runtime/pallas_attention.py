@@ -29,11 +29,11 @@ import numpy as np
 
 from scoremod.compiler.plan import merged_list, ragged_edge, split_lists
 from scoremod.compiler.tensors import check_missing_tensors
-from scoremod.compiler.tile import TileProgram
+from scoremod.compiler.tile import MAX_TABLE_SIZE, TileProgram
 from scoremod.errors import ScoreModShapeError
 from scoremod.runtime._dispatch import FLOAT_DTYPES, as_mod, kernel_input_reason
 from scoremod.runtime.attention_plan import plan_for
-from scoremod.runtime._pallas_common import KernelConfig
+from scoremod.runtime._pallas_common import KernelConfig, flat_reads
 from scoremod.runtime._triton import MIN_TILE, pltriton
 from scoremod.runtime._pallas_forward import forward as _forward
 from scoremod.runtime._pallas_backward import backward_dkv as _backward_dkv
@@ -138,9 +138,14 @@ def check_supported(mod, query, key, value, tensors=None) -> TileProgram:
     if why:
         raise NotImplementedError(why)
     program = TileProgram.build(mod.canonical, {n: jnp.ndim(t) for n, t in tensors.items()})
-    ok, why = program.kernel_support()
+    ok, why = program.kernel_support(gathers=True)
     if not ok:
         raise NotImplementedError(f"pallas kernel cannot run {mod}: {why}")
+    for r in program.reads:
+        if r.gather and math.prod(jnp.shape(tensors[r.name])) > MAX_TABLE_SIZE:
+            raise NotImplementedError(f"pallas kernel cannot run {mod}: tensor read {r.node} gathers from "
+                                      f"'{r.name}' of shape {jnp.shape(tensors[r.name])}, more than "
+                                      f"{MAX_TABLE_SIZE} elements (int32 offsets)")
     return program
 
 
@@ -210,6 +215,7 @@ def prepare(mod, program: TileProgram, query, key, value, *, scale=None, q_offse
     kv_positions = kv_off[:, None] + jnp.arange(S, dtype=jnp.int32)[None, :]
     reads = program.materialize_reads(tensors, B, N, q_positions, kv_positions)
     cfg = dataclasses.replace(cfg, read_shapes=tuple(tuple(r.shape) for r in reads))
+    reads = flat_reads(program, reads)   # gather reads' tables flattened (TableLookup offsets)
 
     built = {}
 

@@ -13,6 +13,9 @@ For other test authors; the main entry points:
   Values stay finite: no NaN, no +inf, no division by zero, small ints.
 * ``masks(...)`` = ``sources(kind="mask", ...)``; ``prelude_masks(...)``: one prelude mask
   name with arguments (what plans must be *exact* for).
+* ``gather_sources(kind=None)``: sources that read tables at computed indices (``relpos``,
+  ``g0[q - kv + 3]``, ``g1[h, abs(q - kv)]``, ``m0[(kv - q) % 3]`` as a mask, ...), the reads
+  a kernel gathers per tile.
 * ``ill_typed_sources()``: ``BadSource(text, error)``, sources that must be rejected with
   that ``ScoreModError`` subclass.
 * ``shapes(...)``: ``Shape(B, N, K, T, S, q_offset, kv_offset)`` with GQA, ragged sizes
@@ -45,7 +48,8 @@ from scoremod.errors import (
 )
 
 __all__ = [
-    "GeneratedSource", "BadSource", "Shape", "sources", "masks", "prelude_masks", "ill_typed_sources",
+    "GeneratedSource", "BadSource", "Shape", "sources", "masks", "prelude_masks", "gather_sources",
+    "ill_typed_sources",
     "shapes", "tensors_for", "PRELUDE_EXAMPLES",
 ]
 
@@ -484,6 +488,83 @@ def sources(draw, kind: str | None = None, with_tensors: bool = True, with_defin
 def masks(with_tensors: bool = True, with_definitions: bool = True, max_depth: int = 3):
     """Random well-typed mask sources (``sources(kind="mask", ...)``)."""
     return sources(kind="mask", with_tensors=with_tensors, with_definitions=with_definitions, max_depth=max_depth)
+
+
+@st.composite
+def gather_sources(draw, kind: str | None = None) -> GeneratedSource:
+    """A source of ``kind`` ("mask", "bias", "transform"; None: any) that reads tables at
+    computed indices ("gather" reads): ``relpos(rp2, 2)``, ``g0[q - kv + 3]``,
+    ``g1[h, abs(q - kv)]``, ``g2[b, h, clip(q - kv, -2, 2) + 2]``, ``g3[1, b, h, q]`` (a
+    literal index), ``g4[(q - kv) // 3, h]``, random index arithmetic (``//``, ``%``,
+    ``min``, ``floor``, ...), tables read as masks (``causal & m0[(kv - q) % 3]``: bool or
+    int 0/1) and inside a transform (``score * sigmoid(g5[h, ...])``). No index depends on
+    ``score``. Each read has its own table (``g*``, ``m*``, ``rp*``); ``tensors_for`` sizes
+    each to its indices' range on the grid, so negative indices are clipped to 0; shrink
+    the tables to send indices past the other end too.
+    """
+    if kind is None:
+        kind = draw(st.sampled_from(["mask", "bias", "transform"]))
+    gen = _Gen(draw, with_tensors=False, max_depth=2)
+    lit = lambda lo, hi: draw(st.integers(lo, hi))  # noqa: E731
+    names = iter(range(100))
+
+    def plus(c: int) -> str:
+        return f" + {c}" if c >= 0 else f" - {-c}"
+
+    def index() -> str:
+        form = draw(st.sampled_from(["diff", "abs", "clip", "div", "mod", "random"]))
+        if form == "diff":
+            return f"q - kv{plus(lit(-3, 6))}"
+        if form == "abs":
+            return draw(st.sampled_from(["abs(q - kv)", f"abs(kv - q{plus(lit(-3, 3))})"]))
+        if form == "clip":
+            m = lit(0, 4)
+            return f"clip(q - kv, -{m}, {m}) + {m}"
+        if form == "div":
+            return f"(q - kv) // {lit(1, 4)}{plus(lit(-2, 4))}"
+        if form == "mod":
+            return f"(kv - q) % {lit(1, 5)}"
+        return gen.int_(2).text
+
+    def table_read(prefix: str) -> str:
+        name = f"{prefix}{next(names)}"
+        form = draw(st.sampled_from(["1d", "h", "bh", "literal", "first", "2d", "relpos"]))
+        if form == "relpos" and prefix == "g":
+            m = lit(0, 4)
+            return f"relpos(rp{name[1:]}, {m})"
+        return {
+            "1d": lambda: f"{name}[{index()}]",
+            "h": lambda: f"{name}[h, {index()}]",
+            "bh": lambda: f"{name}[b, h, {index()}]",
+            "literal": lambda: f"{name}[{lit(0, 2)}, b, h, q]",
+            "first": lambda: f"{name}[{index()}, h]",
+            "2d": lambda: f"{name}[{index()}, {index()}]",
+            "relpos": lambda: f"{name}[h, {index()}]",
+        }[form]()
+
+    def mask() -> str:
+        parts = [draw(st.sampled_from(["causal", f"window({lit(1, 8)})", f"chunk({lit(2, 8)})",
+                                       f"kv > q - {lit(0, 8)}", gen.bool_(1).text]))]
+        if kind == "mask" or draw(st.booleans()):
+            parts.append(table_read("m"))
+        return " & ".join(parts)
+
+    def bias() -> str:
+        read = table_read("g")
+        form = draw(st.sampled_from(["plain", "plain", "scaled", "neg"]))
+        return {"plain": read, "scaled": f"0.5 * {read}", "neg": f"-abs({read})"}[form]
+
+    if kind == "mask":
+        text = mask()
+    else:
+        terms = [bias() for _ in range(lit(1, 2))] if kind == "bias" else []
+        if kind == "transform":
+            terms.insert(0, draw(st.sampled_from([f"score * sigmoid({table_read('g')})",
+                                                  f"score + tanh(score) * {table_read('g')}"])))
+        if draw(st.integers(0, 3)):
+            terms.append(f"({mask()})")
+        text = " + ".join(draw(st.permutations(terms)))
+    return GeneratedSource(text, kind, True)
 
 
 @st.composite

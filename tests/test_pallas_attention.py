@@ -14,12 +14,14 @@ import sys
 
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 
 import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(__file__))
 from evaluator import attention_reference  # noqa: E402  (independent float64 oracle)
+from strategies import gather_sources, shapes  # noqa: E402
 
 from scoremod.compiler.mod import compile_mod  # noqa: E402
 from scoremod.compiler.plan import BlockPlan  # noqa: E402
@@ -244,12 +246,88 @@ def test_dense_bias_tensor_jit(monkeypatch):
 
 def test_unsupported_raises():
     q = jnp.zeros((1, 16, 2, 16))
-    t = jnp.zeros((2, 9))
-    with pytest.raises(NotImplementedError, match="computed positions"):
-        pa.pallas_attention(q, q, q, mod="causal + relpos(t, 4)", tensors={"t": t}, interpret=True)
+    t = jnp.zeros((8,))
+    with pytest.raises(NotImplementedError, match="indexes by score"):
+        pa.pallas_attention(q, q, q, mod="t[clip(floor(score), 0, 7)] + score", tensors={"t": t}, interpret=True)
     big = jnp.zeros((1, 16, 1, 512))
     with pytest.raises(NotImplementedError, match="head dim"):
         pa.pallas_attention(big, big, big, mod="causal", interpret=True)
+
+
+# ---- tables read at computed indices (gathered per tile) ---------------------------------------
+
+def test_relpos_gqa_offsets_one_loop(monkeypatch):
+    # relpos gathers t[h, clip(q - kv, -4, 4) + 4] per tile; GQA, per-batch offsets,
+    # ragged T and S, the one-loop kernels (the gather inside the per-tile branch).
+    t = jax.random.normal(jax.random.PRNGKey(7), (2, 9), jnp.float32)
+    one_loop = dataclasses.replace(SMALL, fwd_one_loop=True, bwd_one_loop=True)
+    _check("causal + relpos(t, 4)", B=2, T=20, S=36, N=2, K=1, q_offset=jnp.array([16, 9]),
+           kv_offset=jnp.array([0, 2]), tensors={"t": t}, block_sizes=one_loop, monkeypatch=monkeypatch)
+
+
+def test_gather_out_of_range_bool_table_mask_and_fully_masked_rows(monkeypatch):
+    # t[q - kv + 131] runs past the end of t (clipped to its last element, as xla and the
+    # evaluator do), u's index runs below 0 (clipped to 0); a bool table gathered in the
+    # mask (PARTIAL tiles only); rows q < 20 see no key: output 0, lse -inf, zero grads.
+    rng = np.random.default_rng(3)
+    tensors = {"t": jnp.asarray(rng.standard_normal(150), jnp.float32),
+               "u": jnp.asarray(rng.standard_normal((2, 30)), jnp.float32),
+               "m": jnp.asarray(rng.random(7) < 0.6)}
+    mod = "(kv >= 20 & causal & m[abs(q - kv) % 7]) + t[q - kv + 131] + 0.5 * u[h, (q - kv) // 2 - 3]"
+    out, lse = _check(mod, B=1, T=36, S=36, N=2, K=1, tensors=tensors, monkeypatch=monkeypatch)
+    np.testing.assert_array_equal(np.asarray(out)[:, :20], 0.0)
+    assert np.isneginf(np.asarray(lse)[:, :, :20]).all()
+
+
+def test_gather_literal_nested_and_transform(monkeypatch):
+    # t[1, b, h, q]: a literal index; s[h, which, q]: an index that is another read (a
+    # runtime scalar); a transform whose derivative in score gathers (score * sigmoid(g[...])).
+    rng = np.random.default_rng(4)
+    B, T, S, N = 2, 20, 18, 2
+    tensors = {"t": jnp.asarray(rng.standard_normal((2, B, N, T)), jnp.float32),
+               "s": jnp.asarray(rng.standard_normal((N, 2, T)), jnp.float32),
+               "which": jnp.int32(1),
+               "g": jnp.asarray(rng.standard_normal((N, 3)), jnp.float32)}
+    mod = "score * sigmoid(g[h, (q - kv) // 4 % 3]) + t[1, b, h, q] + s[h, which, q] + (kv <= q + 2)"
+    _check(mod, B=B, T=T, S=S, N=N, K=1, q_offset=3, tensors=tensors, monkeypatch=monkeypatch)
+
+
+def test_gather_tables_get_no_gradient_from_the_kernel():
+    # A differentiated float table: the kernel declines (attention() falls through to xla).
+    q, k, v, _ = _inputs(jax.random.PRNGKey(0), 1, 16, 16, 2, 1, 16, jnp.float32)
+    t = jnp.zeros((2, 9))
+    loss = lambda t: pa.pallas_attention(q, k, v, mod="causal + relpos(t, 4)", tensors={"t": t},  # noqa: E731
+                                         block_sizes=SMALL, interpret=True).sum()
+    with pytest.raises(NotImplementedError, match="do not give tensor parameters gradients"):
+        jax.grad(loss)(t)
+
+
+@pytest.mark.skipif(pa.pltriton is None, reason="this jax has no Pallas Triton")
+def test_gather_reads_lower_through_triton():
+    # The Triton lowering (no GPU needed to lower) takes the integer-array loads of the
+    # gathers: forward (one loop) and both backward kernels; a scalar index (u[h + 1]) too.
+    q = jnp.zeros((1, 128, 2, 64), jnp.bfloat16)
+    tensors = {"t": jnp.zeros((2, 9)), "m": jnp.zeros((7,), bool), "u": jnp.ones(3)}
+    bs = dataclasses.replace(SMALL, block_q=64, block_kv=64, block_q_dq=32, block_kv_dq=32, block_q_dkv=32,
+                             block_kv_dkv=32, fwd_one_loop=True)
+    mod = "(causal & m[abs(q - kv) % 7]) + relpos(t, 4) + u[h + 1]"
+
+    def loss(q):
+        out = pa.pallas_attention(q, q, q, mod=mod, tensors=tensors, block_sizes=bs, interpret=False)
+        return out.astype(jnp.float32).sum()
+    text = jax.jit(jax.value_and_grad(loss)).trace(q).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("triton") >= 3
+
+
+@settings(max_examples=3)
+@given(src=gather_sources(), shape=shapes(max_seq=24), seed=st.integers(0, 2**16), shrink=st.booleans())
+def test_generated_gather_reads_match_reference(src, shape, seed, shrink):
+    rng = np.random.default_rng(seed)
+    tensors = src.make_tensors(shape, rng)
+    if shrink:   # half of each table's last axis: indices run past the end (clipped)
+        tensors = {n: t if t.ndim == 0 else t[..., : max(1, t.shape[-1] // 2)] for n, t in tensors.items()}
+    _check(src.text, B=shape.B, T=shape.T, S=shape.S, N=shape.N, K=shape.K, q_offset=shape.q_offset,
+           kv_offset=shape.kv_offset, tensors={n: jnp.asarray(t) for n, t in tensors.items()}, seed=seed)
 
 
 def test_block_sizes_defaults():
@@ -264,7 +342,9 @@ def test_block_sizes_defaults():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
-@pytest.mark.parametrize("mod", ["causal", "causal & window(256)", "causal & doc(ids)", None])
+@pytest.mark.parametrize("mod", ["causal", "causal & window(256)", "causal & doc(ids)", None,
+                                 "causal + relpos(rp, 64)",
+                                 "(causal & window(256) & m[abs(q - kv) % 7]) + t[h, q - kv + 1000]"])
 def test_gpu_bf16_realistic(mod, monkeypatch):
     B, T, N, H = 1, 1024, 4, 128
     rng = np.random.default_rng(0)
@@ -272,5 +352,9 @@ def test_gpu_bf16_realistic(mod, monkeypatch):
     if mod is not None and "doc" in mod:
         ids = np.sort(rng.integers(0, 5, size=(B, T)), axis=1).astype(np.int32)
         tensors = {"ids": jnp.asarray(ids)}
+    if mod is not None and "relpos" in mod:   # gathered per tile
+        tensors = {"rp": jnp.asarray(rng.standard_normal((N, 129)), jnp.float32)}
+    if mod is not None and "t[" in mod:       # indices past both ends of t (clipped)
+        tensors = {"m": jnp.asarray(rng.random(7) < 0.7), "t": jnp.asarray(rng.standard_normal((N, 1500)), jnp.float32)}
     _check(mod, B=B, T=T, S=T, N=N, K=N // 2, H=H, dtype=jnp.bfloat16, tensors=tensors,
            block_sizes=None, monkeypatch=monkeypatch)

@@ -1,15 +1,16 @@
 """TileProgram (what kernels evaluate on one tile) against the independent evaluator,
-on generated sources, shapes, offsets and random tile rectangles."""
+on generated sources, shapes, offsets and random tile rectangles; gather reads (tables
+read at computed indices) through a TableLookup as the Pallas kernel feeds them."""
 
 import numpy as np
 import jax.numpy as jnp
 from hypothesis import assume, given, settings, strategies as st
 
 import scoremod
-from scoremod.compiler.tile import TileProgram
+from scoremod.compiler.tile import TableLookup, TileProgram
 
 from evaluator import evaluate_logits, evaluate_expr
-from strategies import shapes, sources
+from strategies import gather_sources, shapes, sources
 
 
 def _positions(offset, B, n):
@@ -22,12 +23,13 @@ def _tile_case(draw_source, shape, seed, rect):
     tensors = draw_source.make_tensors(shape, rng)
     ranks = {name: np.ndim(value) for name, value in tensors.items()}
     prog = TileProgram.build(mod.canonical, ranks)
-    ok, _ = prog.kernel_support()
+    ok, _ = prog.kernel_support(gathers=True)
     return mod, tensors, prog, ok
 
 
 @settings(max_examples=25)
-@given(src=sources(), shape=shapes(max_seq=12), seed=st.integers(0, 2**16), data=st.data())
+@given(src=st.one_of(sources(), gather_sources()), shape=shapes(max_seq=12), seed=st.integers(0, 2**16),
+       data=st.data())
 def test_tile_logits_match_evaluator(src, shape, seed, data):
     B, N, T, S = shape.grid
     mod, tensors, prog, ok = _tile_case(src, shape, seed, None)
@@ -43,14 +45,17 @@ def test_tile_logits_match_evaluator(src, shape, seed, data):
     k0 = data.draw(st.integers(0, S - 1)); k1 = data.draw(st.integers(k0 + 1, S))
     b = data.draw(st.integers(0, B - 1)); h = data.draw(st.integers(0, N - 1))
 
-    def tile_of(read):
+    def tile_of(spec, read):
+        if spec.gather:   # the whole table; the program gathers from it
+            flat = jnp.reshape(read, (-1,))
+            return TableLookup(tuple(read.shape), lambda offsets: flat[offsets])
         bi = b if read.shape[0] > 1 else 0
         hi = h if read.shape[1] > 1 else 0
         r = read[bi, hi]
         r = r[q0:q1] if r.shape[0] > 1 else r
         return r[:, k0:k1] if r.shape[1] > 1 else r
 
-    tiles = [tile_of(r) for r in reads]
+    tiles = [tile_of(spec, r) for spec, r in zip(prog.reads, reads)]
     args = dict(b=jnp.int32(b), h=jnp.int32(h), q=jnp.asarray(q_pos[b, q0:q1, None]),
                 kv=jnp.asarray(kv_pos[b, None, k0:k1]), reads=tiles)
     tile_scores = jnp.asarray(scores[b, h, q0:q1, k0:k1], jnp.float32)
@@ -95,3 +100,24 @@ def test_tile_dscore_matches_finite_differences(src, shape, seed):
             ok = smooth[b, h]
             np.testing.assert_allclose(got[ok], numeric[b, h][ok], rtol=1e-2, atol=1e-2,
                                        err_msg=src.text)
+
+
+def test_only_gathering_kernels_take_computed_index_reads():
+    # mosaic and the paged kernel ask kernel_support(); pallas asks kernel_support(gathers=True).
+    prog = TileProgram.build(scoremod.compile("causal + relpos(t, 4)").canonical, {"t": 2})
+    ok, why = prog.kernel_support()
+    assert not ok and "computed positions" in why
+    assert prog.kernel_support(gathers=True) == (True, "")
+    by_score = TileProgram.build(scoremod.compile("t[clip(floor(score), 0, 7)] + score").canonical, {"t": 1})
+    for gathers in (False, True):
+        ok, why = by_score.kernel_support(gathers=gathers)
+        assert not ok and "indexes by score" in why
+
+
+def test_table_lookup_clips_like_the_xla_gather():
+    table = jnp.arange(12.0).reshape(3, 4)
+    lookup = TableLookup((3, 4), lambda offsets: jnp.reshape(table, (-1,))[offsets])
+    rows = jnp.asarray([[-5], [0], [2], [9]])
+    cols = jnp.asarray([[-1, 0, 3, 4, 100]])
+    want = np.asarray(table)[np.clip(np.asarray(rows), 0, 2), np.clip(np.asarray(cols), 0, 3)]
+    np.testing.assert_array_equal(np.asarray(lookup.gather([jnp.int32(7), rows, cols])), want)   # leading index ignored
