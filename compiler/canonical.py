@@ -16,7 +16,7 @@ from functools import reduce
 from scoremod.dsl.ast import Binary, BoolLit, Call, IntLit, Node, RealLit, Tensor, Unary, mentions, tensor_names
 from scoremod.dsl.printer import to_source
 from scoremod.dsl.typecheck import BOOL, top_level_parts, type_of
-from scoremod.compiler.rewrite import simplify
+from scoremod.compiler.rewrite import conjunction, simplify
 
 __all__ = ["Canonical", "canonicalize", "conjuncts"]
 
@@ -51,7 +51,11 @@ class Canonical:
 
     def as_node(self) -> Node:
         """One expression with this meaning (what ``str()`` prints)."""
-        value = _sum([t for t in (self.transform, self.bias) if t is not None])
+        transform = self.transform
+        if transform == IntLit(0) and self.bias is not None:
+            # T(score) = 0 (score only in the mask): 0 + B is B, and reads back with T = 0.
+            transform = None
+        value = _sum([t for t in (transform, self.bias) if t is not None])
         if value is None:
             return self.mask
         if not self.has_mask:
@@ -119,7 +123,7 @@ def canonicalize(expr: Node) -> Canonical:
     for m in masks:
         for c in conjuncts(simplify(m)):
             mask_parts.extend(conjuncts(c))
-    mask = simplify(_and(_sorted_unique(mask_parts)))
+    mask = simplify(conjunction(_sorted_unique(mask_parts)))   # merged in one pass: long chains
     if BoolLit(False) in conjuncts(mask):
         mask = BoolLit(False)
     mask = _and(_sorted_unique(conjuncts(mask))) if mask != BoolLit(True) else mask

@@ -30,6 +30,7 @@ import numpy as np
 
 from scoremod.errors import ScoreModShapeError
 from scoremod.compiler.plan import EMPTY, MAX_GRID_CELLS, build_plan
+from scoremod.compiler.tensors import concrete
 
 __all__ = ["ContextLayout", "PairPlan", "contiguous_layout", "zigzag_layout", "layout_named", "pair_plan",
            "device_work", "RingSchedule", "ring_schedule", "balance_chunks", "balanced_layout", "shifts_needed"]
@@ -48,7 +49,10 @@ class ContextLayout:
         in its local shard; every chunk exactly once, the same count per device. A tuple
         of tuples (known when the program is traced), or an int32 array ``[P, C / P]``
         computed from tensor values (``balanced`` layouts of masks that read tensors;
-        then the layout is a pytree leaf and may be traced).
+        then the layout is a pytree leaf and may be traced). Checked when built: tuples
+        and concrete arrays (NumPy, jax) must hold every chunk exactly once (else a
+        ``ScoreModShapeError``); a traced array (a layout built inside ``jit``) cannot be
+        looked at and is taken as it is: a wrong one gives wrong attention output.
       inputs_permuted: False: ``attention`` permutes q, k, v into this layout and the
         output back. True (``with_inputs_permuted()``): the caller's q, k, v are already
         in layout order (``x[:, layout.order(T)]``) and the output stays in it; tensors
@@ -72,12 +76,34 @@ class ContextLayout:
                 raise ScoreModShapeError(f"layout {self.name!r}: chunks must be tuples of chunk indices or an int "
                                          f"array [devices, chunks per device]; got {getattr(self.chunks, 'dtype', '')}"
                                          f"{list(shape)}")
+            table = concrete(self.chunks)
+            if table is not None:   # a traced table (computed inside jit) is taken as it comes
+                self._check_permutation(table.tolist())
             return
-        per = {len(c) for c in self.chunks}
-        flat = sorted(i for c in self.chunks for i in c)
-        if len(per) != 1 or flat != list(range(len(flat))) or not flat:
-            raise ScoreModShapeError(f"layout {self.name!r}: every device must hold the same number of chunks and "
-                                     f"every chunk must be held once; got {self.chunks}")
+        if len({len(c) for c in self.chunks}) != 1:
+            raise ScoreModShapeError(f"layout {self.name!r}: every device must hold the same number of chunks; "
+                                     f"got {self.chunks}")
+        self._check_permutation([list(c) for c in self.chunks])
+
+    def _check_permutation(self, rows: list[list[int]]) -> None:
+        """Every chunk ``0 .. C - 1`` held exactly once (else attention would silently mix up
+        positions): a ``ScoreModShapeError`` naming the first chunk that is not."""
+        flat = [i for row in rows for i in row]
+        shown = f"; got {rows}" if len(flat) <= 32 else ""
+        if not flat:
+            raise ScoreModShapeError(f"layout {self.name!r}: the devices hold no chunk{shown}")
+        held: dict[int, int] = {}
+        for device, row in enumerate(rows):
+            for chunk in row:
+                if not 0 <= chunk < len(flat):
+                    raise ScoreModShapeError(
+                        f"layout {self.name!r}: device {device} holds chunk {chunk}, outside 0..{len(flat) - 1} "
+                        f"({len(flat)} chunks): every chunk must be held exactly once{shown}")
+                if chunk in held:
+                    raise ScoreModShapeError(
+                        f"layout {self.name!r}: chunk {chunk} is held twice (devices {held[chunk]} and {device}): "
+                        f"every chunk must be held exactly once{shown}")
+                held[chunk] = device
 
     @property
     def is_static(self) -> bool:

@@ -34,8 +34,10 @@ from scoremod.errors import ScoreModShapeError
 from scoremod.dsl.ast import tensor_names
 from scoremod.compiler.intervals import EMPTY, FULL, PARTIAL, BlockGrid, PositionBlocks, classify_blocks
 from scoremod.compiler.mod import compile_mod
-from scoremod.compiler.plan import build_plan, check_offset, check_tensors, plan_grid_shape, validate_plan_sizes
+# plan_layout, not plan: explaining a static mask never imports jax.
+from scoremod.compiler.plan_layout import build_static_plan, check_offset, plan_grid_shape, validate_plan_sizes
 from scoremod.compiler.rewrite import simplify
+from scoremod.compiler.tensors import check_tensors
 
 __all__ = ["Explanation", "explain", "GRID_JSON_LIMIT"]
 
@@ -516,9 +518,8 @@ def explain(mod, q_len: int, kv_len: int | None = None, block=(128, 128), batch:
         raise ScoreModShapeError(f"the block grid {list(shape)} has {math.prod(shape):,} cells, more than "
                                  f"explain draws ({EXPLAIN_MAX_GRID_CELLS:,})", hint="use larger blocks")
     if not mask_reads and np.ndim(q_offset) == 0 and np.ndim(kv_offset) == 0:
-        plan = build_plan(mask, q_len=q_len, kv_len=kv_len, block_q=block_q, block_kv=block_kv, batch=batch,
-                          heads=heads, q_offset=int(q_offset), kv_offset=int(kv_offset))
-        classes = plan.classes
+        classes = build_static_plan(mask, int(q_len), int(kv_len), int(block_q), int(block_kv), int(batch),
+                                    int(heads), int(q_offset), int(kv_offset)).classes
     else:
         grid = BlockGrid(batch, heads, PositionBlocks(q_len, block_q, np.asarray(q_offset)),
                          PositionBlocks(kv_len, block_kv, np.asarray(kv_offset)))

@@ -25,6 +25,10 @@ value present in both tensors lies in both blocks' ranges (exact on sorted ids).
 The code is generic over the array module ``xp``: NumPy for static masks (int64/float64),
 ``jax.numpy`` inside ``jit`` for masks with tensors (int32/float32).
 
+Before any shape is known, ``int_range(expr)`` bounds an int expression over every position
+a call can have (``q``, ``kv`` anywhere in int32, ``h`` below ``MAX_HEADS``), or says it may
+wrap: what the compiler's rewrite rules ask before reordering int arithmetic.
+
 Soundness details:
   * ``Interval.unknown`` marks rectangles where the value may be NaN (float tensors with
     NaN, ``inf - inf``, ``log`` of a negative, division by an interval holding 0) or where
@@ -40,18 +44,20 @@ Soundness details:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, Mapping
 
 import numpy as np
 
-from scoremod.errors import ScoreModError, ScoreModTensorError
-from scoremod.dsl.ast import Binary, BoolLit, Call, IntLit, Node, RealLit, Tensor, Unary, Var, COMPARE_OPS
+from scoremod.errors import ScoreModError, ScoreModShapeError, ScoreModTensorError
+from scoremod.dsl.ast import Binary, BoolLit, Call, IntLit, Node, RealLit, Tensor, Unary, Var, COMPARE_OPS, walk
 from scoremod.dsl.typecheck import INT32_MAX, INT32_MIN
 from scoremod.compiler.axes import axis_roles, used_indices
 
 __all__ = [
     "EMPTY", "PARTIAL", "FULL", "num_blocks", "Interval", "Truth", "PositionBlocks", "BlockGrid",
-    "mask_truth", "value_interval", "classify_blocks", "batch_head_dependence", "NUMPY_CHUNK_CELLS",
+    "mask_truth", "value_interval", "int_range", "classify_blocks", "batch_head_dependence", "NUMPY_CHUNK_CELLS",
+    "MAX_HEADS", "check_heads",
 ]
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
@@ -62,9 +68,25 @@ REAL_EPS = 2.0**-20
 REAL_TINY = 1e-30
 # float32's largest finite value is 3.4028235e38; beyond this a kernel's value may be inf.
 F32_SAFE = 3.0e38
-# NumPy work on block grids (classification here, plan compaction in plan.py) goes a slice
-# of at most this many cells at a time (bounds peak memory).
+# Every call has at most this many query heads (attention, paged attention, plans and explain
+# check it), so 0 <= h < MAX_HEADS where no shapes are known yet (``int_range``).
+MAX_HEADS = 1 << 16
+# Bounds kept per int expression seen by the compiler's rules (a pair of ints per entry).
+INT_RANGE_CACHE = 4096
+# Every position a call can have: int32 indices, fewer than MAX_HEADS heads (``int_range``).
+_ANY_POSITION = {"b": (0, INT32_MAX), "h": (0, MAX_HEADS - 1), "q": (INT32_MIN, INT32_MAX),
+                 "kv": (INT32_MIN, INT32_MAX)}
+
+# NumPy work on block grids (classification here, plan compaction in plan_layout.py) goes a
+# slice of at most this many cells at a time (bounds peak memory).
 NUMPY_CHUNK_CELLS = 1 << 22
+
+
+def check_heads(heads: int) -> None:
+    """Raise ``ScoreModShapeError`` for more than ``MAX_HEADS`` query heads."""
+    if heads > MAX_HEADS:
+        raise ScoreModShapeError(f"{heads:,} query heads is more than the {MAX_HEADS:,} scoremod handles "
+                                 f"(the compiler relies on h < {MAX_HEADS:,})")
 
 
 @dataclass(frozen=True, eq=False)
@@ -171,9 +193,11 @@ def _batched_searchsorted(xp, sorted_rows, queries, side: str):
 # ---- the analysis -------------------------------------------------------------------------
 
 class _Analyzer:
-    def __init__(self, grid: BlockGrid, tensors: Mapping[str, Any], xp):
+    def __init__(self, grid: BlockGrid | None, tensors: Mapping[str, Any], xp,
+                 positions: Mapping[str, tuple[int, int]] | None = None):
         self.xp = xp
         self.grid = grid
+        self.positions = positions  # fixed (lo, hi) of b/h/q/kv instead of the grid's blocks
         self.int_dtype, self.float_dtype = _dtypes(xp)
         self.raw_tensors = tensors
         self.tensors: dict[str, Any] = {}  # converted on first read (unread tensors cost nothing)
@@ -255,6 +279,9 @@ class _Analyzer:
     # -- positions --
     def _var(self, name: str) -> Interval:
         xp, g = self.xp, self.grid
+        if self.positions is not None and name in self.positions:
+            lo, hi = self.positions[name]
+            return Interval(self._int(lo), self._int(hi), False, True)
         if name == "b":
             v = xp.arange(g.batch, dtype=self.int_dtype).reshape(g.batch, 1, 1, 1)
             return Interval(v, v, False, True)
@@ -702,6 +729,22 @@ def value_interval(expr: Node, grid: BlockGrid, tensors: Mapping[str, Any] | Non
     if not isinstance(out, Interval):
         raise ScoreModError(f"expected a number, got a mask: {expr}")
     return out
+
+
+@lru_cache(maxsize=INT_RANGE_CACHE)
+def int_range(expr: Node) -> tuple[int, int] | None:
+    """Bounds ``(lo, hi)`` of the int expression ``expr`` over every position a call can have
+    (``_ANY_POSITION``: what the compiler knows before shapes are). None when ``expr`` may
+    leave int32 there (the kernels' int32 would wrap), is no int, or reads a tensor or ``score``."""
+    if any(isinstance(n, Tensor) for n in walk(expr)):
+        return None
+    try:
+        iv = _Analyzer(None, {}, np, positions=_ANY_POSITION).run(expr)
+    except ScoreModError:
+        return None
+    if not isinstance(iv, Interval) or not iv.is_int or np.any(iv.unknown):
+        return None
+    return int(iv.lo), int(iv.hi)
 
 
 def batch_head_dependence(mask: Node, tensor_shapes: Mapping[str, tuple[int, ...]], *,

@@ -76,6 +76,8 @@ class Mod:
         The FlexAttention protocol: index arrays broadcast as ``[B,1,1,1]``, ``[1,N,1,1]``,
         ``[1,1,T,1]``, ``[1,1,1,S]``; ``q_idx``/``kv_idx`` are absolute positions. Returns
         ``where(M, T(score) + B, -inf)`` in float32. Tensors by keyword, like ``attention``.
+        Head indices below 65,536, as every call's (``intervals.MAX_HEADS``: the canonical
+        form relies on it).
 
             >>> sm = scoremod.compile("causal + alibi(8)").score_mod()
             >>> sm(scores, b, h, q, kv).shape == scores.shape

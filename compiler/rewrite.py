@@ -13,14 +13,14 @@ from __future__ import annotations
 import math
 import operator
 import struct
+import threading
 from functools import lru_cache
-from typing import Callable
 
 from scoremod.dsl.ast import Binary, BoolLit, Call, IntLit, Node, RealLit, Unary, Var, COMPARE_OPS, with_children
 from scoremod.dsl.printer import to_source
 from scoremod.dsl.typecheck import BOOL, INT, INT32_MAX, INT32_MIN, type_of
 
-__all__ = ["RULE_SETS", "Pat", "simplify", "fold_constant", "linear_form", "linear_bound"]
+__all__ = ["RULE_SETS", "Pat", "simplify", "conjunction", "fold_constant", "linear_form", "linear_bound"]
 
 _FLOAT32_MAX = 3.4028234663852886e38
 
@@ -362,6 +362,48 @@ def _reassociate(n: Binary, i: Binary, x: Node, a: IntLit, b: IntLit) -> Node | 
     return _plus_const(x, c, n.span)
 
 
+def _power_of_two(k: int) -> bool:
+    return k > 0 and k & (k - 1) == 0
+
+
+def _scales_exactly(m: Binary, a: int, divisor: int) -> bool:
+    """Whether the int ``m = a * x`` can be divided by ``divisor`` (a divisor of ``a``, or a
+    multiple of it) in another order without changing a kernel's float32 result: ``m`` never
+    wraps int32 (``int_range``; e.g. alibi's ``-8 * (h + 1)``: heads are bounded), and either
+    ``|m| <= 2**24`` (every int involved is a float32 value) or the factor moved is a power of
+    two (scaling by it is exact in float32)."""
+    # Deferred: intervals imports NumPy, and `import scoremod` stays light.
+    from scoremod.compiler.intervals import int_range
+    bounds = int_range(m)
+    if bounds is None:
+        return False
+    return max(-bounds[0], bounds[1]) <= 1 << 24 or _power_of_two(divisor)
+
+
+def _signed(x: Node, sign: int, span) -> Node:
+    return x if sign > 0 else Unary("-", x, span=span)
+
+
+def _divide_by_factor(n: Binary, m: Binary, a: IntLit, x: Node, b: IntLit) -> Node | None:
+    """``(a * x) / b`` -> ``x / (b / a)`` (``-x`` for a negative ``a``) when ``a`` divides
+    ``b`` (b > |a|) and that is exact (``_scales_exactly``)."""
+    k = abs(a.value)
+    if k == 0 or b.value <= k or b.value % k or not _scales_exactly(m, a.value, k):
+        return None
+    return Binary("/", _signed(x, a.value, m.span), IntLit(b.value // k), span=n.span)
+
+
+def _fold_quotient(f: Call, m: Binary, a: IntLit, x: Node, b: IntLit) -> Node | None:
+    """``f((a * x) / b)`` -> ``f(a / b * x)`` for a real function ``f`` (its int argument is
+    promoted to the same float32 value) when ``b`` divides ``a`` and that is exact
+    (``_scales_exactly``): alibi(8)'s ``exp2(-8 * (h + 1) / 8)`` is ``exp2(-(h + 1))``."""
+    if a.value % b.value or not _scales_exactly(m, a.value, b.value):
+        return None
+    k = a.value // b.value
+    arg = _signed(x, k, m.span) if abs(k) == 1 else Binary("*", IntLit(k), x, span=m.span)
+    return Call(f.fn, (arg,), span=f.span)
+
+
 def linear_form(node: Node) -> tuple[dict, int] | None:
     """A pure-int expression as ({atom: coefficient}, constant); non-linear parts
     (``abs(q - kv)``, ``q // 64``) are atoms. None when not pure int."""
@@ -512,96 +554,302 @@ def _is_not(a: Node, b: Node) -> bool:
            (isinstance(b, Unary) and b.op == "~" and b.operand == a)
 
 
+# ---- merging whole chains --------------------------------------------------------------------
+# ``merge_conjunction`` and ``merge_disjunction`` compare the parts of a chain pairwise. Rules
+# run bottom-up, so at ``n = lhs op rhs`` a side that is itself an ``op`` node was merged
+# already (had two of its parts interacted, one would be gone): only pairs across the sides,
+# and pairs within a side that is no ``op`` node (one part, or a ``+`` chain of masks), need
+# comparing. Of those, only pairs that can interact are looked at: a part publishes and
+# probes keys (``_part_keys``), two parts can interact only when one probes a key the other
+# publishes, and a chain's parts sit in a ``_ChainIndex`` by key. A merged chain node keeps
+# its index (``_CHAIN_VIEWS``), so ``chain & part`` finds the part's partners with a few
+# dict lookups: a chain of n parts merges in O(n) lookups, not O(n^2) comparisons.
+
+# The parts one chain flattens over, and the nested chains a part of it can absorb.
+_FLATTENS = {"&": ("&", "+"), "|": ("|",)}
+_NESTED = {"&": ("|",), "|": ("&", "+")}
+# Key kinds that every part probing them also publishes (see ``_part_keys``).
+_SYMMETRIC = frozenset({"form", "point", "quotient", "residue"})
+# Key kinds whose parts interact only when one's number divides the other's: where the number
+# sits in the facts (``_facts``: the quotient's c, the residue's d).
+_DIVIDING = {"quotient": (1, 2), "residue": (2, 1)}
+
+
+class _ChainIndex:
+    """The parts of a chain of ``op``, in order, by the keys they publish and probe.
+
+    ``published[key]`` / ``probed[key]``: the positions (ascending) of the parts that publish /
+    probe ``key``. Parts are only appended: a chain node is a view ``(index, count)``, its
+    first ``count`` parts, and a chain built on a merged prefix extends the prefix's index
+    (a copy of it when another chain extended it first).
+    """
+
+    def __init__(self, op: str):
+        self.op = op
+        self.parts: list[Node] = []
+        self.infos: list[tuple] = []   # per part: (facts, published keys, probed keys)
+        self.published: dict[tuple, list[int]] = {}
+        self.probed: dict[tuple, list[int]] = {}
+
+    def append(self, part: Node, info: tuple) -> None:
+        """Add ``part`` (with its ``_part_keys``) at the end."""
+        position = len(self.parts)
+        self.parts.append(part)
+        self.infos.append(info)
+        for table, keys in ((self.published, info[1]), (self.probed, info[2])):
+            for key in keys:
+                table.setdefault(key, []).append(position)
+
+    def partners(self, info: tuple, below: int) -> set[int]:
+        """Positions under ``below`` of the parts that can interact with a part with ``info``."""
+        found = set()
+        # Parts probing a key of a symmetric kind also publish it: found by the first lookup.
+        for table, keys, skip in ((self.published, info[2], ()), (self.probed, info[1], _SYMMETRIC)):
+            for key in keys:
+                if key[0] in skip:
+                    continue
+                positions = table.get(key, ())
+                if key[0] in _DIVIDING:
+                    found.update(self._dividing(key[0], info, positions, below))
+                    continue
+                for position in positions:
+                    if position >= below:
+                        break
+                    found.add(position)
+        return found
+
+    def _dividing(self, kind: str, info: tuple, positions: list[int], below: int):
+        """Of ``positions`` under ``below``, those whose number (chunk size, dilation) divides
+        the number of the part with ``info`` or is divided by it (else neither implies the
+        other: a long chain of chunks or dilations is compared only where it matters)."""
+        fact, place = _DIVIDING[kind]
+        k = info[0][fact][place]
+        infos = self.infos
+        for position in positions:
+            if position >= below:
+                break
+            m = infos[position][0][fact][place]
+            if m % k == 0 or k % m == 0:
+                yield position
+
+    def prefix(self, count: int) -> "_ChainIndex":
+        """A new index of the first ``count`` parts."""
+        copy = _ChainIndex(self.op)
+        for part, info in zip(self.parts[:count], self.infos[:count]):
+            copy.append(part, info)
+        return copy
+
+
+@lru_cache(maxsize=FACTS_CACHE)
+def _part_keys(part: Node, op: str) -> tuple:
+    """(facts, published keys, probed keys) of ``part`` in a chain of ``op``. Two parts can
+    interact (be equal, one the other's negation, one a nested chain holding the other; bounds
+    on one form, quotients of one pair, residues of one expression) only when one probes a key
+    the other publishes. In a chain of ``|`` a point (``kv - q == 3``) meets only an equal
+    point or a range on its form, so a long chain of points finds each part's partners at once;
+    in a chain of ``&`` any two bounds on one form may be disjoint."""
+    facts = _facts(part)
+    bound, quotient, residue = facts
+    published, probed = [("is", part)], [("is", part)]
+    if isinstance(part, Unary) and part.op == "~":
+        probed.append(("is", part.operand))
+    if isinstance(part, Binary) and part.op in _NESTED[op]:
+        probed += [("is", member) for member in _bool_chain(part, _NESTED[op])]
+    if bound is not None:
+        form, lo, hi = bound
+        if op == "&":
+            published.append(("form", form))
+            probed.append(("form", form))
+        elif lo is not None and lo == hi:
+            published += [("point", form, lo), ("points", form)]
+            probed += [("point", form, lo), ("ranges", form)]
+        else:
+            published.append(("ranges", form))
+            probed += [("ranges", form), ("points", form)]
+    if quotient:
+        published.append(("quotient",) + quotient[:2])
+        probed.append(("quotient",) + quotient[:2])
+    if residue:
+        published.append(("residue", residue[0]))
+        probed.append(("residue", residue[0]))
+    return facts, tuple(published), tuple(probed)
+
+
+# Merged chain nodes, by id: (node, its view (index, count)), or (node, _NOT_A_MASK) for a
+# conjunction that is no mask; the oldest go first. By identity, not value: telling two big
+# equal trees apart walks them. An entry holds its node (so the id stays its own) and its
+# chain's index (shared by the chain's nodes).
+CHAIN_VIEWS_CACHE = 4096
+_CHAIN_VIEWS: dict[int, tuple[Node, tuple]] = {}
+_NOT_A_MASK = (None, 0)
+_CHAIN_VIEWS_LOCK = threading.Lock()   # indexes are extended in place
+
+
+def _remember(node: Node, view: tuple) -> None:
+    if len(_CHAIN_VIEWS) >= CHAIN_VIEWS_CACHE:
+        del _CHAIN_VIEWS[next(iter(_CHAIN_VIEWS))]
+    _CHAIN_VIEWS[id(node)] = (node, view)
+
+
+def _view(node: Node) -> tuple | None:
+    """The remembered view of the merged chain ``node``, if any."""
+    hit = _CHAIN_VIEWS.get(id(node))
+    return hit[1] if hit is not None and hit[0] is node else None
+
+
+def _is_mask_operand(x: Node) -> bool:
+    """Whether ``x`` types as a mask as an operand of ``&`` (a tensor read there is one)."""
+    return _bool_typed(Binary("&", x, BoolLit(True)))
+
+
+def _chain_pairs(n: Binary, op: str) -> tuple[_ChainIndex, int, list[tuple[int, int]]] | None:
+    """The chain under ``n`` as (index, count of its parts, the pairs (i, j), i < j, that
+    need comparing and can interact); None for a conjunction that is no mask (merging leaves
+    those alone)."""
+    lhs_done = _isop(n.lhs, op)
+    view = _view(n.lhs) if lhs_done else None
+    if op == "&" and (view is _NOT_A_MASK or not _is_mask_operand(n.rhs) or
+                      (view is None and not _is_mask_operand(n.lhs))):
+        _remember(n, _NOT_A_MASK)
+        return None
+    pairs: list[tuple[int, int]] = []
+    if view is not None:
+        index, left = view
+    else:
+        index, left = _ChainIndex(op), 0
+        for part in _bool_chain(n.lhs, _FLATTENS[op]):
+            info = _part_keys(part, op)
+            if not lhs_done:
+                pairs += [(j, left) for j in index.partners(info, left)]
+            index.append(part, info)
+            left += 1
+    rhs_done = _isop(n.rhs, op)
+    rhs_parts = _bool_chain(n.rhs, _FLATTENS[op])
+    extend = len(index.parts) == left
+    if not extend and (len(index.parts) < left + len(rhs_parts) or
+                       any(a is not b for a, b in zip(index.parts[left:], rhs_parts))):
+        index, extend = index.prefix(left), True
+    for position, part in enumerate(rhs_parts, start=left):
+        info = _part_keys(part, op)
+        pairs += [(j, position) for j in index.partners(info, left if rhs_done else position)]
+        if extend:
+            index.append(part, info)
+    return index, left + len(rhs_parts), pairs
+
+
 def merge_conjunction(n: Binary) -> Node | None:
     """One pass over the ``&`` (and ``+``) chain of masks under ``n``: drop duplicates, implied
     parts, absorbed disjunctions (``a & (a | b)``); ``a & ~a`` or disjoint bounds -> false."""
-    parts = _bool_chain(n, ("&", "+"))
-    facts = [_facts(p) for p in parts]
-    # Rules run bottom-up: a side that is itself an '&' node is a chain this rule already
-    # left alone (no two of its parts interact), so only pairs across the sides need
-    # checking. A chain of n parts then costs O(n^2) in all, not O(n^3).
-    others = _chain_sides(n, parts, ("&",))
-    contradiction = any(p == BoolLit(False) for p in parts) or any(
-        _is_not(parts[i], parts[j]) or _disjoint(facts[i][0], facts[j][0])
-        for i, j in _opposable_pairs(parts, facts, others))
-    if contradiction:
-        return BoolLit(False, span=n.span) if _bool_typed(n) else None
-
-    can_go = _can_be_redundant(parts, facts, "|")
-
-    def redundant(i, j):  # part i adds nothing to part j
-        a, b = parts[i], parts[j]
-        return can_go[i] and (_implies(facts[j], facts[i]) or (_isop(a, "|") and b in _bool_chain(a, ("|",))))
-    dropped = _keep_strongest(parts, redundant, others)
-    if not any(dropped) or not _bool_typed(n):
-        return None
-    return _rechain("&", ("&", "+"), n, parts, dropped)
+    with _CHAIN_VIEWS_LOCK:
+        if _view(n) is not None:
+            return None
+        chain = _chain_pairs(n, "&")
+        if chain is None:
+            return None
+        dropped = _dropped(*chain)
+        if dropped is None:
+            return BoolLit(False, span=n.span)
+        return _without(n, chain[0], chain[1], dropped)
 
 
 def merge_disjunction(n: Binary) -> Node | None:
     """One pass over the ``|`` chain under ``n``: drop duplicates, parts implying another part,
     absorbed conjunctions (``a | (a & b)``); ``a | ~a`` or bounds covering everything -> true."""
-    parts = _bool_chain(n, ("|",))
-    facts = [_facts(p) for p in parts]
-    others = _chain_sides(n, parts, ("|",))
-    if any(_is_not(parts[i], parts[j]) or _cover(facts[i][0], facts[j][0])
-           for i, j in _opposable_pairs(parts, facts, others)):
-        return BoolLit(True, span=n.span)
+    with _CHAIN_VIEWS_LOCK:
+        if _view(n) is not None:
+            return None
+        chain = _chain_pairs(n, "|")
+        dropped = _dropped(*chain)
+        if dropped is None:
+            return BoolLit(True, span=n.span)
+        return _without(n, chain[0], chain[1], dropped)
 
-    can_go = _can_be_redundant(parts, facts, "&")
 
-    def redundant(i, j):  # part i adds nothing to part j
-        a, b = parts[i], parts[j]
-        return can_go[i] and (_implies(facts[i], facts[j]) or (
-            isinstance(a, Binary) and a.op in ("&", "+") and b in _bool_chain(a, ("&", "+"))))
-    dropped = _keep_strongest(parts, redundant, others)
-    if not any(dropped):
+def conjunction(parts: list[Node]) -> Node:
+    """``parts`` joined by ``&`` left to right (``true`` for none), merged as the ``bounds``
+    rules merge that chain, to the same result, in one pass: each part is compared with the
+    parts kept before it, and the chain is built once (the rules, which rewrite the chain node
+    by node, rebuild it above every part they drop). ``simplify`` of the result finds it
+    merged already. ``parts``: in normal form, none of them ``true``."""
+    if len(parts) < 2 or not all(_is_mask_operand(p) for p in parts):
+        out = parts[0] if parts else BoolLit(True)
+        for p in parts[1:]:
+            out = Binary("&", out, p)
+        return out
+    with _CHAIN_VIEWS_LOCK:
+        index, gone = _ChainIndex("&"), set()
+        for position, part in enumerate(parts):
+            info = _part_keys(part, "&")
+            pairs = [(j, position) for j in index.partners(info, position) if j not in gone]
+            index.append(part, info)
+            dropped = _dropped(index, position + 1, pairs)
+            if dropped is None:
+                return BoolLit(False)
+            gone |= dropped
+        kept = _kept(index, len(parts), gone)
+        out = kept.parts[0]
+        for p in kept.parts[1:]:
+            out = Binary("&", out, p)
+        _remember_spine(out, kept)
+        return out
+
+
+def _dropped(index: _ChainIndex, count: int, pairs: list[tuple[int, int]]) -> set[int] | None:
+    """The positions of the parts to drop from the chain of ``index.op`` whose parts are the
+    first ``count`` of ``index``, comparing the ``pairs`` (i < j) that can interact; None when
+    the chain is ``false`` (``&``: a ``false`` part, ``a & ~a``, disjoint bounds) or ``true``
+    (``|``: ``a | ~a``, bounds covering every int)."""
+    parts, infos = index.parts, index.infos
+    if index.op == "&":
+        false_at = index.published.get(("is", BoolLit(False)), ())
+        if (false_at and false_at[0] < count) or any(
+                _is_not(parts[i], parts[j]) or _disjoint(infos[i][0][0], infos[j][0][0]) for i, j in pairs):
+            return None
+
+        def redundant(i, j):  # part i adds nothing to part j
+            a, b = parts[i], parts[j]
+            return _implies(infos[j][0], infos[i][0]) or (_isop(a, "|") and b in _bool_chain(a, ("|",)))
+    else:
+        if any(_is_not(parts[i], parts[j]) or _cover(infos[i][0][0], infos[j][0][0]) for i, j in pairs):
+            return None
+
+        def redundant(i, j):  # part i adds nothing to part j
+            a, b = parts[i], parts[j]
+            return _implies(infos[i][0], infos[j][0]) or (
+                isinstance(a, Binary) and a.op in ("&", "+") and b in _bool_chain(a, ("&", "+")))
+    return _keep_strongest(parts, pairs, redundant)
+
+
+def _without(n: Binary, index: _ChainIndex, count: int, dropped: set[int]) -> Node | None:
+    """The chain under ``n`` (its parts the first ``count`` of ``index``) without the
+    ``dropped`` parts: None when none is (``n`` is then remembered as merged)."""
+    if not dropped:
+        _remember(n, (index, count))
         return None
-    return _rechain("|", ("|",), n, parts, dropped)
+    op = index.op
+    out = _rechain(op, _FLATTENS[op], n, index.parts[:count], [i in dropped for i in range(count)])
+    _remember_spine(out, _kept(index, count, dropped))
+    return out
 
 
-def _opposable_pairs(parts: list[Node], facts: list[tuple], others):
-    """The pairs (i < j) of a chain that can be a part and its negation or two bounds on
-    one form (``_is_not``, ``_disjoint``, ``_cover``): other pairs are never looked at, so a
-    long chain of parts with no bounds and no negations costs O(n) here, not O(n^2)."""
-    negated = [isinstance(p, Unary) and p.op == "~" for p in parts]
-    bounded = [f[0] is not None for f in facts]
-    any_negated = any(negated)
-    for i in range(len(parts)):
-        if not (bounded[i] or any_negated):
-            continue
-        for j in others(i):
-            if j > i and (negated[i] or negated[j] or (bounded[i] and bounded[j])):
-                yield i, j
+def _kept(index: _ChainIndex, count: int, dropped: set[int]) -> _ChainIndex:
+    """A new index of the first ``count`` parts of ``index`` but the ``dropped`` ones."""
+    kept = _ChainIndex(index.op)
+    for i in range(count):
+        if i not in dropped:
+            kept.append(index.parts[i], index.infos[i])
+    return kept
 
 
-def _can_be_redundant(parts: list[Node], facts: list[tuple], nested_op: str) -> list[bool]:
-    """Whether each part can be implied by another (it has a fact ``_implies`` reads: a
-    bound, a quotient, a residue) or absorbed (it is a nested ``nested_op`` chain). Other
-    parts go only as duplicates."""
-    return [any(f) or (nested_op == "|" and _isop(p, "|")) or
-            (nested_op == "&" and isinstance(p, Binary) and p.op in ("&", "+"))
-            for p, f in zip(parts, facts)]
-
-
-def _chain_sides(n: Binary, parts: list[Node], ops) -> "Callable[[int], range | list[int]]":
-    """``others(i)``: the parts of the chain under ``n`` that part i still needs comparing
-    with. Two parts that both come from a side of ``n`` that is itself an ``ops`` node were
-    compared when that side was rewritten (rules run bottom-up), and nothing was left to
-    merge, so only pairs across the sides (and within a side that is no such node) remain."""
-    total = len(parts)
-    n_left = total - len(_bool_chain(n.rhs, ("&", "+") if "&" in ops else ops))
-    left = range(0, n_left)
-    right = range(n_left, total)
-    everything = range(total)
-    left_done = isinstance(n.lhs, Binary) and n.lhs.op in ops
-    right_done = isinstance(n.rhs, Binary) and n.rhs.op in ops
-
-    def others(i: int):
-        if i < n_left:
-            return right if left_done else everything
-        return left if right_done else everything
-    return others
+def _remember_spine(node: Node, kept: _ChainIndex) -> None:
+    """Remember the chain ``node`` of the parts of ``kept``, joined left to right, and its
+    left spine (down to a node remembered already) as merged. Sound: the parts kept passed
+    every comparison merging would make between them (against the other side's kept parts
+    at the merge that kept them, within a side before), so merging them again drops nothing."""
+    count = len(kept.parts)
+    while count >= 2 and isinstance(node, Binary) and node.op == kept.op and _view(node) is None:
+        _remember(node, (kept, count))
+        node, count = node.lhs, count - 1
 
 
 def _rechain(op: str, ops: tuple[str, ...], n: Binary, parts: list[Node], dropped: list[bool]) -> Node:
@@ -640,23 +888,26 @@ def _spine_is(node: Node, op: str, ops: tuple[str, ...], count: int) -> bool:
     return not is_chain(node)
 
 
-def _keep_strongest(parts: list[Node], redundant, others=None) -> list[bool]:
-    """Drop each part made redundant by another kept part (``redundant(i, j)``: part i adds
-    nothing to part j); of equal or equivalent parts the first stays. ``others(i)``: the
-    parts part i needs comparing with (default: all; see ``_chain_sides``)."""
-    dropped = [False] * len(parts)
-    for i, a in enumerate(parts):
-        for j in (others(i) if others is not None else range(len(parts))):
-            b = parts[j]
-            if i == j or dropped[j]:
+def _keep_strongest(parts: list[Node], pairs: list[tuple[int, int]], redundant) -> set[int]:
+    """The positions of the parts to drop: each part made redundant by another kept part
+    (``redundant(i, j)``: part i adds nothing to part j); of equal or equivalent parts the
+    first stays. Only ``pairs`` (i < j) are compared: parts in no pair are kept."""
+    partners: dict[int, list[int]] = {}
+    for i, j in pairs:
+        partners.setdefault(i, []).append(j)
+        partners.setdefault(j, []).append(i)
+    dropped: set[int] = set()
+    for i in sorted(partners):
+        for j in sorted(partners[i]):
+            if j in dropped:
                 continue
-            if a == b:
+            if parts[i] == parts[j]:
                 if j < i:
-                    dropped[i] = True
+                    dropped.add(i)
                     break
                 continue
             if redundant(i, j) and not (redundant(j, i) and j > i):
-                dropped[i] = True
+                dropped.add(i)
                 break
     return dropped
 
@@ -671,6 +922,9 @@ FOLD = [
 ]
 
 _ADD_SUB = ("+", "-")
+
+# Functions of a real whose result stays real for an int argument (promoted, same value).
+_REAL_FUNCTIONS = ("exp", "exp2", "log", "log2", "sqrt", "tanh", "sigmoid", "sin", "cos")
 
 ARITHMETIC = [
     (Bin("+", V("x", _not_bool), ZERO), lambda x: x),  # x + 0 -> x
@@ -693,6 +947,10 @@ ARITHMETIC = [
     (Fn("abs", Un("-", X), name="n"), lambda n, x: Call("abs", (x,), span=n.span)),  # abs(-x) -> abs(x)
     (Fn("abs", Fn("abs", name="a")), lambda a: a),  # abs(abs(x)) -> abs(x)
     (Fn(("min", "max"), X, X), lambda x: x),  # min(x, x) -> x, max(x, x) -> x
+    (Bin("/", Bin("*", Int("a"), V("x", _int_typed), name="m"), Int("b", _positive), name="n"),
+     _divide_by_factor),  # (a * x) / b -> x / (b / a) when a | b (ints, exact: see _scales_exactly)
+    (Fn(_REAL_FUNCTIONS, Bin("/", Bin("*", Int("a"), V("x", _int_typed), name="m"), Int("b", _positive)), name="f"),
+     _fold_quotient),  # f((a * x) / b) -> f(a / b * x) when b | a, f real (exp2, ...; exact: see _scales_exactly)
 ]
 
 _NEGATED = {"<": ">=", ">=": "<", ">": "<=", "<=": ">", "==": "!=", "!=": "=="}

@@ -21,7 +21,7 @@ from scoremod.compiler.axes import axis_roles, used_indices
 from scoremod.compiler.intervals import BlockGrid, PositionBlocks, value_interval
 
 __all__ = ["tensor_reads", "check_tensors", "check_missing_tensors", "check_mask_read_dtypes", "expected_shape",
-           "mask_of", "read_tensors"]
+           "mask_of", "read_tensors", "concrete"]
 
 _SHAPE_HINT = "leading axes may be left out; axes of size 1 broadcast"
 
@@ -279,6 +279,21 @@ _KEYWORD_HINTS = {
     "segment_ids": 'mod="causal & doc(ids)", ids=segment_ids',
     "local_window_size": 'mod="causal & window(w)" for a sliding window of w keys',
 }
+
+
+def concrete(x):
+    """``x`` as a NumPy array, or None when it is traced (inside jit/vmap): the values a
+    check can look at. jax is imported only for a value that is no NumPy array (a jax
+    value: jax is loaded already)."""
+    if isinstance(x, np.ndarray):
+        return x
+    import jax
+    if isinstance(x, jax.core.Tracer):
+        return None
+    try:
+        return np.asarray(x)
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+        return None
 
 
 def check_tensors(mod_or_canonical, tensors: Mapping[str, Any], batch: int, heads: int, q_len: int,

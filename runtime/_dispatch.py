@@ -14,15 +14,13 @@ import numpy as np
 
 from scoremod.errors import ScoreModError, ScoreModShapeError, ScoreModTensorError
 from scoremod.dsl.typecheck import INT32_MAX, INT32_MIN
+from scoremod.compiler.intervals import check_heads
 from scoremod.compiler.mod import Mod, compile_mod
-from scoremod.runtime.xla import XlaBlockSizes
+from scoremod.compiler.tensors import concrete   # re-exported: attention.py and paged.py use it
 
 logger = logging.getLogger("scoremod")
 
 NO_MASK = "true"
-# What attention() tries when implementation=None, in order.
-ATTENTION_ON_GPU = ("mosaic", "pallas", "xla")
-ATTENTION_ELSEWHERE = ("xla",)
 FLOAT_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 
 
@@ -125,7 +123,9 @@ def check_float_arrays(arrays: dict) -> None:
 
 
 def check_head_groups(num_heads: int, num_kv_heads: int) -> None:
-    """N query heads over K key/value heads: N must be a multiple of K (GQA/MQA)."""
+    """N query heads over K key/value heads: N must be a multiple of K (GQA/MQA), and at most
+    ``MAX_HEADS``."""
+    check_heads(num_heads)
     if num_kv_heads == 0 or num_heads % num_kv_heads:
         raise ScoreModShapeError(f"query heads N={num_heads} must be a multiple of key/value heads "
                                  f"K={num_kv_heads} (GQA: query head h reads kv head h // (N // K))")
@@ -153,16 +153,6 @@ def _is_real_scalar(x) -> bool:
     dtype = getattr(x, "dtype", None)
     return dtype is not None and getattr(x, "ndim", None) == 0 and (
         jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer))
-
-
-def concrete(x):
-    """``x`` as a NumPy array, or None when it is traced (inside jit/vmap)."""
-    if isinstance(x, jax.core.Tracer):
-        return None
-    try:
-        return np.asarray(x)
-    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
-        return None
 
 
 def int32_range_error(name: str, values) -> str | None:
@@ -208,37 +198,3 @@ def as_tensor(name: str, value, source: str | None = None):
                                       "renumber them, e.g. with np.unique(ids, return_inverse=True)")
         return jnp.asarray(value).astype(jnp.int32)
     return jnp.asarray(value)
-
-
-def dispatch_summary(mod: Mod) -> str:
-    """One paragraph for ``dslc explain``: what ``attention(implementation=None)`` would
-    run for ``mod`` on an sm_90 GPU and elsewhere, from the same order and the same
-    kernel-support check that dispatch uses."""
-    from scoremod.compiler.tile import TileProgram   # (deferred: jax.numpy; dslc check stays light)
-    canonical = mod.canonical
-    program = TileProgram.build(canonical, {})
-    ok, why = program.kernel_support()
-    if ok:
-        visits = ("every block (no mask)" if not canonical.has_mask else
-                  "only non-empty blocks, evaluating the mask on PARTIAL ones only")
-        extras = []
-        if canonical.bias is not None:
-            extras.append("the bias is added inside the kernel")
-        if canonical.transform is not None:
-            extras.append("the transform runs on each score tile (its derivative in score in the backward)")
-        kernels = (f"on a GPU, {' then '.join(ATTENTION_ON_GPU)}: the block-sparse kernels visit {visits}"
-                   + "".join(f"; {e}" for e in extras)
-                   + " (mosaic: sm_90 only, forward and backward)")
-    else:
-        kernels = (f"the kernels decline it ({why}), so {ATTENTION_ON_GPU[-1]} runs it on a GPU too")
-    if canonical.tensors:
-        plan = f"the block plan is built on device from {', '.join(canonical.tensors)} (new values never recompile)"
-    else:
-        plan = "the block plan is static (built once with NumPy at trace time, cached)"
-    chunk = XlaBlockSizes.get_default()
-    text = (f"{kernels}; {plan}. The grid below is drawn for the kernels' blocks. Elsewhere (CPU, TPU): "
-            f"{' then '.join(ATTENTION_ELSEWHERE)}, the chunked path in {chunk.block_q} x {chunk.block_kv} "
-            f"tiles (--block {chunk.block_q},{chunk.block_kv} draws those), O(T x chunk) memory.")
-    if canonical.transform is None and canonical.bias is None and str(canonical.mask) in ("true", "q >= kv"):
-        text += " cudnn can run it too (implementation='cudnn')."
-    return text

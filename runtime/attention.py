@@ -31,9 +31,9 @@ from scoremod.runtime.attention_plan import AttentionPlan, PlanRecorder
 from scoremod.runtime.sinks import add_sinks, check_sinks
 from scoremod.runtime.context_parallel import (BALANCED_CHUNKS_PER_DEVICE, context_attention,
                                                local_axis_size, local_context_attention)
-from scoremod.runtime._dispatch import (ATTENTION_ELSEWHERE, ATTENTION_ON_GPU, as_mod, as_tensor, check_float_arrays,
-                                        check_head_groups, concrete, implementation_names,
-                                        resolve_scale, run_first)
+from scoremod.runtime._dispatch import (as_mod, as_tensor, check_float_arrays, check_head_groups, concrete,
+                                        implementation_names, resolve_scale, run_first)
+from scoremod.runtime._dispatch_order import ATTENTION_ELSEWHERE, ATTENTION_ON_GPU
 
 __all__ = ["attention", "plan", "context_layout", "check_inputs", "check_tensors", "dispatch", "Dispatch", "IMPLEMENTATIONS"]
 

@@ -29,33 +29,12 @@ import numpy as np
 from jax import lax
 
 from scoremod.compiler.mod import Mod
-from scoremod.errors import ScoreModShapeError
 from scoremod.compiler.intervals import num_blocks
 from scoremod.compiler.plan import EMPTY, build_plan, compact_rows, plan_is_static
 from scoremod.runtime.attention_plan import plan_for
+from scoremod.runtime._dispatch_order import XlaBlockSizes
 
 __all__ = ["xla_attention", "XlaBlockSizes"]
-
-
-@dataclass(frozen=True)
-class XlaBlockSizes:
-    """Tile sizes of the xla path: ``block_q`` query rows by ``block_kv`` key columns.
-
-    Powers of two (block plans take powers of two); each is clamped to the smallest power
-    of two covering T (resp. S), and the last block is padded.
-    """
-    block_q: int = 512
-    block_kv: int = 512
-
-    def __post_init__(self):
-        for name in ("block_q", "block_kv"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0 or value & (value - 1):
-                raise ScoreModShapeError(f"{name}={value!r} must be a power of two")
-
-    @classmethod
-    def get_default(cls) -> "XlaBlockSizes":
-        return cls()
 
 
 @dataclass(frozen=True)

@@ -81,6 +81,12 @@ BAD = [
      ["kv_offset", "2147483652", "int32"]),
     ("offset-array-int64", lambda: call(q_offset=np.array([0, 2**33])), ScoreModShapeError, ["q_offset", "int32"]),
     ("negative-offset-past-int32", lambda: call(q_offset=-(2**31) - 1), ScoreModShapeError, ["q_offset", "int32"]),
+    # The compiler relies on h < 65,536 (docs/language.md, "8. Arithmetic").
+    ("too-many-heads", lambda: call(q=jnp.zeros((1, 1, 65537, 1)), k=jnp.zeros((1, 1, 1, 1)), v=jnp.zeros((1, 1, 1, 1))),
+     ScoreModShapeError, ["65,537 query heads", "65,536"]),
+    ("too-many-heads-plan", lambda: scoremod.plan("causal", 8, heads=65537), ScoreModShapeError, ["65,537 query heads"]),
+    ("too-many-heads-explain", lambda: scoremod.compile("causal").explain(8, heads=65537), ScoreModShapeError,
+     ["65,537 query heads"]),
 ]
 
 

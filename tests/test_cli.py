@@ -256,3 +256,38 @@ def test_explain_svg_unwritable_file_is_a_clear_error(tmp_path, target):
 def test_explain_help_mentions_svg():
     r = dslc("explain", "--help")
     assert r.returncode == 0 and "--svg FILE" in r.stdout
+
+
+# ---- what a command loads ----------------------------------------------------------------------
+
+def _loads(command: str) -> dict:
+    """Which of numpy and jax ``dslc COMMAND`` imports, run in a fresh interpreter."""
+    code = ("import sys, contextlib, io\n"
+            "from scoremod.cli import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n"
+            f"    code = main({command!r})\n"
+            "print(code, 'numpy' in sys.modules, 'jax' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    exit_code, numpy, jax = r.stdout.split()
+    return {"exit": int(exit_code), "numpy": numpy == "True", "jax": jax == "True"}
+
+
+def test_check_loads_no_jax_and_numpy_only_for_the_interval_analysis():
+    assert _loads(["check", "causal & window(128) + softcap(30)"]) == {"exit": 0, "numpy": False, "jax": False}
+    # alibi's -8 * (h + 1) / 8 is simplified where the interval analysis (NumPy) says it cannot wrap.
+    assert _loads(["check", "causal & window(128) + alibi(8)"]) == {"exit": 0, "numpy": True, "jax": False}
+
+
+@pytest.mark.parametrize("source", ["causal & window(128)", "causal & window(128) + alibi(8)",
+                                    "softcap(30) & chunk(64)"])
+def test_explain_of_a_static_mod_never_loads_jax(source):
+    # compiler/plan_layout.py and runtime/_dispatch_order.py: no jax; ~0.25 s instead of ~1.2 s.
+    assert _loads(["explain", source, "--seq", "4096"]) == {"exit": 0, "numpy": True, "jax": False}
+
+
+def test_explain_of_a_mod_with_tensors_still_works():
+    # jax is loaded there (the tile program says what the kernels decline); the report is whole.
+    r = dslc("explain", "causal & doc(ids)", "--seq", "256", "--tensor", "ids=segments:128,128")
+    assert r.returncode == 0, r.stderr
+    assert "lowering:" in r.stdout and "blocks:" in r.stdout

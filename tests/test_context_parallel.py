@@ -184,7 +184,7 @@ def test_bad_context_arguments():
         scoremod.attention(q, k, v, mesh=_mesh(4), context_axis="sp", context_layout="ring", **call)
     with pytest.raises(scoremod.ScoreModShapeError, match="inside `with jax.set_mesh"):
         scoremod.attention(q, k, v, mesh=_mesh(4, explicit=True), context_axis="sp", **call)
-    with pytest.raises(scoremod.ScoreModShapeError, match="every chunk must be held once"):
+    with pytest.raises(scoremod.ScoreModShapeError, match="chunk 1 is held twice"):
         ContextLayout("mine", ((0, 1), (1, 2)))
     with pytest.raises(scoremod.ScoreModTensorError):
         scoremod.attention(q, k, v, mod="doc(ids)", mesh=_mesh(4), context_axis="sp", implementation="reference")
@@ -280,6 +280,31 @@ def test_bad_balanced_layouts():
         scoremod.attention(q, k, v, mod="causal", mesh=_mesh(4), context_axis="sp", context_layout=layout)
     with pytest.raises(scoremod.ScoreModShapeError, match="int array"):
         ContextLayout("mine", jnp.zeros((4,), jnp.float32))
+
+
+@pytest.mark.parametrize("chunks, message", [
+    ([[0, 1], [1, 2]], "chunk 1 is held twice \\(devices 0 and 1\\)"),
+    ([[0, 1], [2, 4]], "device 1 holds chunk 4, outside 0..3"),
+    ([[0, -1], [2, 3]], "device 0 holds chunk -1, outside 0..3"),
+    ([[3, 2], [2, 3]], "chunk 2 is held twice"),
+    (np.zeros((2, 0)), "hold no chunk"),
+])
+def test_a_concrete_chunk_table_must_hold_every_chunk_exactly_once(chunks, message):
+    # A NumPy or concrete jax table is checked as tuples are (a wrong one gave wrong output silently).
+    for table in (np.asarray(chunks, np.int32), jnp.asarray(chunks, jnp.int32), tuple(map(tuple, np.asarray(chunks, int)))):
+        with pytest.raises(scoremod.ScoreModShapeError, match=message):
+            ContextLayout("mine", table)
+
+
+def test_good_chunk_tables_pass_and_a_traced_one_is_not_looked_at():
+    for table in (np.array([[0, 3], [2, 1]], np.int32), jnp.array([[0, 3], [2, 1]], jnp.int32)):
+        layout = ContextLayout("mine", table)
+        np.testing.assert_array_equal(np.asarray(layout.order(8)), [0, 1, 6, 7, 4, 5, 2, 3])
+
+    @jax.jit
+    def order(table):   # inside jit the table's values are unknown: taken as it comes (documented)
+        return ContextLayout("mine", table).order(8)
+    np.testing.assert_array_equal(np.asarray(order(jnp.array([[0, 1], [1, 2]], jnp.int32))), [0, 1, 2, 3, 2, 3, 4, 5])
 
 
 

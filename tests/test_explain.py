@@ -15,13 +15,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
 
 import scoremod
 from scoremod.cli import main
 from scoremod.cli import parse_tensor_value
 from scoremod.compiler.explain import Explanation, explain
-from scoremod.runtime._dispatch import dispatch_summary
+from scoremod.runtime._dispatch_order import dispatch_summary
 from scoremod.errors import ScoreModShapeError, ScoreModTensorError
+
+from strategies import sources
 
 SNAPSHOTS = Path(__file__).parent / "snapshots"
 
@@ -92,8 +95,8 @@ def test_numbers():
     # Visited area: every block on or below the diagonal; the last row/column holds 1000 - 896 = 104.
     visited = sum(min(128, 1000 - 128 * i) * min(128, 1000 - 128 * j) for i in range(nq) for j in range(i + 1))
     assert result.flops_saved == pytest.approx(1 - visited / 1000**2)
-    plan = scoremod.compiler.plan.build_plan(scoremod.compile("causal"), q_len=1000, kv_len=1000, block_q=128,
-                                             block_kv=128)
+    from scoremod.compiler.plan import build_plan
+    plan = build_plan(scoremod.compile("causal"), q_len=1000, kv_len=1000, block_q=128, block_kv=128)
     assert result.plan_bytes == plan.metadata_bytes
 
 
@@ -106,7 +109,7 @@ def test_json_leaves_out_large_grids():
 
 
 def test_dispatch_summary_names_the_paths_in_dispatch_order():
-    from scoremod.runtime._dispatch import ATTENTION_ON_GPU
+    from scoremod.runtime._dispatch_order import ATTENTION_ON_GPU
     text = dispatch_summary(scoremod.compile("causal & doc(ids)"))
     assert " then ".join(ATTENTION_ON_GPU) in text and "chunked path" in text
     assert "ids" in text
@@ -305,3 +308,25 @@ def test_svg_shows_warnings():
     svg = explain("kv > q + 300", 512, block=128).to_svg()
     warnings = [t for t in _svg_texts(svg) if t.startswith("warning:")]
     assert len(warnings) == 1 and "have no key" in warnings[0]
+
+
+def _kernel_support_agrees(text):
+    from scoremod.compiler.tile import TileProgram
+    from scoremod.runtime._dispatch_order import _kernel_support
+    canonical = scoremod.compile(text).canonical
+    program = TileProgram.build(canonical, {})
+    assert _kernel_support(canonical) == (program.kernel_support(), program.kernel_support(gathers=True))
+
+
+@settings(max_examples=60, deadline=None)
+@given(sources(with_tensors=False))
+def test_kernel_support_without_a_tile_program_agrees_with_the_tile_program(src):
+    # runtime/_dispatch_order.py answers mods without tensor reads without building a tile
+    # program (which loads jax); it must say what TileProgram.kernel_support says.
+    _kernel_support_agrees(src.text)
+
+
+@pytest.mark.parametrize("text", ["causal", "(score > 0) & causal", "softcap(30) & window(8)", "causal & doc(ids)",
+                                  "causal + relpos(t, 4)"])
+def test_kernel_support_agrees_on_masks_reading_score_and_tensors(text):
+    _kernel_support_agrees(text)

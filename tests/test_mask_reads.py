@@ -80,7 +80,7 @@ def test_number_hint_still_suggests_a_comparison():
 @pytest.mark.parametrize("text, canonical, kind, mask_reads", [
     ("causal & m[b, q, kv]", "m[b, q, kv] != 0 & q >= kv", "mask", ("m",)),
     ("~pad[b, kv] & doc(ids)", "ids[b, q] == ids[b, kv] & ~pad[b, kv] != 0", "mask", ("pad",)),
-    ("where(keep[h], alibi(8), 0)", "where(keep[h] != 0, -exp2(-8 * (h + 1) / 8) * abs(q - kv), 0)", "bias",
+    ("where(keep[h], alibi(8), 0)", "where(keep[h] != 0, -exp2(-(h + 1)) * abs(q - kv), 0)", "bias",
      ("keep",)),
     ("causal + m[b, q, kv]", "(q >= kv) + m[b, q, kv]", "bias", ()),
     ("causal & bias(t)", "q >= kv & t[b, h, q, kv] != 0", "mask", ("t",)),

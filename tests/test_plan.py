@@ -264,13 +264,13 @@ def test_check_tensors_under_jit_checks_shapes_only():
 def test_compact_rows_numpy_and_jax_match_a_loop(rows, chunk_cells, by_counting):
     # chunk_cells: NumPy compacts a slice of rows at a time; small slices test the seams.
     # by_counting: jax compacts short rows by counting, long ones by cumsum and scatter.
-    import scoremod.compiler.plan as plan_module
+    import scoremod.compiler.plan_layout as layout
     from scoremod.compiler.plan import compact_rows
-    saved_cells = plan_module.COUNTING_COMPACTION_CELLS
-    plan_module.COUNTING_COMPACTION_CELLS = saved_cells if by_counting else 0
+    saved_cells = layout.COUNTING_COMPACTION_CELLS
+    layout.COUNTING_COMPACTION_CELLS = saved_cells if by_counting else 0
     if chunk_cells is not None:
-        saved = plan_module.NUMPY_CHUNK_CELLS
-        plan_module.NUMPY_CHUNK_CELLS = chunk_cells
+        saved = layout.NUMPY_CHUNK_CELLS
+        layout.NUMPY_CHUNK_CELLS = chunk_cells
     selected = np.array(rows, bool)
     want_counts, want = [], []
     for row in selected:
@@ -282,9 +282,9 @@ def test_compact_rows_numpy_and_jax_match_a_loop(rows, chunk_cells, by_counting)
             np.testing.assert_array_equal(np.asarray(got_counts), want_counts)
             np.testing.assert_array_equal(np.asarray(got), want)
     finally:
-        plan_module.COUNTING_COMPACTION_CELLS = saved_cells
+        layout.COUNTING_COMPACTION_CELLS = saved_cells
         if chunk_cells is not None:
-            plan_module.NUMPY_CHUNK_CELLS = saved
+            layout.NUMPY_CHUNK_CELLS = saved
 
 
 @pytest.mark.parametrize("kw", [dict(q_offset=2**31 - 10), dict(kv_offset=-(2**31) - 1),

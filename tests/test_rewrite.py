@@ -163,6 +163,50 @@ def test_reassociation_prints_without_negative_literals():
     assert parse_source(str(node)).expr == node
 
 
+@pytest.mark.parametrize("source, expected", [
+    ("alibi(8)", "-exp2(-(h + 1)) * abs(q - kv)"),
+    ("alibi(4)", "-exp2(-2 * (h + 1)) * abs(q - kv)"),
+    ("alibi(16)", "-exp2(-(h + 1) / 2) * abs(q - kv)"),
+    ("alibi(12)", "-exp2(-8 * (h + 1) / 12) * abs(q - kv)"),   # neither divides the other
+    ("exp(3 * h / 3)", "exp(h)"),
+    ("3 * h / 6 + score", "score + h / 2"),
+    ("3 * h / 3 + score", "score + 3 * h / 3"),     # h alone is an int, not the real h / 1
+    ("exp(8 * q / 8)", "exp(8 * q / 8)"),           # 8 * q may wrap int32
+    ("exp(40000 * h / 40000)", "exp(40000 * h / 40000)"),     # so may 40000 * h (h < 65,536)
+    ("exp(3 * (q // 64) / 3)", "exp(3 * (q // 64) / 3)"),     # past 2**24: float32 rounds 3 * x
+    ("exp(4 * (q // 64) / 4)", "exp(q // 64)"),               # ... but scales exactly by 4
+    ("exp(3 * t[h] / 3)", "exp(3 * t[h] / 3)"),               # a tensor: no bounds
+    ("0 * floor(score) / 4 + score", "0 * floor(score) / 4 + score"),   # (was a ZeroDivisionError)
+])
+def test_int_quotients_simplify_only_where_a_kernel_computes_the_same(source, expected):
+    # int32 wrap-around and float32 rounding included: guarded by intervals.int_range.
+    mod = scoremod.compile(source)
+    assert str(mod) == expected
+    assert scoremod.compile(str(mod)) == mod
+
+
+def test_a_zero_transform_prints_as_nothing_and_reads_back():
+    # score only in the mask: T(score) = 0, so the canonical form is M & B, not M & 0 + B.
+    mod = scoremod.compile("(score > 0) & alibi(8)")
+    assert mod.kind == "transform" and mod.canonical.transform == scoremod.compile("score > 0 & 0").canonical.transform
+    assert str(mod) == "score > 0 & -exp2(-(h + 1)) * abs(q - kv)"
+    assert scoremod.compile(str(mod)) == mod
+
+
+def test_int_range_knows_positions_before_shapes():
+    from scoremod.compiler.intervals import MAX_HEADS, int_range
+    from scoremod.dsl.definitions import expand
+
+    def bounds(text):
+        return int_range(expand(parse_source(text)))
+    assert bounds("-8 * (h + 1)") == (-8 * MAX_HEADS, -8)
+    assert bounds("q // 64") == (-(2**31) // 64, (2**31 - 1) // 64)
+    assert bounds("h * 40000") is None      # may leave int32
+    assert bounds("q - kv") is None
+    assert bounds("ids[b, q]") is None      # a tensor
+    assert bounds("floor(score)") is None
+
+
 def test_simplify_runs_named_sets_only():
     node = parse_source("kv < 5 & kv < 3").expr
     assert simplify(node, ["fold"]) == node
@@ -182,6 +226,90 @@ def test_simplify_is_fast_enough_for_the_compile_path():
     for _ in range(20):
         simplify(node)
     assert (time.perf_counter() - start) / 20 < 0.05
+
+
+# ---- long chains ------------------------------------------------------------------------------
+# Merging compares only the parts of a chain that can interact and remembers merged chains, so
+# long chains compile in time linear in their length (measured, not asserted, in
+# benchmarks/compile_speed.py). What they merge to is pinned here: the forms the rules made
+# when every pair was compared.
+
+def _balanced(parts, op):
+    if len(parts) == 1:
+        return parts[0]
+    middle = len(parts) // 2
+    return f"({_balanced(parts[:middle], op)} {op} {_balanced(parts[middle:], op)})"
+
+
+_PRIMES_TO_60 = [p for p in range(2, 61) if all(p % d for d in range(2, p))]
+
+
+@pytest.mark.parametrize("source, expected", [
+    (" & ".join(f"q - kv != {i}" for i in range(1, 601)),
+     " & ".join(sorted(f"q - kv != {i}" for i in range(1, 601)))),
+    (" | ".join(f"q - kv == {i}" for i in range(1, 401)),
+     " | ".join(f"q - kv == {i}" for i in range(1, 401))),
+    (" & ".join(f"dilated({d})" for d in range(1, 101)),    # the multiples 51..100 imply the rest
+     " & ".join(sorted(f"(q - kv) % {d} == 0" for d in range(51, 101)))),
+    ("~(" + " & ".join(f"dilated({d})" for d in range(1, 101)) + ")",   # not a top-level chain: as written
+     "~(" + " & ".join(f"(q - kv) % {d} == 0" for d in range(51, 101)) + ")"),
+    (" & ".join(f"chunk({c})" for c in range(1, 61)),      # chunk(1) is q == kv
+     " & ".join(sorted([f"q // {p} == kv // {p}" for p in _PRIMES_TO_60] + ["q == kv"]))),
+    (" & ".join(f"q - kv >= {i}" for i in range(1, 300)) + " & " +
+     " & ".join(f"q - kv <= {i}" for i in range(1000, 500, -1)), "q - kv <= 501 & q - kv >= 299"),
+    (_balanced([f"q - kv >= {i}" for i in range(1, 200)], "&"), "q - kv >= 199"),
+    (_balanced(["kv - q >= 0"] + [f"kv - q == {i}" for i in range(200)], "|"), "kv - q >= 0"),
+    (_balanced([f"q - kv == {i}" for i in range(100)] + ["doc(ids)", "~doc(ids)"], "|"), "true"),
+    (_balanced([f"dilated({d})" for d in range(1, 301)] + ["q - kv >= 5", "q - kv <= 3"], "&"), "false"),
+], ids=["600 != &", "400 == |", "dilated 1..100", "~(dilated 1..100)", "chunk 1..60", "bounds &",
+        "balanced bounds &", "balanced points | range", "balanced a | ~a", "balanced disjoint"])
+def test_long_chains_merge_as_when_every_pair_was_compared(source, expected):
+    assert str(scoremod.compile(source)) == expected
+
+
+def test_a_balanced_chain_with_nothing_to_merge_stays_as_written():
+    from scoremod.dsl.definitions import expand
+    for op in ("&", "|"):
+        expr = expand(parse_source(_balanced([f"q - kv != {i}" for i in range(1, 1001)], op)))
+        assert simplify(expr) == expr
+
+
+@st.composite
+def _mask_parts(draw):
+    """Parts of a conjunction: bounds on a few forms, chunks, dilations, negations, nested
+    disjunctions, tensor reads, ``false``: what merging compares."""
+    def part():
+        kind = draw(st.sampled_from(["bound"] * 4 + ["chunk", "dilated", "not", "or", "read", "false"]))
+        if kind == "chunk":
+            return f"chunk({draw(st.sampled_from([1, 2, 3, 4, 6, 8]))})"
+        if kind == "dilated":
+            return f"dilated({draw(st.sampled_from([1, 2, 3, 4, 6, 12]))})"
+        if kind == "read":
+            return draw(st.sampled_from(["m[q]", "doc(ids)"]))
+        if kind == "false":
+            return "false"
+        if kind == "or":
+            return f"({part()} | {part()})"
+        form = draw(st.sampled_from(["q - kv", "kv - q", "kv", "abs(q - kv)", "2 * q - 2 * kv"]))
+        text = f"{form} {draw(st.sampled_from(['<', '<=', '>', '>=', '==', '!=']))} {draw(st.integers(-3, 3))}"
+        return f"~({text})" if kind == "not" else text
+    return [part() for _ in range(draw(st.integers(0, 12)))]
+
+
+@settings(max_examples=150)
+@given(_mask_parts())
+def test_conjunction_merges_in_one_pass_as_the_rules_merge_the_chain(texts):
+    from scoremod.compiler.rewrite import conjunction
+    from scoremod.dsl.ast import Binary, BoolLit
+    from scoremod.dsl.definitions import expand
+    parts = [simplify(expand(parse_source(t))) for t in texts]
+    parts = [p for p in parts if p != BoolLit(True)]   # as canonicalize passes them
+    chain = parts[0] if parts else BoolLit(True)
+    for p in parts[1:]:
+        chain = Binary("&", chain, p)
+    merged = conjunction(parts)
+    assert merged == simplify(chain), texts
+    assert simplify(merged) == merged
 
 
 # ---- the matcher and the rewriter ---------------------------------------------------------------

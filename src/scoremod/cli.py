@@ -17,7 +17,10 @@ import sys
 __all__ = ["main", "parse_tensor_value"]
 
 # Every command imports what it needs inside its function: `dslc check`, `list` and `show`
-# never load numpy or jax (startup stays under a tenth of a second); only `explain` does.
+# never load jax, nor numpy unless a rewrite rule asks the interval analysis (an int
+# quotient such as alibi's: compiler/rewrite.py); `explain` loads numpy, and jax only for a
+# mod that reads tensors or a mask that reads score (to ask the tile program what the
+# kernels decline) or with --devices (context parallelism's plans).
 
 # segments:L1,L2,... makes an int32 array of sum(L) entries: 256 MiB at most.
 MAX_SEGMENT_POSITIONS = 1 << 26
@@ -175,7 +178,7 @@ def _cmd_explain(args) -> int:
     from scoremod.compiler.explain import explain
     from scoremod.compiler.mod import compile_mod
     from scoremod.errors import ScoreModError, ScoreModTensorError
-    from scoremod.runtime._dispatch import dispatch_summary
+    from scoremod.runtime._dispatch_order import dispatch_summary   # (no jax: a static mask never loads it)
     try:
         source = sys.stdin.read() if args.source == "-" else args.source
         mod = compile_mod(source)
@@ -212,7 +215,6 @@ def _context_explanation(mod, args, tensors):
     """``--devices P``: the shard-level plan (``compiler/context_explain.py``), with the layout
     ``attention(..., context_layout=None)`` takes asked of the runtime (``choose_layout``)."""
     import dataclasses
-    from scoremod.compiler.context_explain import explain_context
     from scoremod.errors import ScoreModShapeError
     if args.devices is None:
         for flag, value in (("--kv-heads", args.kv_heads), ("--head-dim", args.head_dim)):
@@ -223,6 +225,7 @@ def _context_explanation(mod, args, tensors):
         if value is not None and value < 1:
             raise ScoreModShapeError(f"{flag} {value}: must be a positive int",
                                      hint="for example --devices 8" if flag == "--devices" else None)
+    from scoremod.compiler.context_explain import explain_context   # (imports jax)
     from scoremod.runtime.context_parallel import BALANCED_CHUNKS_PER_DEVICE, choose_layout
     kv_len = args.seq if args.kv_seq is None else args.kv_seq
     head_dim = 128 if args.head_dim is None else args.head_dim
