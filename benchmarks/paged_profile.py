@@ -155,20 +155,21 @@ def breakdown(cases, N, K, H, ps, bs, args, out):
 
         logical, physical, counts = walk_pages(mod, lengths, tables, {}, num_tokens=1, page_size=ps, heads=N,
                                                num_pool_pages=P, multiple_of=pps)
-        splits = _num_splits(bs, B * K, logical.shape[1] // pps)
+        splits = _num_splits(bs, B * K, logical.shape[-1] // pps)
         rows_ = max(16, kern.next_power_of_2(G))
-        q_rows = jnp.pad(q.reshape(B, K, G, H), ((0, 0), (0, 0), (0, rows_ - G), (0, 0)))
+        q_rows = jnp.pad(q.reshape(B, K, 1, G, H), ((0, 0), (0, 0), (0, 0), (0, rows_ - G), (0, 0)))
+        logical, physical, counts = logical[:, None], physical[:, None], counts[:, None]   # one chunk
 
         def kernel(qq, ll, kp_, vp_, lg, ph, ct, qr):
             o, lse = kern.paged_decode_partials(
                 qr + qq.reshape(-1)[0] * 0, kp_, vp_, lg, ph, ct, ll, [], program=program, layouts=(),
-                num_tokens=1, group=G, scale=H ** -0.5, pages_per_step=pps, num_splits=splits,
+                num_tokens=1, chunk_tokens=1, group=G, scale=H ** -0.5, pages_per_step=pps, num_splits=splits,
                 num_warps=bs.num_warps, num_stages=bs.num_stages, interpret=args.interpret)
             return o[..., 0, 0, 0] + lse[..., 0, 0]
 
         o, lse = kern.paged_decode_partials(
             q_rows, kp, vp, logical, physical, counts, lengths, [], program=program, layouts=(), num_tokens=1,
-            group=G, scale=H ** -0.5, pages_per_step=pps, num_splits=splits, num_warps=bs.num_warps,
+            chunk_tokens=1, group=G, scale=H ** -0.5, pages_per_step=pps, num_splits=splits, num_warps=bs.num_warps,
             num_stages=bs.num_stages, interpret=args.interpret)
 
         def combine(qq, ll, o_, lse_):

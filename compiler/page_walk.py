@@ -63,8 +63,11 @@ def page_classes(mod, lengths, num_tokens: int, page_size: int, max_pages: int, 
 
 
 @functools.partial(jax.jit, static_argnames=("mod", "num_tokens", "page_size", "num_pages", "heads", "exact"))
-def _page_classes(mod, lengths, tensors, first_page, *, num_tokens, page_size, num_pages, heads, exact):
-    """Classes of the pages ``first_page[b] + j`` (j < num_pages) of each sequence: [B, num_pages]."""
+def _page_classes(mod, lengths, tensors, first_page, *, num_tokens, page_size, num_pages, heads, exact,
+                  query_end=None):
+    """Classes of the pages ``first_page[b] + j`` (j < num_pages) of each sequence: [B, num_pages],
+    for the ``num_tokens`` queries ending at ``query_end`` (default ``lengths``)."""
+    query_end = lengths if query_end is None else query_end
     page = first_page[:, None] + jnp.arange(num_pages, dtype=jnp.int32)[None, :]
     holds_keys = page * page_size < lengths[:, None]                              # [B, num_pages]
     whole = (page + 1) * page_size <= lengths[:, None]
@@ -72,17 +75,17 @@ def _page_classes(mod, lengths, tensors, first_page, *, num_tokens, page_size, n
         nonempty, full = holds_keys, whole
     elif exact:
         nonempty, full = _exact_page_truth(mod, lengths, tensors, first_page, num_tokens, page_size, num_pages,
-                                           heads)
+                                           heads, query_end)
     else:
-        nonempty, full = _interval_page_truth(mod, lengths, tensors, first_page, num_tokens, page_size,
+        nonempty, full = _interval_page_truth(mod, query_end, tensors, first_page, num_tokens, page_size,
                                               num_pages, heads)
     nonempty = nonempty & holds_keys
     return jnp.where(nonempty, jnp.where(full & whole, FULL, PARTIAL), EMPTY).astype(jnp.int8)
 
 
-def _interval_page_truth(mod, lengths, tensors, first_page, num_tokens, page_size, num_pages, heads):
-    B = lengths.shape[0]
-    grid = BlockGrid(B, heads, PositionBlocks(num_tokens, num_tokens, lengths - num_tokens),
+def _interval_page_truth(mod, query_end, tensors, first_page, num_tokens, page_size, num_pages, heads):
+    B = query_end.shape[0]
+    grid = BlockGrid(B, heads, PositionBlocks(num_tokens, num_tokens, query_end - num_tokens),
                      PositionBlocks(num_pages * page_size, page_size, first_page * page_size))
     reads = {n: tensors[n] for n in mod.tensors if n in tensors}
     classes = jnp.asarray(classify_blocks(mod.canonical.mask, grid, reads, jnp))  # [B'|1, H'|1, 1, num_pages]
@@ -90,7 +93,7 @@ def _interval_page_truth(mod, lengths, tensors, first_page, num_tokens, page_siz
     return jnp.any(classes != EMPTY, axis=1), jnp.all(classes == FULL, axis=1)
 
 
-def _exact_page_truth(mod, lengths, tensors, first_page, num_tokens, page_size, num_pages, heads):
+def _exact_page_truth(mod, lengths, tensors, first_page, num_tokens, page_size, num_pages, heads, query_end):
     B = lengths.shape[0]
     S = num_pages * page_size
     kv = first_page[:, None] * page_size + jnp.arange(S, dtype=jnp.int32)[None, :]    # [B, S]
@@ -99,7 +102,7 @@ def _exact_page_truth(mod, lengths, tensors, first_page, num_tokens, page_size, 
     mask_mod = mod.mask_mod(**{n: tensors[n] for n in mod.tensors})
     b = jnp.arange(B, dtype=jnp.int32)[:, None, None, None]
     h = jnp.arange(n_h, dtype=jnp.int32)[None, :, None, None]
-    qpos = query_positions(lengths, num_tokens)[:, None, :, None]
+    qpos = query_positions(query_end, num_tokens)[:, None, :, None]
     allowed = mask_mod(b, h, qpos, kv[:, None, None, :])                          # [B, n_h, T, S]
     allowed = jnp.broadcast_to(allowed, (B, n_h, num_tokens, S)).reshape(B, n_h * num_tokens, num_pages, page_size)
     nonempty = jnp.any(allowed & exists.reshape(B, 1, num_pages, page_size), axis=(1, 3))
@@ -151,36 +154,41 @@ def _repeat_last_and_look_up(logical, counts, block_tables, num_pool_pages: int,
 class WalkPlan:
     """How the pages to walk are found, decided from the mask alone (static).
 
-    From the mask's diagonal band (``scoremod.compiler.band``): only keys
-    ``kv >= lengths - T - hi`` can be allowed (none when ``hi`` is unbounded), and only
-    keys ``kv <= lengths - 1 - max(lo, 0)``. So each sequence has at most
-    ``num_candidates`` candidate pages, starting at ``first_page``, whatever its length.
+    From the mask's diagonal band (``scoremod.compiler.band``): for the T queries ending
+    at ``end`` (the length, or a chunk's end), only keys ``kv >= end - T - hi`` can be
+    allowed (none when ``hi`` is unbounded), and only keys ``kv <= end - 1 - lo`` (and
+    below the length). So each sequence has at most ``num_candidates`` candidate pages,
+    starting at ``first_page``, whatever its length.
     ``exact``: the mask is the band itself, so every candidate page that holds an
     allowed key is a run ``first .. last`` found by arithmetic; otherwise the
     candidates are classified by interval analysis and compacted.
     """
-    lo: int            # lower bound on q - kv among existing keys (max(lo, 0))
+    lo: int | None     # lower bound on q - kv; None: unbounded
     hi: int | None     # upper bound, None: unbounded
     exact: bool
     empty: bool
     num_candidates: int
 
     @classmethod
-    def build(cls, mod: Mod, num_tokens: int, page_size: int, max_pages: int) -> "WalkPlan":
+    def build(cls, mod: Mod, num_tokens: int, page_size: int, max_pages: int,
+              keys_after_queries: bool = False) -> "WalkPlan":
+        """``keys_after_queries``: keys may exist past the last query (a chunk of new tokens
+        that is not the last); otherwise the queries are the newest tokens, so no key lies
+        past the last query and a lower bound below 0 bounds nothing (``lo`` is clamped to 0)."""
         band = diagonal_band(mod.canonical.mask)
-        lo = 0 if band.lo is None else max(band.lo, 0)
+        lo = band.lo if keys_after_queries else (0 if band.lo is None else max(band.lo, 0))
         hi = band.hi
-        empty = band.empty or (hi is not None and hi - lo + num_tokens < 1)
+        empty = band.empty or (hi is not None and lo is not None and hi - lo + num_tokens < 1)
         if empty:
             return cls(lo, hi, True, True, 1)
-        if hi is None:
+        if hi is None or lo is None:
             return cls(lo, hi, band.exact, False, max_pages)
         span = hi - lo + num_tokens                                 # candidate keys per sequence
         return cls(lo, hi, band.exact, False, min(max_pages, (span + page_size - 2) // page_size + 1))
 
 
 def walk_pages(mod: Mod, lengths, block_tables, tensors, *, num_tokens: int, page_size: int, heads: int,
-               num_pool_pages: int, multiple_of: int = 1):
+               num_pool_pages: int, multiple_of: int = 1, query_end=None):
     """The pages the kernel walks: ``(logical, physical, counts)`` as ``compact_pages``
     returns them, with a list length that is a multiple of ``multiple_of``.
 
@@ -188,32 +196,37 @@ def walk_pages(mod: Mod, lengths, block_tables, tensors, *, num_tokens: int, pag
     non-EMPTY pages, equal to them for exact bands and the prelude masks on sorted
     ids), in position order. Work is O(B * num_candidates) (``WalkPlan``): a sliding
     window looks at its last pages only, whatever the context length.
+
+    query_end: int32[B], the queries are the ``num_tokens`` positions ending just before
+    ``query_end[b]`` (default ``lengths``: the newest tokens); keys still exist below
+    ``lengths[b]``. Chunked prefill walks each chunk of new tokens so.
     """
     max_pages = block_tables.shape[1]
-    plan = WalkPlan.build(mod, num_tokens, page_size, max_pages)
+    plan = WalkPlan.build(mod, num_tokens, page_size, max_pages, keys_after_queries=query_end is not None)
     list_len = -(-plan.num_candidates // multiple_of) * multiple_of
     return _walk_pages(mod, plan, lengths, block_tables, tensors, num_tokens=num_tokens, page_size=page_size,
-                       heads=heads, num_pool_pages=num_pool_pages, list_len=list_len)
+                       heads=heads, num_pool_pages=num_pool_pages, list_len=list_len,
+                       query_end=lengths if query_end is None else query_end)
 
 
 def _walk_pages(mod, plan: WalkPlan, lengths, block_tables, tensors, *, num_tokens, page_size, heads,
-                num_pool_pages, list_len):
+                num_pool_pages, list_len, query_end):
     B, max_pages = block_tables.shape
     if plan.empty:
         zeros = jnp.zeros((B, list_len), jnp.int32)
         return _repeat_last_and_look_up(zeros, jnp.zeros((B,), jnp.int32), block_tables, num_pool_pages,
                                         max(max_pages, 1))
-    first_key = jnp.zeros_like(lengths) if plan.hi is None else jnp.maximum(lengths - num_tokens - plan.hi, 0)
+    first_key = jnp.zeros_like(lengths) if plan.hi is None else jnp.maximum(query_end - num_tokens - plan.hi, 0)
     first_page = first_key // page_size
     if plan.exact:
-        last_key = jnp.minimum(lengths - 1 - plan.lo, lengths - 1)
+        last_key = lengths - 1 if plan.lo is None else jnp.minimum(query_end - 1 - plan.lo, lengths - 1)
         counts = jnp.where(last_key >= first_key, last_key // page_size - first_page + 1, 0)
         # Under jit a length beyond the table is trusted: walk only the pages the table has.
         counts = jnp.clip(counts, 0, jnp.maximum(max_pages - first_page, 0)).astype(jnp.int32)
         logical = first_page[:, None] + jnp.arange(list_len, dtype=jnp.int32)[None, :]
         return _repeat_last_and_look_up(logical, counts, block_tables, num_pool_pages, max_pages)
     classes = _page_classes(mod, lengths, tensors, first_page, num_tokens=num_tokens, page_size=page_size,
-                            num_pages=plan.num_candidates, heads=heads, exact=False)
+                            num_pages=plan.num_candidates, heads=heads, exact=False, query_end=query_end)
     in_table = first_page[:, None] + jnp.arange(plan.num_candidates, dtype=jnp.int32)[None, :] < max_pages
     classes = jnp.where(in_table, classes, jnp.int8(EMPTY))
     return compact_pages(classes, block_tables, num_pool_pages, list_len, first_page)

@@ -1,12 +1,14 @@
-"""The paged decode kernel: one Pallas program per (sequence, KV head, split).
+"""The paged kernel: one Pallas program per (sequence, KV head, chunk of new tokens, split).
 
-Each program walks its share of the sequence's *compacted* page list (the pages
-whose block class is not EMPTY, in position order), ``pages_per_step`` pages at a
-time: it gathers those pages of K and V from the pool, scores them against the
-``rows = T * G`` queries of its KV head (the ``G = N // K`` query heads of the group
-times the ``T`` new tokens, padded to a power of two), applies the tile program
-with absolute positions, and keeps an online softmax. It writes an f32 partial
-output and its log-sum-exp; ``combine_splits`` merges the splits.
+Each program walks its share of its chunk's *compacted* page list (the pages whose
+block class is not EMPTY for the chunk's queries, in position order),
+``pages_per_step`` pages at a time: it gathers those pages of K and V from the pool,
+scores them against the ``rows = chunk_tokens * G`` queries of its KV head and chunk
+(the ``G = N // K`` query heads of the group times the chunk's tokens, padded to a power
+of two), applies the tile program with absolute positions, and keeps an online
+softmax. It writes an f32 partial output and its log-sum-exp; ``combine_splits`` merges
+the splits. Decode (a few new tokens) is one chunk; chunked prefill (hundreds to
+thousands of new tokens) is many, each walking only its own pages.
 
 Written against ``jax.experimental.pallas``'s portable subset, so the same body runs
 through the Triton lowering on GPU and through the interpreter on CPU.
@@ -44,20 +46,22 @@ class ReadLayout:
 
 
 def _kernel(q_ref, k_ref, v_ref, logical_ref, physical_ref, count_ref, length_ref, *refs,
-            program, layouts, num_tokens, group, scale, page_size, pages_per_step, num_splits):
+            program, layouts, num_tokens, chunk_tokens, group, scale, page_size, pages_per_step, num_splits):
     read_refs = refs[:len(layouts)]
     o_ref, lse_ref = refs[len(layouts):]
     b = pl.program_id(0)
     kv_head = pl.program_id(1)
-    split = pl.program_id(2)
+    chunk = lax.div(pl.program_id(2), jnp.int32(num_splits))
+    split = lax.rem(pl.program_id(2), jnp.int32(num_splits))
     length = length_ref[0]
     count = count_ref[0]
     rows, head_dim = q_ref.shape
     block_kv = pages_per_step * page_size
 
     row = lax.broadcasted_iota(jnp.int32, (rows, 1), 0)
-    # Row r holds token t = r // G of query head kv_head * G + r % G (rows >= T*G are padding).
-    q_pos = length - num_tokens + lax.div(row, jnp.int32(group))
+    # Row r holds token chunk * chunk_tokens + r // G of query head kv_head * G + r % G (rows
+    # past the chunk's tokens, and tokens past T, are padding).
+    q_pos = length - num_tokens + chunk * chunk_tokens + lax.div(row, jnp.int32(group))
     head = kv_head * group + lax.rem(row, jnp.int32(group))
 
     # Reads that do not depend on the key position: one tile for the whole walk.
@@ -132,72 +136,78 @@ def _kernel(q_ref, k_ref, v_ref, logical_ref, physical_ref, count_ref, length_re
 
 
 def paged_decode_partials(q_rows, k_pages, v_pages, logical, physical, counts, lengths, reads, *,
-                          program, layouts, num_tokens, group, scale, pages_per_step, num_splits,
+                          program, layouts, num_tokens, chunk_tokens, group, scale, pages_per_step, num_splits,
                           num_warps, num_stages, interpret):
-    """Per-split partial outputs and log-sum-exps.
+    """Per-chunk, per-split partial outputs and log-sum-exps.
 
-    q_rows:   [B, K, R, H]  queries grouped by KV head, rows r = t * G + g, R a power of 2
+    q_rows:   [B, K, C, R, H]  queries grouped by KV head and chunk of ``chunk_tokens`` new
+              tokens, rows r = t * G + g (token ``c * chunk_tokens + t``), R a power of 2
     k_pages:  [P, page_size, K, H] (v_pages alike)
-    logical:  int32[B, L]   compacted logical page indices (L a multiple of pages_per_step)
-    physical: int32[B, L]   the same pages' slots in the pool
-    counts:   int32[B]      listed pages per sequence; lengths: int32[B]
-    reads:    the tile program's tensor reads, laid out as ``layouts`` say
-    Returns (o f32[B, K, S, R', H], lse f32[B, K, S, R']) with S = num_splits and
-    R' = min(R, next power of 2 >= T * G) (the padding rows past R' are not written).
+    logical:  int32[B, C, L]   each chunk's compacted logical pages (L a multiple of pages_per_step)
+    physical: int32[B, C, L]   the same pages' slots in the pool
+    counts:   int32[B, C]      listed pages per sequence and chunk; lengths: int32[B]
+    reads:    the tile program's tensor reads, laid out as ``layouts`` say (row axes C * R)
+    num_tokens: T, the new tokens (query t of a sequence sits at ``lengths[b] - T + t``).
+    Returns (o f32[B, K, C, S, R', H], lse f32[B, K, C, S, R']) with S = num_splits and
+    R' = min(R, next power of 2 >= chunk_tokens * G) (the padding rows past R' are not written).
     """
-    batch, num_kv_heads, rows, head_dim = q_rows.shape
-    out_rows = min(rows, next_power_of_2(num_tokens * group))
+    batch, num_kv_heads, n_chunks, rows, head_dim = q_rows.shape
+    out_rows = min(rows, next_power_of_2(chunk_tokens * group))
     num_pages, page_size = k_pages.shape[:2]
-    list_len = logical.shape[1]
+    list_len = logical.shape[-1]
+    S = num_splits
 
     def read_spec(layout: ReadLayout, shape):
-        def index_map(b, k, s):
+        def index_map(b, k, p):
             lead = (b if layout.by_b else 0, k if layout.by_k else 0)
-            return lead + (0,) * (len(shape) - 2)
-        return pl.BlockSpec((None, None) + tuple(shape[2:]), index_map)
+            return lead + (0,) * (len(shape) - 3) + (lax.div(p, S) if layout.rows else 0,)
+        return pl.BlockSpec((None, None) + tuple(shape[2:-1]) + (rows if layout.rows else 1,), index_map)
 
     in_specs = [
-        pl.BlockSpec((None, None, rows, head_dim), lambda b, k, s: (b, k, 0, 0)),
-        pl.BlockSpec((num_pages, page_size, None, head_dim), lambda b, k, s: (0, 0, k, 0)),
-        pl.BlockSpec((num_pages, page_size, None, head_dim), lambda b, k, s: (0, 0, k, 0)),
-        pl.BlockSpec((None, list_len), lambda b, k, s: (b, 0)),
-        pl.BlockSpec((None, list_len), lambda b, k, s: (b, 0)),
-        pl.BlockSpec((1,), lambda b, k, s: (b,)),
-        pl.BlockSpec((1,), lambda b, k, s: (b,)),
+        pl.BlockSpec((None, None, None, rows, head_dim), lambda b, k, p: (b, k, lax.div(p, S), 0, 0)),
+        pl.BlockSpec((num_pages, page_size, None, head_dim), lambda b, k, p: (0, 0, k, 0)),
+        pl.BlockSpec((num_pages, page_size, None, head_dim), lambda b, k, p: (0, 0, k, 0)),
+        pl.BlockSpec((None, None, list_len), lambda b, k, p: (b, lax.div(p, S), 0)),
+        pl.BlockSpec((None, None, list_len), lambda b, k, p: (b, lax.div(p, S), 0)),
+        pl.BlockSpec((None, 1), lambda b, k, p: (b, lax.div(p, S))),
+        pl.BlockSpec((1,), lambda b, k, p: (b,)),
     ] + [read_spec(layout, r.shape) for layout, r in zip(layouts, reads)]
     out_specs = [
-        pl.BlockSpec((None, None, None, out_rows, head_dim), lambda b, k, s: (b, k, s, 0, 0)),
-        pl.BlockSpec((None, None, None, out_rows), lambda b, k, s: (b, k, s, 0)),
+        pl.BlockSpec((None, None, None, out_rows, head_dim), lambda b, k, p: (b, k, p, 0, 0)),
+        pl.BlockSpec((None, None, None, out_rows), lambda b, k, p: (b, k, p, 0)),
     ]
     out_shape = [
-        jax.ShapeDtypeStruct((batch, num_kv_heads, num_splits, out_rows, head_dim), jnp.float32),
-        jax.ShapeDtypeStruct((batch, num_kv_heads, num_splits, out_rows), jnp.float32),
+        jax.ShapeDtypeStruct((batch, num_kv_heads, n_chunks * S, out_rows, head_dim), jnp.float32),
+        jax.ShapeDtypeStruct((batch, num_kv_heads, n_chunks * S, out_rows), jnp.float32),
     ]
     kernel = functools.partial(
-        _kernel, program=program, layouts=tuple(layouts), num_tokens=num_tokens, group=group,
-        scale=scale, page_size=page_size, pages_per_step=pages_per_step, num_splits=num_splits)
+        _kernel, program=program, layouts=tuple(layouts), num_tokens=num_tokens, chunk_tokens=chunk_tokens,
+        group=group, scale=scale, page_size=page_size, pages_per_step=pages_per_step, num_splits=num_splits)
     extra = {} if interpret else {"compiler_params": compiler_params(num_warps, num_stages)}
-    return pl.pallas_call(
+    o, lse = pl.pallas_call(
         kernel,
-        grid=(batch, num_kv_heads, num_splits),
+        grid=(batch, num_kv_heads, n_chunks * S),
         in_specs=in_specs,
         out_specs=out_specs,
         out_shape=out_shape,
         interpret=interpret,
-        name=f"scoremod_paged_decode_{pages_per_step=}_{num_splits=}",
+        name=f"scoremod_paged_{pages_per_step=}_{num_splits=}",
         **extra,
     )(q_rows, k_pages, v_pages, logical, physical, counts, lengths, *reads)
+    return (o.reshape(batch, num_kv_heads, n_chunks, S, out_rows, head_dim),
+            lse.reshape(batch, num_kv_heads, n_chunks, S, out_rows))
 
 
 def combine_splits(o, lse):
-    """Log-sum-exp merge over the split axis: ([B, K, S, R, H], [B, K, S, R]) -> ([B, K, R, H], [B, K, R])."""
-    m = jnp.max(lse, axis=2, keepdims=True)
+    """Log-sum-exp merge over the split axis (the one before the rows):
+    ([..., S, R, H], [..., S, R]) -> ([..., R, H], [..., R])."""
+    m = jnp.max(lse, axis=-2, keepdims=True)
     m_safe = jnp.where(m == -jnp.inf, 0.0, m)
     w = jnp.exp(lse - m_safe)                                    # 0 for empty splits
-    denom = jnp.sum(w, axis=2)
+    denom = jnp.sum(w, axis=-2)
     seen = denom != 0
-    out = jnp.sum(w[..., None] * o, axis=2) / jnp.where(seen, denom, 1.0)[..., None]
-    lse_out = jnp.where(seen, m_safe[:, :, 0] + jnp.log(jnp.where(seen, denom, 1.0)), -jnp.inf)
+    out = jnp.sum(w[..., None] * o, axis=-3) / jnp.where(seen, denom, 1.0)[..., None]
+    lse_out = jnp.where(seen, jnp.squeeze(m_safe, -2) + jnp.log(jnp.where(seen, denom, 1.0)), -jnp.inf)
     return out, lse_out
 
 

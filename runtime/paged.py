@@ -1,4 +1,4 @@
-"""``paged_attention()``: decode attention over a paged KV cache, with any mod.
+"""``paged_attention()``: decode, speculative decode and chunked prefill over a paged KV cache, with any mod.
 
     out = scoremod.paged_attention(q, k_pages, v_pages, block_tables, lengths,
                                    mod="causal & window(4096)")
@@ -72,6 +72,10 @@ class PagedBlockSizes:
       None picks enough for ``programs_per_core`` programs on every SM (long contexts
       with few sequences need the split to fill the GPU).
     num_warps, num_stages: Triton launch parameters.
+    chunk_rows: query rows (new tokens times the G query heads of a KV head) one program
+      takes. More new tokens than fit (chunked prefill) are cut into chunks of
+      ``max(1, chunk_rows // G)`` tokens, each its own program walking only the pages its
+      queries need.
     """
     # Defaults: the best all-round setting of benchmarks/paged_profile.py's sweeps on an
     # H100 (bf16, N=32, K=8, H=128, pages of 16, B 1-32, contexts 8k-128k; RESULTS.md).
@@ -84,9 +88,10 @@ class PagedBlockSizes:
     num_warps: int = 4
     num_stages: int = 4
     programs_per_core: int = 16
+    chunk_rows: int = 128
 
     def __post_init__(self):
-        for name in ("block_kv", "num_warps", "num_stages", "programs_per_core"):
+        for name in ("block_kv", "num_warps", "num_stages", "programs_per_core", "chunk_rows"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ScoreModShapeError(f"PagedBlockSizes.{name}={value!r} must be a positive int")
@@ -340,14 +345,16 @@ def _num_splits(block_sizes: PagedBlockSizes, programs: int, max_chunks: int) ->
     return max(1, min(max_chunks, target // max(programs, 1)))
 
 
-def _layout_reads(program: TileProgram, tensors: dict, *, batch, heads, kv_heads, num_tokens, rows,
+def _layout_reads(program: TileProgram, tensors: dict, *, batch, heads, kv_heads, num_tokens, chunk_tokens, rows,
                   max_pages, page_size, q_positions):
     """Each tensor read of the tile program, materialized for the kernel (see ``ReadLayout``).
 
-    A read is gathered once per call at the positions the kernel can visit: rows
-    ``r = t * G + g`` (query token t of query head ``kv_head * G + g``, padded to
-    ``rows``) and keys ``0 .. max_pages * page_size - 1``. Query positions differ per
-    sequence, so a read that depends on ``q`` is laid out per sequence.
+    A read is gathered once per call at the positions the kernel can visit: per chunk of
+    ``chunk_tokens`` of the ``num_tokens`` (padded) new tokens, rows ``r = t * G + g``
+    (token t of the chunk, query head ``kv_head * G + g``, padded to ``rows``; the row
+    axis holds the chunks one after another) and keys ``0 .. max_pages * page_size - 1``.
+    Query positions differ per sequence, so a read that depends on ``q`` is laid out per
+    sequence.
     """
     S = max_pages * page_size
     G = heads // kv_heads
@@ -372,10 +379,12 @@ def _layout_reads(program: TileProgram, tensors: dict, *, batch, heads, kv_heads
         value = jnp.broadcast_to(value, (Bx, Nx, Tx, Sx))
         has_rows = by_h or by_q
         if has_rows:
+            n_chunks = num_tokens // chunk_tokens
             x = value.reshape(Bx, Kx, G if by_h else 1, Tx, Sx)
             x = jnp.broadcast_to(x, (Bx, Kx, G, num_tokens, Sx))
-            x = x.transpose(0, 1, 4, 3, 2).reshape(Bx, Kx, Sx, num_tokens * G)
-            x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, rows - num_tokens * G)))
+            x = x.transpose(0, 1, 4, 3, 2).reshape(Bx, Kx, Sx, n_chunks, chunk_tokens * G)
+            x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, 0), (0, rows - chunk_tokens * G)))
+            x = x.reshape(Bx, Kx, Sx, n_chunks * rows)
         else:
             x = value.reshape(Bx, 1, Sx, 1)
         Rx = x.shape[-1]
@@ -383,6 +392,16 @@ def _layout_reads(program: TileProgram, tensors: dict, *, batch, heads, kv_heads
         arrays.append(x)
         layouts.append(_k.ReadLayout(by_b=by_b, by_k=by_h, by_kv=by_kv, rows=has_rows))
     return arrays, layouts
+
+
+def chunking(num_tokens: int, group: int, chunk_rows: int) -> tuple[int, int]:
+    """(tokens per chunk, chunks) for ``num_tokens`` new tokens of ``group`` query heads per
+    KV head: one chunk when ``num_tokens * group <= chunk_rows`` (decode), else chunks of
+    ``max(1, chunk_rows // group)`` tokens (chunked prefill)."""
+    if num_tokens * group <= chunk_rows:
+        return num_tokens, 1
+    tokens = max(1, chunk_rows // group)
+    return tokens, -(-num_tokens // tokens)
 
 
 @functools.partial(jax.jit, static_argnames=("mod", "scale", "block_sizes", "interpret"))
@@ -394,27 +413,35 @@ def _paged_pallas(q, k_pages, v_pages, block_tables, lengths, tensors, *, mod, s
     G = N // K
     program = _program(mod, tensors)
     pages_per_step = max(1, block_sizes.block_kv // page_size)
-    logical, physical, counts = walk_pages(mod, lengths, block_tables, tensors, num_tokens=T, page_size=page_size,
-                                           heads=N, num_pool_pages=P, multiple_of=pages_per_step)
-    max_chunks = logical.shape[1] // pages_per_step
-    num_splits = _num_splits(block_sizes, B * K, max_chunks)
-    rows = max(MIN_TILE, _k.next_power_of_2(T * G))
+    chunk_tokens, n_chunks = chunking(T, G, block_sizes.chunk_rows)
+    Tp = chunk_tokens * n_chunks
+    # Each chunk walks the pages its own queries need (the last chunk's padding tokens sit
+    # past the length, where no key exists).
+    chunk_end = lengths[:, None] - T + chunk_tokens * (1 + jnp.arange(n_chunks, dtype=jnp.int32))[None, :]
+    walk = functools.partial(walk_pages, mod, lengths, block_tables, tensors, num_tokens=chunk_tokens,
+                             page_size=page_size, heads=N, num_pool_pages=P, multiple_of=pages_per_step)
+    logical, physical, counts = jax.vmap(lambda end: walk(query_end=end), in_axes=1, out_axes=1)(chunk_end)
+    max_chunks = logical.shape[-1] // pages_per_step
+    num_splits = _num_splits(block_sizes, B * K * n_chunks, max_chunks)
+    rows = max(MIN_TILE, _k.next_power_of_2(chunk_tokens * G))
 
-    q_rows = q.reshape(B, T, K, G, H).transpose(0, 2, 1, 3, 4).reshape(B, K, T * G, H)
-    q_rows = jnp.pad(q_rows, ((0, 0), (0, 0), (0, rows - T * G), (0, 0)))
-    reads, layouts = _layout_reads(program, tensors, batch=B, heads=N, kv_heads=K, num_tokens=T, rows=rows,
-                                   max_pages=max_pages, page_size=page_size,
-                                   q_positions=query_positions(lengths, T))
+    q = jnp.pad(q, ((0, 0), (0, Tp - T), (0, 0), (0, 0)))
+    q_rows = q.reshape(B, n_chunks, chunk_tokens, K, G, H).transpose(0, 3, 1, 2, 4, 5)
+    q_rows = q_rows.reshape(B, K, n_chunks, chunk_tokens * G, H)
+    q_rows = jnp.pad(q_rows, ((0, 0), (0, 0), (0, 0), (0, rows - chunk_tokens * G), (0, 0)))
+    q_positions = lengths[:, None] - T + jnp.arange(Tp, dtype=jnp.int32)[None, :]
+    reads, layouts = _layout_reads(program, tensors, batch=B, heads=N, kv_heads=K, num_tokens=Tp,
+                                   chunk_tokens=chunk_tokens, rows=rows, max_pages=max_pages, page_size=page_size,
+                                   q_positions=q_positions)
     o, lse = _k.paged_decode_partials(
         q_rows, k_pages, v_pages, logical, physical, counts, lengths, reads,
-        program=program, layouts=layouts, num_tokens=T, group=G, scale=scale,
+        program=program, layouts=layouts, num_tokens=T, chunk_tokens=chunk_tokens, group=G, scale=scale,
         pages_per_step=pages_per_step, num_splits=num_splits, num_warps=block_sizes.num_warps,
         num_stages=block_sizes.num_stages, interpret=interpret)
     if num_splits == 1:
-        out, lse = o[:, :, 0], lse[:, :, 0]
+        out, lse = o[:, :, :, 0], lse[:, :, :, 0]
     else:
         out, lse = _k.combine_splits(o, lse)
-    out = out[:, :, :T * G].reshape(B, K, T, G, H).transpose(0, 2, 1, 3, 4).reshape(B, T, N, H)
-    lse = lse[:, :, :T * G].reshape(B, K, T, G).transpose(0, 2, 1, 3).reshape(B, T, N)
-    return out.astype(q.dtype), lse
-
+    out = out[:, :, :, :chunk_tokens * G].reshape(B, K, Tp, G, H).transpose(0, 2, 1, 3, 4)
+    lse = lse[:, :, :, :chunk_tokens * G].reshape(B, K, Tp, G).transpose(0, 2, 1, 3)
+    return out[:, :T].reshape(B, T, N, H).astype(q.dtype), lse[:, :T].reshape(B, T, N)

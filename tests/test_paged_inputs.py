@@ -176,7 +176,7 @@ def test_split_count_fills_whole_waves():
 
 
 @pytest.mark.parametrize("bad", [dict(block_kv=0), dict(num_splits=-1), dict(num_splits=0), dict(programs_per_core=0),
-                                 dict(num_warps=2.5)])
+                                 dict(num_warps=2.5), dict(chunk_rows=0)])
 def test_paged_block_sizes_must_be_positive(bad):
     with pytest.raises(ScoreModShapeError, match="must be"):
         PagedBlockSizes(**bad)
