@@ -418,3 +418,46 @@ def test_mosaic_declines_gradients_to_float_tensors(pretend_hopper):
     with pytest.raises(NotImplementedError, match="do not give tensor parameters gradients"):
         jax.jit(jax.grad(loss, argnums=1)).trace(q, s)
     jax.jit(jax.grad(loss, argnums=0)).trace(q, s).lower(lowering_platforms=("cuda",))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mod, sinks", [
+    ("causal & m[b, q, kv]", False),                      # a bool tensor read as a mask
+    ("score + sin(q - kv) * cos(h)", False),              # sin/cos in values
+    ("causal & window(128)", True),                       # sinks with a window (gpt-oss)
+    ("causal & (m[b, q, kv] | window(32))", True),
+])
+def test_gpu_mask_reads_trig_and_sinks(mod, sinks):
+    """The language features of issue 17 on the Mosaic kernels: out, lse and dq in bf16
+    against the reference in f32 (a ragged size, GQA)."""
+    B, T, N, K, H = 2, 300, 4, 2, 128
+    q, k, v = _qkv(B, T, T, N, K, H)
+    tensors = {"m": jax.random.bernoulli(jax.random.key(3), 0.3, (B, T, T))} if "m[" in mod else {}
+    s = jnp.linspace(-1.0, 2.0, N) if sinks else None
+    f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+
+    def run(q, k, v, impl):
+        return scoremod.attention(q, k, v, mod=mod, implementation=impl, return_lse=True, sinks=s, **tensors)
+    assert str(scoremod.dispatch(q, k, v, mod=mod, **tensors).implementation) == "mosaic"
+    out, lse = jax.jit(lambda q, k, v: run(q, k, v, "mosaic"))(q, k, v)
+    want, want_lse = run(f32(q), f32(k), f32(v), "reference")
+    np.testing.assert_allclose(np.asarray(f32(out)), np.asarray(want), atol=3e-2, rtol=3e-2)
+    np.testing.assert_allclose(np.asarray(lse), np.asarray(want_lse), atol=3e-2, rtol=1e-2)
+    dq = jax.grad(lambda q: jnp.sum(f32(run(q, k, v, "mosaic")[0]) ** 2))(q)
+    want_dq = jax.grad(lambda q: jnp.sum(run(q, f32(k), f32(v), "reference")[0] ** 2))(f32(q))
+    assert np.linalg.norm(np.asarray(f32(dq)) - np.asarray(want_dq)) <= 3e-2 * np.linalg.norm(np.asarray(want_dq))
+
+
+@pytest.mark.gpu
+def test_gpu_gradient_to_a_float_table_falls_through_to_xla():
+    """A differentiated float table: mosaic declines, the default dispatch runs xla, and the
+    table gets the reference's gradient (never zeros)."""
+    q, k, v = _qkv(1, 256, 256, 2, 2, 128)
+    t = jnp.linspace(0.1, 1.0, 2)
+    mod = "causal + -t[h] * abs(q - kv)"   # a per-head slope (ALiBi learned)
+    got = jax.jit(jax.grad(lambda t: jnp.sum(scoremod.attention(q, k, v, mod=mod, t=t).astype(jnp.float32) ** 2)))(t)
+    f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+    want = jax.grad(lambda t: jnp.sum(scoremod.attention(f32(q), f32(k), f32(v), mod=mod, t=t,
+                                                         implementation="reference") ** 2))(t)
+    assert np.abs(np.asarray(got)).max() > 0
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=5e-2 * float(jnp.abs(want).max()))
