@@ -776,20 +776,30 @@ def conjunction(parts: list[Node]) -> Node:
         for p in parts[1:]:
             out = Binary("&", out, p)
         return out
+    return _merge_chain("&", parts)
+
+
+def _merge_chain(op: str, parts: list[Node], span=None) -> Node:
+    """``parts`` (two or more, in normal form, no chain of ``op`` and no literal among them;
+    for ``&`` masks) joined by ``op`` left to right and merged in one pass, as the ``bounds``
+    rules merge that chain node by node: ``conjunction``, and the rewriter's merge of a chain
+    nested in an expression (``_Run._merged``). The root gets ``span``."""
     with _CHAIN_VIEWS_LOCK:
-        index, gone = _ChainIndex("&"), set()
+        index, gone = _ChainIndex(op), set()
         for position, part in enumerate(parts):
-            info = _part_keys(part, "&")
+            info = _part_keys(part, op)
             pairs = [(j, position) for j in index.partners(info, position) if j not in gone]
             index.append(part, info)
             dropped = _dropped(index, position + 1, pairs)
             if dropped is None:
-                return BoolLit(False)
+                return BoolLit(op == "|", span=span)
             gone |= dropped
         kept = _kept(index, len(parts), gone)
         out = kept.parts[0]
         for p in kept.parts[1:]:
-            out = Binary("&", out, p)
+            out = Binary(op, out, p)
+        if len(kept.parts) > 1 and span is not None:
+            out = Binary(op, out.lhs, out.rhs, span=span)
         _remember_spine(out, kept)
         return out
 
@@ -1029,6 +1039,9 @@ def _tree_size(root: Node) -> int:
     return sizes[id(root)]
 
 
+_CHAINS = ("&", "|")
+
+
 class _Run:
     """One ``simplify`` call: the rules, the memo and the count of rewrites so far."""
 
@@ -1040,6 +1053,12 @@ class _Run:
         self.memo: dict[int, tuple[Node, Node]] = {}
         # Past ``limit`` rewrites, ``_over_limit`` counts the nodes (rarely worth it before).
         self.rewrites, self.limit = 0, 10_000
+        # Chain nodes (by id, held) that the rules rewrite one at a time: merged in one pass
+        # already, or not a chain ``_merged`` can merge.
+        self.by_rules: dict[int, Node] = {}
+        # Chains are merged in one pass only where the rules are all of them, in table order
+        # (what ``_merged`` stands in for: fold, logic, then bounds on an ``&`` or ``|``).
+        self.chains = names == tuple(RULE_SETS)
 
     def normal_form(self, root: Node) -> Node:
         """Rewrite the children, then the first rule that applies here, then the result again:
@@ -1059,6 +1078,28 @@ class _Run:
                     continue
                 kids = node.children()
                 result = node
+                chain = self.chains and type(node) is Binary and node.op in _CHAINS
+                parts = self._chain_parts(node) if chain else None
+                if parts is not None:
+                    todo = [(k, None) for k in parts
+                            if not ((hit := memo.get(id(k))) is not None and hit[0] is k) and k.children()]
+                    if todo:
+                        stack += reversed(todo)
+                        continue
+                    normal = [memo[id(k)][1] if id(k) in memo and memo[id(k)][0] is k else k for k in parts]
+                    out = self._merged(node, normal)
+                    if out is None:   # not a chain merging alone settles: rule by rule
+                        continue
+                    hit = memo.get(id(out))
+                    if hit is not None and hit[0] is out:
+                        result = hit[1]
+                    elif not out.children():
+                        result = out
+                    else:
+                        stack[-1] = (node, out)
+                        stack.append((out, None))
+                        continue
+                    kids = ()
                 if kids:
                     new, todo = [], []
                     for k in kids:
@@ -1091,6 +1132,62 @@ class _Run:
             memo[id(node)] = (node, result)
             memo[id(result)] = (result, result)
         return memo[id(root)][1]
+
+    def _chain_parts(self, node: Binary) -> list[Node] | None:
+        """The parts of the chain of ``&`` or ``|`` at ``node`` when it may be merged in one
+        pass (``_merged``): a left spine of that one op whose right operands are no chain of
+        it (``_FLATTENS``), not merged already. Otherwise None, and the nodes of the spine down
+        to the first that is no such chain node are left to the rules (the chain below it is
+        tried on its own)."""
+        if id(node) in self.by_rules or _view(node) is not None:
+            return None
+        op, flat = node.op, _FLATTENS[node.op]
+        spine, parts, n = [], [], node
+        while isinstance(n, Binary) and n.op in flat:
+            spine.append(n)
+            if n.op != op or (isinstance(n.rhs, Binary) and n.rhs.op in flat):
+                self._by_rules(spine)
+                return None
+            parts.append(n.rhs)
+            n = n.lhs
+        parts.append(n)
+        parts.reverse()
+        return parts
+
+    def _by_rules(self, spine) -> None:
+        for n in spine:
+            self.by_rules[id(n)] = n
+
+    def _merged(self, node: Binary, parts: list[Node]) -> Node | None:
+        """The chain ``node`` of ``parts`` (now in normal form) merged in one pass, as the
+        ``bounds`` rules merge it node by node (which rebuild the chain above every part they
+        drop: quadratic in a long chain, e.g. ``~(dilated(1) & ... & dilated(989))``), to the
+        same result. None (and the chain is left to the rules) where other rules would act
+        too: literal parts (but ``true`` in a chain of ``&`` of bool masks: dropped, as
+        ``true & x -> x``), parts that are chains of ``op`` themselves, or a conjunction of
+        non-masks."""
+        op = node.op
+        flat = _FLATTENS[op]
+        ok = not any(isinstance(p, Binary) and p.op in flat for p in parts)
+        if ok and any(isinstance(p, BoolLit) for p in parts):
+            ok = op == "&" and all(isinstance(p, BoolLit) and p.value or
+                                   (not isinstance(p, BoolLit) and _bool_typed(p)) for p in parts)
+            parts = [p for p in parts if not isinstance(p, BoolLit)]
+            ok = ok and len(parts) > 0
+        if ok and op == "&":
+            ok = all(_is_mask_operand(p) for p in parts)
+        if not ok:
+            n = node
+            while isinstance(n, Binary) and n.op in flat:
+                self.by_rules[id(n)] = n
+                n = n.lhs
+            return None
+        out = parts[0] if len(parts) == 1 else _merge_chain(op, parts, node.span)
+        n = out   # merged: the rules only check it
+        while isinstance(n, Binary) and n.op == op:
+            self.by_rules[id(n)] = n
+            n = n.lhs
+        return out
 
     def rewrite(self, node: Node) -> Node | None:
         """What the first rule that applies makes of ``node`` (its children in normal form)."""

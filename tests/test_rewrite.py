@@ -267,6 +267,23 @@ def test_long_chains_merge_as_when_every_pair_was_compared(source, expected):
     assert str(scoremod.compile(source)) == expected
 
 
+@pytest.mark.parametrize("source, expected", [
+    ("~(" + " & ".join(f"dilated({d})" for d in range(1, 13)) + ")",
+     "~(" + " & ".join(f"(q - kv) % {d} == 0" for d in range(7, 13)) + ")"),
+    ("causal | (" + " & ".join(f"dilated({d})" for d in range(1, 13)) + ")",
+     "q >= kv | " + " & ".join(f"(q - kv) % {d} == 0" for d in range(7, 13))),
+    ("window(3) & ~(q - kv == 2 | q - kv >= 5 | q - kv == 7 | chunk(2) | q - kv == 2 | chunk(4) | doc(ids))",
+     "abs(q - kv) < 3 & ~(q - kv == 2 | q - kv >= 5 | q // 4 == kv // 4 | ids[b, q] == ids[b, kv])"),
+    ("~(doc(ids) & q - kv >= 1 & q - kv >= 3 & (q - kv >= 3 | causal) & q - kv <= 9 & chunk(8) & chunk(4))",
+     "~(ids[b, q] == ids[b, kv] & q - kv >= 3 & q - kv <= 9 & q // 4 == kv // 4)"),
+], ids=["~(dilated 1..12)", "causal | (dilated 1..12)", "~(points | range | chunks)", "~(bounds & chunks)"])
+def test_nested_chains_merge_in_one_pass_as_the_rules_merged_them(source, expected):
+    """A chain nested under ``~`` or ``|`` is merged in one pass (``_Run._merged``), no longer
+    part by part; its form is the one the rules made (true parts dropped, implied parts,
+    duplicates and absorbed disjunctions gone, the kept ones in the written order)."""
+    assert str(scoremod.compile(source)) == expected
+
+
 def test_a_balanced_chain_with_nothing_to_merge_stays_as_written():
     from scoremod.dsl.definitions import expand
     for op in ("&", "|"):
