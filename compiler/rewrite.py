@@ -1090,14 +1090,8 @@ class _Run:
                     out = self._merged(node, normal)
                     if out is None:   # not a chain merging alone settles: rule by rule
                         continue
-                    hit = memo.get(id(out))
-                    if hit is not None and hit[0] is out:
-                        result = hit[1]
-                    elif not out.children():
-                        result = out
-                    else:
-                        stack[-1] = (node, out)
-                        stack.append((out, None))
+                    result = self._settled(stack, node, out)
+                    if result is None:
                         continue
                     kids = ()
                 if kids:
@@ -1119,19 +1113,26 @@ class _Run:
                             break
                     out = self.rewrite(result)
                     if out is not None:
-                        hit = memo.get(id(out))
-                        if hit is not None and hit[0] is out:
-                            result = hit[1]
-                        elif not out.children():
-                            result = out
-                        else:
-                            stack[-1] = (node, out)
-                            stack.append((out, None))
+                        result = self._settled(stack, node, out)
+                        if result is None:
                             continue
             stack.pop()
             memo[id(node)] = (node, result)
             memo[id(result)] = (result, result)
         return memo[id(root)][1]
+
+    def _settled(self, stack: list, node: Node, out: Node) -> Node | None:
+        """What ``node`` rewrote to (``out``) comes to: its normal form when known (memo) or
+        when it is a leaf; otherwise None, with ``out`` pushed to be normalized first (the
+        top of ``stack`` becomes ``(node, out)``, to be finished when ``out`` is)."""
+        hit = self.memo.get(id(out))
+        if hit is not None and hit[0] is out:
+            return hit[1]
+        if not out.children():
+            return out
+        stack[-1] = (node, out)
+        stack.append((out, None))
+        return None
 
     def _chain_parts(self, node: Binary) -> list[Node] | None:
         """The parts of the chain of ``&`` or ``|`` at ``node`` when it may be merged in one
