@@ -429,7 +429,7 @@ def _paged_pallas(q, k_pages, v_pages, block_tables, lengths, tensors, *, mod, s
     q_rows = q.reshape(B, n_chunks, chunk_tokens, K, G, H).transpose(0, 3, 1, 2, 4, 5)
     q_rows = q_rows.reshape(B, K, n_chunks, chunk_tokens * G, H)
     q_rows = jnp.pad(q_rows, ((0, 0), (0, 0), (0, 0), (0, rows - chunk_tokens * G), (0, 0)))
-    q_positions = lengths[:, None] - T + jnp.arange(Tp, dtype=jnp.int32)[None, :]
+    q_positions = query_positions(lengths + (Tp - T), Tp)   # the T tokens, then the padding after them
     reads, layouts = _layout_reads(program, tensors, batch=B, heads=N, kv_heads=K, num_tokens=Tp,
                                    chunk_tokens=chunk_tokens, rows=rows, max_pages=max_pages, page_size=page_size,
                                    q_positions=q_positions)
