@@ -1,15 +1,18 @@
-"""``dT/dscore``: symbolic differentiation of IR, IR -> IR.
+"""``dT/dscore`` and ``d(T + B)/d read``: symbolic differentiation of IR, IR -> IR.
 
 The backward pass of a transform ``T(score)`` needs its derivative in ``score`` on every
 tile. ``derivative(node)`` builds it as an IR expression (simplified), which the
 kernels and the XLA path then emit like any other expression (``compiler/lowering.py``).
+``derivative(node, wrt=read)`` differentiates by one tensor read (a ``Tensor`` node such
+as ``s[h]``, treated as a variable): the kernels give float tensor parameters their
+gradients with it (``TileProgram.read_derivative``).
 """
 
 from __future__ import annotations
 
 import math
 
-from scoremod.dsl.ast import Binary, Call, IntLit, Node, RealLit, Tensor, Unary, Var, mentions
+from scoremod.dsl.ast import Binary, Call, IntLit, Node, RealLit, Tensor, Unary, Var, mentions, walk
 from scoremod.compiler.rewrite import simplify
 
 __all__ = ["derivative"]
@@ -18,10 +21,20 @@ _ZERO, _ONE = IntLit(0), IntLit(1)
 _LN2 = RealLit(math.log(2.0))
 
 
-def derivative(node: Node, var: str = "score") -> Node:
+def derivative(node: Node, var: str = "score", *, wrt: Tensor | None = None) -> Node:
     """Symbolic d node / d var as IR (simplified). Piecewise functions use the derivative
-    of the active piece; floor/ceil/sign/comparisons have derivative 0."""
-    return simplify(_d(node, var), ["fold", "arithmetic"])
+    of the active piece; floor/ceil/sign/comparisons have derivative 0.
+
+    wrt: differentiate by this tensor read instead (every read equal to it is the
+    variable; other reads, and reads at indices, are constants: indices are ints)."""
+    target = Var(var) if wrt is None else wrt
+    return simplify(_d(node, target), ["fold", "arithmetic"])
+
+
+def _mentions(node: Node, target: Node) -> bool:
+    if isinstance(target, Var):
+        return mentions(node, target.name)
+    return any(n == target for n in walk(node))
 
 
 def _build(op: str, a: Node, b: Node) -> Node:
@@ -41,10 +54,10 @@ def _build(op: str, a: Node, b: Node) -> Node:
     return Binary(op, a, b)
 
 
-def _d(n: Node, v: str) -> Node:
-    if not mentions(n, v):
+def _d(n: Node, v: Node) -> Node:
+    if not _mentions(n, v):
         return _ZERO
-    if isinstance(n, Var):
+    if n == v:
         return _ONE
     B = _build
     if isinstance(n, Unary):
@@ -59,7 +72,7 @@ def _d(n: Node, v: str) -> Node:
         if n.op == "/":
             return B("-", B("/", da, b), B("/", B("*", a, db), B("*", b, b)))
         if n.op == "**":
-            if not mentions(b, v):
+            if not _mentions(b, v):
                 return B("*", B("*", b, B("**", a, B("-", b, _ONE))), da)
             return B("*", n, B("+", B("*", db, Call("log", (a,))), B("/", B("*", b, da), a)))
         if n.op == "%":
@@ -103,7 +116,7 @@ def _d(n: Node, v: str) -> Node:
         if fn == "where":
             return Call("where", (args[0], _d(args[1], v), _d(args[2], v)))
     if isinstance(n, Tensor):
-        # A read at an index that depends on score (t[clip(floor(score), 0, 7)]): indices are
-        # ints, so the value is piecewise constant in score, as floor() is.
+        # A read at an index that depends on the variable (t[clip(floor(score), 0, 7)], or
+        # t[s[h]] by s[h]): indices are ints, so the value is piecewise constant in it.
         return _ZERO
     raise TypeError(f"cannot differentiate {type(n).__name__}")

@@ -23,10 +23,11 @@ from typing import Callable
 
 import jax.numpy as jnp
 
-from scoremod.dsl.ast import Node, Tensor, Var, mentions, walk
+from scoremod.dsl.ast import Binary, IntLit, Node, Tensor, Var, mentions, walk
 from scoremod.compiler.axes import used_indices
 from scoremod.compiler.canonical import Canonical
 from scoremod.compiler.derivative import derivative
+from scoremod.compiler.rewrite import simplify
 from scoremod.compiler.lowering import emit, gather_read, logits_from_canonical, values_from_canonical
 
 __all__ = ["TensorRead", "TableLookup", "TileProgram", "AXES", "MAX_TABLE_SIZE"]
@@ -154,13 +155,18 @@ class TileProgram:
 
     # -- materializing reads (outside kernels) --
     def materialize_reads(self, tensors: dict, batch: int, heads: int,
-                          q_positions, kv_positions) -> list:
+                          q_positions, kv_positions, *, q_per_batch: bool = True,
+                          kv_per_batch: bool = True) -> list:
         """Each plain read as a 4-D array ``[B|1, H|1, T|1, S|1]`` (see ``TensorRead.shape``);
         each gather read as its whole table (the tensor in its own shape, int32 for int
         and bool tensors, float32 for floats), for a kernel to gather from per tile
         through a ``TableLookup``.
 
         q_positions: int32[B, T] absolute query positions; kv_positions: int32[B, S].
+        q_per_batch / kv_per_batch: whether those positions may differ between batch rows
+        (per-batch offsets): a read along q (kv) then has a B axis even when it does not
+        read b (``u[q]`` is ``u[3 + i]`` in row 0 and ``u[8 + i]`` in row 1); False lays
+        it out once, from row 0's positions.
         """
         out = []
         for r in self.reads:
@@ -169,22 +175,18 @@ class TileProgram:
                 integral = table.dtype == jnp.bool_ or jnp.issubdtype(table.dtype, jnp.integer)
                 out.append(table.astype(jnp.int32 if integral else jnp.float32))
                 continue
-            b = jnp.arange(batch, dtype=jnp.int32)[:, None, None, None] if "b" in r.axes else jnp.zeros((1, 1, 1, 1), jnp.int32)
+            by_b = ("b" in r.axes or (q_per_batch and "q" in r.axes)
+                    or (kv_per_batch and "kv" in r.axes))
+            b = jnp.arange(batch, dtype=jnp.int32)[:, None, None, None] if by_b else jnp.zeros((1, 1, 1, 1), jnp.int32)
             h = jnp.arange(heads, dtype=jnp.int32)[None, :, None, None] if "h" in r.axes else jnp.zeros((1, 1, 1, 1), jnp.int32)
-            bsel = b[:, 0, 0, 0]
-            if "q" in r.axes:
-                q = jnp.asarray(q_positions)[bsel if "b" in r.axes else jnp.zeros((1,), jnp.int32)][:, None, :, None]
-            else:
-                q = jnp.zeros((1, 1, 1, 1), jnp.int32)
-            if "kv" in r.axes:
-                kv = jnp.asarray(kv_positions)[bsel if "b" in r.axes else jnp.zeros((1,), jnp.int32)][:, None, None, :]
-            else:
-                kv = jnp.zeros((1, 1, 1, 1), jnp.int32)
+            rows = b[:, 0, 0, 0]
+            q = jnp.asarray(q_positions)[rows][:, None, :, None] if "q" in r.axes else jnp.zeros((1, 1, 1, 1), jnp.int32)
+            kv = jnp.asarray(kv_positions)[rows][:, None, None, :] if "kv" in r.axes else jnp.zeros((1, 1, 1, 1), jnp.int32)
             env = {"b": b, "h": h, "q": q, "kv": kv}
             idx = [env[i.name] for i in r.node.indices]
             value = gather_read(tensors[r.name], idx)
-            out.append(jnp.broadcast_to(value, r.shape(batch, heads, jnp.shape(q_positions)[1],
-                                                       jnp.shape(kv_positions)[1])))
+            shape = r.shape(batch, heads, jnp.shape(q_positions)[1], jnp.shape(kv_positions)[1])
+            out.append(jnp.broadcast_to(value, (batch if by_b else 1,) + shape[1:]))
         return out
 
     # -- on a tile --
@@ -215,6 +217,31 @@ class TileProgram:
             return jnp.ones_like(scores, dtype=jnp.float32)
         value = emit(self.dtransform, self._env(scores, b, h, q, kv, reads))
         return jnp.broadcast_to(jnp.asarray(value, jnp.float32), jnp.shape(scores))
+
+    def read_derivative(self, i: int) -> Node | None:
+        """``d(T(score) + B) / d read_i`` as IR (the read taken as a variable), or None
+        where the values do not depend on it (a read only the mask uses). A kernel
+        gives a float read its gradient as ``sum(dL/dlogit * this)`` over the logits
+        with p > 0 (docs/attention.md, Gradients)."""
+        return _read_derivative(self.canonical, self.reads[i].node)
+
+    def dread(self, i: int, scores, *, b, h, q, kv, reads=()):
+        """``read_derivative(i)`` on a tile, f32 broadcast to the scores' shape (zeros
+        where the values do not depend on the read)."""
+        d = self.read_derivative(i)
+        if d is None:
+            return jnp.zeros_like(scores, dtype=jnp.float32)
+        value = emit(d, self._env(scores, b, h, q, kv, reads))
+        return jnp.broadcast_to(jnp.asarray(value, jnp.float32), jnp.shape(scores))
+
+
+@lru_cache(maxsize=512)
+def _read_derivative(canonical: Canonical, node: Tensor) -> Node | None:
+    parts = [derivative(p, wrt=node) for p in (canonical.transform, canonical.bias) if p is not None]
+    parts = [p for p in parts if p != IntLit(0)]
+    if not parts:
+        return None
+    return parts[0] if len(parts) == 1 else simplify(Binary("+", parts[0], parts[1]), ["fold", "arithmetic"])
 
 
 # Tile programs kept per (canonical form, tensor ranks): small objects, one per mod in use.

@@ -14,6 +14,15 @@ With ``p = exp(logit - lse)``, ``dP = dO V^T`` and ``delta = rowsum(O * dO) - dl
 ``dQ = scale dscore K``, ``dK = scale dscore^T Q``, ``dV = p^T dO``. Masked entries have
 ``p = 0``; ``T'`` is only used where ``p > 0`` so a transform undefined off the mask
 cannot leak NaN. Rows with lse = -inf (nothing allowed) get p = 0 and zero gradients.
+
+Float tensor reads being differentiated (``read_grads``: indices into the program's
+reads) get ``dread = sum(dlogit * d(T + B)/dread)`` over the logits with p > 0
+(``TileProgram.dread``), per query head and batch, as per-program partial sums the
+caller reduces (no atomics: deterministic): the dQ kernel sums a read that does not
+depend on kv along its kv loop (``[B, N, T]`` out) and writes each tile of a read that
+depends on both q and kv (``[B, N, T, S]`` out, zero where no tile is listed); the dK/dV
+kernel sums a read that depends on kv only along its q loop (``[B, N, S]`` out).
+``reduce_read_grad`` brings each to the read's materialized shape.
 """
 
 from __future__ import annotations
@@ -27,7 +36,7 @@ from jax.experimental import pallas as pl
 
 from scoremod.runtime._triton import compiler_params
 from scoremod.runtime._pallas_common import (
-    LOG2E, KernelConfig, ReadSet, dot, exp2, dscore, fixed_reads, listed_span, load_row_stats, load_rows,
+    LOG2E, KernelConfig, ReadSet, dot, dread, exp2, dscore, fixed_reads, listed_span, load_row_stats, load_rows,
     offset_and_plan_specs, read_specs, span, store, tile_logits2, tile_valid, values_and_all_reads)
 
 
@@ -36,20 +45,51 @@ def _safe_lse2(lse):
     return jnp.where(lse == -jnp.inf, 0.0, lse * LOG2E)
 
 
-def _ds(cfg, p, dp, delta, s, *, b, h, q_pos, kv_pos, reads):
-    ds = p * (dp - delta[:, None])
+def _ds(cfg, dlogit, p, s, *, b, h, q_pos, kv_pos, reads):
     dT = dscore(cfg, s, b=b, h=h, q_pos=q_pos, kv_pos=kv_pos, reads=reads)
-    if dT is not None:
-        ds = jnp.where(p > 0.0, ds * dT, 0.0)
-    return ds
+    if dT is None:
+        return dlogit
+    return jnp.where(p > 0.0, dlogit * dT, 0.0)
+
+
+def _read_grad_tiles(cfg, read_grads, dlogit, p, s, *, b, h, q_pos, kv_pos, reads):
+    """Each differentiated read's ``dlogit * d(T + B)/dread`` on the tile, 0 where p = 0
+    (masked, padding, rows without keys: the derivative may be inf or NaN there)."""
+    return [jnp.where(p > 0.0, dlogit * dread(cfg, i, s, b=b, h=h, q_pos=q_pos, kv_pos=kv_pos, reads=reads), 0.0)
+            for i in read_grads]
+
+
+def _tile_read(cfg, i) -> bool:
+    """Whether read i depends on both q and kv (its gradient is written tile by tile)."""
+    _, _, t1, s1 = cfg.read_shapes[i]
+    return t1 > 1 and s1 > 1
+
+
+def reduce_read_grad(cfg: KernelConfig, i: int, grad):
+    """A read's gradient from the kernels' per-query-head output (``[B, N, T]``,
+    ``[B, N, S]`` or ``[B, N, T, S]``, see the module docstring) to the read's
+    materialized shape ``[B|1, N|1, T|1, S|1]``."""
+    b1, h1, t1, s1 = cfg.read_shapes[i]
+    B, N, T, S = cfg.batch, cfg.heads, cfg.q_len, cfg.kv_len
+    if grad.ndim == 3:
+        grad = grad.reshape(B, N, 1, S) if (t1 == 1 and s1 > 1) else grad.reshape(B, N, T, 1)
+    if t1 == 1 and grad.shape[2] > 1:
+        grad = grad.sum(axis=2, keepdims=True)
+    if h1 == 1:
+        grad = grad.sum(axis=1, keepdims=True)
+    if b1 == 1:
+        grad = grad.sum(axis=0, keepdims=True)
+    return grad
 
 
 # ---- dQ ---------------------------------------------------------------------------------
 
 def _dq_kernel(qoff_ref, kvoff_ref, fcount_ref, fidx_ref, pcount_ref, pidx_ref, q_ref, k_ref,
-               v_ref, do_ref, lse_ref, delta_ref, *refs, cfg: KernelConfig, read_set: ReadSet):
+               v_ref, do_ref, lse_ref, delta_ref, *refs, cfg: KernelConfig, read_set: ReadSet,
+               read_grads: tuple):
     read_refs = refs[:read_set.n]
-    (dq_ref,) = refs[read_set.n:]
+    tiled = [i for i in read_grads if _tile_read(cfg, i)]
+    dq_ref, *dread_refs = refs[read_set.n + len(tiled):]   # (the tiled reads' zeros come aliased)
     bq, bkv = cfg.blocks.block_q_dq, cfg.blocks.block_kv_dq
     hp = cfg.head_dim_padded
 
@@ -69,7 +109,8 @@ def _dq_kernel(qoff_ref, kvoff_ref, fcount_ref, fidx_ref, pcount_ref, pidx_ref, 
     def make_body(is_full):
         # True / False: the FULL / PARTIAL list; None: one merged list (fidx_ref: blocks,
         # pidx_ref: their FULL flags) with a per-tile branch (PallasBlockSizes.bwd_one_loop).
-        def body(j, dq):
+        def body(j, carry):
+            dq, sums = carry
             cols, full = listed_span(cfg, fidx_ref, pidx_ref, is_full, j, bkv, cfg.kv_len)
             kv_start = cols.start
             kv_valid = cols.valid
@@ -86,23 +127,42 @@ def _dq_kernel(qoff_ref, kvoff_ref, fcount_ref, fidx_ref, pcount_ref, pidx_ref, 
                                   reads_values=lambda: rv, reads_all=reads_all)
             p = exp2(logits - lse2[:, None], fast=not cfg.interpret)
             dp = dot(do, v, trans_b=True)
-            ds = _ds(cfg, p, dp, delta, s, b=b, h=h, q_pos=q_pos, kv_pos=kv_pos, reads=rv)
-            return dq + dot(ds.astype(k.dtype), k)
+            dlogit = p * (dp - delta[:, None])
+            ds = _ds(cfg, dlogit, p, s, b=b, h=h, q_pos=q_pos, kv_pos=kv_pos, reads=rv)
+            grads = _read_grad_tiles(cfg, read_grads, dlogit, p, s, b=b, h=h, q_pos=q_pos,
+                                     kv_pos=kv_pos, reads=rv)
+            new_sums = []
+            for n, (r, g) in enumerate(zip(read_grads, grads)):
+                if _tile_read(cfg, r):
+                    valid = tile_valid(rows, cols)
+                    store(dread_refs[n].at[:, pl.ds(kv_start, bkv)], g,
+                          mask=None if valid is None else jnp.broadcast_to(valid, g.shape))
+                    new_sums.append(sums[n])
+                else:
+                    new_sums.append(sums[n] + jnp.sum(g, axis=1))
+            return dq + dot(ds.astype(k.dtype), k), tuple(new_sums)
         return body
 
-    dq = jnp.zeros((bq, hp), jnp.float32)
+    carry = (jnp.zeros((bq, hp), jnp.float32), tuple(jnp.zeros((bq,), jnp.float32) for _ in read_grads))
     if cfg.blocks.bwd_one_loop:
-        dq = lax.fori_loop(0, fcount_ref[i], make_body(None), dq)
+        carry = lax.fori_loop(0, fcount_ref[i], make_body(None), carry)
     else:
-        dq = lax.fori_loop(0, fcount_ref[i], make_body(True), dq)
-        dq = lax.fori_loop(0, pcount_ref[i], make_body(False), dq)
+        carry = lax.fori_loop(0, fcount_ref[i], make_body(True), carry)
+        carry = lax.fori_loop(0, pcount_ref[i], make_body(False), carry)
+    dq, sums = carry
     store(dq_ref, (dq * cfg.scale).astype(dq_ref.dtype), mask=rows.mask)
+    for n, r in enumerate(read_grads):
+        if not _tile_read(cfg, r):
+            store(dread_refs[n], sums[n], mask=rows.valid)
 
 
-def backward_dq(cfg: KernelConfig, q, k, v, do, lse, delta, plan_arrays, reads, q_off, kv_off):
-    """dQ (in q's dtype). plan_arrays: the split q-major lists of (block_q_dq, block_kv_dq)."""
+def backward_dq(cfg: KernelConfig, q, k, v, do, lse, delta, plan_arrays, reads, q_off, kv_off, *,
+                read_grads: tuple = ()):
+    """(dQ in q's dtype, the gradients of the reads ``read_grads`` names, each in its
+    materialized shape). plan_arrays: the split q-major lists of (block_q_dq, block_kv_dq)."""
     fcounts, findices, pcounts, pindices = plan_arrays
     B, T, N, H = q.shape
+    S = k.shape[1]
     G = cfg.groups
     hp = cfg.head_dim_padded
     bq = cfg.blocks.block_q_dq
@@ -119,26 +179,39 @@ def backward_dq(cfg: KernelConfig, q, k, v, do, lse, delta, plan_arrays, reads, 
         *offset_and_plan_specs(B, (fcounts, findices, pcounts, pindices), grid_fn),
         q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec,
     ] + read_specs(cfg, grid_fn)
-    kernel = functools.partial(_dq_kernel, cfg=cfg, read_set=read_set)
-    return pl.pallas_call(
+    # Read gradients, per (b, query head): row sums [B, N, T]; tiles of [T, S] reads into
+    # [B, N, T, S] zeros (aliased in: tiles no list names stay 0).
+    tile_spec = pl.BlockSpec((None, None, bq, S), lambda i, b, h: (b, h, nq - 1 - i, 0))
+    tiled = [r for r in read_grads if _tile_read(cfg, r)]
+    zeros = [jnp.zeros((B, N, T, S), jnp.float32) for _ in tiled]
+    out_specs = [q_spec] + [tile_spec if _tile_read(cfg, r) else row_spec for r in read_grads]
+    out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype)] + [
+        jax.ShapeDtypeStruct((B, N, T, S) if _tile_read(cfg, r) else (B, N, T), jnp.float32) for r in read_grads]
+    first_zero = len(in_specs)
+    aliases = {first_zero + n: 1 + read_grads.index(r) for n, r in enumerate(tiled)}
+    kernel = functools.partial(_dq_kernel, cfg=cfg, read_set=read_set, read_grads=tuple(read_grads))
+    dq, *dreads = pl.pallas_call(
         kernel,
         grid=(nq, B, N),
-        in_specs=in_specs,
-        out_specs=q_spec,
-        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        in_specs=in_specs + [tile_spec] * len(tiled),
+        out_specs=out_specs,
+        out_shape=out_shape,
+        input_output_aliases=aliases,
         compiler_params=None if cfg.interpret else compiler_params(cfg.blocks.num_warps_bwd,
                                                                    cfg.blocks.num_stages_bwd),
         interpret=cfg.interpret,
         name="scoremod_flash_dq",
-    )(q_off, kv_off, fcounts, findices, pcounts, pindices, q, k, v, do, lse, delta, *reads)
+    )(q_off, kv_off, fcounts, findices, pcounts, pindices, q, k, v, do, lse, delta, *reads, *zeros)
+    return dq, [reduce_read_grad(cfg, r, g) for r, g in zip(read_grads, dreads)]
 
 
 # ---- dK / dV ----------------------------------------------------------------------------
 
 def _dkv_kernel(qoff_ref, kvoff_ref, fcount_ref, fidx_ref, pcount_ref, pidx_ref, q_ref, k_ref,
-                v_ref, do_ref, lse_ref, delta_ref, *refs, cfg: KernelConfig, read_set: ReadSet):
+                v_ref, do_ref, lse_ref, delta_ref, *refs, cfg: KernelConfig, read_set: ReadSet,
+                read_grads: tuple):
     read_refs = refs[:read_set.n]
-    dk_ref, dv_ref = refs[read_set.n:]
+    dk_ref, dv_ref, *dread_refs = refs[read_set.n:]
     bq, bkv = cfg.blocks.block_q_dkv, cfg.blocks.block_kv_dkv
     hp = cfg.head_dim_padded
 
@@ -155,7 +228,7 @@ def _dkv_kernel(qoff_ref, kvoff_ref, fcount_ref, fidx_ref, pcount_ref, pidx_ref,
 
     def make_body(is_full):
         def body(j, carry):
-            dk, dv = carry
+            dk, dv, sums = carry
             # FULL lists hold neither the ragged last q-block nor any tile of a ragged last
             # kv-block (the wrapper moves those to the PARTIAL lists).
             rows, full = listed_span(cfg, fidx_ref, pidx_ref, is_full, j, bq, cfg.q_len)
@@ -177,23 +250,33 @@ def _dkv_kernel(qoff_ref, kvoff_ref, fcount_ref, fidx_ref, pcount_ref, pidx_ref,
             p = exp2(logits - lse2[:, None], fast=not cfg.interpret)
             dv = dv + dot(p.astype(do.dtype), do, trans_a=True)
             dp = dot(do, v, trans_b=True)
-            ds = _ds(cfg, p, dp, delta, s, b=b, h=h, q_pos=q_pos, kv_pos=kv_pos, reads=rv)
+            dlogit = p * (dp - delta[:, None])
+            ds = _ds(cfg, dlogit, p, s, b=b, h=h, q_pos=q_pos, kv_pos=kv_pos, reads=rv)
             dk = dk + dot(ds.astype(q.dtype), q, trans_a=True)
-            return dk, dv
+            grads = _read_grad_tiles(cfg, read_grads, dlogit, p, s, b=b, h=h, q_pos=q_pos,
+                                     kv_pos=kv_pos, reads=rv)
+            return dk, dv, tuple(acc + jnp.sum(g, axis=0) for acc, g in zip(sums, grads))
         return body
 
     zeros = jnp.zeros((bkv, hp), jnp.float32)
+    carry = (zeros, zeros, tuple(jnp.zeros((bkv,), jnp.float32) for _ in read_grads))
     if cfg.blocks.bwd_one_loop:
-        dk, dv = lax.fori_loop(0, fcount_ref[kb], make_body(None), (zeros, zeros))
+        carry = lax.fori_loop(0, fcount_ref[kb], make_body(None), carry)
     else:
-        carry = lax.fori_loop(0, fcount_ref[kb], make_body(True), (zeros, zeros))
-        dk, dv = lax.fori_loop(0, pcount_ref[kb], make_body(False), carry)
+        carry = lax.fori_loop(0, fcount_ref[kb], make_body(True), carry)
+        carry = lax.fori_loop(0, pcount_ref[kb], make_body(False), carry)
+    dk, dv, sums = carry
     store(dk_ref, (dk * cfg.scale).astype(dk_ref.dtype), mask=cols.mask)
     store(dv_ref, dv.astype(dv_ref.dtype), mask=cols.mask)
+    for ref, acc in zip(dread_refs, sums):
+        store(ref, acc, mask=cols.valid)
 
 
-def backward_dkv(cfg: KernelConfig, q, k, v, do, lse, delta, plan_arrays, reads, q_off, kv_off):
-    """dK, dV (in k's dtype). plan_arrays: the split kv-major (transposed) lists."""
+def backward_dkv(cfg: KernelConfig, q, k, v, do, lse, delta, plan_arrays, reads, q_off, kv_off, *,
+                 read_grads: tuple = ()):
+    """(dK, dV in k's dtype, the gradients of the reads ``read_grads`` names: reads that
+    depend on kv and not on q, each in its materialized shape). plan_arrays: the split
+    kv-major (transposed) lists."""
     fcounts, findices, pcounts, pindices = plan_arrays
     B, T, N, H = q.shape
     S = k.shape[1]
@@ -218,13 +301,14 @@ def backward_dkv(cfg: KernelConfig, q, k, v, do, lse, delta, plan_arrays, reads,
     else:  # one share per query head, summed over the group below
         out_shape = [jax.ShapeDtypeStruct((B, S, N, H), jnp.float32)] * 2
     out_spec = pl.BlockSpec((None, bkv, None, hp), lambda kb, b, h: (b, kb, h, 0))
-    kernel = functools.partial(_dkv_kernel, cfg=cfg, read_set=read_set)
-    dk, dv = pl.pallas_call(
+    col_spec = pl.BlockSpec((None, None, bkv), lambda kb, b, h: (b, h, kb))
+    kernel = functools.partial(_dkv_kernel, cfg=cfg, read_set=read_set, read_grads=tuple(read_grads))
+    dk, dv, *dreads = pl.pallas_call(
         kernel,
         grid=(nk, B, N),
         in_specs=in_specs,
-        out_specs=[out_spec, out_spec],
-        out_shape=out_shape,
+        out_specs=[out_spec, out_spec] + [col_spec] * len(read_grads),
+        out_shape=out_shape + [jax.ShapeDtypeStruct((B, N, S), jnp.float32)] * len(read_grads),
         compiler_params=None if cfg.interpret else compiler_params(cfg.blocks.num_warps_bwd,
                                                                    cfg.blocks.num_stages_bwd),
         interpret=cfg.interpret,
@@ -234,4 +318,4 @@ def backward_dkv(cfg: KernelConfig, q, k, v, do, lse, delta, plan_arrays, reads,
         K = cfg.kv_heads
         dk = dk.reshape(B, S, K, G, H).sum(axis=3).astype(k.dtype)
         dv = dv.reshape(B, S, K, G, H).sum(axis=3).astype(v.dtype)
-    return dk, dv
+    return dk, dv, [reduce_read_grad(cfg, r, g) for r, g in zip(read_grads, dreads)]

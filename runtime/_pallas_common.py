@@ -362,6 +362,11 @@ def tile_logits2(cfg: KernelConfig, s, *, full, b, h, q_pos, kv_pos, valid, read
     return lax.cond(full, values, masked)
 
 
+def dread(cfg: KernelConfig, i: int, s, *, b, h, q_pos, kv_pos, reads):
+    """``d(T + B)/d read_i`` on a tile (``TileProgram.dread``), f32 ``[bq, bkv]``."""
+    return cfg.program.dread(i, s * cfg.scale, b=b, h=h, q=q_pos, kv=kv_pos, reads=reads)
+
+
 def dscore(cfg: KernelConfig, s, *, b, h, q_pos, kv_pos, reads):
     """``dT/dscore`` on a tile, or None when T is the identity."""
     if cfg.program.dtransform is None:

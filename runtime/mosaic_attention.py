@@ -263,7 +263,8 @@ def mosaic_attention(query, key, value, *, mod=None, scale=None, q_offset=0, kv_
     kv_off = jnp.broadcast_to(jnp.asarray(kv_offset, jnp.int32), (B,))
     q_positions = q_off[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
     kv_positions = kv_off[:, None] + jnp.arange(S, dtype=jnp.int32)[None, :]
-    reads = program.materialize_reads(tensors, B, N, q_positions, kv_positions)
+    reads = program.materialize_reads(tensors, B, N, q_positions, kv_positions,
+                                      q_per_batch=jnp.ndim(q_offset) > 0, kv_per_batch=jnp.ndim(kv_offset) > 0)
     reads = tuple(_pad_read(r, Tp, Sp) for r in reads)
 
     plan = plan_for(plans, mod, q_len=T, kv_len=S, block_q=rows, block_kv=bs.block_kv, batch=B, heads=N,
@@ -362,7 +363,10 @@ def _flash(cfg, backward, q, k, v, aux):
 
 
 def _flash_fwd(cfg, backward, q, k, v, aux):
-    q, k, v, aux = _pallas.primal_values("mosaic", q, k, v, aux)
+    (q, k, v, aux), perturbed = _pallas.primal_values("mosaic", q, k, v, aux)
+    if perturbed:
+        raise NotImplementedError("the mosaic kernels do not give tensor parameters gradients yet; "
+                                  "the pallas and xla paths do (docs/attention.md, Gradients)")
     out, lse = _run_forward(cfg, q, k, v, aux)
     return (out, lse), (q, k, v, aux, out, lse)
 
@@ -375,7 +379,8 @@ def _flash_bwd(cfg, backward, res, cotangents):
     if kind == "mosaic":
         dq, dk, dv = _run_mosaic_backward(bcfg, q, k, v, aux, out, lse, cotangents)
     else:
-        dq, dk, dv, _ = _pallas.flash_backward(bcfg, (q, k, v, aux["pallas"], out, lse), cotangents)
+        dq, dk, dv, _ = _pallas.flash_backward(bcfg, (q, k, v, aux["pallas"], out, lse, _pallas.ReadGrads()),
+                                               cotangents)
     aux_ct = jax.tree_util.tree_map(_pallas._zero_cotangent, aux)
     return dq, dk, dv, aux_ct
 

@@ -213,7 +213,8 @@ def prepare(mod, program: TileProgram, query, key, value, *, scale=None, q_offse
     kv_off = jnp.broadcast_to(jnp.asarray(kv_offset, jnp.int32), (B,))
     q_positions = q_off[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
     kv_positions = kv_off[:, None] + jnp.arange(S, dtype=jnp.int32)[None, :]
-    reads = program.materialize_reads(tensors, B, N, q_positions, kv_positions)
+    reads = program.materialize_reads(tensors, B, N, q_positions, kv_positions,
+                                      q_per_batch=jnp.ndim(q_offset) > 0, kv_per_batch=jnp.ndim(kv_offset) > 0)
     cfg = dataclasses.replace(cfg, read_shapes=tuple(tuple(r.shape) for r in reads))
     reads = flat_reads(program, reads)   # gather reads' tables flattened (TableLookup offsets)
 
@@ -249,25 +250,43 @@ def _flash(cfg, q, k, v, aux):
     return out, lse
 
 
+@jax.tree_util.register_static
+@dataclass(frozen=True)
+class ReadGrads:
+    """Which reads (indices into ``TileProgram.reads``) the backward gives gradients: the
+    float reads being differentiated. Static (no arrays), so it rides in the residuals."""
+    indices: tuple[int, ...] = ()
+
+
 def _flash_fwd(cfg, q, k, v, aux):
-    q, k, v, aux = primal_values("pallas", q, k, v, aux)
+    (q, k, v, aux), perturbed = primal_values("pallas", q, k, v, aux)
+    for i in perturbed:
+        if cfg.program.reads[i].gather:
+            raise NotImplementedError(
+                f"the pallas kernels do not give a table read at computed indices "
+                f"({cfg.program.reads[i].node}) its gradient; the xla path does (docs/attention.md, Gradients)")
     out, lse = _forward(cfg, q, k, v, aux["fwd"], aux["reads"], aux["q_off"], aux["kv_off"])
-    return (out, lse), (q, k, v, aux, out, lse)
+    return (out, lse), (q, k, v, aux, out, lse, ReadGrads(perturbed))
 
 
 def primal_values(kernel: str, *primals):
     """The values of a kernel's custom_vjp inputs (``symbolic_zeros``: each is a
-    ``CustomVJPPrimal``). A float in ``aux`` (the last input: the mod's tensor reads) that
-    is being differentiated raises NotImplementedError, so ``attention`` falls through to
-    an implementation that gives tensor parameters their gradients (xla) instead of
-    returning zeros for them. This runs when the call is made under ``jax.grad``."""
+    ``CustomVJPPrimal``) and the indices of the float tensor reads being differentiated
+    (``aux["reads"]``, aux being the last input). A differentiated float anywhere else in
+    aux raises NotImplementedError (so ``attention`` falls through to an implementation
+    that gives it a gradient, never a silent zero). This runs when the call is made
+    under ``jax.grad``."""
     *arrays, aux = primals
-    for leaf in jax.tree.leaves(aux, is_leaf=lambda x: hasattr(x, "perturbed")):
-        if leaf.perturbed and jnp.issubdtype(jnp.asarray(leaf.value).dtype, jnp.floating):
-            raise NotImplementedError(f"the {kernel} kernels do not give tensor parameters gradients yet; "
-                                      f"the xla path does (docs/attention.md, Gradients)")
-    return (*(p.value for p in arrays), jax.tree.map(lambda p: p.value, aux,
-                                                     is_leaf=lambda x: hasattr(x, "perturbed")))
+    is_primal = lambda x: hasattr(x, "perturbed")
+    floating = lambda p: jnp.issubdtype(jnp.asarray(p.value).dtype, jnp.floating)
+    perturbed = tuple(i for i, p in enumerate(aux.get("reads", ())) if p.perturbed and floating(p))
+    rest = {name: part for name, part in aux.items() if name != "reads"}
+    for leaf in jax.tree.leaves(rest, is_leaf=is_primal):
+        if leaf.perturbed and floating(leaf):
+            raise NotImplementedError(f"the {kernel} kernels do not give this tensor parameter its "
+                                      f"gradient; the xla path does (docs/attention.md, Gradients)")
+    values = (*(p.value for p in arrays), jax.tree.map(lambda p: p.value, aux, is_leaf=is_primal))
+    return values, perturbed
 
 
 def dense_cotangent(ct):
@@ -278,17 +297,25 @@ def dense_cotangent(ct):
 
 
 def flash_backward(cfg, res, cotangents):
-    """The Pallas backward: (dq, dk, dv, zero cotangents for aux) from the residuals
-    ``(q, k, v, aux, out, lse [B, N, T])`` (``prepare`` makes cfg and aux)."""
-    q, k, v, aux, out, lse = res
+    """The Pallas backward: (dq, dk, dv, cotangents for aux) from the residuals
+    ``(q, k, v, aux, out, lse [B, N, T], ReadGrads)`` (``prepare`` makes cfg and aux).
+    The reads ``ReadGrads`` names get their gradients (``_pallas_backward``: the dQ
+    kernel sums those that do not depend on kv, and writes the tiles of ``[T, S]`` reads;
+    the dK/dV kernel sums those that depend on kv only); the rest of aux gets zeros."""
+    q, k, v, aux, out, lse, read_grads = res
     dout, dlse = map(dense_cotangent, cotangents)
     dout = dout.astype(q.dtype)
     delta = backward_delta(out, dout, lse, dlse)
-    dq = _backward_dq(cfg, q, k, v, dout, lse, delta, aux["dq"], aux["reads"],
-                      aux["q_off"], aux["kv_off"])
-    dk, dv = _backward_dkv(cfg, q, k, v, dout, lse, delta, aux["dkv"], aux["reads"],
-                           aux["q_off"], aux["kv_off"])
+    wanted = read_grads.indices
+    by_dkv = tuple(i for i in wanted if cfg.read_shapes[i][2] == 1 and cfg.read_shapes[i][3] > 1)
+    by_dq = tuple(i for i in wanted if i not in by_dkv)
+    dq, dreads_q = _backward_dq(cfg, q, k, v, dout, lse, delta, aux["dq"], aux["reads"],
+                                aux["q_off"], aux["kv_off"], read_grads=by_dq)
+    dk, dv, dreads_kv = _backward_dkv(cfg, q, k, v, dout, lse, delta, aux["dkv"], aux["reads"],
+                                      aux["q_off"], aux["kv_off"], read_grads=by_dkv)
     aux_ct = jax.tree_util.tree_map(_zero_cotangent, aux)
+    dreads = {**dict(zip(by_dq, dreads_q)), **dict(zip(by_dkv, dreads_kv))}
+    aux_ct["reads"] = tuple(dreads.get(i, ct) for i, ct in enumerate(aux_ct["reads"]))
     return dq, dk, dv, aux_ct
 
 

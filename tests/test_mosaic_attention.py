@@ -449,9 +449,10 @@ def test_gpu_mask_reads_trig_and_sinks(mod, sinks):
 
 
 @pytest.mark.gpu
-def test_gpu_gradient_to_a_float_table_falls_through_to_xla():
-    """A differentiated float table: mosaic declines, the default dispatch runs xla, and the
-    table gets the reference's gradient (never zeros)."""
+def test_gpu_gradient_to_a_float_table_falls_through_to_pallas():
+    """A differentiated float table: mosaic declines, the default dispatch runs pallas
+    (whose backward gives reads at plain positions their gradients), and the table gets
+    the reference's gradient (never zeros)."""
     q, k, v = _qkv(1, 256, 256, 2, 2, 128)
     t = jnp.linspace(0.1, 1.0, 2)
     mod = "causal + -t[h] * abs(q - kv)"   # a per-head slope (ALiBi learned)
@@ -461,3 +462,17 @@ def test_gpu_gradient_to_a_float_table_falls_through_to_xla():
                                                          implementation="reference") ** 2))(t)
     assert np.abs(np.asarray(got)).max() > 0
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=5e-2 * float(jnp.abs(want).max()))
+
+
+@pytest.mark.gpu
+def test_gpu_per_batch_offsets_with_reads_along_q_and_kv():
+    """u[q] and w[kv] read at each batch row's own positions (offsets [3, 200], [0, 64])."""
+    q, k, v = _qkv(2, 300, 320, 4, 2, 128)
+    rng = np.random.default_rng(0)
+    u, w = (jnp.asarray(rng.uniform(0.5, 1.5, 600), jnp.float32) for _ in range(2))
+    mod = "causal & (score * u[q] + w[kv])"
+    kw = dict(q_offset=jnp.asarray([3, 200], jnp.int32), kv_offset=jnp.asarray([0, 64], jnp.int32), u=u, w=w)
+    out = jax.jit(lambda q, k, v: scoremod.attention(q, k, v, mod=mod, implementation="mosaic", **kw))(q, k, v)
+    f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+    want = scoremod.attention(f32(q), f32(k), f32(v), mod=mod, implementation="reference", **kw)
+    np.testing.assert_allclose(np.asarray(f32(out)), np.asarray(want), atol=3e-2, rtol=3e-2)

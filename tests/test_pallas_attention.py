@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from evaluator import attention_reference  # noqa: E402  (independent float64 oracle)
 from strategies import gather_sources, shapes  # noqa: E402
 
+import scoremod  # noqa: E402
 from scoremod.compiler.mod import compile_mod  # noqa: E402
 from scoremod.compiler.plan import BlockPlan  # noqa: E402
 from scoremod.runtime import attention_plan, pallas_attention as pa  # noqa: E402
@@ -292,13 +293,24 @@ def test_gather_literal_nested_and_transform(monkeypatch):
     _check(mod, B=B, T=T, S=S, N=N, K=1, q_offset=3, tensors=tensors, monkeypatch=monkeypatch)
 
 
+def test_per_batch_offsets_with_reads_along_q_and_kv():
+    # u[q] and w[kv] do not mention b, but with offsets [3, 8] and [0, 5] each batch row
+    # reads them at its own positions (they were once laid out from row 0's only).
+    rng = np.random.default_rng(2)
+    tensors = {"u": jnp.asarray(rng.uniform(0.5, 1.5, 60), jnp.float32),
+               "w": jnp.asarray(rng.standard_normal(60), jnp.float32)}
+    _check("causal & (score * u[q] + w[kv])", B=2, T=37, S=45, N=2, K=1, q_offset=np.array([3, 8], np.int32),
+           kv_offset=np.array([0, 5], np.int32), tensors=tensors)
+
+
 def test_gather_tables_get_no_gradient_from_the_kernel():
-    # A differentiated float table: the kernel declines (attention() falls through to xla).
+    # A differentiated float table read at computed indices: the kernel declines
+    # (attention() falls through to xla); reads at plain positions get their gradients.
     q, k, v, _ = _inputs(jax.random.PRNGKey(0), 1, 16, 16, 2, 1, 16, jnp.float32)
     t = jnp.zeros((2, 9))
     loss = lambda t: pa.pallas_attention(q, k, v, mod="causal + relpos(t, 4)", tensors={"t": t},  # noqa: E731
                                          block_sizes=SMALL, interpret=True).sum()
-    with pytest.raises(NotImplementedError, match="do not give tensor parameters gradients"):
+    with pytest.raises(NotImplementedError, match="table read at computed indices"):
         jax.grad(loss)(t)
 
 
@@ -317,6 +329,24 @@ def test_gather_reads_lower_through_triton():
         return out.astype(jnp.float32).sum()
     text = jax.jit(jax.value_and_grad(loss)).trace(q).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("triton") >= 3
+
+
+@pytest.mark.skipif(pa.pltriton is None, reason="this jax has no Pallas Triton")
+def test_tensor_gradient_kernels_lower_through_triton():
+    # The backward kernels with read gradients of every layout (summed along kv in dQ,
+    # along q in dK/dV, written tile by tile into aliased zeros) lower for cuda.
+    T = 200
+    q = jnp.zeros((1, T, 2, 64), jnp.bfloat16)
+    tensors = {"s": jnp.ones(2), "u": jnp.ones(T), "w": jnp.ones(T), "p": jnp.ones((T, T))}
+    mod = "causal & (score * u[q] + w[kv] * s[h] + p[q, kv])"
+    bs = dataclasses.replace(SMALL, block_q=64, block_kv=64, block_q_dq=32, block_kv_dq=32, block_q_dkv=32,
+                             block_kv_dkv=32)
+
+    def loss(q, ts):
+        out = pa.pallas_attention(q, q, q, mod=mod, tensors=ts, block_sizes=bs, interpret=False)
+        return out.astype(jnp.float32).sum()
+    lowered = jax.jit(jax.grad(loss, argnums=(0, 1))).trace(q, tensors).lower(lowering_platforms=("cuda",))
+    assert lowered.as_text().count("triton") >= 3
 
 
 @settings(max_examples=3)
@@ -358,3 +388,29 @@ def test_gpu_bf16_realistic(mod, monkeypatch):
         tensors = {"m": jnp.asarray(rng.random(7) < 0.7), "t": jnp.asarray(rng.standard_normal((N, 1500)), jnp.float32)}
     _check(mod, B=B, T=T, S=T, N=N, K=N // 2, H=H, dtype=jnp.bfloat16, tensors=tensors,
            block_sizes=None, monkeypatch=monkeypatch)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
+def test_gpu_tensor_gradients_of_every_layout():
+    # Read gradients on the Triton kernels (bf16, default blocks, ragged T, GQA, per-batch
+    # offsets): summed in dQ (s[h], u[q]), in dK/dV (w[kv]), tile by tile (p[q, kv]),
+    # against xla's f32 gradients; repeated runs are bitwise equal.
+    B, T, N, K, H = 2, 700, 4, 2, 128
+    rng = np.random.default_rng(1)
+    ts = {"s": jnp.asarray(rng.uniform(0.5, 1.5, N), jnp.float32), "u": jnp.asarray(rng.uniform(0.5, 1.5, 900), jnp.float32),
+          "w": jnp.asarray(rng.standard_normal(900), jnp.float32), "p": jnp.asarray(rng.standard_normal((900, 900)), jnp.float32)}
+    mod = "causal & window(300) & (score * u[q] + w[kv] - s[h] * abs(q - kv) / 64 + p[q, kv])"
+    q, k, v, do = _inputs(jax.random.PRNGKey(2), B, T, T, N, K, H, jnp.bfloat16)
+    off = dict(q_offset=jnp.asarray([0, 150], jnp.int32), kv_offset=jnp.asarray([0, 150], jnp.int32))
+
+    def grads(impl, q, k, v):
+        def loss(ts):
+            return jnp.sum(scoremod.attention(q, k, v, mod=mod, implementation=impl, **off, **ts).astype(jnp.float32) * do)
+        return jax.jit(jax.grad(loss))(ts)
+    f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+    got, again = grads("pallas", q, k, v), grads("pallas", q, k, v)
+    want = grads("xla", f32(q), f32(k), f32(v))
+    for n in ts:
+        assert np.array_equal(np.asarray(got[n]), np.asarray(again[n])), n
+        assert _rel(got[n], want[n]) < 3e-2, n

@@ -1,9 +1,12 @@
-"""Gradients to float tensor parameters (learnable biases): reference and xla give each
-element the sum over the logits that read it of dL/dlogit * dlogit/delement, checked
+"""Gradients to float tensor parameters (learnable biases): reference, xla and pallas give
+each element the sum over the logits that read it of dL/dlogit * dlogit/delement, checked
 against central finite differences of the independent float64 oracle
 (tests/evaluator.py) on T5-bucketed, pair, per-head-slope, relpos and learned-softcap
-biases; xla against reference on generated sources; int tensors get no gradient; the
-pallas kernels, which cannot yet, decline under jax.grad instead of returning zeros."""
+biases; xla and pallas against reference on generated sources; int tensors get no
+gradient. The pallas kernels compute the gradients of reads at plain positions
+(``s[h]``, ``t[b, q, kv]``, ...); a differentiated table read at computed indices
+(relpos, T5 buckets) makes them decline under jax.grad (the call falls through to xla),
+never return zeros."""
 
 from __future__ import annotations
 
@@ -15,7 +18,10 @@ import numpy as np
 import pytest
 from hypothesis import assume, given, settings, strategies as st
 
+import dataclasses
+
 import scoremod
+from scoremod.runtime import pallas_attention as pa
 from evaluator import attention_reference
 from strategies import shapes, sources
 
@@ -59,7 +65,7 @@ def test_gradients_match_finite_differences_of_the_oracle(name, source, make):
         e[i] = eps
         numeric.append((oracle_loss((flat + e).reshape(table.shape)) - oracle_loss((flat - e).reshape(table.shape)))
                        / (2 * eps))
-    for impl in ("reference", "xla"):
+    for impl in ("reference", "xla", ("pallas", "xla")):
         def loss(t):
             out, lse = scoremod.attention(q, k, v, mod=source, implementation=impl, return_lse=True, **{tname: t})
             return jnp.sum(out * w) + jnp.sum(jnp.where(jnp.isfinite(lse), jnp.sin(lse), 0.0))
@@ -103,21 +109,120 @@ def test_int_tensors_get_no_gradient():
         assert g["ids"].dtype == jax.dtypes.float0 and np.abs(np.asarray(g["s"])).max() > 0
 
 
-def test_pallas_declines_tensor_gradients_instead_of_returning_zeros(caplog):
+SMALL = pa.PallasBlockSizes(block_q=16, block_kv=16, num_warps=4, num_stages=2, block_q_dq=16, block_kv_dq=16,
+                            block_q_dkv=16, block_kv_dkv=16, num_warps_bwd=4, num_stages_bwd=2)
+
+# One read of each materialized shape [B|1, N|1, T|1, S|1] the pallas backward handles
+# (summed in the dQ kernel, in the dK/dV kernel, or written tile by tile), under a mask
+# that leaves rows with no allowed key (q < 6 sees nothing), windows, GQA, ragged tiles.
+READ_SHAPES = [
+    ("per-head slope", "-s[h] * abs(q - kv)", {"s": (4,)}),
+    ("learned softcap", "g[h] * tanh(score / g[h])", {"g": (4,)}),
+    ("gate by batch and head", "score * sigmoid(c[b, h])", {"c": (2, 4)}),
+    ("per query", "score * u[q]", {"u": (40,)}),
+    ("per key", "score * (1 + w[kv])", {"w": (60,)}),
+    ("per head and key", "score + x[h, kv] * (q % 3)", {"x": (4, 60)}),
+    ("pair bias", "score + bias(t)", {"t": (2, 4, 40, 60)}),
+    ("shared pair bias", "score + p[q, kv] * s[h]", {"p": (40, 60), "s": (4,)}),
+]
+
+
+def _positive(shape, rng):
+    return jnp.asarray(rng.uniform(0.5, 1.5, shape), jnp.float32)
+
+
+@pytest.mark.parametrize("name, values, shapes", READ_SHAPES, ids=[c[0] for c in READ_SHAPES])
+@pytest.mark.parametrize("one_loop", [False, True])
+def test_pallas_gives_tensor_gradients(name, values, shapes, one_loop):
+    B, T, S, N, K, H = 2, 29, 37, 4, 2, 16
+    rng = np.random.default_rng(len(name))
+    tensors = {n: _positive(shape, rng) for n, shape in shapes.items()}
+    mod = f"(kv <= q - 6 | q - kv > 30) & window(24) & ({values})"   # rows q < 6 see no key
+    ks = jax.random.split(jax.random.key(5), 4)
+    q = jax.random.normal(ks[0], (B, T, N, H))
+    k, v = (jax.random.normal(kk, (B, S, K, H)) for kk in ks[1:3])
+    w = jax.random.normal(ks[3], q.shape)
+    offsets = dict(q_offset=jnp.asarray([3, 8], jnp.int32), kv_offset=2)
+    bs = dataclasses.replace(SMALL, bwd_one_loop=one_loop)
+
+    def loss_pallas(q, ts):
+        out, lse = pa.pallas_attention(q, k, v, mod=mod, tensors=ts, block_sizes=bs, interpret=True,
+                                       return_lse=True, **offsets)
+        return jnp.sum(out * w) + jnp.sum(jnp.where(jnp.isfinite(lse), jnp.sin(lse), 0.0))
+
+    def loss_reference(q, ts):
+        out, lse = scoremod.attention(q, k, v, mod=mod, implementation="reference", return_lse=True,
+                                      **offsets, **ts)
+        return jnp.sum(out * w) + jnp.sum(jnp.where(jnp.isfinite(lse), jnp.sin(lse), 0.0))
+    got = jax.jit(jax.grad(loss_pallas, argnums=(0, 1)))(q, tensors)
+    want = jax.grad(loss_reference, argnums=(0, 1))(q, tensors)
+    for n in tensors:
+        assert np.isfinite(np.asarray(got[1][n])).all()
+        scale = float(jnp.abs(want[1][n]).max())
+        assert scale > 1e-3, n   # the read matters to the loss: the test can fail
+        np.testing.assert_allclose(np.asarray(got[1][n]), np.asarray(want[1][n]), atol=2e-4 * scale, rtol=1e-3,
+                                   err_msg=n)
+    np.testing.assert_allclose(np.asarray(got[0]), np.asarray(want[0]), atol=2e-4)
+
+
+def test_pallas_tensor_gradients_in_bf16_are_repeatable():
+    B, T, N, H = 1, 48, 2, 16
+    rng = np.random.default_rng(3)
+    s, t = _positive((N,), rng), jnp.asarray(rng.standard_normal((T, T)), jnp.float32)
+    q, k, v = (jax.random.normal(kk, (B, T, N, H), jnp.bfloat16) for kk in jax.random.split(jax.random.key(1), 3))
+    mod = "causal & (-s[h] * abs(q - kv) + t[q, kv])"
+
+    def grad(impl):
+        def f(ts):
+            out = scoremod.attention(q, k, v, mod=mod, implementation=impl, **ts)
+            return jnp.sum(out.astype(jnp.float32) ** 2)
+        return jax.jit(jax.grad(f))({"s": s, "t": t})
+    got, again, want = grad("pallas"), grad("pallas"), grad("xla")
+    for n in ("s", "t"):
+        assert np.array_equal(np.asarray(got[n]), np.asarray(again[n]))   # no atomics: bitwise repeatable
+        np.testing.assert_allclose(np.asarray(got[n]), np.asarray(want[n]), atol=2e-2 * float(jnp.abs(want[n]).max()))
+
+
+@settings(max_examples=6)
+@given(src=sources(max_depth=2), shape=shapes(max_seq=24), seed=st.integers(0, 2**16))
+def test_pallas_tensor_gradients_equal_the_references(src, shape, seed):
+    tensors = src.make_tensors(shape, np.random.default_rng(seed))
+    floats = {n: t for n, t in tensors.items() if jnp.issubdtype(jnp.asarray(t).dtype, jnp.floating)}
+    assume(floats)
+    ints = {n: t for n, t in tensors.items() if n not in floats}
+    ks = jax.random.split(jax.random.key(seed), 4)
+    q = jax.random.normal(ks[0], (shape.B, shape.T, shape.N, 8))
+    k, v = (jax.random.normal(kk, (shape.B, shape.S, shape.K, 8)) for kk in ks[1:3])
+    w = jax.random.normal(ks[3], q.shape)
+
+    def grads(impl):
+        def loss(floats):
+            out = scoremod.attention(q, k, v, mod=src.text, implementation=impl, q_offset=shape.q_offset,
+                                     kv_offset=shape.kv_offset, **floats, **ints)
+            return jnp.sum(out * w)
+        return jax.grad(loss)({n: jnp.asarray(t) for n, t in floats.items()})
+    # (a differentiated table read at computed indices falls through to xla)
+    want, got = grads("reference"), grads(("pallas", "xla"))
+    for n in floats:
+        scale = max(1.0, float(jnp.abs(want[n]).max()))
+        np.testing.assert_allclose(np.asarray(got[n]), np.asarray(want[n]), atol=1e-4 * scale, err_msg=n)
+
+
+def test_pallas_declines_gradients_to_gathered_tables_instead_of_returning_zeros(caplog):
     q, k, v, w = _qkv(3)
-    s = jnp.linspace(0.1, 1.0, N)
-    source = "causal & window(5) + -s[h] * abs(q - kv)"
+    t = jnp.linspace(0.1, 1.0, N * 11).reshape(N, 11)
+    source = "causal & window(5) + relpos(t, 5)"
 
     def loss(impl):
-        return lambda s: jnp.sum(scoremod.attention(q, k, v, mod=source, s=s, implementation=impl) * w)
+        return lambda t: jnp.sum(scoremod.attention(q, k, v, mod=source, t=t, implementation=impl) * w)
     with caplog.at_level(logging.INFO, logger="scoremod"):
-        got = jax.grad(loss(("pallas", "xla")))(s)
-    assert "do not give tensor parameters gradients" in caplog.text
-    np.testing.assert_allclose(np.asarray(got), np.asarray(jax.grad(loss("reference"))(s)), atol=2e-5)
+        got = jax.grad(loss(("pallas", "xla")))(t)
+    assert "table read at computed indices" in caplog.text
+    np.testing.assert_allclose(np.asarray(got), np.asarray(jax.grad(loss("reference"))(t)), atol=2e-5)
     # with only q differentiated, pallas runs (its tensors are constants there)
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="scoremod"):
-        jax.grad(lambda q: jnp.sum(scoremod.attention(q, k, v, mod=source, s=s, implementation="pallas")))(q)
+        jax.grad(lambda q: jnp.sum(scoremod.attention(q, k, v, mod=source, t=t, implementation="pallas")))(q)
     assert "using pallas" in caplog.text
-    with pytest.raises(NotImplementedError, match="do not give tensor parameters gradients"):
-        jax.grad(loss("pallas"))(s)
+    with pytest.raises(NotImplementedError, match="table read at computed indices"):
+        jax.grad(loss("pallas"))(t)

@@ -4,7 +4,7 @@ read at computed indices) through a TableLookup as the Pallas kernel feeds them.
 
 import numpy as np
 import jax.numpy as jnp
-from hypothesis import assume, given, settings, strategies as st
+from hypothesis import HealthCheck, assume, given, settings, strategies as st
 
 import scoremod
 from scoremod.compiler.tile import TableLookup, TileProgram
@@ -121,3 +121,54 @@ def test_table_lookup_clips_like_the_xla_gather():
     cols = jnp.asarray([[-1, 0, 3, 4, 100]])
     want = np.asarray(table)[np.clip(np.asarray(rows), 0, 2), np.clip(np.asarray(cols), 0, 3)]
     np.testing.assert_array_equal(np.asarray(lookup.gather([jnp.int32(7), rows, cols])), want)   # leading index ignored
+
+
+@settings(max_examples=25, suppress_health_check=[HealthCheck.filter_too_much])
+@given(src=sources(), shape=shapes(max_seq=8), seed=st.integers(0, 2**16))
+def test_tile_dread_matches_finite_differences(src, shape, seed):
+    """``dread(i)`` (the symbolic d(T + B)/d read the kernels give float tables their
+    gradients with) against central differences of the tile's values in that read."""
+    B, N, T, S = shape.grid
+    mod = scoremod.compile(src.text)
+    rng = np.random.default_rng(seed)
+    tensors = src.make_tensors(shape, rng)
+    prog = TileProgram.build(mod.canonical, {name: np.ndim(value) for name, value in tensors.items()})
+    ok, _ = prog.kernel_support(gathers=True)
+    floats = [i for i, r in enumerate(prog.reads)
+              if not r.gather and np.issubdtype(np.asarray(tensors[r.name]).dtype, np.floating)]
+    assume(ok and floats)
+    q_pos, kv_pos = _positions(shape.q_offset, B, T), _positions(shape.kv_offset, B, S)
+    reads = prog.materialize_reads({k: jnp.asarray(v) for k, v in tensors.items()}, B, N, q_pos, kv_pos)
+    scores = jnp.asarray(rng.normal(size=(T, S)) * 2, jnp.float32)
+    b, h = B - 1, N - 1
+    tiles = [TableLookup(tuple(r.shape), lambda flat, r=r: jnp.reshape(r, (-1,))[flat]) if spec.gather
+             else r[b if r.shape[0] > 1 else 0, h if r.shape[1] > 1 else 0] for spec, r in zip(prog.reads, reads)]
+    args = dict(b=jnp.int32(b), h=jnp.int32(h), q=jnp.asarray(q_pos[b, :, None]), kv=jnp.asarray(kv_pos[b, None, :]))
+    eps = 1e-3
+    for i in floats:
+        def values(shift):
+            shifted = list(tiles)
+            shifted[i] = jnp.broadcast_to(tiles[i], (T, S)) + shift
+            return np.asarray(jnp.broadcast_to(prog.values(scores, reads=shifted, **args), (T, S)), np.float64)
+        up, mid, down = values(eps), values(0.0), values(-eps)
+        numeric = (up - down) / (2 * eps)
+        forward, backward = (up - mid) / eps, (mid - down) / eps
+        smooth = np.isfinite(numeric) & (np.abs(forward - backward) <= 1e-2 * (1 + np.abs(numeric)))
+        full = [jnp.broadcast_to(t, (T, S)) if n == i else t for n, t in enumerate(tiles)]
+        got = np.asarray(prog.dread(i, scores, reads=full, **args), np.float64)
+        assert got.shape == (T, S)
+        np.testing.assert_allclose(got[smooth], numeric[smooth], rtol=2e-2, atol=2e-2, err_msg=f"{src.text} {i}")
+
+
+def test_reads_along_q_or_kv_are_laid_out_per_batch_row_under_per_batch_offsets():
+    # u[q] with query offsets [3, 8]: row 0 reads u[3..], row 1 reads u[8..] (a read that
+    # does not mention b still varies with the batch row through its positions).
+    prog = TileProgram.build(scoremod.compile("score + u[q] + w[kv]").canonical, {"u": 1, "w": 1})
+    u, w = jnp.arange(20.0), 100 + jnp.arange(20.0)
+    q_pos, kv_pos = _positions([3, 8], 2, 4), _positions([0, 5], 2, 6)
+    per_batch = prog.materialize_reads({"u": u, "w": w}, 2, 1, q_pos, kv_pos)
+    assert [r.shape for r in per_batch] == [(2, 1, 4, 1), (2, 1, 1, 6)]
+    np.testing.assert_array_equal(per_batch[0][:, 0, :, 0], np.asarray(u)[q_pos])
+    np.testing.assert_array_equal(per_batch[1][:, 0, 0, :], np.asarray(w)[kv_pos])
+    shared = prog.materialize_reads({"u": u, "w": w}, 2, 1, q_pos, kv_pos, q_per_batch=False, kv_per_batch=False)
+    assert [r.shape for r in shared] == [(1, 1, 4, 1), (1, 1, 1, 6)]
