@@ -229,7 +229,7 @@ def main(argv=None):
     print(f"# {getattr(device, 'device_kind', device)}, jax {jax.__version__}, {time.strftime('%Y-%m-%d')}")
     out = {"device": str(getattr(device, "device_kind", device)), "jax": jax.__version__}
     if not args.interpret:
-        out["copy_TBps"] = copy_bandwidth(1 << 30) / 1e12
+        out["copy_TBps"] = copy_bandwidth(2 << 30) / 1e12
         print(f"# copy bandwidth {out['copy_TBps']:.2f} TB/s")
     parts = args.parts.split(",")
     H, ps = (32, 16) if args.quick else (128, 16)
