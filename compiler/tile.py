@@ -25,6 +25,7 @@ import jax.numpy as jnp
 
 from scoremod.dsl.ast import Binary, IntLit, Node, Tensor, Var, mentions, walk
 from scoremod.compiler.axes import used_indices
+from scoremod.compiler.reads import AXES, TensorRead, kernel_support, program_reads
 from scoremod.compiler.canonical import Canonical
 from scoremod.compiler.derivative import derivative
 from scoremod.compiler.rewrite import simplify
@@ -32,42 +33,8 @@ from scoremod.compiler.lowering import emit, gather_read, logits_from_canonical,
 
 __all__ = ["TensorRead", "TableLookup", "TileProgram", "AXES", "MAX_TABLE_SIZE"]
 
-AXES = ("b", "h", "q", "kv")
-
 # Gathers index a table by a flat int32 offset (row-major), so a table holds fewer elements.
 MAX_TABLE_SIZE = 2**31 - 1
-
-
-@dataclass(frozen=True)
-class TensorRead:
-    """One tensor read ``name[indices]`` of the IR and the position axes it depends on."""
-    node: Tensor
-    rank: int
-    axes: tuple[str, ...]      # subset of AXES, in AXES order
-    gather: bool               # indices are not plain, distinct position variables
-
-    @property
-    def name(self) -> str:
-        return self.node.name
-
-    @property
-    def reads_score(self) -> bool:
-        """Whether an index depends on ``score`` (no kernel can gather at such an index)."""
-        return any(mentions(i, "score") for i in used_indices(self.node.indices, self.rank))
-
-    def shape(self, batch: int, heads: int, q_len: int, kv_len: int) -> tuple[int, int, int, int]:
-        """Shape of the materialized read: ``[B|1, H|1, T|1, S|1]``."""
-        sizes = {"b": batch, "h": heads, "q": q_len, "kv": kv_len}
-        return tuple(sizes[a] if a in self.axes else 1 for a in AXES)
-
-
-def _read_of(node: Tensor, rank: int) -> TensorRead:
-    used = used_indices(node.indices, rank)
-    names = [i.name if isinstance(i, Var) and i.name != "score" else None for i in used]
-    plain = all(n is not None for n in names) and len(set(names)) == len(names)
-    depends = {v.name for i in used for v in walk(i) if isinstance(v, Var)}
-    axes = tuple(a for a in AXES if a in depends)
-    return TensorRead(node, rank, axes, gather=not plain)
 
 
 @dataclass(frozen=True, eq=False)
@@ -128,25 +95,9 @@ class TileProgram:
         return {r.node: i for i, r in enumerate(self.reads)}
 
     def kernel_support(self, *, gathers: bool = False) -> tuple[bool, str]:
-        """(True, "") when a kernel can run this program, else (False, why).
-
-        gathers: the kernel takes gather reads (computed indices) as whole tables and
-        lets the program gather from them per tile (``TableLookup``: the Pallas kernel).
-        Without it (mosaic, the paged kernel) only reads at plain b, h, q, kv run.
-        A read whose index depends on ``score`` runs in no kernel.
-        """
-        if mentions(self.canonical.mask, "score"):
-            return False, "the mask reads score; kernels decide masks from positions and tensors only"
-        for r in self.reads:
-            if r.reads_score:
-                return False, (f"tensor read {r.node} indexes by score; kernels gather tables "
-                               "at indices computed from positions and tensors only")
-        for r in self.reads:
-            if r.gather and not gathers:
-                return False, (f"tensor read {r.node} indexes by computed positions; "
-                               "this kernel takes reads indexed by plain b, h, q, kv "
-                               "(the pallas kernel gathers such reads)")
-        return True, ""
+        """(True, "") when a kernel can run this program, else (False, why)
+        (``compiler.reads.kernel_support``; gathers: the kernel takes gather reads)."""
+        return kernel_support(self.canonical, self.reads, gathers=gathers)
 
     def mask_reads(self) -> tuple[int, ...]:
         """Indices (into ``reads``) of the reads the mask needs."""
@@ -250,13 +201,5 @@ TILE_PROGRAM_CACHE = 512
 
 @lru_cache(maxsize=TILE_PROGRAM_CACHE)
 def _build(canonical: Canonical, ranks: tuple) -> TileProgram:
-    rank_of = dict(ranks)
-    reads: dict[Tensor, TensorRead] = {}
-    for part in (canonical.mask, canonical.transform, canonical.bias):
-        if part is None:
-            continue
-        for n in walk(part):
-            if isinstance(n, Tensor) and n not in reads:
-                reads[n] = _read_of(n, rank_of.get(n.name, len(n.indices)))
     dT = derivative(canonical.transform) if canonical.transform is not None else None
-    return TileProgram(canonical, tuple(reads.values()), dT)
+    return TileProgram(canonical, program_reads(canonical, dict(ranks)), dT)

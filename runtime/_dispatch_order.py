@@ -8,9 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from scoremod.errors import ScoreModShapeError
-from scoremod.dsl.ast import mentions
 from scoremod.compiler.canonical import Canonical
 from scoremod.compiler.mod import Mod
+from scoremod.compiler.reads import kernel_support, program_reads
 
 __all__ = ["ATTENTION_ON_GPU", "ATTENTION_ELSEWHERE", "XlaBlockSizes", "dispatch_summary"]
 
@@ -42,14 +42,9 @@ class XlaBlockSizes:
 
 def _kernel_support(canonical: Canonical) -> tuple[tuple[bool, str], tuple[bool, str]]:
     """``TileProgram.kernel_support()`` of ``canonical``, without and with gathers (what mosaic
-    and pallas check). A mod that reads no tensor and whose mask does not read score gives
-    a tile program nothing to decline, so it is answered without building one (building one
-    loads jax; tests/test_explain.py checks the two agree)."""
-    if not canonical.tensors and not mentions(canonical.mask, "score"):
-        return (True, ""), (True, "")
-    from scoremod.compiler.tile import TileProgram   # (deferred: jax.numpy)
-    program = TileProgram.build(canonical, {})
-    return program.kernel_support(), program.kernel_support(gathers=True)
+    and pallas check), from ``compiler.reads`` (which loads no jax)."""
+    reads = program_reads(canonical, {})
+    return kernel_support(canonical, reads), kernel_support(canonical, reads, gathers=True)
 
 
 def dispatch_summary(mod: Mod) -> str:

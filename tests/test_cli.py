@@ -280,7 +280,7 @@ def test_check_loads_no_jax_and_numpy_only_for_the_interval_analysis():
 
 
 @pytest.mark.parametrize("source", ["causal & window(128)", "causal & window(128) + alibi(8)",
-                                    "softcap(30) & chunk(64)"])
+                                    "softcap(30) & chunk(64)", "(score > 0) & causal"])
 def test_explain_of_a_static_mod_never_loads_jax(source):
     # compiler/plan_layout.py and runtime/_dispatch_order.py: no jax; ~0.25 s instead of ~1.2 s.
     assert _loads(["explain", source, "--seq", "4096"]) == {"exit": 0, "numpy": True, "jax": False}

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
 
 import scoremod
 from scoremod.cli import main
@@ -24,7 +23,6 @@ from scoremod.compiler.explain import Explanation, explain
 from scoremod.runtime._dispatch_order import dispatch_summary
 from scoremod.errors import ScoreModShapeError, ScoreModTensorError
 
-from strategies import sources
 
 SNAPSHOTS = Path(__file__).parent / "snapshots"
 
@@ -308,25 +306,3 @@ def test_svg_shows_warnings():
     svg = explain("kv > q + 300", 512, block=128).to_svg()
     warnings = [t for t in _svg_texts(svg) if t.startswith("warning:")]
     assert len(warnings) == 1 and "have no key" in warnings[0]
-
-
-def _kernel_support_agrees(text):
-    from scoremod.compiler.tile import TileProgram
-    from scoremod.runtime._dispatch_order import _kernel_support
-    canonical = scoremod.compile(text).canonical
-    program = TileProgram.build(canonical, {})
-    assert _kernel_support(canonical) == (program.kernel_support(), program.kernel_support(gathers=True))
-
-
-@settings(max_examples=60, deadline=None)
-@given(sources(with_tensors=False))
-def test_kernel_support_without_a_tile_program_agrees_with_the_tile_program(src):
-    # runtime/_dispatch_order.py answers mods without tensor reads without building a tile
-    # program (which loads jax); it must say what TileProgram.kernel_support says.
-    _kernel_support_agrees(src.text)
-
-
-@pytest.mark.parametrize("text", ["causal", "(score > 0) & causal", "softcap(30) & window(8)", "causal & doc(ids)",
-                                  "causal + relpos(t, 4)"])
-def test_kernel_support_agrees_on_masks_reading_score_and_tensors(text):
-    _kernel_support_agrees(text)
