@@ -306,7 +306,8 @@ def flash_backward(cfg, res, cotangents):
     dout, dlse = map(dense_cotangent, cotangents)
     dout = dout.astype(q.dtype)
     delta = backward_delta(out, dout, lse, dlse)
-    wanted = read_grads.indices
+    # A read only the mask uses (t[q, kv] > 0) has derivative 0: its cotangent stays zeros.
+    wanted = tuple(i for i in read_grads.indices if cfg.program.read_derivative(i) is not None)
     by_dkv = tuple(i for i in wanted if cfg.read_shapes[i][2] == 1 and cfg.read_shapes[i][3] > 1)
     by_dq = tuple(i for i in wanted if i not in by_dkv)
     dq, dreads_q = _backward_dq(cfg, q, k, v, dout, lse, delta, aux["dq"], aux["reads"],

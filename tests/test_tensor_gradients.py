@@ -224,3 +224,17 @@ def test_pallas_tensor_gradients_under_vmap_and_jit_with_sinks():
     for n in tensors:
         assert np.abs(np.asarray(want[n])).max() > 1e-3
         np.testing.assert_allclose(np.asarray(got[n]), np.asarray(want[n]), atol=2e-5, err_msg=n)
+
+
+def test_pallas_float_table_only_the_mask_reads_gets_zero_gradient():
+    # m[q, kv] > 0.3 decides the mask only: its derivative is 0 (no [B, N, T, S] pass is
+    # run for it); the slope beside it gets the reference's gradient.
+    q, k, v, _ = _qkv(7)
+    tensors = {"m": jax.random.uniform(jax.random.key(1), (T, T)), "s": jnp.linspace(0.5, 1.0, N)}
+    mod = "causal & (m[q, kv] > 0.3) & (score - s[h] * abs(q - kv))"
+
+    def grad(impl):
+        return jax.grad(lambda ts: jnp.sum(scoremod.attention(q, k, v, mod=mod, implementation=impl, **ts) ** 2))(tensors)
+    got, want = grad("pallas"), grad("reference")
+    assert not np.any(np.asarray(got["m"])) and not np.any(np.asarray(want["m"]))
+    np.testing.assert_allclose(np.asarray(got["s"]), np.asarray(want["s"]), rtol=1e-4, atol=1e-4)
