@@ -74,8 +74,8 @@ def test_gradients_match_finite_differences_of_the_oracle(name, source, make):
     assert np.abs(numeric).max() > 1e-3   # the table matters to the loss: the test can fail
 
 
-@settings(max_examples=16)
-@given(src=sources(max_depth=2), shape=shapes(max_seq=24), seed=st.integers(0, 2**16),
+@settings(max_examples=12)
+@given(src=sources(max_depth=2), shape=shapes(max_seq=20), seed=st.integers(0, 2**16),
        impl=st.sampled_from(["xla", ("pallas", "xla")]))
 def test_tensor_gradients_equal_the_references(src, shape, seed, impl):
     # (pallas: a differentiated table read at computed indices falls through to xla)
@@ -133,8 +133,9 @@ def _positive(shape, rng):
     return jnp.asarray(rng.uniform(0.5, 1.5, shape), jnp.float32)
 
 
-@pytest.mark.parametrize("name, values, shapes", READ_SHAPES, ids=[c[0] for c in READ_SHAPES])
-@pytest.mark.parametrize("one_loop", [False, True])
+@pytest.mark.parametrize("name, values, shapes, one_loop",
+                         [(*c, False) for c in READ_SHAPES] + [(*c, True) for c in READ_SHAPES[::3]],
+                         ids=[c[0] for c in READ_SHAPES] + [f"{c[0]}, one loop" for c in READ_SHAPES[::3]])
 def test_pallas_gives_tensor_gradients(name, values, shapes, one_loop):
     B, T, S, N, K, H = 2, 29, 37, 4, 2, 16
     rng = np.random.default_rng(len(name))
