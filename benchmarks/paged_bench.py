@@ -3,28 +3,49 @@ and dense cuDNN attention, with and without a sliding window.
 
     python benchmarks/paged_bench.py                 # the full grid (GPU)
     python benchmarks/paged_bench.py --quick         # tiny shapes, any backend (a smoke test)
+    python benchmarks/paged_bench.py --tokens 4 --batches 8 --contexts 32768,131072   # speculative decode
+    python benchmarks/paged_bench.py --kv-heads 1 --batches 1,8                        # MQA 32/1
+    python benchmarks/paged_bench.py --tokens 8 --kv-heads 1 --contexts 131072         # both
 
-Decode (T = 1) of bf16 queries over a KV cache of N=32 query heads, K=8 KV heads, head
+Decode of bf16 queries over a KV cache of N=32 query heads, K=8 KV heads (GQA 32/8), head
 dim 128, pages of 16 (and 64) tokens, every sequence at the given context length.
+Options of the shape:
+
+* ``--tokens T`` (default 1): new tokens per sequence. T = 1 is plain decode; T = 4-8 is
+  speculative decoding: token i of the T sits at position ``lengths[b] - T + i`` and
+  sees the keys up to its own position (causal among the new tokens, bottom-right
+  alignment, as ``paged_attention`` defines it).
+* ``--kv-heads K`` (default 8; 2 with ``--quick``): KV heads; ``--kv-heads 1`` is MQA 32/1.
+
 Contenders, each checked against a reference before it is timed:
 
 * ``scoremod`` ``causal``: the Pallas kernel over every page;
 * ``scoremod`` ``causal & window(4096)``: page skipping, so only the last pages are read;
 * ``jax-pallas``: ``jax.experimental.pallas.ops.gpu.paged_attention`` (no masks, so it
-  reads the whole context in both rows);
+  reads the whole context in both rows; one new token only, so its rows are reported
+  as skipped when T > 1);
 * ``cudnn``: ``jax.nn.dot_product_attention(implementation="cudnn")`` over the dense,
-  already gathered context (for the window row: over the last 4096 keys only, the
-  least a dense kernel could read).
+  already gathered context (for the window row: over the last ``4096 + T - 1`` keys
+  only, the least a dense kernel could read). For T = 1 it runs without a mask. For
+  T > 1 cuDNN's ``is_causal`` would align the T queries top-left (query i sees keys
+  0..i), so the row passes a boolean ``mask`` [1, 1, T, keys] with the bottom-right
+  causal (and window) pattern, which JAX hands to cuDNN as a bias; if cuDNN refuses
+  it, the row runs with no mask over the same keys (the same K/V bytes; the arithmetic
+  differs on T(T-1)/2 entries, T(T-1) with the window) and its note says so.
+
+Bytes needed: the K/V bytes of the keys the mask lets some new token see, ``B * keys *
+K * H * 2 bytes * 2``, with keys = context for ``causal`` and ``min(context, 4096 + T - 1)``
+for the window (its first token's window starts T - 1 keys before the last one's).
 
 Time: each call runs n times inside one jitted, unrolled ``fori_loop`` whose carry feeds
 the next query and length (so nothing is hoisted: finding the pages and the split
 combine are timed with the kernel); per call = (loop of n - loop of n/4) / (3n/4),
-median over ``--reps`` (the cost of launching a loop cancels out). Bandwidth: the bytes of K and V the mask needs
-(``B * keys * K * H * 2 bytes * 2``) over that time, compared to a measured
+median over ``--reps`` (the cost of launching a loop cancels out). Bandwidth: the needed
+bytes over that time, compared to a measured
 device-to-device copy (bytes read + written, ``copy_bandwidth``), to a measured pure read
 (``read_bandwidth``) and to the card's nominal peak; cuDNN's row over the dense context is
 the practical ceiling to quote beside them.
-Writes JSON (``--json``) and prints a Markdown table.
+Writes JSON (``--json``; ``shape`` holds T and K) and prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -148,6 +169,10 @@ def main(argv=None):
     ap.add_argument("--contexts", type=ints, default=None, help="only these context lengths")
     ap.add_argument("--num-splits", type=int, default=None, help="fix the kernel's split count")
     ap.add_argument("--max-tokens", type=int, default=2 * 1024 * 1024, help="largest batch * context")
+    ap.add_argument("--tokens", type=int, default=1,
+                    help="new tokens per sequence (T; 1: decode, 4-8: speculative decode)")
+    ap.add_argument("--kv-heads", type=int, default=None,
+                    help="KV heads (default 8, 2 with --quick; 1: MQA)")
     args = ap.parse_args(argv)
     start = time.perf_counter()
 
@@ -165,6 +190,15 @@ def main(argv=None):
         N, K, H = 32, 8, 128
         page_sizes, batches, contexts, window = (16, 64), (1, 8, 64), (1024, 8192, 32768, 131072), WINDOW
         interpret = False
+    if args.kv_heads is not None:
+        K = args.kv_heads
+    T = args.tokens
+    if K < 1 or N % K != 0:
+        ap.error(f"--kv-heads must divide the {N} query heads; got {K}")
+    if T < 1 or T > min(contexts):
+        ap.error(f"--tokens must be in [1, {min(contexts)}]; got {T}")
+    print(f"# T = {T} new token{'s' if T > 1 else ''} per sequence, N = {N} query heads over K = {K} KV "
+          f"head{'s' if K > 1 else ''} ({'MQA' if K == 1 else 'GQA'} {N}/{K}), H = {H}, bf16", flush=True)
     dtype = jnp.bfloat16
     points = [(ps, B, ctx) for ps in page_sizes for B in batches for ctx in contexts
               if B * ctx <= args.max_tokens and (B < 64 or ctx >= 8192)
@@ -174,7 +208,7 @@ def main(argv=None):
               if (not args.batches or B in args.batches) and (not args.contexts or ctx in args.contexts)]
 
     results = {"device": kind, "jax": jax.__version__, "date": time.strftime("%Y-%m-%d"),
-               "shape": {"N": N, "K": K, "H": H, "dtype": "bfloat16", "T": 1, "window": window}, "rows": []}
+               "shape": {"N": N, "K": K, "H": H, "dtype": "bfloat16", "T": T, "window": window}, "rows": []}
     peak = copy_bandwidth(2 << 30) if gpu else float("nan")
     read_peak = read_bandwidth(2 << 30) if gpu else float("nan")
     nominal = next((v for k, v in NOMINAL_HBM.items() if k in kind), float("nan"))
@@ -207,16 +241,17 @@ def main(argv=None):
             v_pool_t = jnp.transpose(v_pool, (2, 0, 1, 3))
 
         if args.tune and ps == 16 and not args.quick:
-            block_sizes = tune(k_pool, v_pool, N, K, H, ps, args, results)
+            block_sizes = tune(k_pool, v_pool, N, K, H, T, ps, args, results)
 
         for (p_ps, B, ctx) in points:
             if p_ps != ps:
                 continue
             if time.perf_counter() - start > args.budget_s:
-                results["rows"].append({"page_size": ps, "B": B, "context": ctx, "skipped": "time budget"})
-                print(f"| {ps} | {B} | {ctx} | skipped (time budget) |", flush=True)
+                results["rows"].append({"page_size": ps, "B": B, "context": ctx, "T": T, "K": K,
+                                        "skipped": "time budget"})
+                print(format_row(results["rows"][-1]), flush=True)
                 continue
-            run_point(results, ps, B, ctx, N, K, H, dtype, window, k_pool, v_pool, k_pool_t, v_pool_t, jpa,
+            run_point(results, ps, B, ctx, N, K, H, T, dtype, window, k_pool, v_pool, k_pool_t, v_pool_t, jpa,
                       block_sizes, interpret, peak, nominal, args, kq)
         del k_pool, v_pool, k_pool_t, v_pool_t
 
@@ -227,25 +262,49 @@ def main(argv=None):
     print(f"# total {time.perf_counter() - start:.0f} s", flush=True)
 
 
-def make_point(ps, B, ctx, N, H, dtype, pool_pages, key):
+def make_point(ps, B, ctx, N, H, T, dtype, pool_pages, key):
     max_pages = ctx // ps
     rng = np.random.default_rng(B * 1_000_003 + ctx + ps)
     tables = rng.permutation(pool_pages)[:B * max_pages].reshape(B, max_pages).astype(np.int32)
     lengths = np.full((B,), ctx, np.int32)
-    q = jax.random.normal(jax.random.fold_in(key, B * ctx), (B, 1, N, H), dtype)
+    q = jax.random.normal(jax.random.fold_in(key, B * ctx), (B, T, N, H), dtype)
     return q, jnp.asarray(tables), jnp.asarray(lengths)
 
 
-def run_point(results, ps, B, ctx, N, K, H, dtype, window, k_pool, v_pool, k_pool_t, v_pool_t, jpa,
+def needed_keys(mod, ctx, T, window):
+    """Keys the mask lets some new token see (every sequence at length ctx): the whole
+    context for ``causal``; for the window, the first new token's window (which starts
+    T - 1 keys before the last one's) up to the last token."""
+    if "window" in mod:
+        return min(ctx, window + T - 1)
+    return ctx
+
+
+def dense_mask(T, first, last, window):
+    """Boolean [1, 1, T, last - first]: may new token i (at position last - T + i) see key
+    first + j? Causal with the bottom-right alignment of paged_attention, and within
+    the window if one is given."""
+    qpos = last - T + np.arange(T)[:, None]
+    kpos = first + np.arange(last - first)[None, :]
+    allowed = kpos <= qpos
+    if window is not None:
+        allowed &= qpos - kpos < window
+    return jnp.asarray(allowed[None, None])
+
+
+def run_point(results, ps, B, ctx, N, K, H, T, dtype, window, k_pool, v_pool, k_pool_t, v_pool_t, jpa,
               block_sizes, interpret, peak, nominal, args, key):
-    q, tables, lengths = make_point(ps, B, ctx, N, H, dtype, k_pool.shape[0], key)
+    q, tables, lengths = make_point(ps, B, ctx, N, H, T, dtype, k_pool.shape[0], key)
     itemsize = jnp.dtype(dtype).itemsize
     rows = []
+    mods = ("causal", f"causal & window({window})")
 
     read_peak = results["read_bandwidth"]
 
-    def record(name, mask, fn, arrays, keys, check=None):
-        row = {"page_size": ps, "B": B, "context": ctx, "mask": mask, "impl": name}
+    def record(name, mask, fn, arrays, keys, check=None, note=None):
+        row = {"page_size": ps, "B": B, "context": ctx, "T": T, "K": K, "mask": mask, "impl": name}
+        if note:
+            row["note"] = note
         try:
             if check is not None:
                 check()
@@ -266,31 +325,45 @@ def run_point(results, ps, B, ctx, N, K, H, dtype, window, k_pool, v_pool, k_poo
 
     ours_arrays = (k_pool, v_pool, tables)
     small = B * ctx <= 64 * 1024
+    refs = {}
 
     def reference(mod):
-        if small:
-            return paged_attention(q, k_pool, v_pool, tables, lengths, mod=mod, implementation="reference")
-        # Large points: the same attention over the window's (or the whole) dense context.
-        keys = min(ctx, window) if "window" in mod else ctx
-        k, v = dense_kv(k_pool, v_pool, tables, ctx - keys, ctx)
-        return jax.jit(lambda a, b, c: jax.nn.dot_product_attention(a, b, c))(q, k, v)
+        if mod not in refs:
+            if small:
+                refs[mod] = paged_attention(q, k_pool, v_pool, tables, lengths, mod=mod, implementation="reference")
+            else:
+                # Large points: the same attention over the window's (or the whole) dense
+                # context, masked for the T new tokens (all true when T = 1).
+                keys = needed_keys(mod, ctx, T, window)
+                k, v = dense_kv(k_pool, v_pool, tables, ctx - keys, ctx)
+                mask = dense_mask(T, ctx - keys, ctx, window if "window" in mod else None)
+                refs[mod] = jax.jit(lambda a, b, c, m: jax.nn.dot_product_attention(a, b, c, mask=m))(q, k, v, mask)
+                del k, v
+        return refs[mod]
+
+    def compare(what, out, ref):
+        err = float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref.astype(jnp.float32))))
+        if not err < 3e-2:
+            raise AssertionError(f"{what} differs from the reference by {err}")
 
     outputs = {}
 
     def check_ours(mod):
         def check():
             out = outputs[mod] = jax.jit(ours(mod))(q, lengths, *ours_arrays)
-            ref = reference(mod)
-            err = float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref.astype(jnp.float32))))
-            if not err < 3e-2:
-                raise AssertionError(f"scoremod {mod!r} differs from the reference by {err}")
+            compare(f"scoremod {mod!r}", out, reference(mod))
         return check
 
-    for mod in ("causal", f"causal & window({window})"):
-        keys = min(ctx, window) if "window" in mod else ctx
-        record("scoremod", mod, ours(mod), ours_arrays, keys, check_ours(mod))
+    for mod in mods:
+        record("scoremod", mod, ours(mod), ours_arrays, needed_keys(mod, ctx, T, window), check_ours(mod))
 
-    if jpa is not None:
+    if jpa is not None and T > 1:
+        for mod in mods:
+            row = {"page_size": ps, "B": B, "context": ctx, "T": T, "K": K, "mask": mod, "impl": "jax-pallas",
+                   "skipped": f"takes one new token per sequence; T = {T}"}
+            rows.append(row)
+            print(format_row(row), flush=True)
+    elif jpa is not None:
         k_splits = math.gcd(16, tables.shape[1])
 
         def peer(qq, ll, kt, vt, tb):
@@ -311,7 +384,7 @@ def run_point(results, ps, B, ctx, N, K, H, dtype, window, k_pool, v_pool, k_poo
                 raise AssertionError(f"jax-pallas differs from scoremod by {err}")
         record("jax-pallas", "causal", peer, peer_arrays, ctx, check_peer)
         full = rows[-1]
-        win = {**full, "mask": f"causal & window({window})", "note": "no mask support: reads the whole context"}
+        win = {**full, "mask": mods[1], "note": "no mask support: reads the whole context"}
         if "time_us" in full:
             win["bytes"] = full["bytes"] * min(ctx, window) // ctx
             win["bandwidth"] = win["bytes"] / (full["time_us"] * 1e-6)
@@ -324,10 +397,39 @@ def run_point(results, ps, B, ctx, N, K, H, dtype, window, k_pool, v_pool, k_poo
     def cudnn(qq, ll, k, v):
         return jax.nn.dot_product_attention(qq, k, v, implementation="cudnn")
 
-    for mod in ("causal", f"causal & window({window})"):
-        keys = min(ctx, window) if "window" in mod else ctx
+    def cudnn_masked(qq, ll, k, v, m):
+        return jax.nn.dot_product_attention(qq, k, v, mask=m, implementation="cudnn")
+
+    def check_cudnn(fn, arrays, ref):
+        def check():
+            compare("cudnn", jax.jit(fn)(q, lengths, *arrays), ref())
+        return check
+
+    for mod in mods:
+        keys = needed_keys(mod, ctx, T, window)
         k, v = dense_kv(k_pool, v_pool, tables, ctx - keys, ctx)
-        record("cudnn", mod, cudnn, (k, v), keys)
+        if T == 1:
+            # One query at the last position sees every key given: no mask.
+            record("cudnn", mod, cudnn, (k, v), keys, check_cudnn(cudnn, (k, v), lambda mod=mod: reference(mod)))
+        else:
+            mask = dense_mask(T, ctx - keys, ctx, window if "window" in mod else None)
+            try:
+                jax.block_until_ready(jax.jit(cudnn_masked)(q, lengths, k, v, mask))
+                refused = None
+            except Exception as exc:  # noqa: BLE001 - fall back to no mask, said in the note
+                refused = f"{type(exc).__name__}: {str(exc).splitlines()[0][:80] if str(exc) else ''}"
+            if refused is None:
+                record("cudnn", mod, cudnn_masked, (k, v, mask), keys,
+                       check_cudnn(cudnn_masked, (k, v, mask), lambda mod=mod: reference(mod)),
+                       note=f"bottom-right mask [T, {keys}] as a bias")
+            else:
+                # No mask over the same keys: the same K/V bytes, checked against XLA's
+                # unmasked attention (not the mod, which it does not compute exactly).
+                differs = T * keys - int(jnp.sum(mask))
+                unmasked = lambda: jax.jit(lambda a, b, c: jax.nn.dot_product_attention(a, b, c))(q, k, v)  # noqa: E731
+                record("cudnn", mod, cudnn, (k, v), keys, check_cudnn(cudnn, (k, v), unmasked),
+                       note=f"mask refused ({refused}); no mask over the same keys "
+                            f"(differs on {differs} of the {T}x{keys} scores of a head)")
         del k, v
     results["rows"].extend(rows)
 
@@ -353,11 +455,12 @@ TUNE_CONFIGS = (
 )
 
 
-def tune(k_pool, v_pool, N, K, H, ps, args, results):
-    """Time a few block sizes at (B=1, 128k) and (B=8, 32k) (page size 16); keep the one
-    with the least total time."""
+def tune(k_pool, v_pool, N, K, H, T, ps, args, results):
+    """Time a few block sizes at (B=1, 128k) and (B=8, 32k) (page size 16, T new tokens);
+    keep the one with the least total time."""
     points = [(1, 131072), (8, 32768)]
-    made = [make_point(ps, B, ctx, N, H, jnp.bfloat16, k_pool.shape[0], jax.random.PRNGKey(1)) for B, ctx in points]
+    made = [make_point(ps, B, ctx, N, H, T, jnp.bfloat16, k_pool.shape[0], jax.random.PRNGKey(1))
+            for B, ctx in points]
     best, best_t = PagedBlockSizes.get_default(), float("inf")
     tried = []
     for bs in TUNE_CONFIGS:
@@ -387,6 +490,9 @@ def tune(k_pool, v_pool, N, K, H, ps, args, results):
 
 
 def format_row(row) -> str:
+    if "skipped" in row:
+        return (f"| {row['page_size']} | {row['B']} | {row['context']} | {row.get('mask', '')} | "
+                f"{row.get('impl', '')} | skipped ({row['skipped']}) | | | | |")
     if "error" in row:
         return (f"| {row['page_size']} | {row['B']} | {row['context']} | {row['mask']} | {row['impl']} | "
                 f"– | – | – | – | {row['error']} |")
@@ -397,14 +503,15 @@ def format_row(row) -> str:
 
 
 def print_table(results):
+    shape = results["shape"]
+    print()
+    print(f"T = {shape['T']} new token{'s' if shape['T'] > 1 else ''} per sequence, N = {shape['N']} query heads "
+          f"over K = {shape['K']} KV head{'s' if shape['K'] > 1 else ''}, H = {shape['H']}, {shape['dtype']}:")
     print()
     print("| page | B | context | mask | impl | time (us) | needed K/V TB/s | of copy BW | of read BW | note |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for row in results["rows"]:
-        if "skipped" in row:
-            print(f"| {row['page_size']} | {row['B']} | {row['context']} | | | skipped ({row['skipped']}) | | | | |")
-        else:
-            print(format_row(row))
+        print(format_row(row))
 
 
 if __name__ == "__main__":
