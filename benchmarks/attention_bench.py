@@ -340,22 +340,6 @@ def torch_part(args):
     q, k, v, do = (load(n) for n in ("q", "k", "v", "do"))
     ids = torch.from_numpy(np.load(os.path.join(work, "ids.npy"))).cuda()
 
-    def time_cuda(fn, target_ms=30.0, reps=7):
-        fn(); fn()
-        torch.cuda.synchronize()
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record(); fn(); e.record(); torch.cuda.synchronize()
-        n = max(1, min(200, int(target_ms / max(s.elapsed_time(e), 1e-3))))
-        times = []
-        for _ in range(reps):
-            s.record()
-            for _ in range(n):
-                fn()
-            e.record()
-            torch.cuda.synchronize()
-            times.append(s.elapsed_time(e) / n)
-        return statistics.median(times)
-
     results = dict(info=info, masks={}, block_mask={})
     try:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -398,7 +382,7 @@ def torch_part(args):
                         torch.cuda.synchronize()
                         results["block_mask"]["doc_ms"] = (time.perf_counter() - t0) / 5 * 1e3
                 rec.update(_torch_run(lambda a, b_, c: flex(a, b_, c, block_mask=bm, scale=scale),
-                                      q, k, v, do, ref, time_cuda))
+                                      q, k, v, do, ref, time_torch))
             except Exception as exc:
                 rec["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
                 traceback.print_exc(limit=3)
@@ -409,7 +393,7 @@ def torch_part(args):
         if mname in ("dense", "causal"):
             try:
                 rec.update(_torch_run(lambda a, b_, c: F.scaled_dot_product_attention(
-                    a, b_, c, is_causal=mname == "causal", scale=scale), q, k, v, do, ref, time_cuda))
+                    a, b_, c, is_causal=mname == "causal", scale=scale), q, k, v, do, ref, time_torch))
             except Exception as exc:
                 rec["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
         else:
@@ -420,7 +404,47 @@ def torch_part(args):
     json.dump(results, open(os.path.join(work, "torch.json"), "w"), indent=1)
 
 
-def _torch_run(fn, q, k, v, do, ref, time_cuda):
+def time_torch(fn, target_ms=30.0, reps=7):
+    """Median ms per call of a torch function: batches of back-to-back calls timed with
+    CUDA events (perf_counter on a CPU), the batch sized to about ``target_ms``."""
+    import torch
+    cuda = torch.cuda.is_available()
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+    fn(); fn()
+    sync()
+    t0 = time.perf_counter(); fn(); sync()
+    n = max(1, min(200, int(target_ms / max((time.perf_counter() - t0) * 1e3, 1e-3))))
+    times = []
+    for _ in range(reps):
+        if cuda:
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            for _ in range(n):
+                fn()
+            e.record()
+            torch.cuda.synchronize()
+            times.append(s.elapsed_time(e) / n)
+        else:
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            times.append((time.perf_counter() - t0) * 1e3 / n)
+    return statistics.median(times)
+
+
+def run_parts(script, flags):
+    """Run ``script --part jax`` then ``--part torch`` (each framework in its own process;
+    the torch part may fail without stopping the report). flags: the shared arguments."""
+    base = [sys.executable, os.path.abspath(script), *flags]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    subprocess.run(base + ["--part", "jax"], env=env, check=True)
+    subprocess.run(base + ["--part", "torch"], env=env, check=False)
+
+
+def _torch_run(fn, q, k, v, do, ref, time_torch):
     import torch
     rec = {}
     with torch.no_grad():
@@ -429,13 +453,13 @@ def _torch_run(fn, q, k, v, do, ref, time_cuda):
     rec["fwd_err"] = _rel(got, ref)
     if rec["fwd_err"] < 2e-2:
         with torch.no_grad():
-            rec["fwd_ms"] = time_cuda(lambda: fn(q, k, v))
+            rec["fwd_ms"] = time_torch(lambda: fn(q, k, v))
         qg, kg, vg = (x.detach().clone().requires_grad_(True) for x in (q, k, v))
 
         def fb():
             o = fn(qg, kg, vg)
             o.backward(do)
-        rec["fwdbwd_ms"] = time_cuda(fb)
+        rec["fwdbwd_ms"] = time_torch(fb)
     return rec
 
 
@@ -602,18 +626,14 @@ def main():
     if args.part == "sweep":
         os.makedirs(args.out, exist_ok=True)
         return sweep_part(args)
-    base = [sys.executable, os.path.abspath(__file__), "--work", args.work, "--out", args.out]
-    if args.quick:
-        base.append("--quick")
+    flags = ["--work", args.work, "--out", args.out] + (["--quick"] if args.quick else [])
     if args.masks:
-        base += ["--masks", args.masks]
+        flags += ["--masks", args.masks]
     if args.impls:
-        base += ["--impls", args.impls]
+        flags += ["--impls", args.impls]
     if args.block_sizes:
-        base += ["--block-sizes", args.block_sizes]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    subprocess.run(base + ["--part", "jax"], env=env, check=True)
-    subprocess.run(base + ["--part", "torch"], env=env, check=False)
+        flags += ["--block-sizes", args.block_sizes]
+    run_parts(__file__, flags)
     report(args)
 
 

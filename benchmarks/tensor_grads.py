@@ -41,15 +41,13 @@ import logging
 import math
 import os
 import re
-import statistics
-import subprocess
 import sys
 import time
 import traceback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from attention_bench import _rel, _time_jax  # noqa: E402  (the attention benchmarks' timing and error)
+from attention_bench import _rel, _time_jax, run_parts, time_torch  # noqa: E402  (timing, error, parts)
 
 WINDOW = 128          # the sinks case's sliding window
 RELPOS = 128          # relpos(t, 128): t is [N, 2 * 128 + 1]
@@ -324,33 +322,6 @@ def torch_part(args):
     def load_f32(name):
         return torch.from_numpy(np.load(os.path.join(work, f"{name}.npy"))).to(dev)
 
-    def time_torch(fn, target_ms=30.0, reps=7):
-        """Median ms per call: batches of back-to-back calls (CUDA events; perf_counter on CPU)."""
-        def sync():
-            if cuda:
-                torch.cuda.synchronize()
-        fn(); fn()
-        sync()
-        t0 = time.perf_counter(); fn(); sync()
-        est = (time.perf_counter() - t0) * 1e3
-        n = max(1, min(200, int(target_ms / max(est, 1e-3))))
-        times = []
-        for _ in range(reps):
-            if cuda:
-                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                s.record()
-                for _ in range(n):
-                    fn()
-                e.record()
-                torch.cuda.synchronize()
-                times.append(s.elapsed_time(e) / n)
-            else:
-                t0 = time.perf_counter()
-                for _ in range(n):
-                    fn()
-                times.append((time.perf_counter() - t0) * 1e3 / n)
-        return statistics.median(times)
-
     def score_mod_for(case, x):
         if case == "relpos":
             return lambda score, b, h, q_idx, kv_idx: score + x[h, (q_idx - kv_idx).clamp(-RELPOS, RELPOS) + RELPOS]
@@ -522,17 +493,13 @@ def main():
         return torch_part(args)
     if args.part == "report":
         return report(args)
-    base = [sys.executable, os.path.abspath(__file__), "--work", args.work, "--out", args.out]
-    if args.quick:
-        base.append("--quick")
-    if args.cases:
-        base += ["--cases", args.cases]
     for name in ("jax.json", "torch.json"):      # no stale results from an earlier run
         if os.path.exists(os.path.join(args.work, name)):
             os.remove(os.path.join(args.work, name))
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    subprocess.run(base + ["--part", "jax"], env=env, check=True)
-    subprocess.run(base + ["--part", "torch"], env=env, check=False)
+    flags = ["--work", args.work, "--out", args.out] + (["--quick"] if args.quick else [])
+    if args.cases:
+        flags += ["--cases", args.cases]
+    run_parts(__file__, flags)
     report(args)
 
 
