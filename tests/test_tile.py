@@ -123,7 +123,7 @@ def test_table_lookup_clips_like_the_xla_gather():
     np.testing.assert_array_equal(np.asarray(lookup.gather([jnp.int32(7), rows, cols])), want)   # leading index ignored
 
 
-@settings(max_examples=25, suppress_health_check=[HealthCheck.filter_too_much])
+@settings(max_examples=12, suppress_health_check=[HealthCheck.filter_too_much])
 @given(src=sources(), shape=shapes(max_seq=8), seed=st.integers(0, 2**16))
 def test_tile_dread_matches_finite_differences(src, shape, seed):
     """``dread(i)`` (the symbolic d(T + B)/d read the kernels give float tables their
