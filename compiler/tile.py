@@ -23,15 +23,15 @@ from typing import Callable
 
 import jax.numpy as jnp
 
-from scoremod.dsl.ast import Binary, IntLit, Node, Tensor, Var, mentions, walk
+from scoremod.dsl.ast import Binary, IntLit, Node, Tensor, walk
 from scoremod.compiler.axes import used_indices
-from scoremod.compiler.reads import AXES, TensorRead, kernel_support, program_reads
+from scoremod.compiler.reads import TensorRead, kernel_support, program_reads
 from scoremod.compiler.canonical import Canonical
 from scoremod.compiler.derivative import derivative
 from scoremod.compiler.rewrite import simplify
 from scoremod.compiler.lowering import emit, gather_read, logits_from_canonical, values_from_canonical
 
-__all__ = ["TensorRead", "TableLookup", "TileProgram", "AXES", "MAX_TABLE_SIZE"]
+__all__ = ["TableLookup", "TileProgram", "MAX_TABLE_SIZE"]
 
 # Gathers index a table by a flat int32 offset (row-major), so a table holds fewer elements.
 MAX_TABLE_SIZE = 2**31 - 1
@@ -186,17 +186,17 @@ class TileProgram:
         return jnp.broadcast_to(jnp.asarray(value, jnp.float32), jnp.shape(scores))
 
 
-@lru_cache(maxsize=512)
+# Tile programs kept per (canonical form, tensor ranks): small objects, one per mod in use.
+TILE_PROGRAM_CACHE = 512
+
+
+@lru_cache(maxsize=TILE_PROGRAM_CACHE)
 def _read_derivative(canonical: Canonical, node: Tensor) -> Node | None:
     parts = [derivative(p, wrt=node) for p in (canonical.transform, canonical.bias) if p is not None]
     parts = [p for p in parts if p != IntLit(0)]
     if not parts:
         return None
     return parts[0] if len(parts) == 1 else simplify(Binary("+", parts[0], parts[1]), ["fold", "arithmetic"])
-
-
-# Tile programs kept per (canonical form, tensor ranks): small objects, one per mod in use.
-TILE_PROGRAM_CACHE = 512
 
 
 @lru_cache(maxsize=TILE_PROGRAM_CACHE)
