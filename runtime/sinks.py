@@ -42,7 +42,10 @@ def add_sinks(out, lse, sinks):
         >>> out, lse = add_sinks(out, lse, jnp.zeros(N))   # a sink of logit 0 in every head
     """
     s = sinks[None, None, :]
-    new_lse = jnp.logaddexp(lse, s)
+    # A row with no key and a -inf sink (no sink): logaddexp(-inf, -inf) is -inf but its
+    # derivative is NaN, so such entries take it of safe operands (gradient 0 there).
+    both = jnp.isneginf(lse) & jnp.isneginf(s)
+    new_lse = jnp.where(both, -jnp.inf, jnp.logaddexp(jnp.where(both, 0.0, lse), jnp.where(both, 0.0, s)))
     # exp(lse - new_lse): 0 for a row with no key (lse = -inf), and no NaN when both are
     # -inf (a -inf sink on such a row); the safe operands keep the gradient finite there.
     none = jnp.isneginf(lse) | jnp.isneginf(new_lse)

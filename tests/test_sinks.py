@@ -78,6 +78,16 @@ def test_rows_with_no_key_give_zero_and_the_sink():
         out, lse = scoremod.attention(q, k, v, mod="causal & kv >= 5", sinks=jnp.full((4,), -jnp.inf),
                                       return_lse=True, implementation=impl)
         assert np.isneginf(np.asarray(lse)[:, :5]).all() and not np.isnan(np.asarray(out)).any()
+        # ... and its gradient is 0 there, never NaN (logaddexp(-inf, -inf)'s derivative
+        # is); the finite sink beside it gets its usual gradient
+        mixed = jnp.asarray([-jnp.inf, 0.5, -jnp.inf, -1.0])
+
+        def loss(s):
+            out, lse = scoremod.attention(q, k, v, mod="causal & kv >= 5", sinks=s, return_lse=True,
+                                          implementation=impl)
+            return jnp.sum(out) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0))
+        g = np.asarray(jax.grad(loss)(mixed))
+        assert g[0] == 0.0 and g[2] == 0.0 and np.isfinite(g).all() and abs(g[1]) > 0, (impl, g)
 
 
 @pytest.mark.parametrize("mod", ["causal & window(5)", "softcap(3) + causal & window(6)", None])
