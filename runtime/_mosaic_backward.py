@@ -4,17 +4,22 @@ Two kernels, each walking only the tiles the BlockPlan lists, with the forward's
 (a producer warpgroup feeding two consumer warpgroups through a TMA ring of
 ``num_stages`` shared-memory slots; wgmma for every product):
 
-* dQ, grid ``(query heads, q-blocks of 2 * block_q rows, batch)``: each consumer owns
+* dQ, tiles ``(batch, query head, q-block of 2 * block_q rows)``: each consumer owns
   ``block_q`` rows (Q, dO, lse, delta stay in shared memory / registers); the producer
   brings the K and V tiles of the q-block's row of the plan (FULL list, then PARTIAL).
   Per tile: S = Q K^T, P = exp2(logits2 - lse2), dP = dO V^T, dS = P (dP - delta) dT,
   dQ += dS K. At the end dQ *= scale.
-* dK/dV, grid ``(kv heads, kv-blocks of 2 * block_kv keys, batch)``: each consumer owns
+* dK/dV, tiles ``(batch, kv head, kv-block of 2 * block_kv keys)``: each consumer owns
   ``block_kv`` keys (K, V in shared memory); for every query head of the kv head's group
   (GQA sums in registers, no ``[B, S, N, H]`` temporary) the producer brings the Q, dO,
   lse and delta tiles of the q-blocks the transposed plan lists for the kv-block.
   Per tile, transposed (keys as rows): S^T = K Q^T, P^T, dV += P^T dO, dP^T = V dO^T,
   dS^T = P^T (dP^T - delta) dT, dK += dS^T Q. At the end dK *= scale.
+
+Both kernels take their tiles as the forward does (``_mosaic_forward.tile_order``: heaviest
+first, dealt in snake order to ``dq_ctas`` / ``dkv_ctas`` CUDA blocks, persistent when that
+is the SM count): the K/V (Q/dO) ring runs on across tiles, and each consumer brings its
+next tile's own operands while it writes the finished one through separate buffers.
 
 ``lse2`` is the forward's lse in base 2 (0 on rows with no allowed key, whose logits are
 all -inf, so P = 0 there); ``delta = rowsum(O * dO) - dlse``. Inputs are padded to whole
@@ -39,7 +44,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from scoremod.runtime._mosaic_forward import (
-    MosaicKernelConfig, _load, _logits2, _read_tile, launch, listed_block, plan_row, plgpu, row_steps, tile_smem)
+    MosaicKernelConfig, _load, _logits2, _read_tile, launch, listed_block, local_tile_count, plan_row, plgpu,
+    row_step_counts, row_steps, scheduled_tile, split_tile, tile_smem)
 
 LOG2E = math.log2(math.e)
 
@@ -53,6 +59,8 @@ class MosaicBackwardConfig:
     num_stages: int
     dq_plan: tuple[int, int]      # (B', H') of the dQ plan (blocks 2 * block_q x block_kv)
     dkv_plan: tuple[int, int]     # (B', H') of the dK/dV plan (blocks block_q x 2 * block_kv)
+    dq_ctas: int                  # CUDA blocks of dQ (<= its tiles; the SM count when persistent)
+    dkv_ctas: int                 # CUDA blocks of dK/dV
 
 
 def backward_reason(program) -> str | None:
@@ -81,9 +89,10 @@ def _grad_tile(cfg: MosaicKernelConfig, s, dp, lse2, delta, *, partial, b, h, q_
     return p, ds
 
 
-def backward_dq(bcfg: MosaicBackwardConfig, q, k, v, do, lse2, delta, lists, reads, q_off, kv_off):
+def backward_dq(bcfg: MosaicBackwardConfig, q, k, v, do, lse2, delta, lists, order, reads, q_off, kv_off):
     """dQ ``[B, Tp, N, H]`` (q's dtype) on padded inputs; ``lists``: the dQ plan's
-    ``split_lists`` (FULL, PARTIAL) of (2 * block_q, block_kv) blocks."""
+    ``split_lists`` (FULL, PARTIAL) of (2 * block_q, block_kv) blocks; ``order``: its tiles
+    (b, h, q-block) heaviest first (``tile_order``), dealt to ``dq_ctas`` CUDA blocks."""
     cfg = bcfg.fwd
     fcounts, findices, pcounts, pindices = lists
     B, Tp, N, H = q.shape
@@ -93,119 +102,142 @@ def backward_dq(bcfg: MosaicBackwardConfig, q, k, v, do, lse2, delta, lists, rea
     G = cfg.groups
     nq = Tp // (2 * bq)
     kv_valid_len = cfg.kv_len
+    n_tiles, ctas = B * N * nq, bcfg.dq_ctas
 
-    def kernel(qoff_ref, kvoff_ref, fc_ref, fi_ref, pc_ref, pi_ref, q_ref, k_ref, v_ref, do_ref,
+    def kernel(qoff_ref, kvoff_ref, order_ref, fc_ref, fi_ref, pc_ref, pi_ref, q_ref, k_ref, v_ref, do_ref,
                lse_ref, delta_ref, *rest):
         read_refs = rest[:n_reads]
         dq_ref = rest[n_reads]
-        (q_smem2, do_smem2, lse_smem2, delta_smem2, k_smem, v_smem), \
+        (q_smem2, do_smem2, dq_smem2, lse_smem2, delta_smem2, k_smem, v_smem), \
             (q_bar, do_bar, lse_bar, delta_bar, k_bar, v_bar), (k_free, v_free) = rest[n_reads + 1:]
-        b = lax.axis_index("batch")
-        h = lax.axis_index("heads")
-        i = nq - 1 - lax.axis_index("q_seq")
+        cta = lax.axis_index("cta")
         wg = lax.axis_index("wg")
-        row = plan_row(bcfg.dq_plan, b, h, i)
-        n_full, n_steps = row_steps(fc_ref, pc_ref, row)
+        n_local = local_tile_count(n_tiles, ctas, cta)
 
-        def kv_block(step):
-            return listed_block(fi_ref, pi_ref, row, n_full, step)
+        def tile_at(j):
+            b, h, i = split_tile(scheduled_tile(order_ref, ctas, cta, j), N, nq)
+            row = plan_row(bcfg.dq_plan, b, h, i)
+            return (b, h, i, row, *row_steps(fc_ref, pc_ref, row))
 
         @pl.when(wg < 2)
         def _consumer():
             plgpu.set_max_registers(232, action="increase")
-            q_smem, do_smem = q_smem2.at[wg], do_smem2.at[wg]
+            q_smem, do_smem, dq_smem = q_smem2.at[wg], do_smem2.at[wg], dq_smem2.at[wg]
             lse_smem, delta_smem = lse_smem2.at[wg], delta_smem2.at[wg]
-            q_start = i * (2 * bq) + wg * bq
-            rows_q = pl.ds(q_start, bq)
-            plgpu.copy_gmem_to_smem(q_ref.at[b, rows_q, h], q_smem, q_bar.at[wg])
-            plgpu.copy_gmem_to_smem(do_ref.at[b, rows_q, h], do_smem, do_bar.at[wg])
-            plgpu.copy_gmem_to_smem(lse_ref.at[b, h, rows_q], lse_smem, lse_bar.at[wg])
-            plgpu.copy_gmem_to_smem(delta_ref.at[b, h, rows_q], delta_smem, delta_bar.at[wg])
-            q_base = qoff_ref[b] + q_start
-            kv_base = kvoff_ref[b]
             rows = plgpu.broadcasted_iota(jnp.int32, (bq, bkv), 0, layout=plgpu.Layout.WGMMA)
             cols = plgpu.broadcasted_iota(jnp.int32, (bq, bkv), 1, layout=plgpu.Layout.WGMMA)
-            for bar in (q_bar, do_bar, lse_bar, delta_bar):
-                plgpu.barrier_wait(bar.at[wg])
-            lse2 = _load(lse_smem, plgpu.Layout.WGMMA.reduce(1))
-            delta = _load(delta_smem, plgpu.Layout.WGMMA.reduce(1))
-            dq = plgpu.layout_cast(jnp.full((bq, H), 0.0, jnp.float32), plgpu.Layout.WGMMA)
 
-            def step_fn(step, dq, *, partial):
-                slot = lax.rem(step, stages)
-                kv_start = kv_block(step) * bkv
-                plgpu.barrier_wait(k_bar.at[slot])
+            def fetch_rows(j):
+                """Q, dO, lse2 and delta of the consumer's rows of its j-th tile."""
+                b, h, i = split_tile(scheduled_tile(order_ref, ctas, cta, j), N, nq)
+                rows_q = pl.ds(i * (2 * bq) + wg * bq, bq)
+                plgpu.copy_gmem_to_smem(q_ref.at[b, rows_q, h], q_smem, q_bar.at[wg])
+                plgpu.copy_gmem_to_smem(do_ref.at[b, rows_q, h], do_smem, do_bar.at[wg])
+                plgpu.copy_gmem_to_smem(lse_ref.at[b, h, rows_q], lse_smem, lse_bar.at[wg])
+                plgpu.copy_gmem_to_smem(delta_ref.at[b, h, rows_q], delta_smem, delta_bar.at[wg])
 
-                def s_scope(acc_ref):
-                    plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].T)
-                    return acc_ref[...]
-                s = pl.run_scoped(s_scope, plgpu.ACC((bq, bkv), jnp.float32))
-                plgpu.barrier_wait(v_bar.at[slot])
+            pl.when(n_local > 0)(lambda: fetch_rows(0))
 
-                def dp_scope(acc_ref):
-                    plgpu.wgmma(acc_ref, do_smem, v_smem.at[slot].T)
-                    return acc_ref[...]
-                dp = pl.run_scoped(dp_scope, plgpu.ACC((bq, bkv), jnp.float32))
-                plgpu.barrier_arrive(v_free.at[slot])
+            def run_tile(j, step0):
+                b, h, i, row, n_full, n_steps = tile_at(j)
+                q_start = i * (2 * bq) + wg * bq
+                q_base = qoff_ref[b] + q_start
+                kv_base = kvoff_ref[b]
+                for bar in (q_bar, do_bar, lse_bar, delta_bar):
+                    plgpu.barrier_wait(bar.at[wg])
+                lse2 = _load(lse_smem, plgpu.Layout.WGMMA.reduce(1))
+                delta = _load(delta_smem, plgpu.Layout.WGMMA.reduce(1))
+                dq = plgpu.layout_cast(jnp.full((bq, H), 0.0, jnp.float32), plgpu.Layout.WGMMA)
 
-                def tile_reads():
-                    return [_read_tile(r, shp, b=b, h=h, q_start=q_start, block_q=bq,
-                                       kv_start=kv_start, block_kv=bkv)
-                            for r, shp in zip(read_refs, cfg.read_shapes)]
-                q_pos = rows + q_base
-                kv_pos = cols + (kv_base + kv_start)
-                _, ds = _grad_tile(cfg, s, dp, lse2, delta, partial=partial, b=b, h=h, q_pos=q_pos,
-                                   kv_pos=kv_pos, reads=tile_reads, stat_dim=0)
-                if partial and kv_valid_len != cfg.kv_len_padded:
-                    ds = jnp.where(cols + kv_start < kv_valid_len, ds, 0.0)
+                def step_fn(step, dq, *, partial):
+                    slot = lax.rem(step0 + step, stages)
+                    kv_start = listed_block(fi_ref, pi_ref, row, n_full, step) * bkv
+                    plgpu.barrier_wait(k_bar.at[slot])
 
-                def dq_scope(acc_ref):
-                    plgpu.wgmma(acc_ref, ds.astype(dtype), k_smem.at[slot])
-                dq = pl.run_state(dq_scope)(plgpu.ACC.init(dq))
-                plgpu.barrier_arrive(k_free.at[slot])
-                return dq
+                    def s_scope(acc_ref):
+                        plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].T)
+                        return acc_ref[...]
+                    s = pl.run_scoped(s_scope, plgpu.ACC((bq, bkv), jnp.float32))
+                    plgpu.barrier_wait(v_bar.at[slot])
 
-            dq = lax.fori_loop(0, n_full, functools.partial(step_fn, partial=False), dq)
-            dq = lax.fori_loop(n_full, n_steps, functools.partial(step_fn, partial=True), dq)
-            q_smem[...] = (dq * cfg.scale).astype(dtype)
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[b, rows_q, h])
+                    def dp_scope(acc_ref):
+                        plgpu.wgmma(acc_ref, do_smem, v_smem.at[slot].T)
+                        return acc_ref[...]
+                    dp = pl.run_scoped(dp_scope, plgpu.ACC((bq, bkv), jnp.float32))
+                    plgpu.barrier_arrive(v_free.at[slot])
+
+                    def tile_reads():
+                        return [_read_tile(r, shp, b=b, h=h, q_start=q_start, block_q=bq,
+                                           kv_start=kv_start, block_kv=bkv)
+                                for r, shp in zip(read_refs, cfg.read_shapes)]
+                    q_pos = rows + q_base
+                    kv_pos = cols + (kv_base + kv_start)
+                    _, ds = _grad_tile(cfg, s, dp, lse2, delta, partial=partial, b=b, h=h, q_pos=q_pos,
+                                       kv_pos=kv_pos, reads=tile_reads, stat_dim=0)
+                    if partial and kv_valid_len != cfg.kv_len_padded:
+                        ds = jnp.where(cols + kv_start < kv_valid_len, ds, 0.0)
+
+                    def dq_scope(acc_ref):
+                        plgpu.wgmma(acc_ref, ds.astype(dtype), k_smem.at[slot])
+                    dq = pl.run_state(dq_scope)(plgpu.ACC.init(dq))
+                    plgpu.barrier_arrive(k_free.at[slot])
+                    return dq
+
+                dq = lax.fori_loop(0, n_full, functools.partial(step_fn, partial=False), dq)
+                dq = lax.fori_loop(n_full, n_steps, functools.partial(step_fn, partial=True), dq)
+                # The last products have read Q and dO: bring the next tile's while this one is written.
+                pl.when(j + 1 < n_local)(lambda: fetch_rows(j + 1))
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # the last tile's dQ has left dq_smem
+                dq_smem[...] = (dq * cfg.scale).astype(dtype)
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(dq_smem, dq_ref.at[b, pl.ds(q_start, bq), h])
+                return step0 + n_steps
+
+            lax.fori_loop(0, n_local, run_tile, jnp.int32(0))
             plgpu.wait_smem_to_gmem(0)
 
         @pl.when(wg == 2)
         def _producer():
             plgpu.set_max_registers(40, action="decrease")
-            kvh = lax.div(h, jnp.array(G, h.dtype))
 
-            @pl.loop(0, n_steps)
-            def _(step):
-                slot = lax.rem(step, stages)
-                kv_rows = pl.ds(kv_block(step) * bkv, bkv)
+            def load_tile(j, step0):
+                b, h, i, row, n_full, n_steps = tile_at(j)
+                kvh = lax.div(h, jnp.array(G, h.dtype))
 
-                @pl.when(step >= stages)
-                def _():
-                    plgpu.barrier_wait(k_free.at[slot])
-                plgpu.copy_gmem_to_smem(k_ref.at[b, kv_rows, kvh], k_smem.at[slot], k_bar.at[slot])
+                @pl.loop(0, n_steps)
+                def _(step):
+                    slot = lax.rem(step0 + step, stages)
+                    kv_rows = pl.ds(listed_block(fi_ref, pi_ref, row, n_full, step) * bkv, bkv)
 
-                @pl.when(step >= stages)
-                def _():
-                    plgpu.barrier_wait(v_free.at[slot])
-                plgpu.copy_gmem_to_smem(v_ref.at[b, kv_rows, kvh], v_smem.at[slot], v_bar.at[slot])
+                    @pl.when(step0 + step >= stages)
+                    def _():
+                        plgpu.barrier_wait(k_free.at[slot])
+                    plgpu.copy_gmem_to_smem(k_ref.at[b, kv_rows, kvh], k_smem.at[slot], k_bar.at[slot])
+
+                    @pl.when(step0 + step >= stages)
+                    def _():
+                        plgpu.barrier_wait(v_free.at[slot])
+                    plgpu.copy_gmem_to_smem(v_ref.at[b, kv_rows, kvh], v_smem.at[slot], v_bar.at[slot])
+                return step0 + n_steps
+
+            lax.fori_loop(0, n_local, load_tile, jnp.int32(0))
 
     return launch(
-        kernel, (q_off, kv_off, fcounts, findices, pcounts, pindices, q, k, v, do, lse2, delta, *reads),
+        kernel, (q_off, kv_off, order, fcounts, findices, pcounts, pindices, q, k, v, do, lse2, delta, *reads),
         out_type=jax.ShapeDtypeStruct(q.shape, dtype),
-        grid=(N, nq, B), grid_names=("heads", "q_seq", "batch"),
-        scratch=(tile_smem((2, bq, H), dtype), tile_smem((2, bq, H), dtype), plgpu.SMEM((2, bq), jnp.float32),
-                 plgpu.SMEM((2, bq), jnp.float32), tile_smem((stages, bkv, H), dtype),
-                 tile_smem((stages, bkv, H), dtype)),
+        grid=(ctas,), grid_names=("cta",),
+        scratch=(tile_smem((2, bq, H), dtype), tile_smem((2, bq, H), dtype), tile_smem((2, bq, H), dtype),
+                 plgpu.SMEM((2, bq), jnp.float32), plgpu.SMEM((2, bq), jnp.float32),
+                 tile_smem((stages, bkv, H), dtype), tile_smem((stages, bkv, H), dtype)),
         barriers=((plgpu.Barrier(num_barriers=2),) * 4 + (plgpu.Barrier(num_barriers=stages),) * 2,
                   (plgpu.Barrier(num_arrivals=2, num_barriers=stages),) * 2))
 
 
-def backward_dkv(bcfg: MosaicBackwardConfig, q, k, v, do, lse2, delta, lists, reads, q_off, kv_off):
+def backward_dkv(bcfg: MosaicBackwardConfig, q, k, v, do, lse2, delta, lists, order, reads, q_off, kv_off):
     """(dK, dV) ``[B, Sp, K, H]`` (k's dtype) on padded inputs; ``lists``: the dK/dV plan's
-    transposed ``split_lists`` (FULL, PARTIAL) of (block_q, 2 * block_kv) blocks."""
+    transposed ``split_lists`` (FULL, PARTIAL) of (block_q, 2 * block_kv) blocks; ``order``:
+    the tiles (b, kv head, kv-block) heaviest first (``tile_order`` of ``dkv_step_counts``),
+    dealt to ``dkv_ctas`` CUDA blocks."""
     cfg = bcfg.fwd
     fcounts, findices, pcounts, pindices = lists
     B, Tp, N, H = q.shape
@@ -216,22 +248,26 @@ def backward_dkv(bcfg: MosaicBackwardConfig, q, k, v, do, lse2, delta, lists, re
     G = cfg.groups
     nk = Sp // (2 * bkv)
     q_valid_len = cfg.q_len
+    n_tiles, ctas = B * K * nk, bcfg.dkv_ctas
 
-    def kernel(qoff_ref, kvoff_ref, fc_ref, fi_ref, pc_ref, pi_ref, q_ref, k_ref, v_ref, do_ref,
+    def kernel(qoff_ref, kvoff_ref, order_ref, fc_ref, fi_ref, pc_ref, pi_ref, q_ref, k_ref, v_ref, do_ref,
                lse_ref, delta_ref, *rest):
         read_refs = rest[:n_reads]
         dk_ref, dv_ref = rest[n_reads:n_reads + 2]
-        (k_smem2, v_smem2, q_smem, do_smem, lse_smem, delta_smem), \
+        (k_smem2, v_smem2, dk_smem2, dv_smem2, q_smem, do_smem, lse_smem, delta_smem), \
             (k_bar, v_bar, q_bar, do_bar, lse_bar, delta_bar), free = rest[n_reads + 2:]
-        b = lax.axis_index("batch")
-        kvh = lax.axis_index("kv_heads")
-        j = nk - 1 - lax.axis_index("kv_seq")
+        cta = lax.axis_index("cta")
         wg = lax.axis_index("wg")
+        n_local = local_tile_count(n_tiles, ctas, cta)
 
-        def head_row(g):
+        def tile_at(j):
+            """(b, kv head, kv-block) of this block's j-th tile."""
+            return split_tile(scheduled_tile(order_ref, ctas, cta, j), K, nk)
+
+        def head_row(b, kvh, jb, g):
             """(h, plan row, n_full, n_steps) of the g-th query head of the group."""
             h = kvh * G + g
-            row = plan_row(bcfg.dkv_plan, b, h, j)
+            row = plan_row(bcfg.dkv_plan, b, h, jb)
             return (h, row, *row_steps(fc_ref, pc_ref, row))
 
         def q_block(row, n_full, step):
@@ -241,111 +277,140 @@ def backward_dkv(bcfg: MosaicBackwardConfig, q, k, v, do, lse2, delta, lists, re
         def _consumer():
             plgpu.set_max_registers(232, action="increase")
             k_smem, v_smem = k_smem2.at[wg], v_smem2.at[wg]
-            kv_start = j * (2 * bkv) + wg * bkv
-            keys = pl.ds(kv_start, bkv)
-            plgpu.copy_gmem_to_smem(k_ref.at[b, keys, kvh], k_smem, k_bar.at[wg])
-            plgpu.copy_gmem_to_smem(v_ref.at[b, keys, kvh], v_smem, v_bar.at[wg])
-            kv_base = kvoff_ref[b] + kv_start
-            q_off_b = qoff_ref[b]
+            dk_smem, dv_smem = dk_smem2.at[wg], dv_smem2.at[wg]
             rows = plgpu.broadcasted_iota(jnp.int32, (bkv, bq), 0, layout=plgpu.Layout.WGMMA)
             cols = plgpu.broadcasted_iota(jnp.int32, (bkv, bq), 1, layout=plgpu.Layout.WGMMA)
-            plgpu.barrier_wait(k_bar.at[wg])
-            plgpu.barrier_wait(v_bar.at[wg])
-            zeros = jnp.full((bkv, H), 0.0, jnp.float32)
-            dk = plgpu.layout_cast(zeros, plgpu.Layout.WGMMA)
-            dv = plgpu.layout_cast(zeros, plgpu.Layout.WGMMA)
 
-            def head_fn(g, carry):
-                dk, dv, done = carry
-                h, row, n_full, n_steps = head_row(g)
+            def fetch_keys(j):
+                b, kvh, jb = tile_at(j)
+                keys = pl.ds(jb * (2 * bkv) + wg * bkv, bkv)
+                plgpu.copy_gmem_to_smem(k_ref.at[b, keys, kvh], k_smem, k_bar.at[wg])
+                plgpu.copy_gmem_to_smem(v_ref.at[b, keys, kvh], v_smem, v_bar.at[wg])
 
-                def step_fn(step, carry, *, partial):
-                    dk, dv = carry
-                    slot = lax.rem(done + step, stages)
-                    q_start = q_block(row, n_full, step) * bq
-                    plgpu.barrier_wait(q_bar.at[slot])
+            pl.when(n_local > 0)(lambda: fetch_keys(0))
 
-                    def s_scope(acc_ref):
-                        plgpu.wgmma(acc_ref, k_smem, q_smem.at[slot].T)
-                        return acc_ref[...]
-                    s = pl.run_scoped(s_scope, plgpu.ACC((bkv, bq), jnp.float32))
-                    plgpu.barrier_wait(lse_bar.at[slot])
-                    plgpu.barrier_wait(delta_bar.at[slot])
-                    lse2 = _load(lse_smem.at[slot], plgpu.Layout.WGMMA.reduce(0))
-                    delta = _load(delta_smem.at[slot], plgpu.Layout.WGMMA.reduce(0))
-                    plgpu.barrier_wait(do_bar.at[slot])
+            def run_tile(j, step0):
+                b, kvh, jb = tile_at(j)
+                kv_start = jb * (2 * bkv) + wg * bkv
+                kv_base = kvoff_ref[b] + kv_start
+                q_off_b = qoff_ref[b]
+                plgpu.barrier_wait(k_bar.at[wg])
+                plgpu.barrier_wait(v_bar.at[wg])
+                zeros = jnp.full((bkv, H), 0.0, jnp.float32)
+                dk = plgpu.layout_cast(zeros, plgpu.Layout.WGMMA)
+                dv = plgpu.layout_cast(zeros, plgpu.Layout.WGMMA)
 
-                    def dp_scope(acc_ref):
-                        plgpu.wgmma(acc_ref, v_smem, do_smem.at[slot].T)
-                        return acc_ref[...]
-                    dp = pl.run_scoped(dp_scope, plgpu.ACC((bkv, bq), jnp.float32))
+                def head_fn(g, carry):
+                    dk, dv, done = carry
+                    h, row, n_full, n_steps = head_row(b, kvh, jb, g)
 
-                    def tile_reads():
-                        return [_read_tile(r, shp, b=b, h=h, q_start=q_start, block_q=bq,
-                                           kv_start=kv_start, block_kv=bkv, transposed=True)
-                                for r, shp in zip(read_refs, cfg.read_shapes)]
-                    q_pos = cols + (q_off_b + q_start)
-                    kv_pos = rows + kv_base
-                    p, ds = _grad_tile(cfg, s, dp, lse2, delta, partial=partial, b=b, h=h, q_pos=q_pos,
-                                       kv_pos=kv_pos, reads=tile_reads, stat_dim=1)
-                    if partial and q_valid_len != cfg.q_len_padded:
-                        real = cols + q_start < q_valid_len
-                        p = jnp.where(real, p, 0.0)
-                        ds = jnp.where(real, ds, 0.0)
+                    def step_fn(step, carry, *, partial):
+                        dk, dv = carry
+                        slot = lax.rem(done + step, stages)
+                        q_start = q_block(row, n_full, step) * bq
+                        plgpu.barrier_wait(q_bar.at[slot])
 
-                    def dv_scope(acc_ref):
-                        plgpu.wgmma(acc_ref, p.astype(dtype), do_smem.at[slot])
-                    dv = pl.run_state(dv_scope)(plgpu.ACC.init(dv))
+                        def s_scope(acc_ref):
+                            plgpu.wgmma(acc_ref, k_smem, q_smem.at[slot].T)
+                            return acc_ref[...]
+                        s = pl.run_scoped(s_scope, plgpu.ACC((bkv, bq), jnp.float32))
+                        plgpu.barrier_wait(lse_bar.at[slot])
+                        plgpu.barrier_wait(delta_bar.at[slot])
+                        lse2 = _load(lse_smem.at[slot], plgpu.Layout.WGMMA.reduce(0))
+                        delta = _load(delta_smem.at[slot], plgpu.Layout.WGMMA.reduce(0))
+                        plgpu.barrier_wait(do_bar.at[slot])
 
-                    def dk_scope(acc_ref):
-                        plgpu.wgmma(acc_ref, ds.astype(dtype), q_smem.at[slot])
-                    dk = pl.run_state(dk_scope)(plgpu.ACC.init(dk))
-                    plgpu.barrier_arrive(free.at[slot])
-                    return dk, dv
+                        def dp_scope(acc_ref):
+                            plgpu.wgmma(acc_ref, v_smem, do_smem.at[slot].T)
+                            return acc_ref[...]
+                        dp = pl.run_scoped(dp_scope, plgpu.ACC((bkv, bq), jnp.float32))
 
-                carry = lax.fori_loop(0, n_full, functools.partial(step_fn, partial=False), (dk, dv))
-                dk, dv = lax.fori_loop(n_full, n_steps, functools.partial(step_fn, partial=True), carry)
-                return dk, dv, done + n_steps
+                        def tile_reads():
+                            return [_read_tile(r, shp, b=b, h=h, q_start=q_start, block_q=bq,
+                                               kv_start=kv_start, block_kv=bkv, transposed=True)
+                                    for r, shp in zip(read_refs, cfg.read_shapes)]
+                        q_pos = cols + (q_off_b + q_start)
+                        kv_pos = rows + kv_base
+                        p, ds = _grad_tile(cfg, s, dp, lse2, delta, partial=partial, b=b, h=h, q_pos=q_pos,
+                                           kv_pos=kv_pos, reads=tile_reads, stat_dim=1)
+                        if partial and q_valid_len != cfg.q_len_padded:
+                            real = cols + q_start < q_valid_len
+                            p = jnp.where(real, p, 0.0)
+                            ds = jnp.where(real, ds, 0.0)
 
-            dk, dv, _ = lax.fori_loop(0, G, head_fn, (dk, dv, jnp.int32(0)))
-            k_smem[...] = (dk * cfg.scale).astype(dtype)
-            v_smem[...] = dv.astype(dtype)
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[b, keys, kvh])
-            plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[b, keys, kvh])
+                        def dv_scope(acc_ref):
+                            plgpu.wgmma(acc_ref, p.astype(dtype), do_smem.at[slot])
+                        dv = pl.run_state(dv_scope)(plgpu.ACC.init(dv))
+
+                        def dk_scope(acc_ref):
+                            plgpu.wgmma(acc_ref, ds.astype(dtype), q_smem.at[slot])
+                        dk = pl.run_state(dk_scope)(plgpu.ACC.init(dk))
+                        plgpu.barrier_arrive(free.at[slot])
+                        return dk, dv
+
+                    carry = lax.fori_loop(0, n_full, functools.partial(step_fn, partial=False), (dk, dv))
+                    dk, dv = lax.fori_loop(n_full, n_steps, functools.partial(step_fn, partial=True), carry)
+                    return dk, dv, done + n_steps
+
+                dk, dv, step1 = lax.fori_loop(0, G, head_fn, (dk, dv, step0))
+                # The last products have read K and V: bring the next tile's while this one is written.
+                pl.when(j + 1 < n_local)(lambda: fetch_keys(j + 1))
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # the last tile's dK/dV have left smem
+                dk_smem[...] = (dk * cfg.scale).astype(dtype)
+                dv_smem[...] = dv.astype(dtype)
+                plgpu.commit_smem()
+                keys = pl.ds(kv_start, bkv)
+                plgpu.copy_smem_to_gmem(dk_smem, dk_ref.at[b, keys, kvh])
+                plgpu.copy_smem_to_gmem(dv_smem, dv_ref.at[b, keys, kvh])
+                return step1
+
+            lax.fori_loop(0, n_local, run_tile, jnp.int32(0))
             plgpu.wait_smem_to_gmem(0)
 
         @pl.when(wg == 2)
         def _producer():
             plgpu.set_max_registers(40, action="decrease")
 
-            def head_fn(g, done):
-                h, row, n_full, n_steps = head_row(g)
+            def load_tile(j, step0):
+                b, kvh, jb = tile_at(j)
 
-                @pl.loop(0, n_steps)
-                def _(step):
-                    slot = lax.rem(done + step, stages)
-                    rows_q = pl.ds(q_block(row, n_full, step) * bq, bq)
+                def head_fn(g, done):
+                    h, row, n_full, n_steps = head_row(b, kvh, jb, g)
 
-                    @pl.when(done + step >= stages)
-                    def _():
-                        plgpu.barrier_wait(free.at[slot])
-                    plgpu.copy_gmem_to_smem(q_ref.at[b, rows_q, h], q_smem.at[slot], q_bar.at[slot])
-                    plgpu.copy_gmem_to_smem(lse_ref.at[b, h, rows_q], lse_smem.at[slot], lse_bar.at[slot])
-                    plgpu.copy_gmem_to_smem(delta_ref.at[b, h, rows_q], delta_smem.at[slot],
-                                            delta_bar.at[slot])
-                    plgpu.copy_gmem_to_smem(do_ref.at[b, rows_q, h], do_smem.at[slot], do_bar.at[slot])
-                return done + n_steps
+                    @pl.loop(0, n_steps)
+                    def _(step):
+                        slot = lax.rem(done + step, stages)
+                        rows_q = pl.ds(q_block(row, n_full, step) * bq, bq)
 
-            lax.fori_loop(0, G, head_fn, jnp.int32(0))
+                        @pl.when(done + step >= stages)
+                        def _():
+                            plgpu.barrier_wait(free.at[slot])
+                        plgpu.copy_gmem_to_smem(q_ref.at[b, rows_q, h], q_smem.at[slot], q_bar.at[slot])
+                        plgpu.copy_gmem_to_smem(lse_ref.at[b, h, rows_q], lse_smem.at[slot], lse_bar.at[slot])
+                        plgpu.copy_gmem_to_smem(delta_ref.at[b, h, rows_q], delta_smem.at[slot],
+                                                delta_bar.at[slot])
+                        plgpu.copy_gmem_to_smem(do_ref.at[b, rows_q, h], do_smem.at[slot], do_bar.at[slot])
+                    return done + n_steps
+
+                return lax.fori_loop(0, G, head_fn, step0)
+
+            lax.fori_loop(0, n_local, load_tile, jnp.int32(0))
 
     kv_type = jax.ShapeDtypeStruct(k.shape, dtype)
     return launch(
-        kernel, (q_off, kv_off, fcounts, findices, pcounts, pindices, q, k, v, do, lse2, delta, *reads),
+        kernel, (q_off, kv_off, order, fcounts, findices, pcounts, pindices, q, k, v, do, lse2, delta, *reads),
         out_type=(kv_type, kv_type),
-        grid=(K, nk, B), grid_names=("kv_heads", "kv_seq", "batch"),
-        scratch=(tile_smem((2, bkv, H), dtype), tile_smem((2, bkv, H), dtype), tile_smem((stages, bq, H), dtype),
+        grid=(ctas,), grid_names=("cta",),
+        scratch=(tile_smem((2, bkv, H), dtype), tile_smem((2, bkv, H), dtype), tile_smem((2, bkv, H), dtype),
+                 tile_smem((2, bkv, H), dtype), tile_smem((stages, bq, H), dtype),
                  tile_smem((stages, bq, H), dtype), plgpu.SMEM((stages, bq), jnp.float32),
                  plgpu.SMEM((stages, bq), jnp.float32)),
         barriers=((plgpu.Barrier(num_barriers=2),) * 2 + (plgpu.Barrier(num_barriers=stages),) * 4,
                   plgpu.Barrier(num_arrivals=2, num_barriers=stages)))
+
+
+def dkv_step_counts(full_counts, partial_counts, batch: int, heads: int, kv_heads: int):
+    """``[batch, kv_heads, R]``: the q-blocks each dK/dV tile walks, summed over the query heads
+    of its group, from the transposed plan's ``[B', H', R]`` counts (NumPy stays NumPy)."""
+    steps = row_step_counts(full_counts, partial_counts, batch, heads)
+    return steps.reshape(batch, kv_heads, heads // kv_heads, steps.shape[-1]).sum(axis=2)

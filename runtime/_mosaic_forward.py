@@ -1,17 +1,24 @@
 """Forward block-sparse flash-attention kernel on Mosaic GPU (Hopper, sm_90).
 
-One CUDA block per (query head, q-block of ``2 * block_q`` rows, batch) with three
-warpgroups, FlashAttention-3 style:
+Work is cut into tiles, one per (batch, query head, q-block of ``2 * block_q`` rows), and
+run by ``ctas`` CUDA blocks of three warpgroups, FlashAttention-3 style. The wrapper orders
+the tiles heaviest first (by the number of kv-blocks their plan row lists, ``tile_order``);
+CUDA block ``c`` runs the tiles the snake order deals it (``local_tile_count``,
+``scheduled_tile``): with ``ctas`` = the number of SMs the kernel is persistent and one tile's
+epilogue overlaps the next tile's loads; with ``ctas`` = the number of tiles each block runs one.
 
-* warpgroup 2, the producer, walks the q-block's row of the BlockPlan (its FULL list,
+* warpgroup 2, the producer, walks each tile's row of the BlockPlan (its FULL list,
   then its PARTIAL list) and brings each listed K and V tile into a ring of
   ``num_stages`` shared-memory slots with TMA, waiting for a slot to be released
-  before refilling it. Blocks the plan leaves out are never read.
+  before refilling it; the ring runs on from one tile to the next. Blocks the plan
+  leaves out are never read.
 * warpgroups 0 and 1, the consumers, each own ``block_q`` query rows. For every listed
   tile: S = Q K^T (wgmma), the tile's logits from the TileProgram (FULL tiles: values
   only; PARTIAL tiles: values and mask, plus the ragged edge), an online softmax in f32
   base 2, then O += P V (wgmma). A schedule barrier alternates the two consumers so the
-  softmax of one overlaps the matrix products of the other.
+  softmax of one overlaps the matrix products of the other. Once a tile's last product
+  has read Q, the consumer asks TMA for the next tile's Q and writes the finished
+  output through its own shared-memory buffer while the next tile's loads run.
 
 The plan is built with ``block_q = 2 * MosaicConfig.block_q`` (the block's rows): both
 consumers walk the same list, so the barriers pair up whatever the mask.
@@ -31,6 +38,7 @@ from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from jax.experimental import pallas as pl
@@ -65,6 +73,7 @@ class MosaicKernelConfig:
     num_stages: int
     plan_b: int           # B' of the plan (1 or batch)
     plan_h: int           # H' of the plan (1 or heads)
+    ctas: int             # CUDA blocks (<= tiles; the SM count for a persistent kernel)
 
     @property
     def groups(self) -> int:
@@ -113,6 +122,51 @@ def _read_tile(ref, shape, *, b, h, q_start, block_q, kv_start, block_kv, transp
         return lax.broadcast_in_dim(col, tile, [kv_axis])
     assert not transposed, "reads along q and kv are declined by the dK/dV kernel (backward_reason)"
     return _load(ref.at[bi, hi, pl.ds(q_start, block_q), pl.ds(kv_start, block_kv)], wgmma)
+
+
+def tile_order(steps):
+    """A kernel's tiles, heaviest first: ``int32[B * X * R]`` of flat tile ids
+    ``(b * X + x) * R + r``, sorted by ``steps`` (descending; ties in id order, so the tiles
+    of one head stay together).
+
+    steps: ``[B, X, R]``, the kv-blocks (or q-blocks) each tile walks: NumPy for a static plan
+    (the order is then a constant), a jax array otherwise (sorted on the device)."""
+    flat = -steps.reshape(-1)
+    if isinstance(steps, np.ndarray):
+        return np.argsort(flat, kind="stable").astype(np.int32)
+    return jnp.argsort(flat, stable=True).astype(jnp.int32)
+
+
+def row_step_counts(full_counts, partial_counts, batch: int, heads: int):
+    """``[batch, heads, R]``: the blocks each plan row lists, from ``split_lists``' ``[B', H', R]``
+    counts (NumPy stays NumPy)."""
+    xp = np if isinstance(full_counts, np.ndarray) and isinstance(partial_counts, np.ndarray) else jnp
+    return xp.broadcast_to(full_counts + partial_counts, (batch, heads, full_counts.shape[-1]))
+
+
+def local_tile_count(n_tiles: int, ctas: int, cta):
+    """How many tiles CUDA block ``cta`` runs when ``n_tiles`` are dealt to ``ctas`` blocks
+    in snake order (``scheduled_tile``)."""
+    waves, rest = divmod(n_tiles, ctas)
+    if rest == 0:
+        return jnp.int32(waves)
+    lane = cta if waves % 2 == 0 else ctas - 1 - cta
+    return jnp.int32(waves) + (lane < rest).astype(jnp.int32)
+
+
+def scheduled_tile(order_ref, ctas: int, cta, j):
+    """The flat id of the ``j``-th tile CUDA block ``cta`` runs: wave ``j`` deals
+    ``order[j * ctas:(j + 1) * ctas]`` to blocks 0, 1, ... on even waves and in reverse on odd
+    ones, so the heaviest tiles of one wave and the lightest of the next share a block."""
+    lane = jnp.where(lax.rem(j, 2) == 0, cta, ctas - 1 - cta)
+    return order_ref[j * ctas + lane]
+
+
+def split_tile(tile, heads: int, n_q_blocks: int):
+    """``(b, h, i)`` of flat tile id ``(b * heads + h) * n_q_blocks + i``."""
+    i = lax.rem(tile, n_q_blocks)
+    bh = lax.div(tile, n_q_blocks)
+    return lax.div(bh, heads), lax.rem(bh, heads), i
 
 
 def plan_row(plan_shape: tuple[int, int], b, h, block):
@@ -172,11 +226,37 @@ def _logits2(cfg: MosaicKernelConfig, s, *, partial, b, h, q_pos, kv_pos, reads)
     return v if m is None else jnp.where(m, v, -jnp.inf)
 
 
-def forward(cfg: MosaicKernelConfig, q, k, v, plan_arrays, reads, q_off, kv_off):
+def _read_per_tile(ref, shape, *, b, h, q_start, block_q):
+    """The part of a materialized read ``[B|1, N|1, T|1, S|1]`` that is the same for every
+    kv-block of a tile, loaded once per tile: the scalar, the q-row ``[block_q]`` (WGMMA
+    row layout) of a read along q only, or None for reads along kv."""
+    b1, h1, t1, s1 = shape
+    bi, hi = (b if b1 > 1 else 0), (h if h1 > 1 else 0)
+    if s1 > 1:
+        return None
+    if t1 == 1:
+        return ref[bi, hi, 0, 0]
+    return _load(ref.at[bi, hi, pl.ds(q_start, block_q), 0], plgpu.Layout.WGMMA.reduce(1))
+
+
+def _read_per_step(ref, shape, per_tile, *, b, h, q_start, block_q, kv_start, block_kv):
+    """A read's ``[block_q, block_kv]`` tile (or scalar) at one kv-block, from its per-tile
+    part (``_read_per_tile``) or, for reads along kv, loaded here."""
+    b1, h1, t1, s1 = shape
+    if s1 == 1:
+        if t1 == 1:
+            return per_tile
+        return lax.broadcast_in_dim(per_tile, (block_q, block_kv), [0])
+    return _read_tile(ref, shape, b=b, h=h, q_start=q_start, block_q=block_q, kv_start=kv_start,
+                      block_kv=block_kv)
+
+
+def forward(cfg: MosaicKernelConfig, q, k, v, plan_arrays, order, reads, q_off, kv_off):
     """Run the kernel on padded q ``[B, Tp, N, H]``, k/v ``[B, Sp, K, H]``.
 
     plan_arrays: (full_counts, full_indices, partial_counts, partial_indices) of the plan
     built with (2 * block_q, block_kv), ``[B', H', nq]`` / ``[B', H', nq, nk]`` int32.
+    order: ``int32[B * N * nq]``, the tiles heaviest first (``tile_order``).
     Returns (out [B, Tp, N, H], lse f32[B, N, Tp]).
     """
     fcounts, findices, pcounts, pindices = plan_arrays
@@ -187,21 +267,25 @@ def forward(cfg: MosaicKernelConfig, q, k, v, plan_arrays, reads, q_off, kv_off)
     G = cfg.groups
     kv_valid_len = cfg.kv_len
     nq = Tp // (2 * bq)
+    n_tiles, ctas = B * N * nq, cfg.ctas
+    assert order.shape == (n_tiles,) and 0 < ctas <= n_tiles, (order.shape, n_tiles, ctas)
 
-    def kernel(qoff_ref, kvoff_ref, fc_ref, fi_ref, pc_ref, pi_ref, q_ref, k_ref, v_ref, *rest):
+    def kernel(qoff_ref, kvoff_ref, order_ref, fc_ref, fi_ref, pc_ref, pi_ref, q_ref, k_ref, v_ref, *rest):
         read_refs = rest[:n_reads]
         out_ref, lse_ref = rest[n_reads:n_reads + 2]
-        (qo_smem2, k_smem, v_smem, lse_smem2), (k_bar, v_bar, q_bar), (k_free, v_free), sched = rest[n_reads + 2:]
+        (q_smem2, o_smem2, k_smem, v_smem, lse_smem2), (k_bar, v_bar, q_bar), (k_free, v_free), sched = \
+            rest[n_reads + 2:]
 
-        b = lax.axis_index("batch")
-        h = lax.axis_index("heads")
-        i = nq - 1 - lax.axis_index("q_seq")   # heaviest (last) q-blocks first
+        cta = lax.axis_index("cta")
         wg = lax.axis_index("wg")
-        row = plan_row((cfg.plan_b, cfg.plan_h), b, h, i)
-        n_full, n_steps = row_steps(fc_ref, pc_ref, row)
+        n_local = local_tile_count(n_tiles, ctas, cta)
 
-        def kv_block(step):
-            return listed_block(fi_ref, pi_ref, row, n_full, step)
+        def tile_at(j):
+            """(b, h, i, plan row, FULL blocks, listed blocks) of this block's j-th tile."""
+            b, h, i = split_tile(scheduled_tile(order_ref, ctas, cta, j), N, nq)
+            row = plan_row((cfg.plan_b, cfg.plan_h), b, h, i)
+            n_full, n_steps = row_steps(fc_ref, pc_ref, row)
+            return b, h, i, row, n_full, n_steps
 
         def schedule():
             plgpu.barrier_arrive(sched)
@@ -212,131 +296,146 @@ def forward(cfg: MosaicKernelConfig, q, k, v, plan_arrays, reads, q_off, kv_off)
             # 2 x 128 threads x 232 + 128 x 40 registers fill the SM's 64K exactly; more and the
             # block cannot launch.
             plgpu.set_max_registers(232, action="increase")
-            qo_smem = qo_smem2.at[wg]
-            lse_smem = lse_smem2.at[wg]
-            q_start = i * (2 * bq) + wg * bq
-            plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(q_start, bq), h], qo_smem, q_bar.at[wg])
-
-            q_base = qoff_ref[b] + q_start
-            kv_base = kvoff_ref[b]
+            q_smem, o_smem, lse_smem = q_smem2.at[wg], o_smem2.at[wg], lse_smem2.at[wg]
             rows = plgpu.broadcasted_iota(jnp.int32, (bq, bkv), 0, layout=plgpu.Layout.WGMMA)
             cols = plgpu.broadcasted_iota(jnp.int32, (bq, bkv), 1, layout=plgpu.Layout.WGMMA)
 
-            m_i = plgpu.layout_cast(jnp.full((bq,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-            l_i = plgpu.layout_cast(jnp.full((bq,), 0.0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-            acc = plgpu.layout_cast(jnp.full((bq, H), 0.0, jnp.float32), plgpu.Layout.WGMMA)
+            def fetch_q(j):
+                b, h, i = split_tile(scheduled_tile(order_ref, ctas, cta, j), N, nq)
+                plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(i * (2 * bq) + wg * bq, bq), h], q_smem, q_bar.at[wg])
 
-            plgpu.barrier_wait(q_bar.at[wg])
+            pl.when(n_local > 0)(lambda: fetch_q(0))
 
-            @pl.when(n_steps > 0)
-            def _():
-                plgpu.barrier_wait(k_bar.at[0])
-
-            pl.when(wg == 1)(schedule)
-
-            def step_fn(step, carry, *, partial):
-                acc, m_i, l_i = carry
-                slot = lax.rem(step, stages)
-
-                def qk_scope(acc_ref):
-                    plgpu.wgmma(acc_ref, qo_smem, k_smem.at[slot].T)
-                    schedule()
-                    return acc_ref[...]
-                s = pl.run_scoped(qk_scope, plgpu.ACC((bq, bkv), jnp.float32))
-                plgpu.barrier_arrive(k_free.at[slot])
-
-                kb = kv_block(step)
-                kv_start = kb * bkv
-
-                def tile_reads():
-                    return [_read_tile(r, shp, b=b, h=h, q_start=q_start, block_q=bq,
-                                       kv_start=kv_start, block_kv=bkv)
+            def run_tile(j, step0):
+                """Tile j; ``step0``: the K/V ring's steps before it. Returns the steps after it."""
+                b, h, i, row, n_full, n_steps = tile_at(j)
+                q_start = i * (2 * bq) + wg * bq
+                q_base = qoff_ref[b] + q_start
+                kv_base = kvoff_ref[b]
+                per_tile = [_read_per_tile(r, shp, b=b, h=h, q_start=q_start, block_q=bq)
                             for r, shp in zip(read_refs, cfg.read_shapes)]
 
-                needs_pos = partial or not cfg.mask_only
-                q_pos = rows + q_base if needs_pos else None
-                kv_pos = cols + (kv_base + kv_start) if needs_pos else None
-                logits = _logits2(cfg, s, partial=partial, b=b, h=h, q_pos=q_pos, kv_pos=kv_pos,
-                                  reads=tile_reads)
-                if partial and kv_valid_len != cfg.kv_len_padded:
-                    logits = jnp.where(cols + kv_start < kv_valid_len, logits, -jnp.inf)
+                m_i = plgpu.layout_cast(jnp.full((bq,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+                l_i = plgpu.layout_cast(jnp.full((bq,), 0.0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+                acc = plgpu.layout_cast(jnp.full((bq, H), 0.0, jnp.float32), plgpu.Layout.WGMMA)
 
-                m_new = jnp.maximum(m_i, logits.max(axis=1))
-                if partial or not cfg.mask_only:
-                    m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-                else:
-                    m_use = m_new   # a FULL tile of a mask-only mod has finite logits
-                alpha = jnp.exp2(m_i - m_use)
-                p = jnp.exp2(logits - lax.broadcast_in_dim(m_use, logits.shape, [0]))
-                acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-                l_i = l_i * alpha
-                p16 = p.astype(dtype)
+                plgpu.barrier_wait(q_bar.at[wg])
 
-                def end_softmax():
-                    plgpu.barrier_arrive(sched)
-                    plgpu.barrier_wait(v_bar.at[slot])
-                    plgpu.barrier_wait(sched)
-                if H <= 128:
-                    l_i = l_i + p.sum(axis=1)
-                    acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
-                    end_softmax()
-                else:
-                    end_softmax()
-                    l_i = l_i + p.sum(axis=1)
+                @pl.when(n_steps > 0)
+                def _():
+                    plgpu.barrier_wait(k_bar.at[lax.rem(step0, stages)])
 
-                def pv(acc_ref):
-                    plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
-                    nxt = step + 1
+                pl.when(wg == 1)(schedule)
 
-                    @pl.when(nxt < n_steps)
-                    def _():
-                        plgpu.barrier_wait(k_bar.at[lax.rem(nxt, stages)])
-                acc = pl.run_state(pv)(plgpu.ACC.init(acc))
-                plgpu.barrier_arrive(v_free.at[slot])
-                return acc, m_new, l_i
+                def step_fn(step, carry, *, partial):
+                    acc, m_i, l_i = carry
+                    slot = lax.rem(step0 + step, stages)
+                    kv_start = listed_block(fi_ref, pi_ref, row, n_full, step) * bkv
+                    needs_reads = (partial and cfg.program.canonical.has_mask) if cfg.mask_only else True
+                    # Issued before the product so that the loads' latency hides behind it.
+                    read_tiles = [_read_per_step(r, shp, pt, b=b, h=h, q_start=q_start, block_q=bq,
+                                                 kv_start=kv_start, block_kv=bkv)
+                                  for r, shp, pt in zip(read_refs, cfg.read_shapes, per_tile)] if needs_reads else []
 
-            carry = (acc, m_i, l_i)
-            carry = lax.fori_loop(0, n_full, functools.partial(step_fn, partial=False), carry)
-            acc, m_i, l_i = lax.fori_loop(n_full, n_steps, functools.partial(step_fn, partial=True), carry)
-            pl.when(wg == 0)(schedule)
+                    def qk_scope(acc_ref):
+                        plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].T)
+                        schedule()
+                        return acc_ref[...]
+                    s = pl.run_scoped(qk_scope, plgpu.ACC((bq, bkv), jnp.float32))
+                    plgpu.barrier_arrive(k_free.at[slot])
 
-            empty = l_i == 0.0
-            l_safe = jnp.where(empty, 1.0, l_i)
-            acc = acc * lax.broadcast_in_dim(1.0 / l_safe, acc.shape, [0])
-            qo_smem[...] = acc.astype(dtype)
-            lse_smem[...] = jnp.where(empty, -jnp.inf, (m_i + jnp.log2(l_safe)) * LN2)
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(qo_smem, out_ref.at[b, pl.ds(q_start, bq), h])
-            plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, h, pl.ds(q_start, bq)])
+                    needs_pos = partial or not cfg.mask_only
+                    q_pos = rows + q_base if needs_pos else None
+                    kv_pos = cols + (kv_base + kv_start) if needs_pos else None
+                    logits = _logits2(cfg, s, partial=partial, b=b, h=h, q_pos=q_pos, kv_pos=kv_pos,
+                                      reads=lambda: read_tiles)
+                    if partial and kv_valid_len != cfg.kv_len_padded:
+                        logits = jnp.where(cols + kv_start < kv_valid_len, logits, -jnp.inf)
+
+                    m_new = jnp.maximum(m_i, logits.max(axis=1))
+                    if partial or not cfg.mask_only:
+                        m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+                    else:
+                        m_use = m_new   # a FULL tile of a mask-only mod has finite logits
+                    alpha = jnp.exp2(m_i - m_use)
+                    p = jnp.exp2(logits - lax.broadcast_in_dim(m_use, logits.shape, [0]))
+                    acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+                    l_i = l_i * alpha
+                    p16 = p.astype(dtype)
+
+                    def end_softmax():
+                        plgpu.barrier_arrive(sched)
+                        plgpu.barrier_wait(v_bar.at[slot])
+                        plgpu.barrier_wait(sched)
+                    if H <= 128:
+                        l_i = l_i + p.sum(axis=1)
+                        acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
+                        end_softmax()
+                    else:
+                        end_softmax()
+                        l_i = l_i + p.sum(axis=1)
+
+                    def pv(acc_ref):
+                        plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+
+                        @pl.when(step + 1 < n_steps)
+                        def _():
+                            plgpu.barrier_wait(k_bar.at[lax.rem(step0 + step + 1, stages)])
+                    acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+                    plgpu.barrier_arrive(v_free.at[slot])
+                    return acc, m_new, l_i
+
+                carry = (acc, m_i, l_i)
+                carry = lax.fori_loop(0, n_full, functools.partial(step_fn, partial=False), carry)
+                acc, m_i, l_i = lax.fori_loop(n_full, n_steps, functools.partial(step_fn, partial=True), carry)
+                pl.when(wg == 0)(schedule)
+
+                # The last product has read Q: bring the next tile's while this one is written.
+                pl.when(j + 1 < n_local)(lambda: fetch_q(j + 1))
+
+                empty = l_i == 0.0
+                l_safe = jnp.where(empty, 1.0, l_i)
+                acc = acc * lax.broadcast_in_dim(1.0 / l_safe, acc.shape, [0])
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # the last tile's output has left o_smem
+                o_smem[...] = acc.astype(dtype)
+                lse_smem[...] = jnp.where(empty, -jnp.inf, (m_i + jnp.log2(l_safe)) * LN2)
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(o_smem, out_ref.at[b, pl.ds(q_start, bq), h])
+                plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, h, pl.ds(q_start, bq)])
+                return step0 + n_steps
+
+            lax.fori_loop(0, n_local, run_tile, jnp.int32(0))
             plgpu.wait_smem_to_gmem(0)
 
         @pl.when(wg == 2)
         def _producer():
             plgpu.set_max_registers(40, action="decrease")
-            kvh = lax.div(h, jnp.array(G, h.dtype))
 
-            def fetch(step, slot):
-                rows = pl.ds(kv_block(step) * bkv, bkv)
-                plgpu.copy_gmem_to_smem(k_ref.at[b, rows, kvh], k_smem.at[slot], k_bar.at[slot])
-                plgpu.copy_gmem_to_smem(v_ref.at[b, rows, kvh], v_smem.at[slot], v_bar.at[slot])
+            def load_tile(j, step0):
+                """Brings tile j's listed K/V blocks into the ring, slot by slot as it frees."""
+                b, h, i, row, n_full, n_steps = tile_at(j)
+                kvh = lax.div(h, jnp.array(G, h.dtype))
 
-            for s0 in range(stages):
-                @pl.when(s0 < n_steps)
-                def _():
-                    fetch(jnp.int32(s0), s0)
+                @pl.loop(0, n_steps)
+                def _(step):
+                    slot = lax.rem(step0 + step, stages)
 
-            @pl.loop(0, jnp.maximum(n_steps - stages, 0))
-            def _(step):
-                slot = lax.rem(step, stages)
-                plgpu.barrier_wait(k_free.at[slot])
-                plgpu.barrier_wait(v_free.at[slot])
-                fetch(step + stages, slot)
+                    @pl.when(step0 + step >= stages)
+                    def _():
+                        plgpu.barrier_wait(k_free.at[slot])
+                        plgpu.barrier_wait(v_free.at[slot])
+                    kv_rows = pl.ds(listed_block(fi_ref, pi_ref, row, n_full, step) * bkv, bkv)
+                    plgpu.copy_gmem_to_smem(k_ref.at[b, kv_rows, kvh], k_smem.at[slot], k_bar.at[slot])
+                    plgpu.copy_gmem_to_smem(v_ref.at[b, kv_rows, kvh], v_smem.at[slot], v_bar.at[slot])
+                return step0 + n_steps
+
+            lax.fori_loop(0, n_local, load_tile, jnp.int32(0))
 
     return launch(
-        kernel, (q_off, kv_off, fcounts, findices, pcounts, pindices, q, k, v, *reads),
+        kernel, (q_off, kv_off, order, fcounts, findices, pcounts, pindices, q, k, v, *reads),
         out_type=(jax.ShapeDtypeStruct(q.shape, dtype), jax.ShapeDtypeStruct((B, N, Tp), jnp.float32)),
-        grid=(N, nq, B), grid_names=("heads", "q_seq", "batch"),
-        scratch=(tile_smem((2, bq, H), dtype), tile_smem((stages, bkv, H), dtype),
+        grid=(ctas,), grid_names=("cta",),
+        scratch=(tile_smem((2, bq, H), dtype), tile_smem((2, bq, H), dtype), tile_smem((stages, bkv, H), dtype),
                  tile_smem((stages, bkv, H), dtype), plgpu.SMEM((2, bq), jnp.float32)),
         barriers=((plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
                    plgpu.Barrier(num_barriers=2)),

@@ -75,6 +75,15 @@ class MosaicBlockSizes:
         0.91x on a 1024 window and 0.94x on packed documents (benchmarks/RESULTS.md).
       backward_stages: the Mosaic backward's shared-memory ring slots (Q/dO tiles in dK/dV,
         K/V tiles in dQ), at least 2.
+      persistent: the forward runs one CUDA block per SM, each taking tiles (q-blocks of one
+        head) heaviest first in snake order, so that one tile's epilogue overlaps the next
+        tile's loads (True, the default), or one CUDA block per tile (False). On the H200
+        (2026-12-06, benchmarks/mosaic_schedule.py: bf16, B=2, N=16, T=S=8192, H=128)
+        persistent took 0.96x the time on a 1024 window, 0.93x on packed documents, 1.01x
+        on causal.
+      backward_persistent: the same schedule for the Mosaic backward's dQ and dK/dV kernels;
+        off by default: in the same run it took 1.04x the backward's time on causal and the
+        window and 1.10x on packed documents.
 
     ``get_default(head_dim)`` picks values measured on the H200 (benchmarks/RESULTS.md).
     """
@@ -83,6 +92,8 @@ class MosaicBlockSizes:
     num_stages: int = 2
     backward: str = "mosaic"
     backward_stages: int = 2
+    persistent: bool = True
+    backward_persistent: bool = False
 
     def __post_init__(self):
         if self.block_q != 64:
@@ -106,20 +117,20 @@ class MosaicBlockSizes:
         return cls(64, 64, 2)
 
     def smem_bytes(self, head_dim: int, itemsize: int = 2) -> int:
-        """Shared memory the kernel asks for: Q/O of both consumers, the K/V ring, lse, and
-        4 KiB for barriers and alignment (Mosaic asked for 232568 bytes at 64 x 128 x 3
-        stages, head dim 128, where the buffers alone are 229888)."""
-        return (2 * self.block_q * head_dim + 2 * self.num_stages * self.block_kv * head_dim) * itemsize \
+        """Shared memory the forward asks for: Q and O of both consumers, the K/V ring, lse,
+        and 4 KiB for barriers and alignment (Mosaic asked for 232568 bytes at 64 x 128 x 3
+        stages, head dim 128, with one buffer for Q and O, where the buffers alone were 229888)."""
+        return (4 * self.block_q * head_dim + 2 * self.num_stages * self.block_kv * head_dim) * itemsize \
             + 2 * self.block_q * 4 + 4096
 
 
     def backward_smem_bytes(self, head_dim: int, itemsize: int = 2) -> int:
-        """Shared memory each Mosaic backward kernel asks for: two 64-row tiles of each of
-        two operands held (Q/dO in dQ, K/V in dK/dV), ``backward_stages`` 64-row tiles of
-        each of the two streamed ones, f32 lse/delta rows, and 4 KiB of slack."""
+        """Shared memory the larger Mosaic backward kernel (dK/dV) asks for: two 64-row tiles
+        of K, V, dK and dV (operands held and outputs written), ``backward_stages`` 64-row
+        tiles of Q and dO, their f32 lse/delta rows, and 4 KiB of slack."""
         rows = BACKWARD_BLOCK
-        return (4 * rows * head_dim + 2 * self.backward_stages * rows * head_dim) * itemsize \
-            + 2 * max(2, self.backward_stages) * rows * 4 + 4096
+        return (8 * rows * head_dim + 2 * self.backward_stages * rows * head_dim) * itemsize \
+            + 2 * self.backward_stages * rows * 4 + 4096
 
 
 SMEM_LIMIT = 227 * 1024   # bytes of shared memory one block may take on sm_90
@@ -211,7 +222,7 @@ def check_supported(mod, query, key, value, tensors=None, block_sizes: MosaicBlo
     if bs.smem_bytes(H) > SMEM_LIMIT:
         raise NotImplementedError(f"{bs} needs {bs.smem_bytes(H)} bytes of shared memory at head dim {H}; "
                                   f"sm_90 has {SMEM_LIMIT}")
-    if bs.backward == "mosaic" and bs.backward_stages > 2 and bs.backward_smem_bytes(H) > SMEM_LIMIT:
+    if bs.backward == "mosaic" and bs.backward_smem_bytes(H) > SMEM_LIMIT:
         raise NotImplementedError(f"{bs}: the backward needs {bs.backward_smem_bytes(H)} bytes of shared memory at "
                                   f"head dim {H}; sm_90 has {SMEM_LIMIT} (use fewer backward_stages)")
     program = TileProgram.build(mod.canonical, {n: jnp.ndim(t) for n, t in tensors.items()})
@@ -270,17 +281,20 @@ def mosaic_attention(query, key, value, *, mod=None, scale=None, q_offset=0, kv_
     plan = plan_for(plans, mod, q_len=T, kv_len=S, block_q=rows, block_kv=bs.block_kv, batch=B, heads=N,
                     q_offset=q_offset, kv_offset=kv_offset, tensors=tensors)
     lists = split_lists(plan.kv_counts, plan.kv_indices, plan.kv_full, entry_edge=ragged_edge(S, bs.block_kv))
+    order = jnp.asarray(_mosaic_forward.tile_order(_mosaic_forward.row_step_counts(lists[0], lists[2], B, N)))
     lists = tuple(jnp.asarray(x, jnp.int32) for x in lists)
+    n_tiles = B * N * (Tp // rows)
 
     cfg = MosaicKernelConfig(
         program=program, scale=scale, q_len=T, kv_len=S, q_len_padded=Tp, kv_len_padded=Sp,
         heads=N, kv_heads=K, read_shapes=tuple(tuple(r.shape) for r in reads), block_q=bs.block_q,
-        block_kv=bs.block_kv, num_stages=bs.num_stages, plan_b=plan.grid_shape[0], plan_h=plan.grid_shape[1])
-    aux = dict(lists=lists, reads=reads, q_off=q_off, kv_off=kv_off)
+        block_kv=bs.block_kv, num_stages=bs.num_stages, plan_b=plan.grid_shape[0], plan_h=plan.grid_shape[1],
+        ctas=min(n_tiles, _sm_count()) if bs.persistent else n_tiles)
+    aux = dict(lists=lists, order=order, reads=reads, q_off=q_off, kv_off=kv_off)
     if bs.backward == "mosaic" and _mosaic_backward.backward_reason(program) is None:
         bcfg, aux["mosaic_bwd"] = _prepare_mosaic_backward(
             mod, cfg, plans, B=B, N=N, q_offset=q_offset, kv_offset=kv_offset, tensors=tensors,
-            stages=bs.backward_stages)
+            stages=bs.backward_stages, persistent=bs.backward_persistent)
         backward = ("mosaic", bcfg)
     else:
         pcfg, aux["pallas"] = _pallas.prepare(mod, program, query, key, value, scale=scale, q_offset=q_offset,
@@ -288,6 +302,12 @@ def mosaic_attention(query, key, value, *, mod=None, scale=None, q_offset=0, kv_
         backward = ("pallas", pcfg)
     out, lse = _flash(cfg, backward, query, key, value, aux)
     return (out, lse) if return_lse else out
+
+
+def _sm_count() -> int:
+    """The default device's streaming multiprocessors (132 on an H100 SXM or H200; 132 where
+    the device does not say, as when lowering for a GPU on a CPU)."""
+    return int(getattr(jax.devices()[0], "core_count", 0) or 132)
 
 
 def _pad_read(r, Tp: int, Sp: int):
@@ -304,7 +324,8 @@ def _run_forward(cfg: MosaicKernelConfig, q, k, v, aux):
     if Sp != S:
         k = jnp.pad(k, ((0, 0), (0, Sp - S), (0, 0), (0, 0)))
         v = jnp.pad(v, ((0, 0), (0, Sp - S), (0, 0), (0, 0)))
-    out, lse = _mosaic_forward.forward(cfg, q, k, v, aux["lists"], aux["reads"], aux["q_off"], aux["kv_off"])
+    out, lse = _mosaic_forward.forward(cfg, q, k, v, aux["lists"], aux["order"], aux["reads"], aux["q_off"],
+                                       aux["kv_off"])
     if Tp != T:
         out, lse = out[:, :T], lse[:, :, :T]
     return out, lse
@@ -313,22 +334,30 @@ def _run_forward(cfg: MosaicKernelConfig, q, k, v, aux):
 
 
 def _prepare_mosaic_backward(mod, cfg: MosaicKernelConfig, plans, *, B, N, q_offset, kv_offset, tensors,
-                             stages: int):
-    """The Mosaic backward's config and its plans' lists: dQ walks (128 x 64)-block rows,
-    dK/dV the transposed (64 x 128)-block plan."""
+                             stages: int, persistent: bool):
+    """The Mosaic backward's config and, per kernel, its plan's lists and tile order: dQ walks
+    (128 x 64)-block rows, dK/dV the transposed (64 x 128)-block plan."""
     T, S, blk = cfg.q_len, cfg.kv_len, BACKWARD_BLOCK
+    K = cfg.kv_heads
     dq_plan = plan_for(plans, mod, q_len=T, kv_len=S, block_q=2 * blk, block_kv=blk, batch=B, heads=N,
                        q_offset=q_offset, kv_offset=kv_offset, tensors=tensors)
     dkv_plan = plan_for(plans, mod, q_len=T, kv_len=S, block_q=blk, block_kv=2 * blk, batch=B, heads=N,
                         q_offset=q_offset, kv_offset=kv_offset, tensors=tensors)
-    lists = dict(
-        dq=split_lists(dq_plan.kv_counts, dq_plan.kv_indices, dq_plan.kv_full, entry_edge=ragged_edge(S, blk)),
-        dkv=split_lists(dkv_plan.q_counts, dkv_plan.q_indices, dkv_plan.q_full, entry_edge=ragged_edge(T, blk),
-                        row_edge=ragged_edge(S, 2 * blk)))
-    lists = {name: tuple(jnp.asarray(x, jnp.int32) for x in arrays) for name, arrays in lists.items()}
+    dq_lists = split_lists(dq_plan.kv_counts, dq_plan.kv_indices, dq_plan.kv_full, entry_edge=ragged_edge(S, blk))
+    dkv_lists = split_lists(dkv_plan.q_counts, dkv_plan.q_indices, dkv_plan.q_full, entry_edge=ragged_edge(T, blk),
+                            row_edge=ragged_edge(S, 2 * blk))
+    orders = dict(
+        dq=_mosaic_forward.tile_order(_mosaic_forward.row_step_counts(dq_lists[0], dq_lists[2], B, N)),
+        dkv=_mosaic_forward.tile_order(_mosaic_backward.dkv_step_counts(dkv_lists[0], dkv_lists[2], B, N, K)))
+    lists = {name: (tuple(jnp.asarray(x, jnp.int32) for x in arrays), jnp.asarray(orders[name]))
+             for name, arrays in (("dq", dq_lists), ("dkv", dkv_lists))}
+    dq_tiles = B * N * (num_blocks(T, 2 * blk))
+    dkv_tiles = B * K * (num_blocks(S, 2 * blk))
+    sms = _sm_count()
     bcfg = _mosaic_backward.MosaicBackwardConfig(
         fwd=cfg, block_q=blk, block_kv=blk, num_stages=stages, dq_plan=dq_plan.grid_shape[:2],
-        dkv_plan=dkv_plan.grid_shape[:2])
+        dkv_plan=dkv_plan.grid_shape[:2], dq_ctas=min(dq_tiles, sms) if persistent else dq_tiles,
+        dkv_ctas=min(dkv_tiles, sms) if persistent else dkv_tiles)
     return bcfg, lists
 
 
@@ -349,11 +378,11 @@ def _run_mosaic_backward(bcfg, q, k, v, aux, out, lse, cotangents):
     kp, vp = jnp.pad(k, pad_s), jnp.pad(v, pad_s)
     lse2 = jnp.pad(lse2, ((0, 0), (0, 0), (0, Tb - T)), constant_values=jnp.inf)
     delta = jnp.pad(delta, ((0, 0), (0, 0), (0, Tb - T)))
-    lists = aux["mosaic_bwd"]
-    dq = _mosaic_backward.backward_dq(bcfg, qp, kp, vp, dop, lse2, delta, lists["dq"], aux["reads"],
+    (dq_lists, dq_order), (dkv_lists, dkv_order) = aux["mosaic_bwd"]["dq"], aux["mosaic_bwd"]["dkv"]
+    dq = _mosaic_backward.backward_dq(bcfg, qp, kp, vp, dop, lse2, delta, dq_lists, dq_order, aux["reads"],
                                       aux["q_off"], aux["kv_off"])
-    dk, dv = _mosaic_backward.backward_dkv(bcfg, qp, kp, vp, dop, lse2, delta, lists["dkv"], aux["reads"],
-                                           aux["q_off"], aux["kv_off"])
+    dk, dv = _mosaic_backward.backward_dkv(bcfg, qp, kp, vp, dop, lse2, delta, dkv_lists, dkv_order,
+                                           aux["reads"], aux["q_off"], aux["kv_off"])
     return dq[:, :T], dk[:, :S], dv[:, :S]
 
 

@@ -104,6 +104,53 @@ def test_check_supported_accepts_integer_arithmetic(pretend_hopper):
     ma.check_supported("softcap(30) & causal + alibi(2)", q, k, v)
 
 
+# ---- CPU: the tile schedule -------------------------------------------------------------
+
+@settings(max_examples=40, deadline=None)
+@given(batch=st.integers(1, 3), heads=st.integers(1, 4), nq=st.integers(1, 9), ctas=st.integers(1, 40),
+       plan_b=st.booleans(), plan_h=st.booleans(), traced=st.booleans(), seed=st.integers(0, 2**16))
+def test_tile_schedule_runs_every_tile_once_heaviest_first(batch, heads, nq, ctas, plan_b, plan_h, traced, seed):
+    """The persistent forward's schedule: every tile on exactly one CUDA block, tiles sorted
+    by their plan row's listed blocks (descending), each block's tiles in that order, and
+    (snake dealing) no block's total work more than one heaviest tile above any other's."""
+    rng = np.random.default_rng(seed)
+    shape = (batch if plan_b else 1, heads if plan_h else 1, nq)
+    full = rng.integers(0, 5, shape).astype(np.int32)
+    part = rng.integers(0, 3, shape).astype(np.int32)
+    order = _mosaic_forward.tile_order(
+        _mosaic_forward.row_step_counts(jnp.asarray(full) if traced else full, part, batch, heads))
+    order = np.asarray(order)
+    n_tiles = batch * heads * nq
+    ctas = min(ctas, n_tiles)
+    steps = np.broadcast_to(full + part, (batch, heads, nq)).reshape(-1)
+    assert sorted(order.tolist()) == list(range(n_tiles))
+    assert (np.diff(steps[order]) <= 0).all()
+    seen, work = [], []
+    for cta in range(ctas):
+        count = int(_mosaic_forward.local_tile_count(n_tiles, ctas, jnp.int32(cta)))
+        mine = [int(_mosaic_forward.scheduled_tile(order, ctas, jnp.int32(cta), jnp.int32(j))) for j in range(count)]
+        for t in mine:
+            b, h, i = (int(x) for x in _mosaic_forward.split_tile(jnp.int32(t), heads, nq))
+            assert t == (b * heads + h) * nq + i
+        assert (np.diff(steps[mine]) <= 0).all() if mine else True
+        seen += mine
+        work.append(int(steps[mine].sum()))
+    assert sorted(seen) == list(range(n_tiles))
+    assert max(work) - min(work) <= steps.max()
+
+
+def test_dkv_tiles_weigh_every_query_head_of_their_group():
+    from scoremod.runtime._mosaic_backward import dkv_step_counts
+    full = np.arange(2 * 4 * 3, dtype=np.int32).reshape(2, 4, 3)
+    part = np.ones((2, 4, 3), np.int32)
+    steps = dkv_step_counts(full, part, 2, 4, 2)
+    assert steps.shape == (2, 2, 3)
+    assert steps[1, 0, 2] == (full[1, 0, 2] + 1) + (full[1, 1, 2] + 1)
+    shared = dkv_step_counts(full[:1, :1], part[:1, :1], 2, 4, 1)   # one plan for every (b, h)
+    assert (np.asarray(shared) == 4 * (full[0, 0] + 1)).all()
+    assert (np.asarray(dkv_step_counts(jnp.asarray(full), part, 2, 4, 2)) == steps).all()
+
+
 # ---- CPU: the kernel lowers to Mosaic GPU for generated mods ---------------------------------
 
 def _lower(mod, q, k, v, tensors, q_offset=0, kv_offset=0):
@@ -267,11 +314,12 @@ def test_backward_choice_is_validated():
         ma.MosaicBlockSizes(backward="cudnn")
     with pytest.raises(scoremod.ScoreModShapeError, match="backward_stages=1 must be at least 2"):
         ma.MosaicBlockSizes(backward_stages=1)
-    # two held and `stages` streamed 64-row tiles of H bf16 per kernel, f32 lse/delta rows, slack
-    assert ma.MosaicBlockSizes(backward_stages=3).backward_smem_bytes(128) == \
-        (4 + 2 * 3) * 64 * 128 * 2 + 2 * 3 * 64 * 4 + 4096
-    assert ma.MosaicBlockSizes(backward_stages=4).backward_smem_bytes(128) <= ma.SMEM_LIMIT
-    assert ma.MosaicBlockSizes(backward_stages=3).backward_smem_bytes(256) > ma.SMEM_LIMIT
+    # dK/dV holds K, V, dK, dV (2 x 64 rows each) and streams `stages` Q/dO tiles
+    assert ma.MosaicBlockSizes().backward_smem_bytes(128) <= ma.SMEM_LIMIT
+    assert ma.MosaicBlockSizes(backward_stages=4).backward_smem_bytes(64) <= ma.SMEM_LIMIT
+    assert ma.MosaicBlockSizes(backward_stages=3).backward_smem_bytes(128) > ma.SMEM_LIMIT
+    assert ma.MosaicBlockSizes(backward_stages=3).backward_smem_bytes(128) > \
+        ma.MosaicBlockSizes(backward_stages=2).backward_smem_bytes(128) + 2 * 64 * 128 * 2
 
 
 def _lower_grad(mod, q, k, v, tensors, block_sizes, q_offset=0, kv_offset=0):
@@ -297,8 +345,11 @@ def test_mosaic_backward_lowers(pretend_hopper, monkeypatch, mod, tensors, shape
     q, k, v = _qkv(*shape)
     _lower_grad(mod, q, k, v, tensors, ma.MosaicBlockSizes(backward="mosaic"), q_offset=3)
     assert used, "the Mosaic backward was not used"
-    if mod == "causal":   # deeper rings lower too
-        _lower_grad(mod, q, k, v, tensors, ma.MosaicBlockSizes(backward_stages=4), q_offset=3)
+    if mod == "causal":   # deeper rings (where they fit: head dim 64) and one CUDA block per tile lower too
+        _lower_grad(mod, *_qkv(2, 200, 260, 2, 1, 64), tensors, ma.MosaicBlockSizes(64, 256, 2, backward_stages=4),
+                    q_offset=3)
+        _lower_grad(mod, q, k, v, tensors, ma.MosaicBlockSizes(persistent=False), q_offset=3)
+        _lower_grad(mod, q, k, v, tensors, ma.MosaicBlockSizes(backward_persistent=True), q_offset=3)
 
 
 @needs_mosaic
