@@ -164,10 +164,10 @@ def _checked_call(query, key, value, *, mod, scale, q_offset, kv_offset, impleme
     scale = check_inputs(query, key, value, scale=scale, return_lse=return_lse)
     batch, q_len, heads, _ = query.shape
     kv_len = key.shape[1]
-    q_offset = _check_offset(q_offset, batch, "q_offset", q_len)
-    kv_offset = _check_offset(kv_offset, batch, "kv_offset", kv_len)
+    q_offset, q_seen = _check_offset(q_offset, batch, "q_offset", q_len)
+    kv_offset, kv_seen = _check_offset(kv_offset, batch, "kv_offset", kv_len)
     tensors = check_tensors(mod, tensors, batch=batch, heads=heads, q_len=q_len, kv_len=kv_len,
-                            q_offset=q_offset, kv_offset=kv_offset)
+                            q_offset=q_seen, kv_offset=kv_seen)
     return mod, names, scale, q_offset, kv_offset, tensors
 
 
@@ -410,14 +410,18 @@ def check_inputs(query, key, value, *, scale=None, return_lse=False) -> float:
 
 
 def _check_offset(offset, batch: int, name: str, length: int):
-    """A Python int stays an int (static); anything else becomes int32 ``[B]``. The
-    positions ``offset .. offset + length - 1`` must fit in int32 (checked whenever the
-    offset is concrete)."""
+    """``(offset, seen)``: the offset the implementations take (a Python int stays an int,
+    static; anything else becomes int32 ``[B]``) and the one the tensor checks see: the
+    same int, the int32 ``[B]`` values whenever the offset is concrete (a NumPy array or a
+    jax array closed over by ``jit`` too: the array the implementations take is then a
+    tracer), else the traced array (the checks then use positions ``0 .. length - 1``).
+    The positions ``offset .. offset + length - 1`` must fit in int32 (checked whenever
+    the offset is concrete)."""
     if isinstance(offset, (bool, np.bool_)):
         raise ScoreModShapeError(f"{name} must be an int or an int array [B]; got {offset!r}")
     if isinstance(offset, (int, np.integer)):
         check_positions(name, [int(offset)], length)
-        return int(offset)
+        return int(offset), int(offset)
     dtype = getattr(offset, "dtype", None)
     if dtype is None or not jnp.issubdtype(dtype, jnp.integer):
         raise ScoreModShapeError(f"{name} must be an int or an int array [B]; got "
@@ -428,9 +432,9 @@ def _check_offset(offset, batch: int, name: str, length: int):
     values = concrete(offset)
     if values is not None:
         check_positions(name, [int(v) for v in values.reshape(-1)], length)
-    if offset.ndim == 0:
-        return jnp.broadcast_to(jnp.asarray(offset).astype(jnp.int32), (batch,))
-    return jnp.asarray(offset).astype(jnp.int32)
+    array = jnp.broadcast_to(jnp.asarray(offset).astype(jnp.int32), (batch,))
+    seen = array if values is None else np.broadcast_to(values.astype(np.int32), (batch,))
+    return array, seen
 
 
 def check_tensors(mod: Mod, tensors: dict, *, batch: int, heads: int, q_len: int, kv_len: int,

@@ -143,3 +143,43 @@ def test_reserved_tensor_names_are_exactly_the_keywords_of_the_entries():
     for fn in (scoremod.attention, paged_attention):
         keywords |= {name for name, p in inspect.signature(fn).parameters.items() if p.kind != p.VAR_KEYWORD}
     assert RESERVED_TENSOR_NAMES == keywords - set(VARIABLES)
+
+
+# Per-batch offsets that are concrete (NumPy, or a jax array closed over by jit) are checked at
+# their values with and without jit; T=12 queries, S=10 keys, so ids[b, q] sets the length needed.
+T12 = jnp.zeros((B, 12, N, H))
+OFFSET_CASES = [
+    # id, q_offset, ids length, accepted: positions q_offset + 0..11 must lie below the length
+    ("negative-fits", np.array([-2, -1], np.int32), 11, True),       # positions up to 10
+    ("positive-too-short", np.array([0, 3], np.int32), 12, False),   # positions up to 14
+    ("scalar-array-fits", np.array(-1, np.int32), 11, True),         # 0-d: broadcast to [B]
+    ("jax-int16-too-short", jnp.array([3, 0], jnp.int16), 12, False),  # astype: a tracer under jit
+]
+
+
+@pytest.mark.parametrize("case", OFFSET_CASES, ids=[c[0] for c in OFFSET_CASES])
+def test_concrete_offsets_are_checked_at_their_values_with_and_without_jit(case):
+    _, q_offset, length, accepted = case
+    ids = np.zeros((B, length), np.int32)
+
+    def f(q):
+        return scoremod.attention(q, KV, KV, mod="causal & doc(ids)", ids=ids, q_offset=q_offset,
+                                  implementation="xla")
+    for fn in (f, jax.jit(f)):
+        if accepted:
+            assert fn(T12).shape == T12.shape
+        else:
+            with pytest.raises(ScoreModTensorError, match="too short for query positions up to 14"):
+                fn(T12)
+
+
+def test_traced_offsets_check_tensor_lengths_against_t_and_s():
+    """Offsets passed to jit as arguments are not known while tracing: a q/kv axis must then
+    cover T / S (docs/compiler.md, "Tensor checks"); the kernels clip what lies beyond."""
+    def f(q_offset, ids):
+        return scoremod.attention(T12, KV, KV, mod="causal & doc(ids)", ids=ids, q_offset=q_offset,
+                                  implementation="xla")
+    offset = jnp.array([0, 3], jnp.int32)
+    assert jax.jit(f)(offset, jnp.zeros((B, 12), jnp.int32)).shape == T12.shape
+    with pytest.raises(ScoreModTensorError, match="too short for query positions up to 11"):
+        jax.jit(f)(offset, jnp.zeros((B, 11), jnp.int32))
