@@ -40,6 +40,18 @@ class TensorRead:
         """Whether an index depends on ``score`` (no kernel can gather at such an index)."""
         return any(mentions(i, "score") for i in used_indices(self.node.indices, self.rank))
 
+    @property
+    def fixed_axes(self) -> int:
+        """How many leading table axes the read indexes by expressions of neither q nor
+        kv (``b``, ``h``, literals, reads of those): a kernel program over one (b, h)
+        reads one slice of the table along them (``relpos(t, m)`` reads row h of t)."""
+        n = 0
+        for index in used_indices(self.node.indices, self.rank):
+            if mentions(index, "q") or mentions(index, "kv"):
+                break
+            n += 1
+        return n
+
     def shape(self, batch: int, heads: int, q_len: int, kv_len: int) -> tuple[int, int, int, int]:
         """Shape of the materialized read: ``[B|1, H|1, T|1, S|1]``."""
         sizes = {"b": batch, "h": heads, "q": q_len, "kv": kv_len}

@@ -53,12 +53,16 @@ class TableLookup:
         right-aligned indices, each clipped into ``[0, dim - 1]``, as ``gather_read``
         does on the XLA path. indices: int arrays that broadcast together (a tile's
         ``[bq|1, bkv|1]`` or scalars)."""
-        used = used_indices(indices, len(self.shape))
-        flat = None
-        for index, dim in zip(used, self.shape):
-            index = jnp.minimum(jnp.maximum(jnp.asarray(index, jnp.int32), 0), dim - 1)
-            flat = index if flat is None else flat * dim + index
-        return self.load(flat)
+        return self.load(row_major_offsets(used_indices(indices, len(self.shape)), self.shape))
+
+
+def row_major_offsets(indices, dims):
+    """int32 row-major offsets of ``indices`` (one per dim, each clipped into
+    ``[0, dim - 1]``) into an array of shape ``dims``; 0 for no dims."""
+    flat = jnp.int32(0)
+    for index, dim in zip(indices, dims):
+        flat = flat * dim + jnp.minimum(jnp.maximum(jnp.asarray(index, jnp.int32), 0), dim - 1)
+    return flat
 
 
 class _TileEnv:
@@ -168,6 +172,41 @@ class TileProgram:
             return jnp.ones_like(scores, dtype=jnp.float32)
         value = emit(self.dtransform, self._env(scores, b, h, q, kv, reads))
         return jnp.broadcast_to(jnp.asarray(value, jnp.float32), jnp.shape(scores))
+
+    def gather_offsets(self, i: int, *, b, h, q, kv, reads=()):
+        """Where gather read i reads its table on a tile, within the slice its
+        ``fixed_axes`` select (``gather_slices``): int32 row-major offsets over the
+        table's remaining axes, broadcast of q ``[bq,1]`` and kv ``[1,bkv]``. reads as for
+        ``logits`` (a ``TableLookup`` at i). A kernel scatters read i's gradient to these
+        offsets (``runtime/_pallas_backward.py``)."""
+        read = self.reads[i]
+        env = self._env(None, b, h, q, kv, reads)
+        used = used_indices([emit(index, env) for index in read.node.indices], read.rank)
+        flat = row_major_offsets(used[read.fixed_axes:], reads[i].shape[read.fixed_axes:])
+        return jnp.broadcast_to(flat, jnp.broadcast_shapes(jnp.shape(q), jnp.shape(kv)))
+
+    def gather_slices(self, i: int, reads, shapes, batch: int, heads: int):
+        """int32 ``[B, N]``: the slice of gather read i's table (row-major over its
+        ``fixed_axes``) that kernel programs over (b, query head h) read; with the table
+        seen as ``[slices, slice size]``, ``gather_offsets`` index within a slice.
+
+        reads: one entry per ``self.reads`` as a kernel gets them: a plain read
+        materialized ``[B|1, N|1, T|1, S|1]``, a gather read's table (flattened or not);
+        shapes: each gather read's table shape. The fixed indices depend on neither q nor
+        kv, so the plain reads they use are read at q = kv = row 0."""
+        views = []
+        for r, value, shape in zip(self.reads, reads, shapes):
+            if r.gather:
+                views.append(TableLookup(tuple(shape), lambda flat, t=jnp.reshape(value, (-1,)): t[flat]))
+            else:
+                views.append(jnp.asarray(value)[:, :, 0, 0])
+        b = jnp.arange(batch, dtype=jnp.int32)[:, None]
+        h = jnp.arange(heads, dtype=jnp.int32)[None, :]
+        env = self._env(None, b, h, None, None, views)
+        read = self.reads[i]
+        fixed = used_indices(read.node.indices, read.rank)[:read.fixed_axes]
+        flat = row_major_offsets([emit(index, env) for index in fixed], tuple(shapes[i])[:read.fixed_axes])
+        return jnp.broadcast_to(flat, (batch, heads))
 
     def read_derivative(self, i: int) -> Node | None:
         """``d(T(score) + B) / d read_i`` as IR (the read taken as a variable), or None

@@ -21,13 +21,20 @@ reads) get ``dread = sum(dlogit * d(T + B)/dread)`` over the logits with p > 0
 caller reduces (no atomics: deterministic): the dQ kernel sums a read that does not
 depend on kv along its kv loop (``[B, N, T]`` out) and writes each tile of a read that
 depends on both q and kv (``[B, N, T, S]`` out, zero where no tile is listed); the dK/dV
-kernel sums a read that depends on kv only along its q loop (``[B, N, S]`` out).
-``reduce_read_grad`` brings each to the read's materialized shape.
+kernel sums a read that depends on kv only along its q loop (``[B, N, S]`` out). A table
+read at computed indices (a gather: ``relpos(t, m)``, ``t[h, bucket(q - kv)]``) gets its
+gradient in the dQ kernel, scattered to the offsets the tile read within the table slice its
+program reads (``TileProgram.gather_offsets``; row h of a relpos table) into a
+per-program accumulator the size of that slice (``[B, N, nq, Mp]`` out; ``_scatter_add``:
+one masked tile sum per offset in the tile's range, no atomics); ``reduce_table_grad``
+adds the slices up into the table. ``reduce_read_grad`` brings the others to the read's
+materialized shape.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -60,15 +67,44 @@ def _read_grad_tiles(cfg, read_grads, dlogit, p, s, *, b, h, q_pos, kv_pos, read
 
 
 def _tile_read(cfg, i) -> bool:
-    """Whether read i depends on both q and kv (its gradient is written tile by tile)."""
+    """Whether plain read i depends on both q and kv (its gradient is written tile by tile)."""
+    if cfg.program.reads[i].gather:
+        return False
     _, _, t1, s1 = cfg.read_shapes[i]
     return t1 > 1 and s1 > 1
+
+
+def table_slice_size(cfg: KernelConfig, i: int) -> int:
+    """Elements of the slice of gather read i's table that one kernel program reads (the
+    axes after its ``fixed_axes``: 2m + 1 for ``relpos(t, m)`` with t ``[N, 2m + 1]``)."""
+    return math.prod(cfg.read_shapes[i][cfg.program.reads[i].fixed_axes:])
+
+
+def gather_grad_size(cfg: KernelConfig, i: int) -> int:
+    """Length of the dQ kernel's per-program accumulator for gather read i: its table
+    slice rounded up to a power of two (a Triton block), at least 16."""
+    return max(16, pl.next_power_of_2(table_slice_size(cfg, i)))
+
+
+def _scatter_add(acc, grad, offsets):
+    """``acc[offsets] += grad`` for one tile, deterministically: one masked tile sum per
+    offset between the smallest and largest offset where ``grad != 0`` (a T5 bucket
+    table spans a few per tile, ``relpos(t, m)`` up to bq + bkv - 1 on tiles near the
+    diagonal, 1 on tiles it clips)."""
+    live = grad != 0.0
+    lo = jnp.min(jnp.where(live, offsets, acc.shape[0]))
+    hi = jnp.max(jnp.where(live, offsets, -1))
+    slots = lax.broadcasted_iota(jnp.int32, acc.shape, 0)
+
+    def add(m, acc):
+        return acc + jnp.where(slots == m, jnp.sum(jnp.where(offsets == m, grad, 0.0)), 0.0)
+    return lax.fori_loop(lo, hi + 1, add, acc)
 
 
 def reduce_read_grad(cfg: KernelConfig, i: int, grad):
     """A read's gradient from the kernels' per-query-head output (``[B, N, T]``,
     ``[B, N, S]`` or ``[B, N, T, S]``, see the module docstring) to the read's
-    materialized shape ``[B|1, N|1, T|1, S|1]``."""
+    materialized shape ``[B|1, N|1, T|1, S|1]`` (a gather read's: ``reduce_table_grad``)."""
     b1, h1, t1, s1 = cfg.read_shapes[i]
     B, N, T, S = cfg.batch, cfg.heads, cfg.q_len, cfg.kv_len
     if grad.ndim == 3:
@@ -80,6 +116,19 @@ def reduce_read_grad(cfg: KernelConfig, i: int, grad):
     if b1 == 1:
         grad = grad.sum(axis=0, keepdims=True)
     return grad
+
+
+def reduce_table_grad(cfg: KernelConfig, i: int, grad, slices):
+    """Gather read i's gradient, its flattened table (``flat_reads``), from the dQ
+    kernel's per-program sums ``[B, N, nq, Mp]`` over the table slice each program reads
+    (``slices`` int32 ``[B, N]``, ``TileProgram.gather_slices``): programs that read the
+    same slice add up, through a one-hot product (no scatter: deterministic)."""
+    size = table_slice_size(cfg, i)
+    rows = grad.sum(axis=2)[..., :size]                                  # [B, N, size]
+    count = math.prod(cfg.read_shapes[i]) // size
+    onehot = (slices[..., None] == jnp.arange(count, dtype=jnp.int32)).astype(jnp.float32)
+    table = jnp.einsum("bnr,bns->rs", onehot, rows, precision=lax.Precision.HIGHEST)
+    return table.reshape(-1)
 
 
 # ---- dQ ---------------------------------------------------------------------------------
@@ -133,7 +182,10 @@ def _dq_kernel(qoff_ref, kvoff_ref, fcount_ref, fidx_ref, pcount_ref, pidx_ref, 
                                      kv_pos=kv_pos, reads=rv)
             new_sums = []
             for n, (r, g) in enumerate(zip(read_grads, grads)):
-                if _tile_read(cfg, r):
+                if cfg.program.reads[r].gather:
+                    offsets = cfg.program.gather_offsets(r, b=b, h=h, q=q_pos, kv=kv_pos, reads=rv)
+                    new_sums.append(_scatter_add(sums[n], g, offsets))
+                elif _tile_read(cfg, r):
                     valid = tile_valid(rows, cols)
                     store(dread_refs[n].at[:, pl.ds(kv_start, bkv)], g,
                           mask=None if valid is None else jnp.broadcast_to(valid, g.shape))
@@ -143,7 +195,9 @@ def _dq_kernel(qoff_ref, kvoff_ref, fcount_ref, fidx_ref, pcount_ref, pidx_ref, 
             return dq + dot(ds.astype(k.dtype), k), tuple(new_sums)
         return body
 
-    carry = (jnp.zeros((bq, hp), jnp.float32), tuple(jnp.zeros((bq,), jnp.float32) for _ in read_grads))
+    carry = (jnp.zeros((bq, hp), jnp.float32),
+             tuple(jnp.zeros((gather_grad_size(cfg, r) if cfg.program.reads[r].gather else bq,), jnp.float32)
+                   for r in read_grads))
     if cfg.blocks.bwd_one_loop:
         carry = lax.fori_loop(0, fcount_ref[i], make_body(None), carry)
     else:
@@ -152,7 +206,9 @@ def _dq_kernel(qoff_ref, kvoff_ref, fcount_ref, fidx_ref, pcount_ref, pidx_ref, 
     dq, sums = carry
     store(dq_ref, (dq * cfg.scale).astype(dq_ref.dtype), mask=rows.mask)
     for n, r in enumerate(read_grads):
-        if not _tile_read(cfg, r):
+        if cfg.program.reads[r].gather:
+            store(dread_refs[n], sums[n])
+        elif not _tile_read(cfg, r):
             store(dread_refs[n], sums[n], mask=rows.valid)
 
 
@@ -180,13 +236,24 @@ def backward_dq(cfg: KernelConfig, q, k, v, do, lse, delta, plan_arrays, reads, 
         q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec,
     ] + read_specs(cfg, grid_fn)
     # Read gradients, per (b, query head): row sums [B, N, T]; tiles of [T, S] reads into
-    # [B, N, T, S] zeros (aliased in: tiles no list names stay 0).
+    # [B, N, T, S] zeros (aliased in: tiles no list names stay 0); a gather read's table
+    # gradient per program, [B, N, nq, Mp].
     tile_spec = pl.BlockSpec((None, None, bq, S), lambda i, b, h: (b, h, nq - 1 - i, 0))
     tiled = [r for r in read_grads if _tile_read(cfg, r)]
     zeros = [jnp.zeros((B, N, T, S), jnp.float32) for _ in tiled]
-    out_specs = [q_spec] + [tile_spec if _tile_read(cfg, r) else row_spec for r in read_grads]
-    out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype)] + [
-        jax.ShapeDtypeStruct((B, N, T, S) if _tile_read(cfg, r) else (B, N, T), jnp.float32) for r in read_grads]
+
+    def grad_spec_and_shape(r):
+        if cfg.program.reads[r].gather:
+            mp = gather_grad_size(cfg, r)
+            return (pl.BlockSpec((None, None, None, mp), lambda i, b, h: (b, h, nq - 1 - i, 0)),
+                    jax.ShapeDtypeStruct((B, N, nq, mp), jnp.float32))
+        if _tile_read(cfg, r):
+            return tile_spec, jax.ShapeDtypeStruct((B, N, T, S), jnp.float32)
+        return row_spec, jax.ShapeDtypeStruct((B, N, T), jnp.float32)
+
+    grad_outs = [grad_spec_and_shape(r) for r in read_grads]
+    out_specs = [q_spec] + [spec for spec, _ in grad_outs]
+    out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype)] + [shape for _, shape in grad_outs]
     first_zero = len(in_specs)
     aliases = {first_zero + n: 1 + read_grads.index(r) for n, r in enumerate(tiled)}
     kernel = functools.partial(_dq_kernel, cfg=cfg, read_set=read_set, read_grads=tuple(read_grads))
@@ -202,7 +269,9 @@ def backward_dq(cfg: KernelConfig, q, k, v, do, lse, delta, plan_arrays, reads, 
         interpret=cfg.interpret,
         name="scoremod_flash_dq",
     )(q_off, kv_off, fcounts, findices, pcounts, pindices, q, k, v, do, lse, delta, *reads, *zeros)
-    return dq, [reduce_read_grad(cfg, r, g) for r, g in zip(read_grads, dreads)]
+    return dq, [reduce_table_grad(cfg, r, g, cfg.program.gather_slices(r, reads, cfg.read_shapes, B, N))
+                if cfg.program.reads[r].gather else reduce_read_grad(cfg, r, g)
+                for r, g in zip(read_grads, dreads)]
 
 
 # ---- dK / dV ----------------------------------------------------------------------------

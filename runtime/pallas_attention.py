@@ -38,12 +38,18 @@ from scoremod.runtime._triton import MIN_TILE, pltriton
 from scoremod.runtime._pallas_forward import forward as _forward
 from scoremod.runtime._pallas_backward import backward_dkv as _backward_dkv
 from scoremod.runtime._pallas_backward import backward_dq as _backward_dq
+from scoremod.runtime._pallas_backward import table_slice_size
 
 __all__ = ["PallasBlockSizes", "pallas_attention"]
 
 logger = logging.getLogger("scoremod")
 
 MAX_HEAD_DIM = 256
+# A differentiated table read at computed indices is given its gradient in the dQ kernel
+# through a per-program accumulator the size of the table slice one (batch, head) reads
+# (row h of t[h, bucket]; rounded up to a power of two), held in registers: slices of up
+# to this many elements (T5 buckets, relpos(t, m) up to m = 2047).
+MAX_GATHER_GRAD_TABLE = 4096
 
 
 @dataclass(frozen=True)
@@ -261,10 +267,13 @@ class ReadGrads:
 def _flash_fwd(cfg, q, k, v, aux):
     (q, k, v, aux), perturbed = primal_values("pallas", q, k, v, aux)
     for i in perturbed:
-        if cfg.program.reads[i].gather:
+        size = table_slice_size(cfg, i) if cfg.program.reads[i].gather else 0
+        if size > MAX_GATHER_GRAD_TABLE:
             raise NotImplementedError(
-                f"the pallas kernels do not give a table read at computed indices "
-                f"({cfg.program.reads[i].node}) its gradient; the xla path does (docs/attention.md, Gradients)")
+                f"the pallas kernels give a table read at computed indices "
+                f"({cfg.program.reads[i].node}) its gradient where one (batch, head) reads at "
+                f"most {MAX_GATHER_GRAD_TABLE} of its elements (here {size}); the xla path "
+                f"takes any size (docs/attention.md, Gradients)")
     out, lse = _forward(cfg, q, k, v, aux["fwd"], aux["reads"], aux["q_off"], aux["kv_off"])
     return (out, lse), (q, k, v, aux, out, lse, ReadGrads(perturbed))
 
@@ -308,7 +317,8 @@ def flash_backward(cfg, res, cotangents):
     delta = backward_delta(out, dout, lse, dlse)
     # A read only the mask uses (t[q, kv] > 0) has derivative 0: its cotangent stays zeros.
     wanted = tuple(i for i in read_grads.indices if cfg.program.read_derivative(i) is not None)
-    by_dkv = tuple(i for i in wanted if cfg.read_shapes[i][2] == 1 and cfg.read_shapes[i][3] > 1)
+    by_dkv = tuple(i for i in wanted if not cfg.program.reads[i].gather
+                   and cfg.read_shapes[i][2] == 1 and cfg.read_shapes[i][3] > 1)
     by_dq = tuple(i for i in wanted if i not in by_dkv)
     dq, dreads_q = _backward_dq(cfg, q, k, v, dout, lse, delta, aux["dq"], aux["reads"],
                                 aux["q_off"], aux["kv_off"], read_grads=by_dq)

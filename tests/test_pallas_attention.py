@@ -303,31 +303,23 @@ def test_per_batch_offsets_with_reads_along_q_and_kv():
            kv_offset=np.array([0, 5], np.int32), tensors=tensors)
 
 
-def test_gather_tables_get_no_gradient_from_the_kernel():
-    # A differentiated float table read at computed indices: the kernel declines
-    # (attention() falls through to xla); reads at plain positions get their gradients.
-    q, k, v, _ = _inputs(jax.random.PRNGKey(0), 1, 16, 16, 2, 1, 16, jnp.float32)
-    t = jnp.zeros((2, 9))
-    loss = lambda t: pa.pallas_attention(q, k, v, mod="causal + relpos(t, 4)", tensors={"t": t},  # noqa: E731
-                                         block_sizes=SMALL, interpret=True).sum()
-    with pytest.raises(NotImplementedError, match="table read at computed indices"):
-        jax.grad(loss)(t)
-
-
 @pytest.mark.skipif(pa.pltriton is None, reason="this jax has no Pallas Triton")
 def test_gather_reads_lower_through_triton():
     # The Triton lowering (no GPU needed to lower) takes the integer-array loads of the
-    # gathers: forward (one loop) and both backward kernels; a scalar index (u[h + 1]) too.
+    # gathers: forward (one loop) and both backward kernels; a scalar index (u[h + 1]) too;
+    # and the scatter of a gathered table's gradient in the dQ kernel.
     q = jnp.zeros((1, 128, 2, 64), jnp.bfloat16)
     tensors = {"t": jnp.zeros((2, 9)), "m": jnp.zeros((7,), bool), "u": jnp.ones(3)}
     bs = dataclasses.replace(SMALL, block_q=64, block_kv=64, block_q_dq=32, block_kv_dq=32, block_q_dkv=32,
                              block_kv_dkv=32, fwd_one_loop=True)
     mod = "(causal & m[abs(q - kv) % 7]) + relpos(t, 4) + u[h + 1]"
 
-    def loss(q):
-        out = pa.pallas_attention(q, q, q, mod=mod, tensors=tensors, block_sizes=bs, interpret=False)
+    def loss(q, t):
+        out = pa.pallas_attention(q, q, q, mod=mod, tensors={**tensors, "t": t}, block_sizes=bs, interpret=False)
         return out.astype(jnp.float32).sum()
-    text = jax.jit(jax.value_and_grad(loss)).trace(q).lower(lowering_platforms=("cuda",)).as_text()
+    # t differentiated too: the dQ kernel scatters its gradient to the table (a loop per tile)
+    text = jax.jit(jax.grad(loss, argnums=(0, 1))).trace(q, tensors["t"]).lower(
+        lowering_platforms=("cuda",)).as_text()
     assert text.count("triton") >= 3
 
 
@@ -414,6 +406,33 @@ def test_gpu_tensor_gradients_of_every_layout():
           "w": jnp.asarray(rng.standard_normal(900), jnp.float32), "p": jnp.asarray(rng.standard_normal((900, 900)), jnp.float32)}
     mod = "causal & window(300) & (score * u[q] + w[kv] - s[h] * abs(q - kv) / 64 + p[q, kv])"
     q, k, v, do = _inputs(jax.random.PRNGKey(2), B, T, T, N, K, H, jnp.bfloat16)
+    off = dict(q_offset=jnp.asarray([0, 150], jnp.int32), kv_offset=jnp.asarray([0, 150], jnp.int32))
+
+    def grads(impl, q, k, v):
+        def loss(ts):
+            return jnp.sum(scoremod.attention(q, k, v, mod=mod, implementation=impl, **off, **ts).astype(jnp.float32) * do)
+        return jax.jit(jax.grad(loss))(ts)
+    f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+    got, again = grads("pallas", q, k, v), grads("pallas", q, k, v)
+    want = grads("xla", f32(q), f32(k), f32(v))
+    for n in ts:
+        assert np.array_equal(np.asarray(got[n]), np.asarray(again[n])), n
+        assert _rel(got[n], want[n]) < 3e-2, n
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
+def test_gpu_gathered_table_gradients():
+    # Tables read at computed indices (relpos per head, T5-style buckets shared by heads)
+    # get their gradients in the dQ kernel: bf16, default blocks, GQA, per-batch offsets,
+    # against xla's f32 gradients; repeated runs are bitwise equal.
+    B, T, N, K, H = 2, 700, 4, 2, 128
+    rng = np.random.default_rng(3)
+    ts = {"t": jnp.asarray(rng.standard_normal((N, 129)), jnp.float32),
+          "u": jnp.asarray(rng.standard_normal(16), jnp.float32)}
+    mod = ("causal & window(300) + relpos(t, 64) "
+           "+ u[where(q - kv < 8, q - kv, min(15, 8 + floor(log((q - kv) / 8) / log(32) * 8)))]")
+    q, k, v, do = _inputs(jax.random.PRNGKey(3), B, T, T, N, K, H, jnp.bfloat16)
     off = dict(q_offset=jnp.asarray([0, 150], jnp.int32), kv_offset=jnp.asarray([0, 150], jnp.int32))
 
     def grads(impl, q, k, v):

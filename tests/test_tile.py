@@ -3,6 +3,7 @@ on generated sources, shapes, offsets and random tile rectangles; gather reads (
 read at computed indices) through a TableLookup as the Pallas kernel feeds them."""
 
 import numpy as np
+import pytest
 import jax.numpy as jnp
 from hypothesis import HealthCheck, assume, given, settings, strategies as st
 
@@ -121,6 +122,43 @@ def test_table_lookup_clips_like_the_xla_gather():
     cols = jnp.asarray([[-1, 0, 3, 4, 100]])
     want = np.asarray(table)[np.clip(np.asarray(rows), 0, 2), np.clip(np.asarray(cols), 0, 3)]
     np.testing.assert_array_equal(np.asarray(lookup.gather([jnp.int32(7), rows, cols])), want)   # leading index ignored
+
+
+@pytest.mark.parametrize("source, fixed", [
+    ("score + relpos(t, 4)", 1),                       # t[h, clip(q - kv, -4, 4) + 4]
+    ("score + t[1, h, q // 4]", 2),                    # a literal and h
+    ("score + t[c[b], h, abs(q - kv) % 5]", 2),        # an int read of b
+    ("score + t[abs(q - kv), h]", 0),                  # q - kv leads: the whole table
+])
+def test_gather_slices_and_offsets_make_the_gather_offsets(source, fixed):
+    # The dQ kernel scatters a table's gradient to (slice, offset within it): slices over
+    # the leading axes indexed by neither q nor kv (per program), offsets over the rest.
+    # slice * slice size + offset must be the offset the forward gathers at.
+    B, N, T, S = 2, 3, 9, 11
+    shapes = {"t": (3, N, 12) if "t[1" in source or "c[b]" in source else (N, 9) if "relpos" in source else (20, N)}
+    tensors = {"t": jnp.arange(np.prod(shapes["t"]), dtype=jnp.float32).reshape(shapes["t"]),
+               "c": jnp.asarray([2, 0], jnp.int32)}
+    tensors = {n: t for n, t in tensors.items() if f"{n}[" in source or (n == "t" and "relpos" in source)}
+    prog = TileProgram.build(scoremod.compile(source).canonical, {n: t.ndim for n, t in tensors.items()})
+    i = next(n for n, r in enumerate(prog.reads) if r.name == "t")
+    assert prog.reads[i].fixed_axes == fixed
+    q_pos, kv_pos = _positions(np.asarray([1, 4]), B, T), _positions(0, B, S)
+    reads = prog.materialize_reads(tensors, B, N, q_pos, kv_pos)
+    shapes_of = [tuple(np.shape(r)) for r in reads]
+    slices = np.asarray(prog.gather_slices(i, reads, shapes_of, B, N))
+    size = int(np.prod(shapes["t"][fixed:]))
+    for b in range(B):
+        for h in range(N):
+            tiles = [TableLookup(tuple(np.shape(r)), lambda flat, r=r: jnp.reshape(r, (-1,))[flat]) if spec.gather
+                     else r[b if r.shape[0] > 1 else 0, h if r.shape[1] > 1 else 0]
+                     for spec, r in zip(prog.reads, reads)]
+            args = dict(b=jnp.int32(b), h=jnp.int32(h), q=jnp.asarray(q_pos[b, :, None]), kv=jnp.asarray(kv_pos[b, None, :]))
+            local = np.asarray(prog.gather_offsets(i, reads=tiles, **args))
+            assert local.shape == (T, S) and local.min() >= 0 and local.max() < size
+            # t holds its own offsets, so the values at score 0 (score + t[...]) are where
+            # the forward gathers
+            want = np.asarray(prog.values(jnp.zeros((T, S)), reads=tiles, **args))
+            np.testing.assert_array_equal(slices[b, h] * size + local, want)
 
 
 @settings(max_examples=12, suppress_health_check=[HealthCheck.filter_too_much])
