@@ -23,7 +23,7 @@ from scoremod.compiler.intervals import BlockGrid, PositionBlocks, value_interva
 __all__ = ["tensor_reads", "check_tensors", "check_missing_tensors", "check_mask_read_dtypes", "expected_shape",
            "mask_of", "read_tensors", "concrete"]
 
-_SHAPE_HINT = "leading axes may be left out; axes of size 1 broadcast"
+_SHAPE_HINT = "leading axes may be left out; an axis indexed by b, h, q or kv may have size 1 (broadcast)"
 
 
 def tensor_reads(node: Node) -> dict[str, list[Tensor]]:
@@ -368,7 +368,13 @@ def _check_read(name, read: Tensor, shape, *, batch, heads, q_end, kv_end, q_len
         elif role is None:
             rng = _index_range(index, batch=batch, heads=heads, q_len=q_len, kv_len=kv_len,
                                q_offset=q_offset, kv_offset=kv_offset)
-            if rng is not None and not (0 <= rng[0] and rng[1] < size):
+            if rng is not None and rng[0] < 0:
+                raise ScoreModTensorError(
+                    f"tensor '{name}' of shape {list(shape)} does not fit {read}: index {index} ranges over "
+                    f"[{rng[0]}, {rng[1]}] at the call's positions (whatever the mask allows) and goes below 0, "
+                    f"which no size of axis {axis} holds; bound it, e.g. max({index}, 0) or "
+                    f"clip({index}, 0, {size - 1})")
+            if rng is not None and rng[1] >= size:
                 expected = expected_shape(read, batch=batch, heads=heads, q_end=q_end, kv_end=kv_end,
                                           sizes={axis: rng[1] + 1})
                 problem = (f"index {index} ranges over [{rng[0]}, {rng[1]}] but axis {axis} has size {size}")

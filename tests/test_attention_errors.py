@@ -183,3 +183,15 @@ def test_traced_offsets_check_tensor_lengths_against_t_and_s():
     assert jax.jit(f)(offset, jnp.zeros((B, 12), jnp.int32)).shape == T12.shape
     with pytest.raises(ScoreModTensorError, match="too short for query positions up to 11"):
         jax.jit(f)(offset, jnp.zeros((B, 11), jnp.int32))
+
+
+def test_an_index_below_zero_is_told_to_be_bounded_not_given_a_shape():
+    # q - kv + 10 reaches -3 at these positions: no table size holds it, so the error says
+    # how to bound the index instead of suggesting a shape.
+    q = jnp.zeros((1, 36, 2, 8))
+    kv = jnp.zeros((1, 14, 2, 8))
+    with pytest.raises(scoremod.ScoreModTensorError, match=r"goes below 0.*max\(q - kv \+ 10, 0\)") as info:
+        scoremod.attention(q, kv, kv, mod="causal + t[q - kv + 10]", t=jnp.zeros(60), implementation="xla")
+    assert "expected shape" not in str(info.value)
+    out = scoremod.attention(q, kv, kv, mod="causal + t[max(q - kv, 0) + 10]", t=jnp.zeros(46), implementation="xla")
+    assert out.shape == q.shape
