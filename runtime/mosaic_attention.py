@@ -7,7 +7,8 @@ feeds two consumer warpgroups (FlashAttention-3's layout), FULL tiles skip the m
 the ``TileProgram`` runs on every tile that needs it. ``jax.grad`` runs the Mosaic
 backward (``runtime/_mosaic_backward.py``: dQ and dK/dV kernels over the plan), or the
 Pallas backward (``pallas_attention.flash_backward``, fed with this forward's lse) for
-mods it cannot run and with ``MosaicBlockSizes(backward="pallas")``.
+mods it cannot run, with ``MosaicBlockSizes(backward="pallas")``, and when a float tensor
+the mod reads is differentiated (the Pallas backward gives it its gradient).
 
 Same layout and meaning as ``pallas_attention``: query ``[B, T, N, H]``, key/value
 ``[B, S, K, H]`` with ``N % K == 0``, any T and S (the wrapper pads to whole blocks and
@@ -291,17 +292,31 @@ def mosaic_attention(query, key, value, *, mod=None, scale=None, q_offset=0, kv_
         block_kv=bs.block_kv, num_stages=bs.num_stages, plan_b=plan.grid_shape[0], plan_h=plan.grid_shape[1],
         ctas=min(n_tiles, _sm_count()) if bs.persistent else n_tiles)
     aux = dict(lists=lists, order=order, reads=reads, q_off=q_off, kv_off=kv_off)
-    if bs.backward == "mosaic" and _mosaic_backward.backward_reason(program) is None:
-        bcfg, aux["mosaic_bwd"] = _prepare_mosaic_backward(
+    mosaic_backward = bs.backward == "mosaic" and _mosaic_backward.backward_reason(program) is None
+    mcfg = pcfg = None
+    pallas_aux = {}
+    if mosaic_backward:
+        mcfg, aux["mosaic_bwd"] = _prepare_mosaic_backward(
             mod, cfg, plans, B=B, N=N, q_offset=q_offset, kv_offset=kv_offset, tensors=tensors,
             stages=bs.backward_stages, persistent=bs.backward_persistent)
-        backward = ("mosaic", bcfg)
-    else:
-        pcfg, aux["pallas"] = _pallas.prepare(mod, program, query, key, value, scale=scale, q_offset=q_offset,
-                                              kv_offset=kv_offset, tensors=tensors, forward=False, plans=plans)
-        backward = ("pallas", pcfg)
-    out, lse = _flash(cfg, backward, query, key, value, aux)
+    if not mosaic_backward:
+        pcfg, pallas_aux = _pallas.prepare(mod, program, query, key, value, scale=scale, q_offset=q_offset,
+                                           kv_offset=kv_offset, tensors=tensors, forward=False, plans=plans)
+    elif _reads_floats(program, tensors):
+        # The Pallas backward that gives float tensor reads their gradients when they are
+        # differentiated (unused, and dropped by XLA, when they are not).
+        try:
+            pcfg, pallas_aux = _pallas.prepare(mod, program, query, key, value, scale=scale, q_offset=q_offset,
+                                               kv_offset=kv_offset, tensors=tensors, forward=False, plans=plans)
+        except NotImplementedError:
+            pass   # then a differentiated float tensor declines in _flash_fwd
+    out, lse = _flash(cfg, (mcfg, pcfg), query, key, value, aux, pallas_aux)
     return (out, lse) if return_lse else out
+
+
+def _reads_floats(program, tensors) -> bool:
+    """Whether the program reads a float tensor (one that may be differentiated)."""
+    return any(jnp.issubdtype(jnp.asarray(tensors[r.name]).dtype, jnp.floating) for r in program.reads)
 
 
 def _sm_count() -> int:
@@ -387,31 +402,37 @@ def _run_mosaic_backward(bcfg, q, k, v, aux, out, lse, cotangents):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _flash(cfg, backward, q, k, v, aux):
+def _flash(cfg, backward, q, k, v, aux, pallas_aux):
     return _run_forward(cfg, q, k, v, aux)
 
 
-def _flash_fwd(cfg, backward, q, k, v, aux):
-    (q, k, v, aux), perturbed = _pallas.primal_values("mosaic", q, k, v, aux)
-    if perturbed:
-        raise NotImplementedError("the mosaic kernels do not give tensor parameters gradients yet; "
-                                  "the pallas and xla paths do (docs/attention.md, Gradients)")
+def _flash_fwd(cfg, backward, q, k, v, aux, pallas_aux):
+    # Differentiated float reads: the Pallas backward gives them their gradients (through
+    # its own materialized reads, pallas_aux["reads"]); the forward's reads get none.
+    (q, k, v, aux), forward_perturbed = _pallas.primal_values("mosaic", q, k, v, aux)
+    (pallas_aux,), perturbed = _pallas.primal_values("mosaic", pallas_aux)
+    if forward_perturbed and not perturbed:
+        raise NotImplementedError("the mosaic kernels give tensor parameters their gradients through the "
+                                  "pallas backward, which cannot run this call; the xla path can "
+                                  "(docs/attention.md, Gradients)")
     out, lse = _run_forward(cfg, q, k, v, aux)
-    return (out, lse), (q, k, v, aux, out, lse)
+    return (out, lse), (q, k, v, aux, pallas_aux, out, lse, _pallas.ReadGrads(perturbed))
 
 
 def _flash_bwd(cfg, backward, res, cotangents):
-    """``backward``: ("pallas", KernelConfig) or ("mosaic", MosaicBackwardConfig)."""
-    q, k, v, aux, out, lse = res
+    """``backward``: (MosaicBackwardConfig or None, the Pallas KernelConfig or None). The
+    Mosaic backward runs when it was prepared and no float tensor read is differentiated;
+    else the Pallas backward (fed with this forward's output and lse)."""
+    q, k, v, aux, pallas_aux, out, lse, read_grads = res
     cotangents = tuple(map(_pallas.dense_cotangent, cotangents))
-    kind, bcfg = backward
-    if kind == "mosaic":
-        dq, dk, dv = _run_mosaic_backward(bcfg, q, k, v, aux, out, lse, cotangents)
+    mcfg, pcfg = backward
+    pallas_ct = jax.tree_util.tree_map(_pallas._zero_cotangent, pallas_aux)
+    if mcfg is not None and not read_grads.indices:
+        dq, dk, dv = _run_mosaic_backward(mcfg, q, k, v, aux, out, lse, cotangents)
     else:
-        dq, dk, dv, _ = _pallas.flash_backward(bcfg, (q, k, v, aux["pallas"], out, lse, _pallas.ReadGrads()),
-                                               cotangents)
-    aux_ct = jax.tree_util.tree_map(_pallas._zero_cotangent, aux)
-    return dq, dk, dv, aux_ct
+        dq, dk, dv, pallas_ct = _pallas.flash_backward(pcfg, (q, k, v, pallas_aux, out, lse, read_grads),
+                                                       cotangents)
+    return dq, dk, dv, jax.tree_util.tree_map(_pallas._zero_cotangent, aux), pallas_ct
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd, symbolic_zeros=True)

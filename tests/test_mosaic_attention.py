@@ -11,6 +11,8 @@ The Mosaic GPU interpreter cannot run the kernel on the CPU (it has no rule for 
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
 import sys
 
@@ -457,18 +459,60 @@ def test_gpu_mosaic_backward_skips_and_masked_rows(mod, q_offset):
 
 
 @needs_mosaic
-def test_mosaic_declines_gradients_to_float_tensors(pretend_hopper):
-    """Under jax.grad with a float tensor differentiated, mosaic declines (the call would
-    fall through to xla) instead of returning zero for it; with the tensor constant it lowers."""
+@pytest.mark.parametrize("backward", ["mosaic", "pallas"])
+def test_mosaic_gives_float_tensors_gradients_through_the_pallas_backward(pretend_hopper, monkeypatch, backward):
+    """Under jax.grad with float tensors differentiated, the Mosaic forward hands the
+    backward to the Pallas kernels (interpret mode here), which give the reads their
+    gradients (a slope per head, a per-key bias; GQA, per-batch offsets, rows with no key).
+    The Mosaic forward cannot run on a CPU: the reference stands in for it (on the same
+    values), so this checks the routing and the cotangents."""
+    B, T, N, K, H = 2, 70, 4, 2, 64
+    q, k, v = _qkv(B, T, T, N, K, H)
+    f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+    rng = np.random.default_rng(0)
+    ts = {"s": jnp.asarray(rng.uniform(0.5, 1.5, N), jnp.float32), "w": jnp.asarray(rng.standard_normal(90), jnp.float32)}
+    mod = "kv <= q - 5 & window(40) & (score - s[h] * abs(q - kv) / 8 + w[kv])"
+    off = dict(q_offset=jnp.asarray([0, 7], jnp.int32), kv_offset=0)
+
+    def reference(q, k, v, ts):
+        return scoremod.attention(f32(q), f32(k), f32(v), mod=mod, implementation="reference", return_lse=True,
+                                  **off, **ts)
+
+    def stand_in(cfg, q, k, v, aux):
+        out, lse = reference(q, k, v, ts)
+        return out.astype(q.dtype), jnp.transpose(lse, (0, 2, 1))   # the kernels' lse is [B, N, T]
+    monkeypatch.setattr(ma, "_run_forward", stand_in)
+    bs = dataclasses.replace(ma.MosaicBlockSizes.get_default(H), backward=backward)
+    w_out = jax.random.normal(jax.random.key(3), q.shape)
+
+    def loss(impl):
+        def f(q, ts):
+            if impl == "mosaic":
+                out = ma.mosaic_attention(q, k, v, mod=mod, tensors=ts, block_sizes=bs, **off)
+            else:
+                out = reference(q, k, v, ts)[0]
+            return jnp.sum(f32(out) * w_out)
+        return f
+    got = jax.grad(loss("mosaic"), argnums=(0, 1))(q, ts)
+    want = jax.grad(loss("reference"), argnums=(0, 1))(q, ts)
+    for n in ts:
+        scale = float(jnp.abs(want[1][n]).max())
+        assert scale > 1e-3, n
+        np.testing.assert_allclose(np.asarray(got[1][n]), np.asarray(want[1][n]), atol=3e-2 * scale, err_msg=n)
+    dq, want_dq = np.asarray(f32(got[0])), np.asarray(want[0])
+    assert np.linalg.norm(dq - want_dq) <= 3e-2 * np.linalg.norm(want_dq)
+
+
+@needs_mosaic
+def test_mosaic_backward_lowers_with_float_tensors_held_constant(pretend_hopper):
     q, k, v = _qkv(1, 128, 128, 2, 2, 128)
     s = jnp.linspace(0.1, 1.0, 2)
 
     def loss(q, s):
         return ma.mosaic_attention(q, k, v, mod="causal + -s[h] * abs(q - kv)", tensors={"s": s}).astype(
             jnp.float32).sum()
-    with pytest.raises(NotImplementedError, match="do not give tensor parameters gradients"):
-        jax.jit(jax.grad(loss, argnums=1)).trace(q, s)
-    jax.jit(jax.grad(loss, argnums=0)).trace(q, s).lower(lowering_platforms=("cuda",))
+    text = jax.jit(jax.grad(loss, argnums=0)).trace(q, s).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text or "mosaic" in text
 
 
 @pytest.mark.gpu
@@ -500,14 +544,16 @@ def test_gpu_mask_reads_trig_and_sinks(mod, sinks):
 
 
 @pytest.mark.gpu
-def test_gpu_gradient_to_a_float_table_falls_through_to_pallas():
-    """A differentiated float table: mosaic declines, the default dispatch runs pallas
-    (whose backward gives reads at plain positions their gradients), and the table gets
-    the reference's gradient (never zeros)."""
+def test_gpu_gradient_to_a_float_table(caplog):
+    """A differentiated float table: the default dispatch runs the Mosaic forward and the
+    Pallas backward (which gives reads their gradients), and the table gets the
+    reference's gradient (never zeros)."""
     q, k, v = _qkv(1, 256, 256, 2, 2, 128)
     t = jnp.linspace(0.1, 1.0, 2)
     mod = "causal + -t[h] * abs(q - kv)"   # a per-head slope (ALiBi learned)
-    got = jax.jit(jax.grad(lambda t: jnp.sum(scoremod.attention(q, k, v, mod=mod, t=t).astype(jnp.float32) ** 2)))(t)
+    with caplog.at_level(logging.INFO, logger="scoremod"):
+        got = jax.jit(jax.grad(lambda t: jnp.sum(scoremod.attention(q, k, v, mod=mod, t=t).astype(jnp.float32) ** 2)))(t)
+    assert "using mosaic" in caplog.text
     f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
     want = jax.grad(lambda t: jnp.sum(scoremod.attention(f32(q), f32(k), f32(v), mod=mod, t=t,
                                                          implementation="reference") ** 2))(t)
