@@ -394,45 +394,34 @@ def test_gpu_bf16_realistic(mod, monkeypatch):
            block_sizes=None, monkeypatch=monkeypatch)
 
 
+def _layout_tables(rng, N):
+    return {"s": jnp.asarray(rng.uniform(0.5, 1.5, N), jnp.float32),
+            "u": jnp.asarray(rng.uniform(0.5, 1.5, 900), jnp.float32),
+            "w": jnp.asarray(rng.standard_normal(900), jnp.float32),
+            "p": jnp.asarray(rng.standard_normal((900, 900)), jnp.float32)}
+
+
+def _gathered_tables(rng, N):
+    return {"t": jnp.asarray(rng.standard_normal((N, 129)), jnp.float32),
+            "u": jnp.asarray(rng.standard_normal(16), jnp.float32)}
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
-def test_gpu_tensor_gradients_of_every_layout():
+@pytest.mark.parametrize("mod, make_tables", [
+    # every plain layout: summed in dQ (s[h], u[q]), in dK/dV (w[kv]), tile by tile (p[q, kv])
+    ("causal & window(300) & (score * u[q] + w[kv] - s[h] * abs(q - kv) / 64 + p[q, kv])", _layout_tables),
+    # tables read at computed indices (relpos per head, T5-style buckets shared by heads),
+    # scattered in the dQ kernel
+    ("causal & window(300) + relpos(t, 64) "
+     "+ u[where(q - kv < 8, q - kv, min(15, 8 + floor(log((q - kv) / 8) / log(32) * 8)))]", _gathered_tables),
+], ids=["plain layouts", "gathered tables"])
+def test_gpu_tensor_gradients(mod, make_tables):
     # Read gradients on the Triton kernels (bf16, default blocks, ragged T, GQA, per-batch
-    # offsets): summed in dQ (s[h], u[q]), in dK/dV (w[kv]), tile by tile (p[q, kv]),
-    # against xla's f32 gradients; repeated runs are bitwise equal.
+    # offsets) against xla's f32 gradients; repeated runs are bitwise equal.
     B, T, N, K, H = 2, 700, 4, 2, 128
-    rng = np.random.default_rng(1)
-    ts = {"s": jnp.asarray(rng.uniform(0.5, 1.5, N), jnp.float32), "u": jnp.asarray(rng.uniform(0.5, 1.5, 900), jnp.float32),
-          "w": jnp.asarray(rng.standard_normal(900), jnp.float32), "p": jnp.asarray(rng.standard_normal((900, 900)), jnp.float32)}
-    mod = "causal & window(300) & (score * u[q] + w[kv] - s[h] * abs(q - kv) / 64 + p[q, kv])"
+    ts = make_tables(np.random.default_rng(1), N)
     q, k, v, do = _inputs(jax.random.PRNGKey(2), B, T, T, N, K, H, jnp.bfloat16)
-    off = dict(q_offset=jnp.asarray([0, 150], jnp.int32), kv_offset=jnp.asarray([0, 150], jnp.int32))
-
-    def grads(impl, q, k, v):
-        def loss(ts):
-            return jnp.sum(scoremod.attention(q, k, v, mod=mod, implementation=impl, **off, **ts).astype(jnp.float32) * do)
-        return jax.jit(jax.grad(loss))(ts)
-    f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
-    got, again = grads("pallas", q, k, v), grads("pallas", q, k, v)
-    want = grads("xla", f32(q), f32(k), f32(v))
-    for n in ts:
-        assert np.array_equal(np.asarray(got[n]), np.asarray(again[n])), n
-        assert _rel(got[n], want[n]) < 3e-2, n
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
-def test_gpu_gathered_table_gradients():
-    # Tables read at computed indices (relpos per head, T5-style buckets shared by heads)
-    # get their gradients in the dQ kernel: bf16, default blocks, GQA, per-batch offsets,
-    # against xla's f32 gradients; repeated runs are bitwise equal.
-    B, T, N, K, H = 2, 700, 4, 2, 128
-    rng = np.random.default_rng(3)
-    ts = {"t": jnp.asarray(rng.standard_normal((N, 129)), jnp.float32),
-          "u": jnp.asarray(rng.standard_normal(16), jnp.float32)}
-    mod = ("causal & window(300) + relpos(t, 64) "
-           "+ u[where(q - kv < 8, q - kv, min(15, 8 + floor(log((q - kv) / 8) / log(32) * 8)))]")
-    q, k, v, do = _inputs(jax.random.PRNGKey(3), B, T, T, N, K, H, jnp.bfloat16)
     off = dict(q_offset=jnp.asarray([0, 150], jnp.int32), kv_offset=jnp.asarray([0, 150], jnp.int32))
 
     def grads(impl, q, k, v):
