@@ -39,12 +39,14 @@ def _ids(B, T, seed=0):
 
 
 def _out_lse_grads(fn, q, k, v):
+    """out, lse and the gradients of a loss of both, in one jitted program (the plan and
+    the tensors, closed over, stay concrete as in an eager call)."""
     def loss(q, k, v):
         out, lse = fn(q, k, v)
         return jnp.sum(out * jnp.cos(jnp.arange(out.size, dtype=jnp.float32).reshape(out.shape))) + \
-            jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0))
-    (out, lse) = fn(q, k, v)
-    return (out, lse, *jax.grad(loss, argnums=(0, 1, 2))(q, k, v))
+            jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0)), (out, lse)
+    (_, (out, lse)), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+    return (out, lse, *grads)
 
 
 @settings(max_examples=10)
@@ -80,10 +82,12 @@ def test_no_plan_is_built_in_a_call_with_a_plan(monkeypatch):
         plan = scoremod.plan(DOC, T, batch=B, heads=N, head_dim=16, dtype="float32", implementation=impl, ids=ids)
         assert plan.plans and not plan.static
         built.clear()
-        scoremod.attention(q, k, v, plan=plan)
-        jax.grad(lambda q: scoremod.attention(q, k, v, plan=plan).sum())(q)
+        # forward and backward traced in one jitted program (the plan is built where it is
+        # traced, so a build in the call would be recorded as it is eagerly)
+        jax.jit(lambda q: (scoremod.attention(q, k, v, plan=plan),
+                           jax.grad(lambda q: scoremod.attention(q, k, v, plan=plan).sum())(q)))(q)
         assert built == [], impl
-        scoremod.attention(q, k, v, mod=DOC, ids=ids, implementation=impl)   # without: it builds
+        jax.jit(lambda q: scoremod.attention(q, k, v, mod=DOC, ids=ids, implementation=impl))(q)   # without: it builds
         assert built, impl
 
 

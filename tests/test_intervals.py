@@ -241,7 +241,9 @@ def _float32_mask(source, B, N, T, S, q_offset=0, kv_offset=0):
     h = jnp.arange(N, dtype=jnp.int32)[None, :, None, None]
     q = (q_offset + jnp.arange(T, dtype=jnp.int32))[None, None, :, None]
     kv = (kv_offset + jnp.arange(S, dtype=jnp.int32))[None, None, None, :]
-    return np.broadcast_to(np.asarray(mm(b, h, q, kv)), (B, N, T, S))
+    # jitted as the kernels run it (one compilation, not one per op); the indices are
+    # arguments, so XLA compiles the arithmetic rather than folding it as constants
+    return np.broadcast_to(np.asarray(jax.jit(mm)(b, h, q, kv)), (B, N, T, S))
 
 
 @pytest.mark.parametrize("source, q_offset", [

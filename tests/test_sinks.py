@@ -54,9 +54,9 @@ def test_every_path_matches_the_formula(src, shape, seed, impl):
     tensors = src.make_tensors(shape, np.random.default_rng(seed))
     q, k, v, s = _inputs(shape.B, shape.T, shape.S, shape.N, shape.K, 8, seed)
     call = dict(q_offset=shape.q_offset, kv_offset=shape.kv_offset)
-    try:
-        out, lse = scoremod.attention(q, k, v, mod=src.text, sinks=s, return_lse=True, implementation=impl,
-                                      **call, **tensors)
+    try:   # jitted: one compilation instead of one per op (tensors and offsets stay concrete, closed over)
+        out, lse = jax.jit(lambda q, k, v, s: scoremod.attention(q, k, v, mod=src.text, sinks=s, return_lse=True,
+                                                                 implementation=impl, **call, **tensors))(q, k, v, s)
     except NotImplementedError:
         return   # pallas declines some generated mods (and says why); the other paths run them
     want_out, want_lse = sink_attention(q, k, v, s, src.text, tensors={n: np.asarray(t) for n, t in tensors.items()},
@@ -70,23 +70,23 @@ def test_every_path_matches_the_formula(src, shape, seed, impl):
 def test_rows_with_no_key_give_zero_and_the_sink():
     q, k, v, s = _inputs(2, 12, 12, 4, 2, 8, seed=1)
     for impl in ("reference", "xla", "pallas"):
-        out, lse = scoremod.attention(q, k, v, mod="causal & kv >= 5", sinks=s, return_lse=True,
-                                      implementation=impl)
+        # one jitted program per path, used for all three sinks below (one compilation)
+        run = jax.jit(lambda s, impl=impl: scoremod.attention(q, k, v, mod="causal & kv >= 5", sinks=s,
+                                                              return_lse=True, implementation=impl))
+        out, lse = run(s)
         np.testing.assert_array_equal(np.asarray(out)[:, :5], 0.0)
         np.testing.assert_allclose(np.asarray(lse)[:, :5], np.broadcast_to(np.asarray(s), (2, 5, 4)), atol=1e-6)
         # a -inf sink is no sink: rows with no key stay 0 and -inf, without NaN
-        out, lse = scoremod.attention(q, k, v, mod="causal & kv >= 5", sinks=jnp.full((4,), -jnp.inf),
-                                      return_lse=True, implementation=impl)
+        out, lse = run(jnp.full((4,), -jnp.inf))
         assert np.isneginf(np.asarray(lse)[:, :5]).all() and not np.isnan(np.asarray(out)).any()
         # ... and its gradient is 0 there, never NaN (logaddexp(-inf, -inf)'s derivative
         # is); the finite sink beside it gets its usual gradient
         mixed = jnp.asarray([-jnp.inf, 0.5, -jnp.inf, -1.0])
 
         def loss(s):
-            out, lse = scoremod.attention(q, k, v, mod="causal & kv >= 5", sinks=s, return_lse=True,
-                                          implementation=impl)
+            out, lse = run(s)
             return jnp.sum(out) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0))
-        g = np.asarray(jax.grad(loss)(mixed))
+        g = np.asarray(jax.jit(jax.grad(loss))(mixed))
         assert g[0] == 0.0 and g[2] == 0.0 and np.isfinite(g).all() and abs(g[1]) > 0, (impl, g)
 
 
@@ -102,7 +102,7 @@ def test_gradients_to_qkv_and_sinks(mod):
             out, lse = scoremod.attention(q, k, v, mod=mod, sinks=s, return_lse=True, implementation=impl)
             return jnp.sum(out * w) + jnp.sum(jnp.sin(lse))
         return f
-    want = jax.grad(loss("reference"), argnums=(0, 1, 2, 3))(q, k, v, s)
+    want = jax.jit(jax.grad(loss("reference"), argnums=(0, 1, 2, 3)))(q, k, v, s)
     for impl in ("xla", "pallas"):
         got = jax.jit(jax.grad(loss(impl), argnums=(0, 1, 2, 3)))(q, k, v, s)
         for name, a, b in zip("qkvs", got, want):
@@ -119,14 +119,17 @@ def test_gradients_to_qkv_and_sinks(mod):
 def test_sinks_with_a_plan_and_with_context_parallelism():
     q, k, v, s = _inputs(2, 32, 32, 4, 2, 8, seed=3)
     ids = jnp.asarray(np.sort(np.random.default_rng(0).integers(0, 3, (2, 32)), axis=1).astype(np.int32))
-    want = scoremod.attention(q, k, v, mod="causal & doc(ids)", ids=ids, sinks=s, implementation="reference")
+    # each call jitted (one compilation, not one per op); ids and the plan stay concrete, closed over
+    want = jax.jit(lambda q, k, v, s: scoremod.attention(q, k, v, mod="causal & doc(ids)", ids=ids, sinks=s,
+                                                         implementation="reference"))(q, k, v, s)
     plan = scoremod.plan("causal & doc(ids)", 32, batch=2, heads=4, kv_heads=2, head_dim=8, dtype="float32", ids=ids)
-    np.testing.assert_allclose(np.asarray(scoremod.attention(q, k, v, plan=plan, sinks=s)), np.asarray(want),
-                               atol=2e-5)
+    got = jax.jit(lambda q, k, v, s: scoremod.attention(q, k, v, plan=plan, sinks=s))(q, k, v, s)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5)
     if len(jax.devices()) >= 4:
         mesh = jax.make_mesh((4,), ("sp",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:4])
-        got = scoremod.attention(q, k, v, mod="causal & doc(ids)", ids=ids, sinks=s, mesh=mesh, context_axis="sp",
-                                 implementation="reference")
+        got = jax.jit(lambda q, k, v, s: scoremod.attention(q, k, v, mod="causal & doc(ids)", ids=ids, sinks=s,
+                                                            mesh=mesh, context_axis="sp",
+                                                            implementation="reference"))(q, k, v, s)
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5)
 
 
