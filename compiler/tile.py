@@ -181,8 +181,8 @@ class TileProgram:
         offsets (``runtime/_pallas_backward.py``)."""
         read = self.reads[i]
         env = self._env(None, b, h, q, kv, reads)
-        used = used_indices([emit(index, env) for index in read.node.indices], read.rank)
-        flat = row_major_offsets(used[read.fixed_axes:], reads[i].shape[read.fixed_axes:])
+        within = used_indices(read.node.indices, read.rank)[read.fixed_axes:]
+        flat = row_major_offsets([emit(index, env) for index in within], reads[i].shape[read.fixed_axes:])
         return jnp.broadcast_to(flat, jnp.broadcast_shapes(jnp.shape(q), jnp.shape(kv)))
 
     def gather_slices(self, i: int, reads, shapes, batch: int, heads: int):
