@@ -36,7 +36,7 @@ from scoremod.compiler.intervals import num_blocks
 from scoremod.compiler.plan import ragged_edge, split_lists
 from scoremod.compiler.tensors import check_missing_tensors
 from scoremod.compiler.tile import TileProgram
-from scoremod.errors import ScoreModShapeError
+from scoremod.errors import ScoreModError, ScoreModShapeError
 from scoremod.runtime import _mosaic_backward, _mosaic_forward
 from scoremod.runtime.attention_plan import plan_for
 from scoremod.runtime._dispatch import as_mod, kernel_input_reason
@@ -308,8 +308,8 @@ def mosaic_attention(query, key, value, *, mod=None, scale=None, q_offset=0, kv_
         try:
             pcfg, pallas_aux = _pallas.prepare(mod, program, query, key, value, scale=scale, q_offset=q_offset,
                                                kv_offset=kv_offset, tensors=tensors, forward=False, plans=plans)
-        except NotImplementedError:
-            pass   # then a differentiated float tensor declines in _flash_fwd
+        except (NotImplementedError, ScoreModError):
+            pass   # (e.g. a reusable plan without its blocks) then a differentiated float tensor declines in _flash_fwd
     out, lse = _flash(cfg, (mcfg, pcfg), query, key, value, aux, pallas_aux)
     return (out, lse) if return_lse else out
 
