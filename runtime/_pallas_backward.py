@@ -43,8 +43,8 @@ from jax.experimental import pallas as pl
 
 from scoremod.runtime._triton import compiler_params
 from scoremod.runtime._pallas_common import (
-    LOG2E, KernelConfig, ReadSet, dot, dread, exp2, dscore, fixed_reads, listed_span, load_row_stats, load_rows,
-    offset_and_plan_specs, read_specs, span, store, tile_logits2, tile_valid, values_and_all_reads)
+    LOG2E, KernelConfig, ReadSet, at_most_zero, dot, dread, exp2, dscore, fixed_reads, listed_span, load_row_stats,
+    load_rows, offset_and_plan_specs, read_specs, span, store, tile_logits2, tile_valid, values_and_all_reads)
 
 
 def _safe_lse2(lse):
@@ -174,7 +174,7 @@ def _dq_kernel(qoff_ref, kvoff_ref, fcount_ref, fidx_ref, pcount_ref, pidx_ref, 
             logits = tile_logits2(cfg, s, full=full, b=b, h=h, q_pos=q_pos, kv_pos=kv_pos,
                                   valid=None if kv_valid is None else kv_valid[None, :],
                                   reads_values=lambda: rv, reads_all=reads_all)
-            p = exp2(logits - lse2[:, None], fast=not cfg.interpret)
+            p = exp2(at_most_zero(logits - lse2[:, None]), fast=not cfg.interpret)
             dp = dot(do, v, trans_b=True)
             dlogit = p * (dp - delta[:, None])
             ds = _ds(cfg, dlogit, p, s, b=b, h=h, q_pos=q_pos, kv_pos=kv_pos, reads=rv)
@@ -316,7 +316,7 @@ def _dkv_kernel(qoff_ref, kvoff_ref, fcount_ref, fidx_ref, pcount_ref, pidx_ref,
             valid = None if is_full is True else tile_valid(rows, cols)
             logits = tile_logits2(cfg, s, full=full, b=b, h=h, q_pos=q_pos, kv_pos=kv_pos,
                                   valid=valid, reads_values=lambda: rv, reads_all=reads_all)
-            p = exp2(logits - lse2[:, None], fast=not cfg.interpret)
+            p = exp2(at_most_zero(logits - lse2[:, None]), fast=not cfg.interpret)
             dv = dv + dot(p.astype(do.dtype), do, trans_a=True)
             dp = dot(do, v, trans_b=True)
             dlogit = p * (dp - delta[:, None])

@@ -45,6 +45,14 @@ def dot(a, b, trans_a=False, trans_b=False):
     return fn(a, b, trans_a=trans_a, trans_b=trans_b)
 
 
+def at_most_zero(d):
+    """``d`` with positive entries set to 0 (NaN kept). An exponent ``logit - max`` is <= 0
+    by construction, but at logit magnitudes near 1e9 and beyond the compiler may round
+    the two sides differently (a fused multiply-add): a positive exponent there would
+    overflow exp to inf and the row to NaN."""
+    return jnp.where(d > 0.0, 0.0, d)
+
+
 def exp2(x, *, fast: bool):
     """``2**x`` in f32. fast: one ``ex2.approx.ftz.f32`` per element (what Triton's own
     ``tl.exp2`` emits) instead of libdevice's ``__nv_exp2f`` that ``jnp.exp2`` lowers to;

@@ -20,8 +20,8 @@ from jax.experimental import pallas as pl
 
 from scoremod.runtime._triton import compiler_params
 from scoremod.runtime._pallas_common import (
-    LN2, KernelConfig, ReadSet, dot, exp2, fixed_reads, listed_span, load_rows, offset_and_plan_specs, read_specs,
-    span, store, tile_logits2, tile_reads)
+    LN2, KernelConfig, ReadSet, at_most_zero, dot, exp2, fixed_reads, listed_span, load_rows, offset_and_plan_specs,
+    read_specs, span, store, tile_logits2, tile_reads)
 
 
 def _forward_kernel(qoff_ref, kvoff_ref, fcount_ref, fidx_ref, pcount_ref, pidx_ref, q_ref, k_ref,
@@ -74,8 +74,8 @@ def _forward_kernel(qoff_ref, kvoff_ref, fcount_ref, fidx_ref, pcount_ref, pidx_
                 m_safe = m_new   # a FULL tile of a mask-only mod has finite logits
             else:
                 m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-            alpha = exp2(m_prev - m_safe, fast=fast)
-            p = exp2(logits - m_safe[:, None], fast=fast)
+            alpha = exp2(at_most_zero(m_prev - m_safe), fast=fast)
+            p = exp2(at_most_zero(logits - m_safe[:, None]), fast=fast)
             l_new = l_prev * alpha + jnp.sum(p, axis=1)
             v = load_rows(v_ref.at[pl.ds(kv_start, bkv), :], cols)
             acc = acc * alpha[:, None] + dot(p.astype(v.dtype), v)

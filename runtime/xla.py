@@ -49,6 +49,11 @@ class _Config:
     static_offsets: tuple[int, int] | None   # both offsets, when both are Python ints
 
 
+
+def _at_most_zero(d):
+    """``d`` with positive entries set to 0, NaN kept (see ``_pallas_common.at_most_zero``)."""
+    return jnp.where(d > 0.0, 0.0, d)
+
 def xla_attention(query, key, value, *, mod: Mod, scale: float, q_offset=0, kv_offset=0,
                   tensors=None, block_sizes: XlaBlockSizes | None = None, plans=None):
     """Chunked attention with an online softmax (inputs already validated by ``attention()``).
@@ -204,8 +209,10 @@ def _forward(cfg: _Config, query, key, value, tensors, q_off, kv_off, plan):
             logits = tile_logits(_scores(cfg, q_blk, k_c), qi, c, floats)
             m_new = jnp.maximum(m, logits.max(axis=-1))
             m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)   # all -inf so far: exp(-inf - 0) = 0
-            alpha = jnp.exp(m - m_safe)
-            p = jnp.exp(logits - m_safe[..., None])
+            # Exponents are <= 0 by construction; at logit magnitudes near 1e9 and beyond the
+            # two sides may round differently after fusion: never let one overflow to inf.
+            alpha = jnp.exp(_at_most_zero(m - m_safe))
+            p = jnp.exp(_at_most_zero(logits - m_safe[..., None]))
             l = alpha * l + p.sum(axis=-1)
             pv = jnp.einsum("bkgqc,bkch->bkgqh", p.astype(v.dtype), v_c, preferred_element_type=jnp.float32)
             return m_new, l, alpha[..., None] * acc + pv
@@ -253,7 +260,7 @@ def _backward(cfg: _Config, query, key, value, tensors, q_off, kv_off, plan, out
             q_blk, do_blk, lse_blk, delta_blk, dlse_blk = map(rows, (q, do, lse, delta, dlse))
             logits, logits_vjp = jax.vjp(lambda s, f: tile_logits(s, qi, c, f), _scores(cfg, q_blk, k_c), floats)
             has_key = (lse_blk != -jnp.inf)[..., None]
-            p = jnp.where(has_key, jnp.exp(logits - jnp.where(has_key, lse_blk[..., None], 0.0)), 0.0)
+            p = jnp.where(has_key, jnp.exp(_at_most_zero(logits - jnp.where(has_key, lse_blk[..., None], 0.0))), 0.0)
             dv_c = dv_c + jnp.einsum("bkgqc,bkgqh->bkch", p.astype(do.dtype), do_blk,
                                      preferred_element_type=jnp.float32)
             dp = jnp.einsum("bkgqh,bkch->bkgqc", do_blk, v_c, preferred_element_type=jnp.float32)

@@ -316,6 +316,33 @@ def test_nan_and_inf_propagate_the_same_way_everywhere(impl, which, mod):
     assert np.isfinite(out[0][~want]).all() and np.isfinite(lse[0][~want]).all()
 
 
+@pytest.mark.parametrize("impl", ["xla-small", "pallas"])
+def test_huge_finite_logits_stay_finite_and_agree(impl):
+    # An additive padding bias of -1e30 (batch row 1: every key padded) over several
+    # blocks, a bias of -1e20 on every logit, and scores scaled by 1e10: the softmax's
+    # exponents are <= 0 by construction, but fused code may round a logit differently in
+    # the max and in the exponent; one that came out positive overflowed to inf and the
+    # row to NaN (found by an audit: NaN rows, lse +inf).
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.standard_normal((2, 70, 2, 8)), jnp.float32) for _ in range(3))
+    cases = [("score + where(kv < n[b], 0.0, -1e30)", {"n": jnp.asarray([40, 0], jnp.int32)}, None),
+             ("score - 1e20", {}, None), ("causal", {}, 1e10)]
+    for mod, tensors, scale in cases:
+        want = scoremod.attention(q, k, v, mod=mod, implementation="reference", return_lse=True, scale=scale, **tensors)
+        with implementation(impl) as name:
+            got = scoremod.attention(q, k, v, mod=mod, implementation=name, return_lse=True, scale=scale, **tensors)
+        for g, w in zip(got, want):
+            assert np.isfinite(np.asarray(g)).all(), mod
+            np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5, err_msg=mod)
+    # the audit's case for the xla path: scores near 1e10, one tile
+    q, k, v = (jnp.asarray(x, jnp.float32) for x in np.random.default_rng(0).standard_normal((3, 1, 3, 1, 2)))
+    want = scoremod.attention(q, k, v, scale=1e10, implementation="reference", return_lse=True)
+    got = scoremod.attention(q, k, v, scale=1e10, implementation="xla" if impl == "xla-small" else impl,
+                             return_lse=True)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("scale", [float("nan"), float("inf"), -float("inf")])
 def test_a_non_finite_scale_is_an_error(scale):
     q, k, v = _nan_case("none")
