@@ -17,11 +17,12 @@ import numpy as np
 from scoremod.errors import ScoreModTensorError
 from scoremod.dsl.ast import Binary, Call, IntLit, Node, Tensor, Unary, Var, walk
 from scoremod.dsl.definitions import closest_name, global_definitions, prelude
+from scoremod.dsl.typecheck import INT32_MAX, INT32_MIN
 from scoremod.compiler.axes import axis_roles, used_indices
 from scoremod.compiler.intervals import BlockGrid, PositionBlocks, value_interval
 
 __all__ = ["tensor_reads", "check_tensors", "check_missing_tensors", "check_mask_read_dtypes", "expected_shape",
-           "mask_of", "read_tensors", "concrete"]
+           "mask_of", "read_tensors", "concrete", "int32_range_error"]
 
 _SHAPE_HINT = "leading axes may be left out; an axis indexed by b, h, q or kv may have size 1 (broadcast)"
 
@@ -281,6 +282,22 @@ _KEYWORD_HINTS = {
 }
 
 
+def int32_range_error(name: str, values) -> str | None:
+    """Why the integers ``values`` do not fit in int32 (what kernels compute in), or None."""
+    values = np.asarray(values)
+    if values.size == 0 or not np.issubdtype(values.dtype, np.integer):
+        return None
+    lo, hi = int(values.min()), int(values.max())
+    if lo < INT32_MIN or hi > INT32_MAX:
+        bad = lo if lo < INT32_MIN else hi
+        return (f"{name} holds {bad}, outside int32 [{INT32_MIN}, {INT32_MAX}]: positions, ids and "
+                "integer tensors are int32 in every implementation")
+    return None
+
+
+INT32_HINT = "ids only need to be distinct per document: renumber them, e.g. with np.unique(ids, return_inverse=True)"
+
+
 def concrete(x):
     """``x`` as a NumPy array, or None when it is traced (inside jit/vmap): the values a
     check can look at. jax is imported only for a value that is no NumPy array (a jax
@@ -333,6 +350,12 @@ def check_tensors(mod_or_canonical, tensors: Mapping[str, Any], batch: int, head
             raise ScoreModTensorError(
                 f"tensor '{name}' has dtype {dtype}; expected int, float or bool values, shape "
                 f"{expected_shape_of_reads(rs, **fmt)}")
+        if dtype.kind in "iu":   # kernels and plans compute in int32 (a wider value would wrap)
+            value = tensors[name]
+            values = np.asarray(value) if isinstance(value, (int, np.integer, np.ndarray)) else concrete(value)
+            why = int32_range_error(f"tensor parameter '{name}'", values) if values is not None else None
+            if why:
+                raise ScoreModTensorError(why, hint=INT32_HINT)
         if 0 in shape:
             raise ScoreModTensorError(
                 f"tensor '{name}' is empty (shape {list(shape)}); expected shape {expected_shape_of_reads(rs, **fmt)}")

@@ -13,10 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from scoremod.errors import ScoreModError, ScoreModShapeError, ScoreModTensorError
-from scoremod.dsl.typecheck import INT32_MAX, INT32_MIN
 from scoremod.compiler.intervals import check_heads
 from scoremod.compiler.mod import Mod, compile_mod
-from scoremod.compiler.tensors import concrete   # re-exported: attention.py and paged.py use it
+from scoremod.compiler.tensors import concrete, int32_range_error   # re-exported: attention.py and paged.py use them
 
 logger = logging.getLogger("scoremod")
 
@@ -155,31 +154,16 @@ def _is_real_scalar(x) -> bool:
         jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer))
 
 
-def int32_range_error(name: str, values) -> str | None:
-    """Why the integers ``values`` do not fit in int32 (what kernels compute in), or None."""
-    values = np.asarray(values)
-    if values.size == 0 or not np.issubdtype(values.dtype, np.integer):
-        return None
-    lo, hi = int(values.min()), int(values.max())
-    if lo < INT32_MIN or hi > INT32_MAX:
-        bad = lo if lo < INT32_MIN else hi
-        return (f"{name} holds {bad}, outside int32 [{INT32_MIN}, {INT32_MAX}]: positions, ids and "
-                "integer tensors are int32 in every implementation")
-    return None
-
-
 def as_tensor(name: str, value, source: str | None = None):
     """A tensor parameter as a jax array: bool stays bool, ints become int32, reals float32.
 
-    Integers that do not fit in int32 raise ``ScoreModTensorError`` (checked whenever the
-    values are concrete; a traced int64 array under ``jax_enable_x64`` is cast unchecked).
+    Callers check the tensors first (``compiler.tensors.check_tensors``: shapes, dtypes,
+    and concrete integers within int32); a traced int64 array under ``jax_enable_x64`` is
+    cast unchecked.
     """
     if isinstance(value, (bool, np.bool_)):
         return jnp.asarray(value, jnp.bool_)
     if isinstance(value, (int, np.integer)):
-        why = int32_range_error(f"tensor parameter '{name}'", np.asarray(int(value)))
-        if why:
-            raise ScoreModTensorError(why, source=source)
         return jnp.asarray(value, jnp.int32)
     if isinstance(value, (float, np.floating)):
         return jnp.asarray(value, jnp.float32)
@@ -191,10 +175,5 @@ def as_tensor(name: str, value, source: str | None = None):
         raise ScoreModTensorError(f"tensor parameter '{name}' must be a number or an int, float or bool array; "
                                   f"got {getattr(value, 'dtype', type(value).__name__)}", source=source)
     if jnp.issubdtype(dtype, jnp.integer):
-        values = concrete(value)
-        why = int32_range_error(f"tensor parameter '{name}'", values) if values is not None else None
-        if why:
-            raise ScoreModTensorError(why, source=source, hint="ids only need to be distinct per document: "
-                                      "renumber them, e.g. with np.unique(ids, return_inverse=True)")
         return jnp.asarray(value).astype(jnp.int32)
     return jnp.asarray(value)

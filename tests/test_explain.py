@@ -306,3 +306,13 @@ def test_svg_shows_warnings():
     svg = explain("kv > q + 300", 512, block=128).to_svg()
     warnings = [t for t in _svg_texts(svg) if t.startswith("warning:")]
     assert len(warnings) == 1 and "have no key" in warnings[0]
+
+
+def test_explain_refuses_integers_outside_int32_like_attention():
+    # A window of 2**32 - 5 would wrap in the kernels' int32: attention() refuses it, and
+    # explain (which computes its plan in int64) used to report 16 FULL blocks for it.
+    mod = scoremod.compile("window(w)")
+    for w in (2**32 - 5, np.int64(2**32 - 5), np.asarray([[2**40]], np.int64).reshape(())):
+        with pytest.raises(scoremod.ScoreModTensorError, match="outside int32"):
+            mod.explain(64, block=(16, 16), w=w)
+    assert mod.explain(64, block=(16, 16), w=2**31 - 1).to_dict()["counts"]
