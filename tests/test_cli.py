@@ -291,3 +291,10 @@ def test_explain_of_a_mod_with_tensors_still_works():
     r = dslc("explain", "causal & doc(ids)", "--seq", "256", "--tensor", "ids=segments:128,128")
     assert r.returncode == 0, r.stderr
     assert "lowering:" in r.stdout and "blocks:" in r.stdout
+
+
+def test_a_tensor_given_twice_is_an_error(capsys):
+    # (the last value used to win silently)
+    assert main(["explain", "window(w)", "--seq", "64", "--tensor", "w=4", "--tensor", "w=8"]) == 1
+    assert "--tensor w is given twice" in capsys.readouterr().err
+    assert main(["explain", "window(w)", "--seq", "64", "--tensor", "w=8"]) == 0

@@ -188,6 +188,8 @@ def _cmd_explain(args) -> int:
             if not sep or not name:
                 raise ScoreModTensorError(f"--tensor expects NAME=VALUE, got {item!r}",
                                           hint="for example --tensor ids=segments:4096,4096")
+            if name.strip() in tensors:
+                raise ScoreModTensorError(f"--tensor {name.strip()} is given twice", hint="give each tensor once")
             tensors[name.strip()] = parse_tensor_value(name.strip(), value.strip())
         result = explain(mod, args.seq, args.kv_seq, block=args.block, batch=args.batch, heads=args.heads,
                          q_offset=args.q_offset, kv_offset=args.kv_offset, width=args.width,
