@@ -17,12 +17,25 @@ Markers:
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 from functools import lru_cache
 
 import pytest
 from hypothesis import HealthCheck, Phase, settings
+
+
+def pytest_sessionstart(session):
+    """A Python without the project installed (a bare `pytest`): one clear message before
+    collection, instead of an ImportError per test file."""
+    missing = [name for name in ("jax", "scoremod") if importlib.util.find_spec(name) is None]
+    if missing:
+        pytest.exit(f"{' and '.join(missing)} cannot be imported by {sys.executable}. Run the tests with the "
+                    "README's command, which installs the project and its test dependencies in .venv first: "
+                    "python3 -m venv .venv && .venv/bin/pip install -q -e '.[test]' && "
+                    ".venv/bin/python -m pytest -q -p no:cacheprovider", returncode=4)
+
 
 # Context-parallel tests need several devices; on CPU XLA pretends to have 8 (set before
 # jax starts; computations that name no device still run on device 0).

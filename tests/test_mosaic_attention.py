@@ -504,15 +504,20 @@ def test_mosaic_gives_float_tensors_gradients_through_the_pallas_backward(preten
 
 
 @needs_mosaic
-def test_mosaic_backward_lowers_with_float_tensors_held_constant(pretend_hopper):
+def test_mosaic_backward_lowers_with_float_tensors_held_constant(pretend_hopper, monkeypatch):
+    # Only q differentiated: the Mosaic backward runs (the Pallas one prepared beside it
+    # for the float read stays unused).
+    import scoremod.runtime._mosaic_backward as mb
+    used = []
+    monkeypatch.setattr(mb, "backward_dkv", lambda *a, _f=mb.backward_dkv: (used.append(1), _f(*a))[1])
     q, k, v = _qkv(1, 128, 128, 2, 2, 128)
     s = jnp.linspace(0.1, 1.0, 2)
 
     def loss(q, s):
         return ma.mosaic_attention(q, k, v, mod="causal + -s[h] * abs(q - kv)", tensors={"s": s}).astype(
             jnp.float32).sum()
-    text = jax.jit(jax.grad(loss, argnums=0)).trace(q, s).lower(lowering_platforms=("cuda",)).as_text()
-    assert "mosaic_gpu" in text or "mosaic" in text
+    jax.jit(jax.grad(loss, argnums=0)).trace(q, s).lower(lowering_platforms=("cuda",))
+    assert used, "the Mosaic backward was not used"
 
 
 @pytest.mark.gpu
