@@ -134,6 +134,17 @@ class MosaicBlockSizes:
             + 2 * self.backward_stages * rows * 4 + 4096
 
 
+def padded_lengths(T: int, S: int, bs: MosaicBlockSizes) -> tuple[int, int]:
+    """(Tp, Sp): the lengths q and k/v (and the reads along them) are padded to, whole
+    blocks of both the forward (2 * block_q rows, block_kv keys) and the backward
+    (2 * BACKWARD_BLOCK), so no kernel reads past a padded read (block_kv=64 with S=320
+    once left the backward's last 64 keys unpadded)."""
+    rows = 2 * bs.block_q
+    q_block = math.lcm(rows, 2 * BACKWARD_BLOCK)
+    kv_block = math.lcm(bs.block_kv, 2 * BACKWARD_BLOCK)
+    return num_blocks(T, q_block) * q_block, num_blocks(S, kv_block) * kv_block
+
+
 SMEM_LIMIT = 227 * 1024   # bytes of shared memory one block may take on sm_90
 
 def _mosaic_missing() -> str | None:
@@ -268,8 +279,7 @@ def mosaic_attention(query, key, value, *, mod=None, scale=None, q_offset=0, kv_
     scale = 1.0 / math.sqrt(H) if scale is None else float(scale)
     bs = block_sizes or MosaicBlockSizes.get_default(H)
     rows = 2 * bs.block_q
-    Tp = num_blocks(T, rows) * rows
-    Sp = num_blocks(S, bs.block_kv) * bs.block_kv
+    Tp, Sp = padded_lengths(T, S, bs)
 
     q_off = jnp.broadcast_to(jnp.asarray(q_offset, jnp.int32), (B,))
     kv_off = jnp.broadcast_to(jnp.asarray(kv_offset, jnp.int32), (B,))

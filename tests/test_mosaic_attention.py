@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import sys
 
@@ -67,6 +68,20 @@ def test_mosaic_then_xla_falls_through_on_cpu():
     out = scoremod.attention(q, k, v, mod="causal", implementation=("mosaic", "xla"))
     ref = scoremod.attention(q, k, v, mod="causal", implementation="reference")
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5)
+
+
+def test_padding_covers_forward_and_backward_blocks():
+    """q, k/v and reads are padded to whole blocks of every kernel that reads them: with
+    block_kv=64 and S=320 the backward walks 128-key blocks, so S pads to 384, not 320."""
+    for bs in (ma.MosaicBlockSizes(64, 64, 2), ma.MosaicBlockSizes(64, 128, 2), ma.MosaicBlockSizes(64, 192, 2),
+               ma.MosaicBlockSizes(64, 256, 2)):
+        for T, S in ((1, 1), (300, 320), (128, 128), (129, 257), (1000, 700)):
+            Tp, Sp = ma.padded_lengths(T, S, bs)
+            assert Tp >= T and Sp >= S
+            assert Tp % (2 * bs.block_q) == 0 and Tp % (2 * ma.BACKWARD_BLOCK) == 0
+            assert Sp % bs.block_kv == 0 and Sp % (2 * ma.BACKWARD_BLOCK) == 0
+            assert Sp - S < math.lcm(bs.block_kv, 2 * ma.BACKWARD_BLOCK)
+    assert ma.padded_lengths(300, 320, ma.MosaicBlockSizes(64, 64, 2)) == (384, 384)
 
 
 def test_block_sizes_validation():
@@ -564,6 +579,30 @@ def test_gpu_gradient_to_a_float_table(caplog):
                                                          implementation="reference") ** 2))(t)
     assert np.abs(np.asarray(got)).max() > 0
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=5e-2 * float(jnp.abs(want).max()))
+
+
+@pytest.mark.gpu
+def test_gpu_backward_with_64_key_blocks_and_a_read_along_kv():
+    """block_kv=64 with S=320: the backward's 128-key blocks reach keys 320..383, which
+    must be padding (they once read past the padded w[kv])."""
+    q, k, v = _qkv(1, 200, 320, 4, 2, 128)
+    w = jnp.asarray(np.random.default_rng(1).standard_normal(320), jnp.float32)
+    mod = "score + w[kv]"
+    bs = ma.MosaicBlockSizes(64, 64, 2)
+    f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+
+    def grads(impl, q, k, v):
+        def loss(q, k, v):
+            if impl == "mosaic":
+                out = ma.mosaic_attention(q, k, v, mod=mod, tensors={"w": w}, block_sizes=bs)
+            else:
+                out = scoremod.attention(q, k, v, mod=mod, implementation=impl, w=w)
+            return jnp.sum(f32(out) ** 2)
+        return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+    got, want = grads("mosaic", q, k, v), grads("xla", f32(q), f32(k), f32(v))
+    for a, b in zip(got, want):
+        a, b = np.asarray(f32(a)), np.asarray(b)
+        assert np.isfinite(a).all() and np.linalg.norm(a - b) <= 3e-2 * np.linalg.norm(b)
 
 
 @pytest.mark.gpu
