@@ -72,27 +72,40 @@ def backward_reason(program) -> str | None:
     return None
 
 
+def gives_read_grad(program, i: int) -> bool:
+    """Whether the Mosaic backward gives float read i its gradient: reads that do not
+    depend on kv (``s[h]``, ``c[b, h]``, ``u[q]``), summed along the dQ kernel's kv loop.
+    Reads along kv go to the Pallas backward."""
+    return "kv" not in program.reads[i].axes and not program.reads[i].gather
+
+
 def _grad_tile(cfg: MosaicKernelConfig, s, dp, lse2, delta, *, partial, b, h, q_pos, kv_pos, reads,
                stat_dim: int):
-    """(P, dS) of a tile from raw products ``s`` and ``dp`` (f32, WGMMA layout).
+    """(P, dlogit, dS) of a tile from raw products ``s`` and ``dp`` (f32, WGMMA layout).
 
     ``stat_dim``: the tile axis the per-query ``lse2``/``delta`` run along: 0 in dQ (queries
     as rows), 1 in dK/dV (the tile is transposed, keys as rows)."""
     shape = s.shape
     logits = _logits2(cfg, s, partial=partial, b=b, h=h, q_pos=q_pos, kv_pos=kv_pos, reads=reads)
     p = jnp.exp2(logits - lax.broadcast_in_dim(lse2, shape, [stat_dim]))
-    ds = p * (dp - lax.broadcast_in_dim(delta, shape, [stat_dim]))
+    dlogit = p * (dp - lax.broadcast_in_dim(delta, shape, [stat_dim]))
+    ds = dlogit
     if cfg.program.dtransform is not None:
         # Where p = 0 (masked) the product is 0 even if dT/dscore is not finite there.
         dT = cfg.program.dscore(s * cfg.scale, b=b, h=h, q=q_pos, kv=kv_pos, reads=reads())
         ds = jnp.where(p > 0.0, ds * dT, 0.0)
-    return p, ds
+    return p, dlogit, ds
 
 
-def backward_dq(bcfg: MosaicBackwardConfig, q, k, v, do, lse2, delta, lists, order, reads, q_off, kv_off):
-    """dQ ``[B, Tp, N, H]`` (q's dtype) on padded inputs; ``lists``: the dQ plan's
-    ``split_lists`` (FULL, PARTIAL) of (2 * block_q, block_kv) blocks; ``order``: its tiles
-    (b, h, q-block) heaviest first (``tile_order``), dealt to ``dq_ctas`` CUDA blocks."""
+def backward_dq(bcfg: MosaicBackwardConfig, q, k, v, do, lse2, delta, lists, order, reads, q_off, kv_off,
+                read_grads: tuple = ()):
+    """(dQ ``[B, Tp, N, H]`` in q's dtype, [the gradient of each read ``read_grads`` names,
+    f32 ``[B, N, Tp]``]) on padded inputs; ``lists``: the dQ plan's ``split_lists`` (FULL,
+    PARTIAL) of (2 * block_q, block_kv) blocks; ``order``: its tiles (b, h, q-block)
+    heaviest first (``tile_order``), dealt to ``dq_ctas`` CUDA blocks. ``read_grads``:
+    reads that do not depend on kv (``gives_read_grad``): each query row's sum over its
+    keys of ``dL/dlogit * d(T + B)/dread`` where p > 0, per query head (the caller sums
+    over what the read does not index)."""
     cfg = bcfg.fwd
     fcounts, findices, pcounts, pindices = lists
     B, Tp, N, H = q.shape
@@ -107,9 +120,9 @@ def backward_dq(bcfg: MosaicBackwardConfig, q, k, v, do, lse2, delta, lists, ord
     def kernel(qoff_ref, kvoff_ref, order_ref, fc_ref, fi_ref, pc_ref, pi_ref, q_ref, k_ref, v_ref, do_ref,
                lse_ref, delta_ref, *rest):
         read_refs = rest[:n_reads]
-        dq_ref = rest[n_reads]
-        (q_smem2, do_smem2, dq_smem2, lse_smem2, delta_smem2, k_smem, v_smem), \
-            (q_bar, do_bar, lse_bar, delta_bar, k_bar, v_bar), (k_free, v_free) = rest[n_reads + 1:]
+        dq_ref, *dread_refs = rest[n_reads:n_reads + 1 + len(read_grads)]
+        (q_smem2, do_smem2, dq_smem2, lse_smem2, delta_smem2, k_smem, v_smem, *dread_smems2), \
+            (q_bar, do_bar, lse_bar, delta_bar, k_bar, v_bar), (k_free, v_free) = rest[n_reads + 1 + len(read_grads):]
         cta = lax.axis_index("cta")
         wg = lax.axis_index("wg")
         n_local = local_tile_count(n_tiles, ctas, cta)
@@ -149,7 +162,8 @@ def backward_dq(bcfg: MosaicBackwardConfig, q, k, v, do, lse2, delta, lists, ord
                 delta = _load(delta_smem, plgpu.Layout.WGMMA.reduce(1))
                 dq = plgpu.layout_cast(jnp.full((bq, H), 0.0, jnp.float32), plgpu.Layout.WGMMA)
 
-                def step_fn(step, dq, *, partial):
+                def step_fn(step, carry, *, partial):
+                    dq, sums = carry
                     slot = lax.rem(step0 + step, stages)
                     kv_start = listed_block(fi_ref, pi_ref, row, n_full, step) * bkv
                     plgpu.barrier_wait(k_bar.at[slot])
@@ -172,25 +186,41 @@ def backward_dq(bcfg: MosaicBackwardConfig, q, k, v, do, lse2, delta, lists, ord
                                 for r, shp in zip(read_refs, cfg.read_shapes)]
                     q_pos = rows + q_base
                     kv_pos = cols + (kv_base + kv_start)
-                    _, ds = _grad_tile(cfg, s, dp, lse2, delta, partial=partial, b=b, h=h, q_pos=q_pos,
-                                       kv_pos=kv_pos, reads=tile_reads, stat_dim=0)
-                    if partial and kv_valid_len != cfg.kv_len_padded:
+                    p, dlogit, ds = _grad_tile(cfg, s, dp, lse2, delta, partial=partial, b=b, h=h, q_pos=q_pos,
+                                               kv_pos=kv_pos, reads=tile_reads, stat_dim=0)
+                    ragged = partial and kv_valid_len != cfg.kv_len_padded
+                    if ragged:
                         ds = jnp.where(cols + kv_start < kv_valid_len, ds, 0.0)
+                    new_sums = []
+                    for r, acc in zip(read_grads, sums):
+                        # dL/dlogit * d(T + B)/dread where p > 0, summed over the tile's keys
+                        dread = cfg.program.dread(r, s * cfg.scale, b=b, h=h, q=q_pos, kv=kv_pos,
+                                                  reads=tile_reads())
+                        g = jnp.where(p > 0.0, dlogit * dread, 0.0)
+                        if ragged:
+                            g = jnp.where(cols + kv_start < kv_valid_len, g, 0.0)
+                        new_sums.append(acc + g.sum(axis=1))
 
                     def dq_scope(acc_ref):
                         plgpu.wgmma(acc_ref, ds.astype(dtype), k_smem.at[slot])
                     dq = pl.run_state(dq_scope)(plgpu.ACC.init(dq))
                     plgpu.barrier_arrive(k_free.at[slot])
-                    return dq
+                    return dq, tuple(new_sums)
 
-                dq = lax.fori_loop(0, n_full, functools.partial(step_fn, partial=False), dq)
-                dq = lax.fori_loop(n_full, n_steps, functools.partial(step_fn, partial=True), dq)
+                sums = tuple(plgpu.layout_cast(jnp.full((bq,), 0.0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+                             for _ in read_grads)
+                carry = lax.fori_loop(0, n_full, functools.partial(step_fn, partial=False), (dq, sums))
+                dq, sums = lax.fori_loop(n_full, n_steps, functools.partial(step_fn, partial=True), carry)
                 # The last products have read Q and dO: bring the next tile's while this one is written.
                 pl.when(j + 1 < n_local)(lambda: fetch_rows(j + 1))
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # the last tile's dQ has left dq_smem
                 dq_smem[...] = (dq * cfg.scale).astype(dtype)
+                for smem2, acc in zip(dread_smems2, sums):
+                    smem2.at[wg][...] = acc
                 plgpu.commit_smem()
                 plgpu.copy_smem_to_gmem(dq_smem, dq_ref.at[b, pl.ds(q_start, bq), h])
+                for smem2, ref in zip(dread_smems2, dread_refs):
+                    plgpu.copy_smem_to_gmem(smem2.at[wg], ref.at[b, h, pl.ds(q_start, bq)])
                 return step0 + n_steps
 
             lax.fori_loop(0, n_local, run_tile, jnp.int32(0))
@@ -222,15 +252,18 @@ def backward_dq(bcfg: MosaicBackwardConfig, q, k, v, do, lse2, delta, lists, ord
 
             lax.fori_loop(0, n_local, load_tile, jnp.int32(0))
 
-    return launch(
+    out = launch(
         kernel, (q_off, kv_off, order, fcounts, findices, pcounts, pindices, q, k, v, do, lse2, delta, *reads),
-        out_type=jax.ShapeDtypeStruct(q.shape, dtype),
+        out_type=(jax.ShapeDtypeStruct(q.shape, dtype),
+                  *[jax.ShapeDtypeStruct((B, N, Tp), jnp.float32) for _ in read_grads]),
         grid=(ctas,), grid_names=("cta",),
         scratch=(tile_smem((2, bq, H), dtype), tile_smem((2, bq, H), dtype), tile_smem((2, bq, H), dtype),
                  plgpu.SMEM((2, bq), jnp.float32), plgpu.SMEM((2, bq), jnp.float32),
-                 tile_smem((stages, bkv, H), dtype), tile_smem((stages, bkv, H), dtype)),
+                 tile_smem((stages, bkv, H), dtype), tile_smem((stages, bkv, H), dtype),
+                 *[plgpu.SMEM((2, bq), jnp.float32) for _ in read_grads]),
         barriers=((plgpu.Barrier(num_barriers=2),) * 4 + (plgpu.Barrier(num_barriers=stages),) * 2,
                   (plgpu.Barrier(num_arrivals=2, num_barriers=stages),) * 2))
+    return out[0], list(out[1:])
 
 
 def backward_dkv(bcfg: MosaicBackwardConfig, q, k, v, do, lse2, delta, lists, order, reads, q_off, kv_off):
@@ -331,8 +364,8 @@ def backward_dkv(bcfg: MosaicBackwardConfig, q, k, v, do, lse2, delta, lists, or
                                     for r, shp in zip(read_refs, cfg.read_shapes)]
                         q_pos = cols + (q_off_b + q_start)
                         kv_pos = rows + kv_base
-                        p, ds = _grad_tile(cfg, s, dp, lse2, delta, partial=partial, b=b, h=h, q_pos=q_pos,
-                                           kv_pos=kv_pos, reads=tile_reads, stat_dim=1)
+                        p, _, ds = _grad_tile(cfg, s, dp, lse2, delta, partial=partial, b=b, h=h, q_pos=q_pos,
+                                              kv_pos=kv_pos, reads=tile_reads, stat_dim=1)
                         if partial and q_valid_len != cfg.q_len_padded:
                             real = cols + q_start < q_valid_len
                             p = jnp.where(real, p, 0.0)

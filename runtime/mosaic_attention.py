@@ -386,8 +386,10 @@ def _prepare_mosaic_backward(mod, cfg: MosaicKernelConfig, plans, *, B, N, q_off
     return bcfg, lists
 
 
-def _run_mosaic_backward(bcfg, q, k, v, aux, out, lse, cotangents):
-    """(dq, dk, dv) from the Mosaic backward kernels (see ``_mosaic_backward.py``)."""
+def _run_mosaic_backward(bcfg, q, k, v, aux, out, lse, cotangents, read_grads=()):
+    """(dq, dk, dv, {read index: its gradient in the read's padded materialized shape})
+    from the Mosaic backward kernels (see ``_mosaic_backward.py``); ``read_grads``: float
+    reads that do not depend on kv (``gives_read_grad``), summed in the dQ kernel."""
     dout, dlse = cotangents
     B, T, N, H = q.shape
     S = k.shape[1]
@@ -404,11 +406,33 @@ def _run_mosaic_backward(bcfg, q, k, v, aux, out, lse, cotangents):
     lse2 = jnp.pad(lse2, ((0, 0), (0, 0), (0, Tb - T)), constant_values=jnp.inf)
     delta = jnp.pad(delta, ((0, 0), (0, 0), (0, Tb - T)))
     (dq_lists, dq_order), (dkv_lists, dkv_order) = aux["mosaic_bwd"]["dq"], aux["mosaic_bwd"]["dkv"]
-    dq = _mosaic_backward.backward_dq(bcfg, qp, kp, vp, dop, lse2, delta, dq_lists, dq_order, aux["reads"],
-                                      aux["q_off"], aux["kv_off"])
+    dq, rows_grads = _mosaic_backward.backward_dq(bcfg, qp, kp, vp, dop, lse2, delta, dq_lists, dq_order,
+                                                  aux["reads"], aux["q_off"], aux["kv_off"], read_grads=read_grads)
     dk, dv = _mosaic_backward.backward_dkv(bcfg, qp, kp, vp, dop, lse2, delta, dkv_lists, dkv_order,
                                            aux["reads"], aux["q_off"], aux["kv_off"])
-    return dq[:, :T], dk[:, :S], dv[:, :S]
+    dreads = {i: _sum_to_read(g, jnp.shape(aux["reads"][i])) for i, g in zip(read_grads, rows_grads)}
+    return dq[:, :T], dk[:, :S], dv[:, :S], dreads
+
+
+def _sum_to_read(grad, shape):
+    """A read's gradient from the dQ kernel's per-(b, query head, query row) sums
+    ``[B, N, Tp]`` to the read's materialized (padded) shape ``[B|1, N|1, Tp|1, 1]``."""
+    grad = grad[..., None]
+    for axis, size in enumerate(shape[:3]):
+        if size == 1 and grad.shape[axis] > 1:
+            grad = jnp.sum(grad, axis=axis, keepdims=True)
+    return grad
+
+
+@jax.tree_util.register_static
+@dataclass(frozen=True)
+class _BackwardRoute:
+    """Which backward a call's gradient runs, chosen in the forward rule when jax.grad says
+    which inputs are differentiated: "mosaic" (with ``read_grads``, float reads that do
+    not depend on kv, summed in its dQ kernel) or "pallas" (``read_grads``: indices into
+    its own reads). Static (no arrays), so it rides in the residuals."""
+    kernel: str
+    read_grads: tuple[int, ...] = ()
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -417,32 +441,41 @@ def _flash(cfg, backward, q, k, v, aux, pallas_aux):
 
 
 def _flash_fwd(cfg, backward, q, k, v, aux, pallas_aux):
-    # Differentiated float reads: the Pallas backward gives them their gradients (through
-    # its own materialized reads, pallas_aux["reads"]); the forward's reads get none.
+    # Differentiated float reads: the Mosaic backward gives reads that do not depend on kv
+    # their gradients; any other makes the Pallas backward run (through its own
+    # materialized reads, pallas_aux["reads"]).
     (q, k, v, aux), forward_perturbed = _pallas.primal_values("mosaic", q, k, v, aux)
     (pallas_aux,), perturbed = _pallas.primal_values("mosaic", pallas_aux)
-    if forward_perturbed and not perturbed:
+    wanted = tuple(i for i in forward_perturbed if cfg.program.read_derivative(i) is not None)
+    if backward[0] is not None and all(_mosaic_backward.gives_read_grad(cfg.program, i) for i in wanted):
+        route = _BackwardRoute("mosaic", wanted)
+    elif forward_perturbed and not perturbed:
         raise NotImplementedError("the mosaic kernels give tensor parameters their gradients through the "
                                   "pallas backward, which cannot run this call; the xla path can "
                                   "(docs/attention.md, Gradients)")
+    else:
+        route = _BackwardRoute("pallas", perturbed)
     out, lse = _run_forward(cfg, q, k, v, aux)
-    return (out, lse), (q, k, v, aux, pallas_aux, out, lse, _pallas.ReadGrads(perturbed))
+    return (out, lse), (q, k, v, aux, pallas_aux, out, lse, route)
 
 
 def _flash_bwd(cfg, backward, res, cotangents):
-    """``backward``: (MosaicBackwardConfig or None, the Pallas KernelConfig or None). The
-    Mosaic backward runs when it was prepared and no float tensor read is differentiated;
-    else the Pallas backward (fed with this forward's output and lse)."""
-    q, k, v, aux, pallas_aux, out, lse, read_grads = res
+    """``backward``: (MosaicBackwardConfig or None, the Pallas KernelConfig or None); the
+    residuals' ``_BackwardRoute`` says which runs: the Mosaic backward (giving reads that
+    do not depend on kv their gradients), or the Pallas backward (fed with this forward's
+    output and lse), which gives any float read its gradient."""
+    q, k, v, aux, pallas_aux, out, lse, route = res
     cotangents = tuple(map(_pallas.dense_cotangent, cotangents))
     mcfg, pcfg = backward
+    aux_ct = jax.tree_util.tree_map(_pallas._zero_cotangent, aux)
     pallas_ct = jax.tree_util.tree_map(_pallas._zero_cotangent, pallas_aux)
-    if mcfg is not None and not read_grads.indices:
-        dq, dk, dv = _run_mosaic_backward(mcfg, q, k, v, aux, out, lse, cotangents)
+    if route.kernel == "mosaic":
+        dq, dk, dv, dreads = _run_mosaic_backward(mcfg, q, k, v, aux, out, lse, cotangents, route.read_grads)
+        aux_ct["reads"] = tuple(dreads.get(i, ct) for i, ct in enumerate(aux_ct["reads"]))
     else:
-        dq, dk, dv, pallas_ct = _pallas.flash_backward(pcfg, (q, k, v, pallas_aux, out, lse, read_grads),
-                                                       cotangents)
-    return dq, dk, dv, jax.tree_util.tree_map(_pallas._zero_cotangent, aux), pallas_ct
+        dq, dk, dv, pallas_ct = _pallas.flash_backward(
+            pcfg, (q, k, v, pallas_aux, out, lse, _pallas.ReadGrads(route.read_grads)), cotangents)
+    return dq, dk, dv, aux_ct, pallas_ct
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd, symbolic_zeros=True)

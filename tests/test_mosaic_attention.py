@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 sys.path.insert(0, os.path.dirname(__file__))
 from evaluator import attention_reference  # noqa: E402  (independent float64 oracle)
@@ -519,6 +520,27 @@ def test_mosaic_gives_float_tensors_gradients_through_the_pallas_backward(preten
 
 
 @needs_mosaic
+def test_mosaic_backward_lowers_read_gradients_along_q(pretend_hopper, monkeypatch):
+    """Float reads that do not depend on kv (a slope per head, a gate per (b, h), a
+    per-query scale) get their gradients in the Mosaic dQ kernel: the backward lowers
+    with the Pallas backward unused; a read along kv beside them routes to Pallas."""
+    q, k, v = _qkv(2, 200, 260, 4, 2, 128)
+    ts = {"s": jnp.linspace(0.1, 1.0, 4), "c": jnp.ones((2, 4)), "u": jnp.ones(300), "w": jnp.ones(300)}
+    mod = "causal & (score * u[q] * sigmoid(c[b, h]) - s[h] * abs(q - kv) + w[kv])"
+    used = []
+    monkeypatch.setattr(ma._pallas, "flash_backward", lambda *a, _f=ma._pallas.flash_backward: (used.append(1), _f(*a))[1])
+
+    def loss(ts, wanted):
+        live = {n: (t if n in wanted else lax.stop_gradient(t)) for n, t in ts.items()}
+        return ma.mosaic_attention(q, k, v, mod=mod, tensors=live, q_offset=jnp.asarray([0, 5])).astype(
+            jnp.float32).sum()
+    text = jax.jit(jax.grad(lambda ts: loss(ts, "scu"))).trace(ts).lower(lowering_platforms=("cuda",)).as_text()
+    assert not used and "mosaic" in text
+    jax.jit(jax.grad(lambda ts: loss(ts, "sw"))).trace(ts)
+    assert used
+
+
+@needs_mosaic
 def test_mosaic_backward_lowers_with_float_tensors_held_constant(pretend_hopper, monkeypatch):
     # Only q differentiated: the Mosaic backward runs (the Pallas one prepared beside it
     # for the float read stays unused).
@@ -603,6 +625,33 @@ def test_gpu_backward_with_64_key_blocks_and_a_read_along_kv():
     for a, b in zip(got, want):
         a, b = np.asarray(f32(a)), np.asarray(b)
         assert np.isfinite(a).all() and np.linalg.norm(a - b) <= 3e-2 * np.linalg.norm(b)
+
+
+@pytest.mark.gpu
+def test_gpu_mosaic_read_gradients_along_q():
+    """Reads that do not depend on kv get their gradients in the Mosaic dQ kernel (bf16,
+    ragged T, GQA, per-batch offsets, rows with no key) against xla's f32 gradients;
+    repeated runs are bitwise equal."""
+    B, T, N, K, H = 2, 700, 4, 2, 128
+    rng = np.random.default_rng(5)
+    ts = {"s": jnp.asarray(rng.uniform(0.5, 1.5, N), jnp.float32), "c": jnp.asarray(rng.standard_normal((B, N)), jnp.float32),
+          "u": jnp.asarray(rng.uniform(0.5, 1.5, 900), jnp.float32)}
+    mod = "kv <= q - 3 & window(300) & (score * u[q] * sigmoid(c[b, h]) - s[h] * abs(q - kv) / 64)"
+    q, k, v = _qkv(B, T, T, N, K, H)
+    do = jax.random.normal(jax.random.key(8), q.shape, jnp.float32)
+    off = dict(q_offset=jnp.asarray([0, 150], jnp.int32), kv_offset=jnp.asarray([0, 150], jnp.int32))
+
+    def grads(impl, q, k, v):
+        def loss(ts):
+            return jnp.sum(scoremod.attention(q, k, v, mod=mod, implementation=impl, **off, **ts).astype(jnp.float32) * do)
+        return jax.jit(jax.grad(loss))(ts)
+    f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+    got, again = grads("mosaic", q, k, v), grads("mosaic", q, k, v)
+    want = grads("xla", f32(q), f32(k), f32(v))
+    for n in ts:
+        assert np.array_equal(np.asarray(got[n]), np.asarray(again[n])), n
+        a, b = np.asarray(got[n]), np.asarray(want[n])
+        assert np.linalg.norm(a - b) <= 3e-2 * np.linalg.norm(b), n
 
 
 @pytest.mark.gpu
