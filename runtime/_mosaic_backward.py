@@ -72,11 +72,15 @@ def backward_reason(program) -> str | None:
     return None
 
 
-def gives_read_grad(program, i: int) -> bool:
-    """Whether the Mosaic backward gives float read i its gradient: reads that do not
-    depend on kv (``s[h]``, ``c[b, h]``, ``u[q]``), summed along the dQ kernel's kv loop.
-    Reads along kv go to the Pallas backward."""
-    return "kv" not in program.reads[i].axes and not program.reads[i].gather
+def read_grad_kernel(program, i: int) -> str | None:
+    """Which Mosaic backward kernel gives float read i its gradient: "dq" for reads that do
+    not depend on kv (``s[h]``, ``c[b, h]``, ``u[q]``: summed along its kv loop), "dkv" for
+    reads along kv only (``w[kv]``, ``x[h, kv]``: summed along its q loop), None for reads
+    along both (``backward_reason`` sends those mods to the Pallas backward) or gathers."""
+    read = program.reads[i]
+    if read.gather or ("q" in read.axes and "kv" in read.axes):
+        return None
+    return "dkv" if "kv" in read.axes else "dq"
 
 
 def _grad_tile(cfg: MosaicKernelConfig, s, dp, lse2, delta, *, partial, b, h, q_pos, kv_pos, reads,
@@ -103,7 +107,7 @@ def backward_dq(bcfg: MosaicBackwardConfig, q, k, v, do, lse2, delta, lists, ord
     f32 ``[B, N, Tp]``]) on padded inputs; ``lists``: the dQ plan's ``split_lists`` (FULL,
     PARTIAL) of (2 * block_q, block_kv) blocks; ``order``: its tiles (b, h, q-block)
     heaviest first (``tile_order``), dealt to ``dq_ctas`` CUDA blocks. ``read_grads``:
-    reads that do not depend on kv (``gives_read_grad``): each query row's sum over its
+    reads that do not depend on kv (``read_grad_kernel``): each query row's sum over its
     keys of ``dL/dlogit * d(T + B)/dread`` where p > 0, per query head (the caller sums
     over what the read does not index)."""
     cfg = bcfg.fwd
@@ -266,11 +270,15 @@ def backward_dq(bcfg: MosaicBackwardConfig, q, k, v, do, lse2, delta, lists, ord
     return out[0], list(out[1:])
 
 
-def backward_dkv(bcfg: MosaicBackwardConfig, q, k, v, do, lse2, delta, lists, order, reads, q_off, kv_off):
-    """(dK, dV) ``[B, Sp, K, H]`` (k's dtype) on padded inputs; ``lists``: the dK/dV plan's
-    transposed ``split_lists`` (FULL, PARTIAL) of (block_q, 2 * block_kv) blocks; ``order``:
-    the tiles (b, kv head, kv-block) heaviest first (``tile_order`` of ``dkv_step_counts``),
-    dealt to ``dkv_ctas`` CUDA blocks."""
+def backward_dkv(bcfg: MosaicBackwardConfig, q, k, v, do, lse2, delta, lists, order, reads, q_off, kv_off,
+                 read_grads: tuple = ()):
+    """(dK, dV ``[B, Sp, K, H]`` in k's dtype, [the gradient of each read ``read_grads``
+    names, f32 ``[B, N, Sp]``]) on padded inputs; ``lists``: the dK/dV plan's transposed
+    ``split_lists`` (FULL, PARTIAL) of (block_q, 2 * block_kv) blocks; ``order``: the tiles
+    (b, kv head, kv-block) heaviest first (``tile_order`` of ``dkv_step_counts``), dealt to
+    ``dkv_ctas`` CUDA blocks. ``read_grads``: reads along kv only (``read_grad_kernel``):
+    each key's sum over its queries of ``dL/dlogit * d(T + B)/dread`` where p > 0, per
+    query head of the group, written at the end of that head's loop."""
     cfg = bcfg.fwd
     fcounts, findices, pcounts, pindices = lists
     B, Tp, N, H = q.shape
@@ -286,9 +294,9 @@ def backward_dkv(bcfg: MosaicBackwardConfig, q, k, v, do, lse2, delta, lists, or
     def kernel(qoff_ref, kvoff_ref, order_ref, fc_ref, fi_ref, pc_ref, pi_ref, q_ref, k_ref, v_ref, do_ref,
                lse_ref, delta_ref, *rest):
         read_refs = rest[:n_reads]
-        dk_ref, dv_ref = rest[n_reads:n_reads + 2]
-        (k_smem2, v_smem2, dk_smem2, dv_smem2, q_smem, do_smem, lse_smem, delta_smem), \
-            (k_bar, v_bar, q_bar, do_bar, lse_bar, delta_bar), free = rest[n_reads + 2:]
+        dk_ref, dv_ref, *dread_refs = rest[n_reads:n_reads + 2 + len(read_grads)]
+        (k_smem2, v_smem2, dk_smem2, dv_smem2, q_smem, do_smem, lse_smem, delta_smem, *dread_smems2), \
+            (k_bar, v_bar, q_bar, do_bar, lse_bar, delta_bar), free = rest[n_reads + 2 + len(read_grads):]
         cta = lax.axis_index("cta")
         wg = lax.axis_index("wg")
         n_local = local_tile_count(n_tiles, ctas, cta)
@@ -338,7 +346,7 @@ def backward_dkv(bcfg: MosaicBackwardConfig, q, k, v, do, lse2, delta, lists, or
                     h, row, n_full, n_steps = head_row(b, kvh, jb, g)
 
                     def step_fn(step, carry, *, partial):
-                        dk, dv = carry
+                        dk, dv, sums = carry
                         slot = lax.rem(done + step, stages)
                         q_start = q_block(row, n_full, step) * bq
                         plgpu.barrier_wait(q_bar.at[slot])
@@ -364,12 +372,18 @@ def backward_dkv(bcfg: MosaicBackwardConfig, q, k, v, do, lse2, delta, lists, or
                                     for r, shp in zip(read_refs, cfg.read_shapes)]
                         q_pos = cols + (q_off_b + q_start)
                         kv_pos = rows + kv_base
-                        p, _, ds = _grad_tile(cfg, s, dp, lse2, delta, partial=partial, b=b, h=h, q_pos=q_pos,
-                                              kv_pos=kv_pos, reads=tile_reads, stat_dim=1)
+                        p, dlogit, ds = _grad_tile(cfg, s, dp, lse2, delta, partial=partial, b=b, h=h,
+                                                   q_pos=q_pos, kv_pos=kv_pos, reads=tile_reads, stat_dim=1)
                         if partial and q_valid_len != cfg.q_len_padded:
                             real = cols + q_start < q_valid_len
                             p = jnp.where(real, p, 0.0)
                             ds = jnp.where(real, ds, 0.0)
+                        new_sums = []
+                        for r, acc in zip(read_grads, sums):
+                            # dL/dlogit * d(T + B)/dread where p > 0, summed over the tile's queries
+                            dread = cfg.program.dread(r, s * cfg.scale, b=b, h=h, q=q_pos, kv=kv_pos,
+                                                      reads=tile_reads())
+                            new_sums.append(acc + jnp.where(p > 0.0, dlogit * dread, 0.0).sum(axis=1))
 
                         def dv_scope(acc_ref):
                             plgpu.wgmma(acc_ref, p.astype(dtype), do_smem.at[slot])
@@ -379,10 +393,19 @@ def backward_dkv(bcfg: MosaicBackwardConfig, q, k, v, do, lse2, delta, lists, or
                             plgpu.wgmma(acc_ref, ds.astype(dtype), q_smem.at[slot])
                         dk = pl.run_state(dk_scope)(plgpu.ACC.init(dk))
                         plgpu.barrier_arrive(free.at[slot])
-                        return dk, dv
+                        return dk, dv, tuple(new_sums)
 
-                    carry = lax.fori_loop(0, n_full, functools.partial(step_fn, partial=False), (dk, dv))
-                    dk, dv = lax.fori_loop(n_full, n_steps, functools.partial(step_fn, partial=True), carry)
+                    sums = tuple(plgpu.layout_cast(jnp.full((bkv,), 0.0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+                                 for _ in read_grads)
+                    carry = lax.fori_loop(0, n_full, functools.partial(step_fn, partial=False), (dk, dv, sums))
+                    dk, dv, sums = lax.fori_loop(n_full, n_steps, functools.partial(step_fn, partial=True), carry)
+                    if read_grads:   # this head's sums leave through shared memory (after the last copy read it)
+                        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                        for smem2, acc in zip(dread_smems2, sums):
+                            smem2.at[wg][...] = acc
+                        plgpu.commit_smem()
+                        for smem2, ref in zip(dread_smems2, dread_refs):
+                            plgpu.copy_smem_to_gmem(smem2.at[wg], ref.at[b, h, pl.ds(kv_start, bkv)])
                     return dk, dv, done + n_steps
 
                 dk, dv, step1 = lax.fori_loop(0, G, head_fn, (dk, dv, step0))
@@ -430,16 +453,17 @@ def backward_dkv(bcfg: MosaicBackwardConfig, q, k, v, do, lse2, delta, lists, or
             lax.fori_loop(0, n_local, load_tile, jnp.int32(0))
 
     kv_type = jax.ShapeDtypeStruct(k.shape, dtype)
-    return launch(
+    dk, dv, *dreads = launch(
         kernel, (q_off, kv_off, order, fcounts, findices, pcounts, pindices, q, k, v, do, lse2, delta, *reads),
-        out_type=(kv_type, kv_type),
+        out_type=(kv_type, kv_type, *[jax.ShapeDtypeStruct((B, N, Sp), jnp.float32) for _ in read_grads]),
         grid=(ctas,), grid_names=("cta",),
         scratch=(tile_smem((2, bkv, H), dtype), tile_smem((2, bkv, H), dtype), tile_smem((2, bkv, H), dtype),
                  tile_smem((2, bkv, H), dtype), tile_smem((stages, bq, H), dtype),
                  tile_smem((stages, bq, H), dtype), plgpu.SMEM((stages, bq), jnp.float32),
-                 plgpu.SMEM((stages, bq), jnp.float32)),
+                 plgpu.SMEM((stages, bq), jnp.float32), *[plgpu.SMEM((2, bkv), jnp.float32) for _ in read_grads]),
         barriers=((plgpu.Barrier(num_barriers=2),) * 2 + (plgpu.Barrier(num_barriers=stages),) * 4,
                   plgpu.Barrier(num_arrivals=2, num_barriers=stages)))
+    return dk, dv, dreads
 
 
 def dkv_step_counts(full_counts, partial_counts, batch: int, heads: int, kv_heads: int):

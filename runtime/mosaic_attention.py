@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from scoremod.compiler.intervals import num_blocks
 from scoremod.compiler.plan import ragged_edge, split_lists
@@ -389,7 +390,7 @@ def _prepare_mosaic_backward(mod, cfg: MosaicKernelConfig, plans, *, B, N, q_off
 def _run_mosaic_backward(bcfg, q, k, v, aux, out, lse, cotangents, read_grads=()):
     """(dq, dk, dv, {read index: its gradient in the read's padded materialized shape})
     from the Mosaic backward kernels (see ``_mosaic_backward.py``); ``read_grads``: float
-    reads that do not depend on kv (``gives_read_grad``), summed in the dQ kernel."""
+    reads along at most one of q and kv (``read_grad_kernel`` says which kernel sums each)."""
     dout, dlse = cotangents
     B, T, N, H = q.shape
     S = k.shape[1]
@@ -406,21 +407,32 @@ def _run_mosaic_backward(bcfg, q, k, v, aux, out, lse, cotangents, read_grads=()
     lse2 = jnp.pad(lse2, ((0, 0), (0, 0), (0, Tb - T)), constant_values=jnp.inf)
     delta = jnp.pad(delta, ((0, 0), (0, 0), (0, Tb - T)))
     (dq_lists, dq_order), (dkv_lists, dkv_order) = aux["mosaic_bwd"]["dq"], aux["mosaic_bwd"]["dkv"]
-    dq, rows_grads = _mosaic_backward.backward_dq(bcfg, qp, kp, vp, dop, lse2, delta, dq_lists, dq_order,
-                                                  aux["reads"], aux["q_off"], aux["kv_off"], read_grads=read_grads)
-    dk, dv = _mosaic_backward.backward_dkv(bcfg, qp, kp, vp, dop, lse2, delta, dkv_lists, dkv_order,
-                                           aux["reads"], aux["q_off"], aux["kv_off"])
-    dreads = {i: _sum_to_read(g, jnp.shape(aux["reads"][i])) for i, g in zip(read_grads, rows_grads)}
+    by_kernel = {kind: tuple(i for i in read_grads if _mosaic_backward.read_grad_kernel(bcfg.fwd.program, i) == kind)
+                 for kind in ("dq", "dkv")}
+    dq, row_sums = _mosaic_backward.backward_dq(bcfg, qp, kp, vp, dop, lse2, delta, dq_lists, dq_order,
+                                                aux["reads"], aux["q_off"], aux["kv_off"], read_grads=by_kernel["dq"])
+    dk, dv, col_sums = _mosaic_backward.backward_dkv(bcfg, qp, kp, vp, dop, lse2, delta, dkv_lists, dkv_order,
+                                                     aux["reads"], aux["q_off"], aux["kv_off"],
+                                                     read_grads=by_kernel["dkv"])
+    dreads = {i: _sum_to_read(g[..., :, None], jnp.shape(aux["reads"][i])) for i, g in zip(by_kernel["dq"], row_sums)}
+    dreads.update({i: _sum_to_read(g[..., None, :], jnp.shape(aux["reads"][i]))
+                   for i, g in zip(by_kernel["dkv"], col_sums)})
     return dq[:, :T], dk[:, :S], dv[:, :S], dreads
 
 
 def _sum_to_read(grad, shape):
-    """A read's gradient from the dQ kernel's per-(b, query head, query row) sums
-    ``[B, N, Tp]`` to the read's materialized (padded) shape ``[B|1, N|1, Tp|1, 1]``."""
-    grad = grad[..., None]
-    for axis, size in enumerate(shape[:3]):
-        if size == 1 and grad.shape[axis] > 1:
+    """A read's gradient from the kernels' per-(b, query head) sums, ``[B, N, Tp, 1]`` (per
+    query row, dQ) or ``[B, N, 1, Sp]`` (per key, dK/dV), to the read's materialized
+    (padded) shape ``[B|1, N|1, Tp|1, Sp|1]``. The forward pads reads to its own blocks
+    (``block_kv`` may be 256), the backward to 128: the padding's sums are 0 either way."""
+    for axis, size in enumerate(shape):
+        have = grad.shape[axis]
+        if size == 1 and have > 1:
             grad = jnp.sum(grad, axis=axis, keepdims=True)
+        elif have > size:
+            grad = lax.slice_in_dim(grad, 0, size, axis=axis)
+        elif have < size:
+            grad = jnp.pad(grad, [(0, size - have) if a == axis else (0, 0) for a in range(grad.ndim)])
     return grad
 
 
@@ -428,9 +440,9 @@ def _sum_to_read(grad, shape):
 @dataclass(frozen=True)
 class _BackwardRoute:
     """Which backward a call's gradient runs, chosen in the forward rule when jax.grad says
-    which inputs are differentiated: "mosaic" (with ``read_grads``, float reads that do
-    not depend on kv, summed in its dQ kernel) or "pallas" (``read_grads``: indices into
-    its own reads). Static (no arrays), so it rides in the residuals."""
+    which inputs are differentiated: "mosaic" (``read_grads``: float reads along at most
+    one of q and kv, summed in its dQ or dK/dV kernel) or "pallas" (``read_grads``:
+    indices into its own reads). Static (no arrays), so it rides in the residuals."""
     kernel: str
     read_grads: tuple[int, ...] = ()
 
@@ -441,13 +453,13 @@ def _flash(cfg, backward, q, k, v, aux, pallas_aux):
 
 
 def _flash_fwd(cfg, backward, q, k, v, aux, pallas_aux):
-    # Differentiated float reads: the Mosaic backward gives reads that do not depend on kv
-    # their gradients; any other makes the Pallas backward run (through its own
+    # Differentiated float reads: the Mosaic backward gives reads along at most one of q
+    # and kv their gradients; any other makes the Pallas backward run (through its own
     # materialized reads, pallas_aux["reads"]).
     (q, k, v, aux), forward_perturbed = _pallas.primal_values("mosaic", q, k, v, aux)
     (pallas_aux,), perturbed = _pallas.primal_values("mosaic", pallas_aux)
     wanted = tuple(i for i in forward_perturbed if cfg.program.read_derivative(i) is not None)
-    if backward[0] is not None and all(_mosaic_backward.gives_read_grad(cfg.program, i) for i in wanted):
+    if backward[0] is not None and all(_mosaic_backward.read_grad_kernel(cfg.program, i) for i in wanted):
         route = _BackwardRoute("mosaic", wanted)
     elif forward_perturbed and not perturbed:
         raise NotImplementedError("the mosaic kernels give tensor parameters their gradients through the "

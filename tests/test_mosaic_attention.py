@@ -359,7 +359,7 @@ def _lower_grad(mod, q, k, v, tensors, block_sizes, q_offset=0, kv_offset=0):
 def test_mosaic_backward_lowers(pretend_hopper, monkeypatch, mod, tensors, shape):
     import scoremod.runtime._mosaic_backward as mb
     used = []
-    monkeypatch.setattr(mb, "backward_dkv", lambda *a, _f=mb.backward_dkv: (used.append(1), _f(*a))[1])
+    monkeypatch.setattr(mb, "backward_dkv", lambda *a, _f=mb.backward_dkv, **kw: (used.append(1), _f(*a, **kw))[1])
     q, k, v = _qkv(*shape)
     _lower_grad(mod, q, k, v, tensors, ma.MosaicBlockSizes(backward="mosaic"), q_offset=3)
     assert used, "the Mosaic backward was not used"
@@ -475,12 +475,14 @@ def test_gpu_mosaic_backward_skips_and_masked_rows(mod, q_offset):
 
 
 @needs_mosaic
-@pytest.mark.parametrize("backward", ["mosaic", "pallas"])
-def test_mosaic_gives_float_tensors_gradients_through_the_pallas_backward(pretend_hopper, monkeypatch, backward):
-    """Under jax.grad with float tensors differentiated, the Mosaic forward hands the
-    backward to the Pallas kernels (interpret mode here), which give the reads their
-    gradients (a slope per head, a per-key bias; GQA, per-batch offsets, rows with no key).
-    The Mosaic forward cannot run on a CPU: the reference stands in for it (on the same
+@pytest.mark.parametrize("backward, pair", [("pallas", False), ("mosaic", True)])
+def test_mosaic_gives_float_tensors_gradients_through_the_pallas_backward(pretend_hopper, monkeypatch, backward,
+                                                                          pair):
+    """Where the Mosaic backward does not run (MosaicBlockSizes(backward="pallas"), or a
+    read along both q and kv), the Mosaic forward hands the backward to the Pallas
+    kernels (interpret mode here), which give the reads their gradients (a slope per
+    head, a per-key bias, a pair bias; GQA, per-batch offsets, rows with no key). The
+    Mosaic forward cannot run on a CPU: the reference stands in for it (on the same
     values), so this checks the routing and the cotangents."""
     B, T, N, K, H = 2, 70, 4, 2, 64
     q, k, v = _qkv(B, T, T, N, K, H)
@@ -488,6 +490,9 @@ def test_mosaic_gives_float_tensors_gradients_through_the_pallas_backward(preten
     rng = np.random.default_rng(0)
     ts = {"s": jnp.asarray(rng.uniform(0.5, 1.5, N), jnp.float32), "w": jnp.asarray(rng.standard_normal(90), jnp.float32)}
     mod = "kv <= q - 5 & window(40) & (score - s[h] * abs(q - kv) / 8 + w[kv])"
+    if pair:
+        ts["p"] = jnp.asarray(rng.standard_normal((80, 80)), jnp.float32)
+        mod = "kv <= q - 5 & window(40) & (score - s[h] * abs(q - kv) / 8 + w[kv] + p[q, kv])"
     off = dict(q_offset=jnp.asarray([0, 7], jnp.int32), kv_offset=0)
 
     def reference(q, k, v, ts):
@@ -520,10 +525,11 @@ def test_mosaic_gives_float_tensors_gradients_through_the_pallas_backward(preten
 
 
 @needs_mosaic
-def test_mosaic_backward_lowers_read_gradients_along_q(pretend_hopper, monkeypatch):
-    """Float reads that do not depend on kv (a slope per head, a gate per (b, h), a
-    per-query scale) get their gradients in the Mosaic dQ kernel: the backward lowers
-    with the Pallas backward unused; a read along kv beside them routes to Pallas."""
+def test_mosaic_backward_lowers_read_gradients(pretend_hopper, monkeypatch):
+    """Float reads along at most one of q and kv (a slope per head, a gate per (b, h), a
+    per-query scale: the dQ kernel; a per-key bias: the dK/dV kernel) get their gradients
+    in the Mosaic backward: it lowers with the Pallas backward unused (ragged S, GQA,
+    per-batch offsets); a mod with a read along both runs the Pallas backward."""
     q, k, v = _qkv(2, 200, 260, 4, 2, 128)
     ts = {"s": jnp.linspace(0.1, 1.0, 4), "c": jnp.ones((2, 4)), "u": jnp.ones(300), "w": jnp.ones(300)}
     mod = "causal & (score * u[q] * sigmoid(c[b, h]) - s[h] * abs(q - kv) + w[kv])"
@@ -534,9 +540,12 @@ def test_mosaic_backward_lowers_read_gradients_along_q(pretend_hopper, monkeypat
         live = {n: (t if n in wanted else lax.stop_gradient(t)) for n, t in ts.items()}
         return ma.mosaic_attention(q, k, v, mod=mod, tensors=live, q_offset=jnp.asarray([0, 5])).astype(
             jnp.float32).sum()
-    text = jax.jit(jax.grad(lambda ts: loss(ts, "scu"))).trace(ts).lower(lowering_platforms=("cuda",)).as_text()
+    text = jax.jit(jax.grad(lambda ts: loss(ts, "scuw"))).trace(ts).lower(lowering_platforms=("cuda",)).as_text()
     assert not used and "mosaic" in text
-    jax.jit(jax.grad(lambda ts: loss(ts, "sw"))).trace(ts)
+    # a [T, S] read (p[q, kv]) beside them: the Mosaic backward does not take the mod at all
+    both = "causal & (score * u[q] - s[h] * abs(q - kv) + p[q, kv])"
+    ts2 = {"s": ts["s"], "u": ts["u"], "p": jnp.ones((300, 300))}
+    jax.jit(jax.grad(lambda ts: ma.mosaic_attention(q, k, v, mod=both, tensors=ts).astype(jnp.float32).sum())).trace(ts2)
     assert used
 
 
@@ -628,15 +637,15 @@ def test_gpu_backward_with_64_key_blocks_and_a_read_along_kv():
 
 
 @pytest.mark.gpu
-def test_gpu_mosaic_read_gradients_along_q():
-    """Reads that do not depend on kv get their gradients in the Mosaic dQ kernel (bf16,
-    ragged T, GQA, per-batch offsets, rows with no key) against xla's f32 gradients;
-    repeated runs are bitwise equal."""
+def test_gpu_mosaic_read_gradients():
+    """Reads along at most one of q and kv get their gradients in the Mosaic backward (dQ:
+    s[h], c[b, h], u[q]; dK/dV: w[kv]; bf16, ragged T, GQA, per-batch offsets, rows with no
+    key) against xla's f32 gradients; repeated runs are bitwise equal."""
     B, T, N, K, H = 2, 700, 4, 2, 128
     rng = np.random.default_rng(5)
     ts = {"s": jnp.asarray(rng.uniform(0.5, 1.5, N), jnp.float32), "c": jnp.asarray(rng.standard_normal((B, N)), jnp.float32),
-          "u": jnp.asarray(rng.uniform(0.5, 1.5, 900), jnp.float32)}
-    mod = "kv <= q - 3 & window(300) & (score * u[q] * sigmoid(c[b, h]) - s[h] * abs(q - kv) / 64)"
+          "u": jnp.asarray(rng.uniform(0.5, 1.5, 900), jnp.float32), "w": jnp.asarray(rng.standard_normal(900), jnp.float32)}
+    mod = "kv <= q - 3 & window(300) & (score * u[q] * sigmoid(c[b, h]) - s[h] * abs(q - kv) / 64 + w[kv])"
     q, k, v = _qkv(B, T, T, N, K, H)
     do = jax.random.normal(jax.random.key(8), q.shape, jnp.float32)
     off = dict(q_offset=jnp.asarray([0, 150], jnp.int32), kv_offset=jnp.asarray([0, 150], jnp.int32))
