@@ -7,8 +7,8 @@ feeds two consumer warpgroups (FlashAttention-3's layout), FULL tiles skip the m
 the ``TileProgram`` runs on every tile that needs it. ``jax.grad`` runs the Mosaic
 backward (``runtime/_mosaic_backward.py``: dQ and dK/dV kernels over the plan), or the
 Pallas backward (``pallas_attention.flash_backward``, fed with this forward's lse) for
-mods it cannot run, with ``MosaicBlockSizes(backward="pallas")``, and when a float tensor
-the mod reads is differentiated (the Pallas backward gives it its gradient).
+mods it cannot run and with ``MosaicBlockSizes(backward="pallas")``. Either gives
+differentiated float tensor reads their gradients.
 
 Same layout and meaning as ``pallas_attention``: query ``[B, T, N, H]``, key/value
 ``[B, S, K, H]`` with ``N % K == 0``, any T and S (the wrapper pads to whole blocks and
@@ -37,7 +37,7 @@ from scoremod.compiler.intervals import num_blocks
 from scoremod.compiler.plan import ragged_edge, split_lists
 from scoremod.compiler.tensors import check_missing_tensors
 from scoremod.compiler.tile import TileProgram
-from scoremod.errors import ScoreModError, ScoreModShapeError
+from scoremod.errors import ScoreModShapeError
 from scoremod.runtime import _mosaic_backward, _mosaic_forward
 from scoremod.runtime.attention_plan import plan_for
 from scoremod.runtime._dispatch import as_mod, kernel_input_reason
@@ -313,21 +313,8 @@ def mosaic_attention(query, key, value, *, mod=None, scale=None, q_offset=0, kv_
     if not mosaic_backward:
         pcfg, pallas_aux = _pallas.prepare(mod, program, query, key, value, scale=scale, q_offset=q_offset,
                                            kv_offset=kv_offset, tensors=tensors, forward=False, plans=plans)
-    elif _reads_floats(program, tensors):
-        # The Pallas backward that gives float tensor reads their gradients when they are
-        # differentiated (unused, and dropped by XLA, when they are not).
-        try:
-            pcfg, pallas_aux = _pallas.prepare(mod, program, query, key, value, scale=scale, q_offset=q_offset,
-                                               kv_offset=kv_offset, tensors=tensors, forward=False, plans=plans)
-        except (NotImplementedError, ScoreModError):
-            pass   # (e.g. a reusable plan without its blocks) then a differentiated float tensor declines in _flash_fwd
     out, lse = _flash(cfg, (mcfg, pcfg), query, key, value, aux, pallas_aux)
     return (out, lse) if return_lse else out
-
-
-def _reads_floats(program, tensors) -> bool:
-    """Whether the program reads a float tensor (one that may be differentiated)."""
-    return any(jnp.issubdtype(jnp.asarray(tensors[r.name]).dtype, jnp.floating) for r in program.reads)
 
 
 def _sm_count() -> int:
@@ -461,10 +448,9 @@ def _flash_fwd(cfg, backward, q, k, v, aux, pallas_aux):
     wanted = tuple(i for i in forward_perturbed if cfg.program.read_derivative(i) is not None)
     if backward[0] is not None and all(_mosaic_backward.read_grad_kernel(cfg.program, i) for i in wanted):
         route = _BackwardRoute("mosaic", wanted)
-    elif forward_perturbed and not perturbed:
-        raise NotImplementedError("the mosaic kernels give tensor parameters their gradients through the "
-                                  "pallas backward, which cannot run this call; the xla path can "
-                                  "(docs/attention.md, Gradients)")
+    elif forward_perturbed and not perturbed:   # (no such call: a safety net, never zeros)
+        raise NotImplementedError("the mosaic kernels cannot give this call's tensor parameters their "
+                                  "gradients; the pallas and xla paths can (docs/attention.md, Gradients)")
     else:
         route = _BackwardRoute("pallas", perturbed)
     out, lse = _run_forward(cfg, q, k, v, aux)
