@@ -44,8 +44,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from scoremod.runtime._mosaic_forward import (
-    MosaicKernelConfig, _load, _logits2, _read_tile, launch, listed_block, local_tile_count, plan_row, plgpu,
-    row_step_counts, row_steps, scheduled_tile, split_tile, tile_smem)
+    MosaicKernelConfig, _load, _logits2, _read_tile, at_most_zero, launch, listed_block, local_tile_count, plan_row,
+    plgpu, row_step_counts, row_steps, scheduled_tile, split_tile, tile_smem)
 
 LOG2E = math.log2(math.e)
 
@@ -91,7 +91,7 @@ def _grad_tile(cfg: MosaicKernelConfig, s, dp, lse2, delta, *, partial, b, h, q_
     as rows), 1 in dK/dV (the tile is transposed, keys as rows)."""
     shape = s.shape
     logits = _logits2(cfg, s, partial=partial, b=b, h=h, q_pos=q_pos, kv_pos=kv_pos, reads=reads)
-    p = jnp.exp2(logits - lax.broadcast_in_dim(lse2, shape, [stat_dim]))
+    p = jnp.exp2(at_most_zero(logits - lax.broadcast_in_dim(lse2, shape, [stat_dim])))
     dlogit = p * (dp - lax.broadcast_in_dim(delta, shape, [stat_dim]))
     ds = dlogit
     if cfg.program.dtransform is not None:

@@ -51,6 +51,7 @@ except ImportError as exc:  # e.g. jax 0.10.2 without absl-py
     IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
 
 from scoremod.compiler.tile import TileProgram
+from scoremod.runtime._pallas_common import at_most_zero
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
@@ -357,8 +358,8 @@ def forward(cfg: MosaicKernelConfig, q, k, v, plan_arrays, order, reads, q_off, 
                         m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
                     else:
                         m_use = m_new   # a FULL tile of a mask-only mod has finite logits
-                    alpha = jnp.exp2(m_i - m_use)
-                    p = jnp.exp2(logits - lax.broadcast_in_dim(m_use, logits.shape, [0]))
+                    alpha = jnp.exp2(at_most_zero(m_i - m_use))
+                    p = jnp.exp2(at_most_zero(logits - lax.broadcast_in_dim(m_use, logits.shape, [0])))
                     acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
                     l_i = l_i * alpha
                     p16 = p.astype(dtype)
