@@ -551,11 +551,10 @@ def test_mosaic_backward_lowers_read_gradients(pretend_hopper, monkeypatch):
 
 @needs_mosaic
 def test_mosaic_backward_lowers_with_float_tensors_held_constant(pretend_hopper, monkeypatch):
-    # Only q differentiated: the Mosaic backward runs (the Pallas one prepared beside it
-    # for the float read stays unused).
+    # Only q differentiated: the Mosaic backward runs.
     import scoremod.runtime._mosaic_backward as mb
     used = []
-    monkeypatch.setattr(mb, "backward_dkv", lambda *a, _f=mb.backward_dkv: (used.append(1), _f(*a))[1])
+    monkeypatch.setattr(mb, "backward_dkv", lambda *a, _f=mb.backward_dkv, **kw: (used.append(1), _f(*a, **kw))[1])
     q, k, v = _qkv(1, 128, 128, 2, 2, 128)
     s = jnp.linspace(0.1, 1.0, 2)
 
