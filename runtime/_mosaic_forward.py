@@ -221,10 +221,22 @@ def _logits2(cfg: MosaicKernelConfig, s, *, partial, b, h, q_pos, kv_pos, reads)
     else:
         rd = reads()
         v = prog.values(s * cfg.scale, b=b, h=h, q=q_pos, kv=kv_pos, reads=rd) * LOG2E
+    # Mask-only mods at a scale of at most 1 (1 / sqrt(H) by default) skip the barrier:
+    # on the H100 it cost 8% of the causal forward, and their logits are q.k * scale.
+    rounded = _rounded if not cfg.mask_only or abs(cfg.scale) > 1.0 else (lambda x: x)
     if not partial:
-        return v
+        return rounded(v)
     m = prog.mask(b=b, h=h, q=q_pos, kv=kv_pos, reads=rd) if prog.canonical.has_mask else None
-    return v if m is None else jnp.where(m, v, -jnp.inf)
+    return rounded(v if m is None else jnp.where(m, v, -jnp.inf))
+
+
+def _rounded(logits):
+    """The logits as stored f32 values: the row max and the exponents then read the same
+    numbers. Without this the compiler may fuse ``s * c - m`` into one FMA for the exponent
+    while the max took the rounded product; once one rounding step of the logits is more
+    than exp2's range (from about 1e10 on the H100), a row's largest logit got weight 0
+    (lse -inf and a wrong row at scale 1e9: benchmarks/RESULTS.md, 2026-12-06)."""
+    return lax.optimization_barrier(logits)
 
 
 def _read_per_tile(ref, shape, *, b, h, q_start, block_q):
