@@ -28,6 +28,7 @@ from jax import lax
 
 sys.path.insert(0, os.path.dirname(__file__))
 from evaluator import attention_reference  # noqa: E402  (independent float64 oracle)
+from read_gradient_check import assert_read_gradients_match_xla  # noqa: E402
 from strategies import shapes, sources, tensors_for  # noqa: E402
 
 import scoremod  # noqa: E402
@@ -672,18 +673,7 @@ def test_gpu_mosaic_read_gradients():
     q, k, v = _qkv(B, T, T, N, K, H)
     do = jax.random.normal(jax.random.key(8), q.shape, jnp.float32)
     off = dict(q_offset=jnp.asarray([0, 150], jnp.int32), kv_offset=jnp.asarray([0, 150], jnp.int32))
-
-    def grads(impl, q, k, v):
-        def loss(ts):
-            return jnp.sum(scoremod.attention(q, k, v, mod=mod, implementation=impl, **off, **ts).astype(jnp.float32) * do)
-        return jax.jit(jax.grad(loss))(ts)
-    f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
-    got, again = grads("mosaic", q, k, v), grads("mosaic", q, k, v)
-    want = grads("xla", f32(q), f32(k), f32(v))
-    for n in ts:
-        assert np.array_equal(np.asarray(got[n]), np.asarray(again[n])), n
-        a, b = np.asarray(got[n]), np.asarray(want[n])
-        assert np.linalg.norm(a - b) <= 3e-2 * np.linalg.norm(b), n
+    assert_read_gradients_match_xla("mosaic", mod, ts, q, k, v, do, off)
 
 
 @pytest.mark.gpu

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(__file__))
 from evaluator import attention_reference  # noqa: E402  (independent float64 oracle)
+from read_gradient_check import assert_read_gradients_match_xla  # noqa: E402
 from strategies import gather_sources, shapes, sources  # noqa: E402
 
 import scoremod  # noqa: E402
@@ -423,14 +424,4 @@ def test_gpu_tensor_gradients(mod, make_tables):
     ts = make_tables(np.random.default_rng(1), N)
     q, k, v, do = _inputs(jax.random.PRNGKey(2), B, T, T, N, K, H, jnp.bfloat16)
     off = dict(q_offset=jnp.asarray([0, 150], jnp.int32), kv_offset=jnp.asarray([0, 150], jnp.int32))
-
-    def grads(impl, q, k, v):
-        def loss(ts):
-            return jnp.sum(scoremod.attention(q, k, v, mod=mod, implementation=impl, **off, **ts).astype(jnp.float32) * do)
-        return jax.jit(jax.grad(loss))(ts)
-    f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
-    got, again = grads("pallas", q, k, v), grads("pallas", q, k, v)
-    want = grads("xla", f32(q), f32(k), f32(v))
-    for n in ts:
-        assert np.array_equal(np.asarray(got[n]), np.asarray(again[n])), n
-        assert _rel(got[n], want[n]) < 3e-2, n
+    assert_read_gradients_match_xla("pallas", mod, ts, q, k, v, do, off)
