@@ -51,7 +51,7 @@ except ImportError as exc:  # e.g. jax 0.10.2 without absl-py
     IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
 
 from scoremod.compiler.tile import TileProgram
-from scoremod.runtime._pallas_common import at_most_zero
+from scoremod.runtime.softmax_numerics import at_most_zero
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)

@@ -33,6 +33,7 @@ from scoremod.compiler.tile import TableLookup, TileProgram
 if TYPE_CHECKING:  # (pallas_attention imports this module)
     from scoremod.runtime.pallas_attention import PallasBlockSizes
 from scoremod.runtime._triton import MIN_TILE, pltriton
+from scoremod.runtime.softmax_numerics import at_most_zero  # noqa: F401  (the kernels import it from here)
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
@@ -43,14 +44,6 @@ def dot(a, b, trans_a=False, trans_b=False):
     """Matrix product of two 2-D tiles with f32 accumulation (Triton ``tl.dot``)."""
     fn = getattr(pltriton, "dot", None) or pl.dot
     return fn(a, b, trans_a=trans_a, trans_b=trans_b)
-
-
-def at_most_zero(d):
-    """``d`` with positive entries set to 0 (NaN kept). An exponent ``logit - max`` is <= 0
-    by construction, but at logit magnitudes near 1e9 and beyond the compiler may round
-    the two sides differently (a fused multiply-add): a positive exponent there would
-    overflow exp to inf and the row to NaN."""
-    return jnp.where(d > 0.0, 0.0, d)
 
 
 def exp2(x, *, fast: bool):

@@ -22,6 +22,7 @@ from scoremod.runtime._triton import compiler_params
 from scoremod.runtime._pallas_common import (
     LN2, KernelConfig, ReadSet, at_most_zero, dot, exp2, fixed_reads, listed_span, load_rows, offset_and_plan_specs,
     read_specs, span, store, tile_logits2, tile_reads)
+from scoremod.runtime.softmax_numerics import rounding_slack
 
 
 def _forward_kernel(qoff_ref, kvoff_ref, fcount_ref, fidx_ref, pcount_ref, pidx_ref, q_ref, k_ref,
@@ -70,6 +71,7 @@ def _forward_kernel(qoff_ref, kvoff_ref, fcount_ref, fidx_ref, pcount_ref, pidx_
                                   reads_all=lambda: reads("all"))
 
             m_new = jnp.maximum(m_prev, jnp.max(logits, axis=1))
+            m_new = m_new - rounding_slack(m_new)   # 0 below logits of about 5e8 (softmax_numerics)
             if is_full is True and cfg.base2:
                 m_safe = m_new   # a FULL tile of a mask-only mod has finite logits
             else:

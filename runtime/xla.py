@@ -33,6 +33,7 @@ from scoremod.compiler.intervals import num_blocks
 from scoremod.compiler.plan import EMPTY, build_plan, compact_rows, plan_is_static
 from scoremod.runtime.attention_plan import plan_for
 from scoremod.runtime._dispatch_order import XlaBlockSizes
+from scoremod.runtime.softmax_numerics import at_most_zero, rounding_slack
 
 __all__ = ["xla_attention", "XlaBlockSizes"]
 
@@ -49,10 +50,6 @@ class _Config:
     static_offsets: tuple[int, int] | None   # both offsets, when both are Python ints
 
 
-
-def _at_most_zero(d):
-    """``d`` with positive entries set to 0, NaN kept (see ``_pallas_common.at_most_zero``)."""
-    return jnp.where(d > 0.0, 0.0, d)
 
 def xla_attention(query, key, value, *, mod: Mod, scale: float, q_offset=0, kv_offset=0,
                   tensors=None, block_sizes: XlaBlockSizes | None = None, plans=None):
@@ -206,13 +203,19 @@ def _forward(cfg: _Config, query, key, value, tensors, q_off, kv_off, plan):
             c = jnp.asarray(kv_indices)[qi, j]
             k_c = lax.dynamic_slice_in_dim(k, c * bk, bk, axis=2)
             v_c = lax.dynamic_slice_in_dim(v, c * bk, bk, axis=2)
-            logits = tile_logits(_scores(cfg, q_blk, k_c), qi, c, floats)
+            # The row max and the exponents read the same stored logits: fused, XLA once
+            # recomputed them on each side with the scale folded differently, and from
+            # about 1e9 a row's largest term came out exp(-ulp) = 0 (the row dropped).
+            logits = lax.optimization_barrier(tile_logits(_scores(cfg, q_blk, k_c), qi, c, floats))
+            # The exponents' reference: the row max, lowered by the rounding slack (see
+            # softmax_numerics; 0 below logits of about 5e8), carried as the running max.
             m_new = jnp.maximum(m, logits.max(axis=-1))
+            m_new = m_new - rounding_slack(m_new)
             m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)   # all -inf so far: exp(-inf - 0) = 0
             # Exponents are <= 0 by construction; at logit magnitudes near 1e9 and beyond the
             # two sides may round differently after fusion: never let one overflow to inf.
-            alpha = jnp.exp(_at_most_zero(m - m_safe))
-            p = jnp.exp(_at_most_zero(logits - m_safe[..., None]))
+            alpha = jnp.exp(at_most_zero(m - m_safe))
+            p = jnp.exp(at_most_zero(logits - m_safe[..., None]))
             l = alpha * l + p.sum(axis=-1)
             pv = jnp.einsum("bkgqc,bkch->bkgqh", p.astype(v.dtype), v_c, preferred_element_type=jnp.float32)
             return m_new, l, alpha[..., None] * acc + pv
@@ -260,7 +263,7 @@ def _backward(cfg: _Config, query, key, value, tensors, q_off, kv_off, plan, out
             q_blk, do_blk, lse_blk, delta_blk, dlse_blk = map(rows, (q, do, lse, delta, dlse))
             logits, logits_vjp = jax.vjp(lambda s, f: tile_logits(s, qi, c, f), _scores(cfg, q_blk, k_c), floats)
             has_key = (lse_blk != -jnp.inf)[..., None]
-            p = jnp.where(has_key, jnp.exp(_at_most_zero(logits - jnp.where(has_key, lse_blk[..., None], 0.0))), 0.0)
+            p = jnp.where(has_key, jnp.exp(at_most_zero(logits - jnp.where(has_key, lse_blk[..., None], 0.0))), 0.0)
             dv_c = dv_c + jnp.einsum("bkgqc,bkgqh->bkch", p.astype(do.dtype), do_blk,
                                      preferred_element_type=jnp.float32)
             dp = jnp.einsum("bkgqh,bkch->bkgqc", do_blk, v_c, preferred_element_type=jnp.float32)

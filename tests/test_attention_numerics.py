@@ -326,7 +326,9 @@ def test_huge_finite_logits_stay_finite_and_agree(impl):
     rng = np.random.default_rng(0)
     q, k, v = (jnp.asarray(rng.standard_normal((2, 70, 2, 8)), jnp.float32) for _ in range(3))
     cases = [("score + where(kv < n[b], 0.0, -1e30)", {"n": jnp.asarray([40, 0], jnp.int32)}, None),
-             ("score - 1e20", {}, None), ("causal", {}, 1e10)]
+             ("score - 1e20", {}, None), ("causal", {}, 1e10),
+             # no mask at logits ~1e10: xla once dropped whole rows (lse -inf; a third audit)
+             (None, {}, 1e9), ("score * 2", {}, 1e9)]
     for mod, tensors, scale in cases:
         want = scoremod.attention(q, k, v, mod=mod, implementation="reference", return_lse=True, scale=scale, **tensors)
         with implementation(impl) as name:
@@ -334,13 +336,15 @@ def test_huge_finite_logits_stay_finite_and_agree(impl):
         for g, w in zip(got, want):
             assert np.isfinite(np.asarray(g)).all(), mod
             np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5, err_msg=mod)
-    # the audit's case for the xla path: scores near 1e10, one tile
-    q, k, v = (jnp.asarray(x, jnp.float32) for x in np.random.default_rng(0).standard_normal((3, 1, 3, 1, 2)))
-    want = scoremod.attention(q, k, v, scale=1e10, implementation="reference", return_lse=True)
-    got = scoremod.attention(q, k, v, scale=1e10, implementation="xla" if impl == "xla-small" else impl,
-                             return_lse=True)
-    for g, w in zip(got, want):
-        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5)
+    # the audits' cases for the xla path: scores near 1e10, one tile; no mask at 1e9 (the
+    # third audit: 3 of 18 rows dropped, output 0 and lse -inf)
+    for shape, scale in (((3, 1, 3, 1, 2), 1e10), ((3, 1, 9, 2, 16), 1e9)):
+        q, k, v = (jnp.asarray(x, jnp.float32) for x in np.random.default_rng(0).standard_normal(shape))
+        want = scoremod.attention(q, k, v, scale=scale, implementation="reference", return_lse=True)
+        got = scoremod.attention(q, k, v, scale=scale, implementation="xla" if impl == "xla-small" else impl,
+                                 return_lse=True)
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("scale", [float("nan"), float("inf"), -float("inf")])
