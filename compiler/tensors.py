@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+import jax.numpy as jnp
 import numpy as np
 
 from scoremod.errors import ScoreModTensorError
@@ -234,7 +235,7 @@ def check_mask_read_dtypes(mod, tensors: Mapping[str, Any]) -> None:
         if name not in tensors or name not in reads:   # not passed, or simplified away
             continue
         _, dtype = _shape_and_dtype(name, tensors[name])
-        if dtype.kind != "f":
+        if not _is_float(dtype):
             continue
         read, span = _mask_read(mod, name)
         raise ScoreModTensorError(
@@ -313,6 +314,11 @@ def concrete(x):
         return None
 
 
+def _is_float(dtype) -> bool:
+    """Floating point, bfloat16 included (NumPy gives ml_dtypes' bfloat16 the kind "V")."""
+    return bool(jnp.issubdtype(dtype, jnp.floating))
+
+
 def check_tensors(mod_or_canonical, tensors: Mapping[str, Any], batch: int, heads: int, q_len: int,
                   kv_len: int, *, q_offset=0, kv_offset=0) -> None:
     """Check the tensor parameters of a mod before running it.
@@ -346,7 +352,7 @@ def check_tensors(mod_or_canonical, tensors: Mapping[str, Any], batch: int, head
 
     for name, rs in reads.items():
         shape, dtype = _shape_and_dtype(name, tensors[name])
-        if dtype.kind not in "biuf":
+        if dtype.kind not in "biu" and not _is_float(dtype):
             raise ScoreModTensorError(
                 f"tensor '{name}' has dtype {dtype}; expected int, float or bool values, shape "
                 f"{expected_shape_of_reads(rs, **fmt)}")

@@ -272,3 +272,21 @@ def test_pallas_float_table_only_the_mask_reads_gets_zero_gradient():
     got, want = grad("pallas"), grad("reference")
     assert not np.any(np.asarray(got["m"])) and not np.any(np.asarray(want["m"]))
     np.testing.assert_allclose(np.asarray(got["s"]), np.asarray(want["s"]), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("impl", ["reference", "xla"])
+def test_bfloat16_tensors_are_floats(impl):
+    """A bfloat16 bias is a float tensor (NumPy gives bfloat16 the kind "V": it was refused
+    as "expected int, float or bool"; a third audit): the same values as in float32 give
+    the same output, the gradient comes back in bfloat16, and a bfloat16 tensor read as
+    a mask is refused as a float mask is."""
+    q, k, v = (jax.random.normal(jax.random.key(i), (1, 40, 2, 16)) for i in range(3))
+    t = jax.random.normal(jax.random.key(9), (1, 2, 40, 40)).astype(jnp.bfloat16)
+    mod = "causal + bias(t)"
+    want = scoremod.attention(q, k, v, mod=mod, t=t.astype(jnp.float32), implementation=impl)
+    got = scoremod.attention(q, k, v, mod=mod, t=t, implementation=impl)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    g = jax.grad(lambda t: scoremod.attention(q, k, v, mod=mod, t=t, implementation=impl).sum())(t)
+    assert g.dtype == jnp.bfloat16 and bool(jnp.isfinite(g.astype(jnp.float32)).all())
+    with pytest.raises(scoremod.ScoreModTensorError, match="reads it as a mask"):
+        scoremod.attention(q, k, v, mod="causal & m[b, q, kv]", m=jnp.ones((1, 40, 40), jnp.bfloat16))
