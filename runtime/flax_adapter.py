@@ -20,6 +20,7 @@ import math
 import jax.numpy as jnp
 
 from scoremod.errors import ScoreModError, ScoreModShapeError
+from scoremod.dsl.ast import Var, walk
 from scoremod.compiler.mod import compile_mod
 from scoremod.runtime.attention import attention
 
@@ -111,12 +112,26 @@ def as_attention_fn(mod=None, *, implementation=None, scale=None, **tensors):
             extra[MASK_TENSOR] = _flat_grid(mask, batch_shape, "mask")
         if bias is not None:
             extra[BIAS_TENSOR] = _flat_grid(bias, batch_shape, "bias")
-        out = attention(q, k, v, mod=combined(bool(is_causal), mask is not None, bias is not None), scale=scale,
-                        implementation=implementation, **tensors, **extra)
+        call_mod = combined(bool(is_causal), mask is not None, bias is not None)
+        if q.shape[1] != k.shape[1] and (is_causal or _reads_query_positions(mod)):
+            # Flax's decode cache passes one query and the whole cache, never the query's
+            # position: at offset 0 a position-dependent mod would be silently wrong.
+            raise ScoreModError(
+                f"{mod if not is_causal else call_mod} depends on query positions, but attention_fn gets {q.shape[1]} queries for "
+                f"{k.shape[1]} keys and no positions (Flax's decode cache does not pass its index), so it "
+                "cannot place the queries",
+                hint="decode with scoremod.attention(..., q_offset=cache_index) in your own attention, or "
+                     "keep the layer's mod position-free (Flax's cache mask still applies)")
+        out = attention(q, k, v, mod=call_mod, scale=scale, implementation=implementation, **tensors, **extra)
         return out.reshape(query.shape)
 
     attention_fn.mod = mod
     return attention_fn
+
+
+def _reads_query_positions(mod) -> bool:
+    """Whether the mod's meaning depends on the query position ``q``."""
+    return any(isinstance(n, Var) and n.name == "q" for n in walk(mod.canonical.as_node()))
 
 
 def _flat_grid(x, batch_shape: tuple, name: str):

@@ -181,3 +181,19 @@ def test_dtype_casts_and_grads_flow():
 def test_reserved_tensor_names():
     with pytest.raises(ScoreModError, match="flax_mask"):
         scoremod.as_attention_fn("flax_mask[b, q] > 0")
+
+
+def test_nnx_decode_with_a_position_dependent_mod_is_refused():
+    """Flax's decode cache passes one query, the whole cache and no position: a mod that
+    reads q (causal, window) cannot be placed, and at offset 0 it silently gave a wrong
+    answer (off by up to 4.0 from the full pass; a third audit). Now a clear error; a
+    position-free mod with the cache's mask still decodes (the test above)."""
+    fn = scoremod.as_attention_fn("causal & window(3)", implementation="reference")
+    layer = nnx.MultiHeadAttention(num_heads=N, in_features=D, rngs=nnx.Rngs(0), decode=True, attention_fn=fn)
+    layer.init_cache((B, T, D))
+    with pytest.raises(ScoreModError, match="depends on query positions") as info:
+        layer(X[:, :1])
+    assert "q_offset" in str(info.value)
+    # The same mod on the full sequence (no cache) runs.
+    full = nnx.MultiHeadAttention(num_heads=N, in_features=D, rngs=nnx.Rngs(0), decode=False, attention_fn=fn)
+    assert full(X).shape == X.shape
