@@ -51,6 +51,18 @@ class _Config:
 
 
 
+def _varying_like(refs, *values):
+    """``values`` marked as varying over the mesh axes any of ``refs`` varies over. Inside
+    a user's ``jax.shard_map`` the loops' carries start as constants but come back
+    varying like the shards they read, and a loop wants the two types equal."""
+    axes = set()
+    for r in jax.tree.leaves(refs):
+        axes |= set(getattr(getattr(jax.typeof(r), "manual_axis_type", None), "varying", ()) or ())
+    if not axes:
+        return values
+    return tuple(jax.tree.map(lambda x: lax.pcast(x, tuple(sorted(axes)), to="varying"), v) for v in values)
+
+
 def xla_attention(query, key, value, *, mod: Mod, scale: float, q_offset=0, kv_offset=0,
                   tensors=None, block_sizes: XlaBlockSizes | None = None, plans=None):
     """Chunked attention with an online softmax (inputs already validated by ``attention()``).
@@ -222,6 +234,7 @@ def _forward(cfg: _Config, query, key, value, tensors, q_off, kv_off, plan):
 
         init = (jnp.full((B, K, G, bq), -jnp.inf, jnp.float32), jnp.zeros((B, K, G, bq), jnp.float32),
                 jnp.zeros((B, K, G, bq, H), jnp.float32))
+        init = _varying_like((q, k, v, tensors, q_off, kv_off), *init)
         m, l, acc = lax.fori_loop(0, jnp.asarray(kv_counts)[qi], visit, init)
         has_key = l != 0    # NaN (a NaN or +inf logit) propagates; only l == 0 is "no key"
         l_safe = jnp.where(has_key, l, 1.0)
@@ -280,12 +293,13 @@ def _backward(cfg: _Config, query, key, value, tensors, q_off, kv_off, plan, out
             dk_c = dk_c + jnp.einsum("bkgqc,bkgqh->bkch", ds, q_blk, preferred_element_type=jnp.float32)
             return dq, dk_c, dv_c, dfloats
 
-        zeros = jnp.zeros((B, K, bk, H), jnp.float32)
+        zeros, = _varying_like((q, k, v, do, tensors, q_off, kv_off), jnp.zeros((B, K, bk, H), jnp.float32))
         dq, dk_c, dv_c, dfloats = lax.fori_loop(0, jnp.asarray(q_counts)[c], visit, (dq, zeros, zeros, dfloats))
         return (dq, dfloats), (dk_c, dv_c)
 
-    (dq, dfloats), (dk, dv) = lax.scan(kv_chunk, (jnp.zeros(q.shape, jnp.float32), jax.tree.map(jnp.zeros_like, floats)),
-                                       jnp.arange(num_blocks(cfg.kv_len, cfg.block_kv), dtype=jnp.int32))
+    start = _varying_like((q, k, v, do, tensors, q_off, kv_off), jnp.zeros(q.shape, jnp.float32),
+                          jax.tree.map(jnp.zeros_like, floats))
+    (dq, dfloats), (dk, dv) = lax.scan(kv_chunk, start, jnp.arange(num_blocks(cfg.kv_len, cfg.block_kv), dtype=jnp.int32))
     dq = dq.transpose(0, 3, 1, 2, 4).reshape(B, -1, N, H)[:, :T]
     # [nk, B, K, bk, H] -> [B, nk * bk, K, H]
     dk = dk.transpose(1, 0, 3, 2, 4).reshape(B, -1, K, H)[:, :S]

@@ -343,8 +343,10 @@ def test_strategy_rule():
         collectives("causal", 2, 2, context_strategy="tree")
 
 
-@pytest.mark.parametrize("layout, strategy", [(None, None), ("zigzag", "ring"), ("zigzag", "all_gather")])
-def test_local_shards_inside_shard_map(layout, strategy):
+@pytest.mark.parametrize("layout, strategy, impl", [
+    (None, None, "reference"), ("zigzag", "ring", "reference"), ("zigzag", "all_gather", "reference"),
+    (None, None, "xla"), ("zigzag", "ring", "xla")])   # xla: its loops' carries once had the wrong type there
+def test_local_shards_inside_shard_map(layout, strategy, impl):
     """attention(context_axis=) without mesh, inside the user's own shard_map: local shards
     of the data (in the layout's order) and global ids; out, lse and grads as one device."""
     mesh, T, B = _mesh(4), 64, 2
@@ -359,7 +361,7 @@ def test_local_shards_inside_shard_map(layout, strategy):
         def local(q, k, v, ids):
             return scoremod.attention(q, k, v, mod=mod, ids=ids, context_axis="sp", context_layout=layout,
                                       context_strategy=strategy, q_offset=5, kv_offset=5, return_lse=True,
-                                      implementation="reference")
+                                      implementation=impl)
         out, lse = jax.shard_map(local, mesh=mesh, in_specs=(seq, seq, seq, jax.sharding.PartitionSpec()),
                                  out_specs=(seq, seq))(q[:, order], k[:, order], v[:, order], ids)
         return out[:, inverse], lse[:, inverse]
@@ -376,6 +378,25 @@ def test_local_shards_inside_shard_map(layout, strategy):
     np.testing.assert_allclose(np.asarray(lse), np.asarray(want_lse), atol=2e-5)
     for a, b in zip(got, want):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-4)
+
+
+def test_plain_attention_inside_a_users_shard_map():
+    """Data parallel: each device runs attention() (xla, the CPU default) on its own batch
+    rows inside the user's shard_map, gradients included (the loops' constant initial
+    carries met shards varying over the mesh axis: a raw while_loop TypeError; a third
+    audit)."""
+    mesh = _mesh(4)
+    q, k, v = _qkv(4, 32, 32, 2, 2, 8, seed=3)
+    rows = jax.sharding.PartitionSpec("sp")
+
+    def run(q, k, v):
+        return scoremod.attention(q, k, v, mod="causal & window(9)", implementation="xla")
+    sharded = jax.shard_map(run, mesh=mesh, in_specs=(rows,) * 3, out_specs=rows)
+    loss = lambda f: lambda q, k, v: jnp.sum(f(q, k, v) * jnp.cos(q))  # noqa: E731
+    np.testing.assert_allclose(np.asarray(jax.jit(sharded)(q, k, v)), np.asarray(run(q, k, v)), atol=2e-6)
+    for a, b in zip(jax.jit(jax.grad(loss(sharded), argnums=(0, 1, 2)))(q, k, v),
+                    jax.grad(loss(run), argnums=(0, 1, 2))(q, k, v)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5)
 
 
 def test_local_shards_need_an_enclosing_shard_map():
