@@ -109,9 +109,9 @@ def as_attention_fn(mod=None, *, implementation=None, scale=None, **tensors):
         q, k, v = (x.reshape((flat,) + x.shape[-3:]) for x in (query, key, value))
         extra = {}
         if mask is not None:
-            extra[MASK_TENSOR] = _flat_grid(mask, batch_shape, "mask")
+            extra[MASK_TENSOR] = _flat_grid(mask, batch_shape, "mask", q.shape[1:3], k.shape[1])
         if bias is not None:
-            extra[BIAS_TENSOR] = _flat_grid(bias, batch_shape, "bias")
+            extra[BIAS_TENSOR] = _flat_grid(bias, batch_shape, "bias", q.shape[1:3], k.shape[1])
         call_mod = combined(bool(is_causal), mask is not None, bias is not None)
         if q.shape[1] != k.shape[1] and (is_causal or _reads_query_positions(mod)):
             # Flax's decode cache passes one query and the whole cache, never the query's
@@ -134,13 +134,17 @@ def _reads_query_positions(mod) -> bool:
     return any(isinstance(n, Var) and n.name == "q" for n in walk(mod.canonical.as_node()))
 
 
-def _flat_grid(x, batch_shape: tuple, name: str):
-    """A ``[batch..., N|1, T|1, S|1]``-broadcastable array as ``[prod(batch)|1, N|1, T|1, S|1]``."""
+def _flat_grid(x, batch_shape: tuple, name: str, q_shape: tuple, kv_len: int):
+    """A ``[batch..., N|1, T|1, S|1]``-broadcastable array as ``[prod(batch)|1, N|1, T|1, S|1]``;
+    ``q_shape``: (T, N). Any other size is an error (a mask one key wider was once read
+    in part, silently)."""
     x = jnp.asarray(x)
     rank = len(batch_shape) + 3
-    if x.ndim > rank:
-        raise ScoreModShapeError(f"{name} must broadcast to [batch..., num_heads, q_length, kv_length] "
-                                 f"(rank {rank}); got shape {x.shape}")
+    T, N = q_shape
+    want = batch_shape + (N, T, kv_len)
+    if x.ndim > rank or any(d not in (1, w) for d, w in zip(x.shape[::-1], want[::-1])):
+        raise ScoreModShapeError(f"{name} must broadcast to [batch..., num_heads, q_length, kv_length] = "
+                                 f"{list(want)}; got shape {x.shape}")
     x = x.reshape((1,) * (rank - x.ndim) + x.shape)
     lead = x.shape[:len(batch_shape)]
     if all(d == 1 for d in lead):

@@ -197,3 +197,17 @@ def test_nnx_decode_with_a_position_dependent_mod_is_refused():
     # The same mod on the full sequence (no cache) runs.
     full = nnx.MultiHeadAttention(num_heads=N, in_features=D, rngs=nnx.Rngs(0), decode=False, attention_fn=fn)
     assert full(X).shape == X.shape
+
+
+def test_masks_and_biases_of_the_wrong_size_are_refused():
+    """A Flax mask or bias must broadcast to [batch..., N, T, S]: a wrong batch was a raw
+    broadcasting error and a mask one key wider was read in part, silently (a third audit)."""
+    fn = scoremod.as_attention_fn()
+    x = jax.random.normal(jax.random.key(0), (1, 8, 2, 16))
+    for bad in ((3, 2, 8, 8), (1, 2, 8, 9), (1, 3, 8, 8), (2, 8, 7)):
+        with pytest.raises(scoremod.ScoreModShapeError, match="must broadcast"):
+            fn(x, x, x, mask=jnp.ones(bad, bool))
+        with pytest.raises(scoremod.ScoreModShapeError, match="must broadcast"):
+            fn(x, x, x, bias=jnp.zeros(bad))
+    for good in ((8, 8), (1, 8), (2, 1, 8), (1, 1, 1, 1)):   # broadcasting shapes still work
+        assert fn(x, x, x, mask=jnp.ones(good, bool)).shape == x.shape
