@@ -156,7 +156,7 @@ def paged_attention(q, k_pages, v_pages, block_tables, lengths, *, mod=None, sca
 
     if sinks is not None:
         sinks = check_sinks(sinks, q.shape[2])
-    if q.shape[1] == 0:
+    if q.shape[0] == 0 or q.shape[1] == 0:   # no sequences or no new tokens: nothing to attend
         return jnp.zeros(q.shape, q.dtype)
 
     out, lse = run_first(names, _RUNNERS, what="paged_attention", mod=mod, q=q, k_pages=k_pages, v_pages=v_pages,
@@ -171,8 +171,26 @@ def paged_attention(q, k_pages, v_pages, block_tables, lengths, *, mod=None, sca
 
 def _run_pallas(q, k_pages, v_pages, block_tables, lengths, *, mod, tensors, scale, block_sizes, interpret):
     _check_kernel_support(mod, q, k_pages, tensors)
+    if not interpret and jax.default_backend() == "cpu":
+        raise NotImplementedError("interpret=False compiles the Pallas kernel for a GPU; this backend is the CPU "
+                                  "(leave interpret=None: interpret mode on the CPU)")
+    return _paged_pallas_forward_only(q, k_pages, v_pages, block_tables, lengths, tensors, mod, scale, block_sizes,
+                                      interpret)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(6, 7, 8, 9))
+def _paged_pallas_forward_only(q, k_pages, v_pages, block_tables, lengths, tensors, mod, scale, block_sizes,
+                               interpret):
+    """``_paged_pallas``, with a clear error in place of Pallas' own under differentiation."""
     return _paged_pallas(q, k_pages, v_pages, block_tables, lengths, tensors, mod=mod, scale=scale,
                          block_sizes=block_sizes, interpret=interpret)
+
+
+@_paged_pallas_forward_only.defjvp
+def _paged_pallas_jvp(mod, scale, block_sizes, interpret, primals, tangents):
+    raise ScoreModError("paged_attention's pallas kernel is forward only (decode and chunked prefill need no "
+                        "gradient; docs/paged.md)",
+                        hint="differentiate with implementation='reference', or train with scoremod.attention")
 
 
 def _run_reference(q, k_pages, v_pages, block_tables, lengths, *, mod, tensors, scale, block_sizes, interpret):

@@ -180,3 +180,21 @@ def test_split_count_fills_whole_waves():
 def test_paged_block_sizes_must_be_positive(bad):
     with pytest.raises(ScoreModShapeError, match="must be"):
         PagedBlockSizes(**bad)
+
+
+def test_pallas_no_sequences_no_gradient_no_compiled_cpu_kernel(cache):
+    """Three user mistakes or edge cases that reached Pallas' internals (a third audit):
+    no sequences (B=0) gives an empty output; jax.grad through the pallas kernel is a
+    clear ScoreModError (it is forward only); interpret=False on the CPU says why."""
+    q, kp, vp, tables, lengths = cache
+    empty = paged_attention(q[:0], kp, vp, tables[:0], lengths[:0], mod="causal", implementation="pallas")
+    assert empty.shape == (0,) + q.shape[1:]
+    with pytest.raises(ScoreModError, match="forward only"):
+        jax.grad(lambda q: paged_attention(q, kp, vp, tables, lengths, mod="causal",
+                                           implementation="pallas").sum())(np.asarray(q, np.float32))
+    if jax.default_backend() == "cpu":
+        with pytest.raises(NotImplementedError, match="interpret=False"):
+            paged_attention(q, kp, vp, tables, lengths, mod="causal", implementation="pallas", interpret=False)
+    # the reference stays differentiable
+    g = jax.grad(lambda q: paged_attention(q, kp, vp, tables, lengths, mod="causal").sum())(np.asarray(q, np.float32))
+    assert np.isfinite(np.asarray(g)).all()
