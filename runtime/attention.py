@@ -208,7 +208,7 @@ def dispatch(query, key, value, *, mod=None, scale=None, q_offset=0, kv_offset=0
              **tensors) -> Dispatch:
     r"""Which implementation ``attention()`` would run for this call, and why each one tried
     before it declines, without running anything: the call is traced abstractly
-    (``jax.eval_shape``), so query/key/value may be ``jax.ShapeDtypeStruct``\ s.
+    (``jax.eval_shape``), so query/key/value and tensors may be ``jax.ShapeDtypeStruct``\ s.
 
     Arguments as ``attention()``. Mistakes in the call raise as ``attention()`` would.
 
@@ -219,12 +219,16 @@ def dispatch(query, key, value, *, mod=None, scale=None, q_offset=0, kv_offset=0
         runs: xla                      # on a CPU; on an H100/H200: mosaic
     """
     record: list = []
+    # Tensors given as ShapeDtypeStructs are traced like q, k, v; concrete ones stay
+    # concrete, as attention() would see them (their values may decide the plan).
+    abstract = {n: t for n, t in tensors.items() if isinstance(t, jax.ShapeDtypeStruct)}
 
-    def call(q, k, v):
+    def call(q, k, v, traced):
         return _attention(q, k, v, mod=mod, scale=scale, q_offset=q_offset, kv_offset=kv_offset,
-                          implementation=implementation, return_lse=False, tensors=tensors, record=record)
+                          implementation=implementation, return_lse=False, tensors={**tensors, **traced},
+                          record=record)
     try:
-        jax.eval_shape(call, query, key, value)
+        jax.eval_shape(call, query, key, value, abstract)
     except NotImplementedError:
         pass   # every implementation declined: record holds why
     chosen = next((name for name, why in record if why is None), None)

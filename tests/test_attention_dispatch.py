@@ -196,6 +196,19 @@ def test_dispatch_raises_the_mistakes_attention_raises():
         scoremod.dispatch(q, jax.ShapeDtypeStruct((1, 16, 3, 8), jnp.float32), q)
 
 
+def test_dispatch_takes_abstract_tensors():
+    """Tensors as ShapeDtypeStructs, like q, k, v (they were converted with jnp.asarray: a
+    raw TypeError; a third audit); their shapes are still checked."""
+    q = jax.ShapeDtypeStruct((1, 16, 2, 8), jnp.float32)
+    d = scoremod.dispatch(q, q, q, mod="causal & doc(ids)", implementation=("pallas", "xla"),
+                          ids=jax.ShapeDtypeStruct((1, 16), jnp.int32))
+    assert d.implementation == "pallas"
+    assert scoremod.dispatch(q, q, q, mod="relpos(t, 4) + causal", implementation="xla",
+                             t=jax.ShapeDtypeStruct((2, 9), jnp.float32)).implementation == "xla"
+    with pytest.raises(scoremod.ScoreModTensorError):
+        scoremod.dispatch(q, q, q, mod="causal & doc(ids)", ids=jax.ShapeDtypeStruct((1, 15), jnp.int32))
+
+
 @pytest.mark.gpu
 def test_dispatch_on_a_gpu_picks_mosaic_for_bf16():
     q = jax.ShapeDtypeStruct((1, 256, 2, 128), jnp.bfloat16)
