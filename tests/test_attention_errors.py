@@ -195,3 +195,17 @@ def test_an_index_below_zero_is_told_to_be_bounded_not_given_a_shape():
     assert "expected shape" not in str(info.value)
     out = scoremod.attention(q, kv, kv, mod="causal + t[max(q - kv, 0) + 10]", t=jnp.zeros(46), implementation="xla")
     assert out.shape == q.shape
+
+
+def test_second_derivatives_on_xla_say_so():
+    """A gradient of a gradient through the xla path is a clear ScoreModError (it was jax's
+    "Reverse-mode differentiation does not work for lax.while_loop"; a third audit); the
+    reference supports it, and first derivatives are unaffected."""
+    x = jax.random.normal(jax.random.key(0), (1, 8, 2, 16))
+
+    def second(impl):
+        inner = jax.grad(lambda x: scoremod.attention(x, x, x, mod="causal", implementation=impl).sum())
+        return jax.grad(lambda x: inner(x).sum())(x)
+    with pytest.raises(scoremod.ScoreModError, match="second derivatives"):
+        second("xla")
+    assert np.isfinite(np.asarray(second("reference"))).all()
