@@ -40,6 +40,7 @@ from scoremod.compiler.tile import TileProgram
 from scoremod.errors import ScoreModShapeError
 from scoremod.runtime import _mosaic_backward, _mosaic_forward
 from scoremod.runtime.attention_plan import plan_for
+from scoremod.runtime.first_order import first_order_only
 from scoremod.runtime._dispatch import as_mod, kernel_input_reason
 from scoremod.runtime._mosaic_forward import MosaicKernelConfig
 from scoremod.runtime import pallas_attention as _pallas
@@ -444,6 +445,7 @@ def _flash_fwd(cfg, backward, q, k, v, aux, pallas_aux):
     # and kv their gradients; any other makes the Pallas backward run (through its own
     # materialized reads, pallas_aux["reads"]).
     (q, k, v, aux), forward_perturbed = _pallas.primal_values("mosaic", q, k, v, aux)
+    q, k, v = first_order_only("mosaic", (q, k, v))   # a gradient of a gradient differentiates this too
     (pallas_aux,), perturbed = _pallas.primal_values("mosaic", pallas_aux)
     wanted = tuple(i for i in forward_perturbed if cfg.program.read_derivative(i) is not None)
     if backward[0] is not None and all(_mosaic_backward.read_grad_kernel(cfg.program, i) for i in wanted):
@@ -464,6 +466,7 @@ def _flash_bwd(cfg, backward, res, cotangents):
     output and lse), which gives any float read its gradient."""
     q, k, v, aux, pallas_aux, out, lse, route = res
     cotangents = tuple(map(_pallas.dense_cotangent, cotangents))
+    q, k, v, out, lse, cotangents = first_order_only("mosaic", (q, k, v, out, lse, cotangents))
     mcfg, pcfg = backward
     aux_ct = jax.tree_util.tree_map(_pallas._zero_cotangent, aux)
     pallas_ct = jax.tree_util.tree_map(_pallas._zero_cotangent, pallas_aux)

@@ -33,6 +33,7 @@ from scoremod.compiler.tile import MAX_TABLE_SIZE, TileProgram
 from scoremod.errors import ScoreModShapeError
 from scoremod.runtime._dispatch import FLOAT_DTYPES, as_mod, kernel_input_reason
 from scoremod.runtime.attention_plan import plan_for
+from scoremod.runtime.first_order import first_order_only
 from scoremod.runtime._pallas_common import KernelConfig, flat_reads
 from scoremod.runtime._triton import MIN_TILE, pltriton
 from scoremod.runtime._pallas_forward import forward as _forward
@@ -266,6 +267,7 @@ class ReadGrads:
 
 def _flash_fwd(cfg, q, k, v, aux):
     (q, k, v, aux), perturbed = primal_values("pallas", q, k, v, aux)
+    q, k, v = first_order_only("pallas", (q, k, v))   # a gradient of a gradient differentiates this too
     for i in perturbed:
         size = table_slice_size(cfg, i) if cfg.program.reads[i].gather else 0
         if size > MAX_GATHER_GRAD_TABLE:
@@ -313,6 +315,7 @@ def flash_backward(cfg, res, cotangents):
     the dK/dV kernel sums those that depend on kv only); the rest of aux gets zeros."""
     q, k, v, aux, out, lse, read_grads = res
     dout, dlse = map(dense_cotangent, cotangents)
+    q, k, v, out, lse, dout, dlse = first_order_only("pallas", (q, k, v, out, lse, dout, dlse))
     dout = dout.astype(q.dtype)
     delta = backward_delta(out, dout, lse, dlse)
     # A read only the mask uses (t[q, kv] > 0) has derivative 0: its cotangent stays zeros.

@@ -29,11 +29,11 @@ import numpy as np
 from jax import lax
 
 from scoremod.compiler.mod import Mod
-from scoremod.errors import ScoreModError
 from scoremod.compiler.intervals import num_blocks
 from scoremod.compiler.plan import EMPTY, build_plan, compact_rows, plan_is_static
 from scoremod.runtime.attention_plan import plan_for
 from scoremod.runtime._dispatch_order import XlaBlockSizes
+from scoremod.runtime.first_order import first_order_only
 from scoremod.runtime.softmax_numerics import at_most_zero, rounding_slack
 
 __all__ = ["xla_attention", "XlaBlockSizes"]
@@ -323,25 +323,13 @@ def _attention_fwd(cfg, query, key, value, tensors, q_off, kv_off, plan):
 def _attention_bwd(cfg, residuals, cotangents):
     query, key, value, tensors, q_off, kv_off, plan, out, lse = residuals
     dout, dlse = cotangents
-    dq, dk, dv, dfloats = _backward_once(cfg, query, key, value, tensors, q_off, kv_off, plan, out, lse, dout, dlse)
+    query, key, value, tensors, out, lse, dout, dlse = first_order_only(
+        "xla", (query, key, value, tensors, out, lse, dout, dlse))
+    dq, dk, dv, dfloats = _backward(cfg, query, key, value, tensors, q_off, kv_off, plan, out, lse, dout, dlse)
     # Float tensors get their gradients; int tensors, offsets and the plan are constants.
     dtensors = {n: dfloats[n].astype(t.dtype) if n in dfloats else _zero_cotangent(t) for n, t in tensors.items()}
     return (dq, dk, dv, dtensors, _zero_cotangent(q_off), _zero_cotangent(kv_off),
             jax.tree.map(_zero_cotangent, plan))
-
-
-@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
-def _backward_once(cfg, *args):
-    """``_backward``; differentiated again (a gradient of a gradient) it raises a clear error
-    instead of jax's about loops with dynamic bounds."""
-    return _backward(cfg, *args)
-
-
-@_backward_once.defjvp
-def _backward_once_jvp(cfg, primals, tangents):
-    raise ScoreModError("second derivatives of attention are not supported by the xla path (its backward is "
-                        "a custom_vjp over loops)",
-                        hint="use implementation='reference' for higher-order derivatives")
 
 
 def _zero_cotangent(x):
