@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-import jax.numpy as jnp
 import numpy as np
 
 from scoremod.errors import ScoreModTensorError
@@ -316,6 +315,9 @@ def concrete(x):
 
 def _is_float(dtype) -> bool:
     """Floating point, bfloat16 included (NumPy gives ml_dtypes' bfloat16 the kind "V")."""
+    if dtype.kind != "V":
+        return dtype.kind == "f"
+    import jax.numpy as jnp   # only here: `dslc explain` of a mod without tensors never loads jax
     return bool(jnp.issubdtype(dtype, jnp.floating))
 
 
