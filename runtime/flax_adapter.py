@@ -116,8 +116,9 @@ def as_attention_fn(mod=None, *, implementation=None, scale=None, **tensors):
         if q.shape[1] != k.shape[1] and (is_causal or _reads_query_positions(mod)):
             # Flax's decode cache passes one query and the whole cache, never the query's
             # position: at offset 0 a position-dependent mod would be silently wrong.
+            positional = call_mod if is_causal else mod
             raise ScoreModError(
-                f"{mod if not is_causal else call_mod} depends on query positions, but attention_fn gets {q.shape[1]} queries for "
+                f"{positional} depends on query positions, but attention_fn gets {q.shape[1]} queries for "
                 f"{k.shape[1]} keys and no positions (Flax's decode cache does not pass its index), so it "
                 "cannot place the queries",
                 hint="decode with scoremod.attention(..., q_offset=cache_index) in your own attention, or "

@@ -297,7 +297,8 @@ def _backward(cfg: _Config, query, key, value, tensors, q_off, kv_off, plan, out
 
     start = _varying_like((q, k, v, do, tensors, q_off, kv_off), jnp.zeros(q.shape, jnp.float32),
                           jax.tree.map(jnp.zeros_like, floats))
-    (dq, dfloats), (dk, dv) = lax.scan(kv_chunk, start, jnp.arange(num_blocks(cfg.kv_len, cfg.block_kv), dtype=jnp.int32))
+    chunks = jnp.arange(num_blocks(cfg.kv_len, cfg.block_kv), dtype=jnp.int32)
+    (dq, dfloats), (dk, dv) = lax.scan(kv_chunk, start, chunks)
     dq = dq.transpose(0, 3, 1, 2, 4).reshape(B, -1, N, H)[:, :T]
     # [nk, B, K, bk, H] -> [B, nk * bk, K, H]
     dk = dk.transpose(1, 0, 3, 2, 4).reshape(B, -1, K, H)[:, :S]
