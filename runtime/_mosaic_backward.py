@@ -44,8 +44,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from scoremod.runtime._mosaic_forward import (
-    MosaicKernelConfig, _load, _logits2, _read_tile, at_most_zero, launch, listed_block, local_tile_count, plan_row,
+    MosaicKernelConfig, _load, _logits2, _read_tile, launch, listed_block, local_tile_count, plan_row,
     plgpu, row_step_counts, row_steps, scheduled_tile, split_tile, tile_smem)
+from scoremod.runtime.softmax_numerics import at_most_zero
 
 LOG2E = math.log2(math.e)
 

@@ -43,8 +43,9 @@ from jax.experimental import pallas as pl
 
 from scoremod.runtime._triton import compiler_params
 from scoremod.runtime._pallas_common import (
-    LOG2E, KernelConfig, ReadSet, at_most_zero, dot, dread, exp2, dscore, fixed_reads, listed_span, load_row_stats,
+    LOG2E, KernelConfig, ReadSet, dot, dread, exp2, dscore, fixed_reads, listed_span, load_row_stats,
     load_rows, offset_and_plan_specs, read_specs, span, store, tile_logits2, tile_valid, values_and_all_reads)
+from scoremod.runtime.softmax_numerics import at_most_zero
 
 
 def _safe_lse2(lse):

@@ -33,7 +33,6 @@ from scoremod.compiler.tile import TableLookup, TileProgram
 if TYPE_CHECKING:  # (pallas_attention imports this module)
     from scoremod.runtime.pallas_attention import PallasBlockSizes
 from scoremod.runtime._triton import MIN_TILE, pltriton
-from scoremod.runtime.softmax_numerics import at_most_zero  # noqa: F401  (the kernels import it from here)
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)

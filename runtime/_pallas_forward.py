@@ -20,9 +20,9 @@ from jax.experimental import pallas as pl
 
 from scoremod.runtime._triton import compiler_params
 from scoremod.runtime._pallas_common import (
-    LN2, KernelConfig, ReadSet, at_most_zero, dot, exp2, fixed_reads, listed_span, load_rows, offset_and_plan_specs,
+    LN2, KernelConfig, ReadSet, dot, exp2, fixed_reads, listed_span, load_rows, offset_and_plan_specs,
     read_specs, span, store, tile_logits2, tile_reads)
-from scoremod.runtime.softmax_numerics import rounding_slack
+from scoremod.runtime.softmax_numerics import at_most_zero, rounding_slack
 
 
 def _forward_kernel(qoff_ref, kvoff_ref, fcount_ref, fidx_ref, pcount_ref, pidx_ref, q_ref, k_ref,

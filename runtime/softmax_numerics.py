@@ -1,4 +1,5 @@
-"""Two guards every online softmax here applies to its exponents (xla, pallas).
+"""Two guards of the online softmaxes' exponents: both in xla and pallas; mosaic takes
+``at_most_zero`` and, for the max, an optimization barrier (``_mosaic_forward._rounded``).
 
 The exponent ``logit - max`` is <= 0 by construction, and its largest term is 0. Fused
 code can break both at huge logits: the compiler may compute the max from the rounded
