@@ -445,8 +445,9 @@ def _flash_fwd(cfg, backward, q, k, v, aux, pallas_aux):
     # and kv their gradients; any other makes the Pallas backward run (through its own
     # materialized reads, pallas_aux["reads"]).
     (q, k, v, aux), forward_perturbed = _pallas.primal_values("mosaic", q, k, v, aux)
-    q, k, v = first_order_only("mosaic", (q, k, v))   # a gradient of a gradient differentiates this too
     (pallas_aux,), perturbed = _pallas.primal_values("mosaic", pallas_aux)
+    # A gradient of a gradient differentiates this too (also through a float read in aux).
+    q, k, v, aux, pallas_aux = first_order_only("mosaic", (q, k, v, aux, pallas_aux))
     wanted = tuple(i for i in forward_perturbed if cfg.program.read_derivative(i) is not None)
     if backward[0] is not None and all(_mosaic_backward.read_grad_kernel(cfg.program, i) for i in wanted):
         route = _BackwardRoute("mosaic", wanted)
@@ -466,7 +467,8 @@ def _flash_bwd(cfg, backward, res, cotangents):
     output and lse), which gives any float read its gradient."""
     q, k, v, aux, pallas_aux, out, lse, route = res
     cotangents = tuple(map(_pallas.dense_cotangent, cotangents))
-    q, k, v, out, lse, cotangents = first_order_only("mosaic", (q, k, v, out, lse, cotangents))
+    q, k, v, aux, pallas_aux, out, lse, cotangents = first_order_only(
+        "mosaic", (q, k, v, aux, pallas_aux, out, lse, cotangents))
     mcfg, pcfg = backward
     aux_ct = jax.tree_util.tree_map(_pallas._zero_cotangent, aux)
     pallas_ct = jax.tree_util.tree_map(_pallas._zero_cotangent, pallas_aux)

@@ -267,7 +267,8 @@ class ReadGrads:
 
 def _flash_fwd(cfg, q, k, v, aux):
     (q, k, v, aux), perturbed = primal_values("pallas", q, k, v, aux)
-    q, k, v = first_order_only("pallas", (q, k, v))   # a gradient of a gradient differentiates this too
+    # A gradient of a gradient differentiates this too (also through a float read in aux).
+    q, k, v, aux = first_order_only("pallas", (q, k, v, aux))
     for i in perturbed:
         size = table_slice_size(cfg, i) if cfg.program.reads[i].gather else 0
         if size > MAX_GATHER_GRAD_TABLE:
@@ -315,7 +316,7 @@ def flash_backward(cfg, res, cotangents):
     the dK/dV kernel sums those that depend on kv only); the rest of aux gets zeros."""
     q, k, v, aux, out, lse, read_grads = res
     dout, dlse = map(dense_cotangent, cotangents)
-    q, k, v, out, lse, dout, dlse = first_order_only("pallas", (q, k, v, out, lse, dout, dlse))
+    q, k, v, aux, out, lse, dout, dlse = first_order_only("pallas", (q, k, v, aux, out, lse, dout, dlse))
     dout = dout.astype(q.dtype)
     delta = backward_delta(out, dout, lse, dlse)
     # A read only the mask uses (t[q, kv] > 0) has derivative 0: its cotangent stays zeros.
