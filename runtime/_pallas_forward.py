@@ -22,7 +22,7 @@ from scoremod.runtime._triton import compiler_params
 from scoremod.runtime._pallas_common import (
     LN2, KernelConfig, ReadSet, dot, exp2, fixed_reads, listed_span, load_rows, offset_and_plan_specs,
     read_specs, span, store, tile_logits2, tile_reads)
-from scoremod.runtime.softmax_numerics import at_most_zero, rounding_slack
+from scoremod.runtime.softmax_numerics import at_most_zero, exponent_reference
 
 
 def _forward_kernel(qoff_ref, kvoff_ref, fcount_ref, fidx_ref, pcount_ref, pidx_ref, q_ref, k_ref,
@@ -71,12 +71,12 @@ def _forward_kernel(qoff_ref, kvoff_ref, fcount_ref, fidx_ref, pcount_ref, pidx_
                                   reads_all=lambda: reads("all"))
 
             m_new = jnp.maximum(m_prev, jnp.max(logits, axis=1))
-            m_new = m_new - rounding_slack(m_new)   # 0 below logits of about 5e8 (softmax_numerics)
+            ref = exponent_reference(m_new)   # m_new below logits of about 5e8 (softmax_numerics)
             if is_full is True and cfg.base2:
-                m_safe = m_new   # a FULL tile of a mask-only mod has finite logits
+                m_safe = ref   # a FULL tile of a mask-only mod has finite logits
             else:
-                m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-            alpha = exp2(at_most_zero(m_prev - m_safe), fast=fast)
+                m_safe = jnp.where(ref == -jnp.inf, 0.0, ref)
+            alpha = exp2(at_most_zero(exponent_reference(m_prev) - m_safe), fast=fast)
             p = exp2(at_most_zero(logits - m_safe[:, None]), fast=fast)
             l_new = l_prev * alpha + jnp.sum(p, axis=1)
             v = load_rows(v_ref.at[pl.ds(kv_start, bkv), :], cols)
@@ -97,7 +97,7 @@ def _forward_kernel(qoff_ref, kvoff_ref, fcount_ref, fidx_ref, pcount_ref, pidx_
 
     empty = l == 0.0
     out = acc / jnp.where(empty, 1.0, l)[:, None]
-    lse = jnp.where(empty, -jnp.inf, (m + jnp.log2(jnp.where(empty, 1.0, l))) * LN2)
+    lse = jnp.where(empty, -jnp.inf, (exponent_reference(m) + jnp.log2(jnp.where(empty, 1.0, l))) * LN2)
     store(o_ref, out.astype(o_ref.dtype), mask=rows.mask)
     store(lse_ref, lse, mask=q_valid)
     if debug_ref is not None:

@@ -19,6 +19,14 @@ def at_most_zero(d):
     return jnp.where(d > 0.0, 0.0, d)
 
 
+def exponent_reference(m):
+    """The exponents' reference for a running row max ``m``: ``m - rounding_slack(m)``. The
+    online softmaxes carry ``m`` itself and take this of it wherever they exponentiate
+    (and in lse): carrying the lowered value instead let it drift a slack lower per block.
+    Nondecreasing in ``m`` (so the rescale factors stay <= 1); -inf stays -inf."""
+    return m - rounding_slack(m)
+
+
 def rounding_slack(m):
     """How far below a row max ``m`` the exponents' reference goes: more than half a
     float32 step of ``m`` less a margin of 64 that exp and exp2 take in their stride, so

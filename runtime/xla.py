@@ -34,7 +34,7 @@ from scoremod.compiler.plan import EMPTY, build_plan, compact_rows, plan_is_stat
 from scoremod.runtime.attention_plan import plan_for
 from scoremod.runtime._dispatch_order import XlaBlockSizes
 from scoremod.runtime.first_order import first_order_only
-from scoremod.runtime.softmax_numerics import at_most_zero, rounding_slack
+from scoremod.runtime.softmax_numerics import at_most_zero, exponent_reference
 
 __all__ = ["xla_attention", "XlaBlockSizes"]
 
@@ -217,14 +217,16 @@ def _forward(cfg: _Config, query, key, value, tensors, q_off, kv_off, plan):
             k_c = lax.dynamic_slice_in_dim(k, c * bk, bk, axis=2)
             v_c = lax.dynamic_slice_in_dim(v, c * bk, bk, axis=2)
             logits = tile_logits(_scores(cfg, q_blk, k_c), qi, c, floats)
-            # The exponents' reference: the row max, lowered by the rounding slack (see
-            # softmax_numerics; 0 below logits of about 5e8), carried as the running max.
+            # The running max m is carried as is; the exponents' reference is m lowered by the
+            # rounding slack (softmax_numerics; 0 below logits of about 5e8), a function of m.
+            # (Carrying the lowered max let it drift down a slack per block: past 5e8, keys
+            # hundreds below the max came to weigh as much as it.)
             m_new = jnp.maximum(m, logits.max(axis=-1))
-            m_new = m_new - rounding_slack(m_new)
-            m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)   # all -inf so far: exp(-inf - 0) = 0
+            ref = exponent_reference(m_new)
+            m_safe = jnp.where(ref == -jnp.inf, 0.0, ref)   # all -inf so far: exp(-inf - 0) = 0
             # Exponents are <= 0 by construction; at logit magnitudes near 1e9 and beyond the
             # two sides may round differently after fusion: never let one overflow to inf.
-            alpha = jnp.exp(at_most_zero(m - m_safe))
+            alpha = jnp.exp(at_most_zero(exponent_reference(m) - m_safe))
             p = jnp.exp(at_most_zero(logits - m_safe[..., None]))
             l = alpha * l + p.sum(axis=-1)
             pv = jnp.einsum("bkgqc,bkch->bkgqh", p.astype(v.dtype), v_c, preferred_element_type=jnp.float32)
@@ -237,7 +239,7 @@ def _forward(cfg: _Config, query, key, value, tensors, q_off, kv_off, plan):
         has_key = l != 0    # NaN (a NaN or +inf logit) propagates; only l == 0 is "no key"
         l_safe = jnp.where(has_key, l, 1.0)
         out = jnp.where(has_key[..., None], acc / l_safe[..., None], 0.0)
-        lse = jnp.where(has_key, m + jnp.log(l_safe), -jnp.inf)
+        lse = jnp.where(has_key, exponent_reference(m) + jnp.log(l_safe), -jnp.inf)
         return out.astype(query.dtype), lse
 
     outs, lses = lax.map(q_block, jnp.arange(num_blocks(cfg.q_len, cfg.block_q), dtype=jnp.int32))

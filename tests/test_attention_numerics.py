@@ -347,6 +347,24 @@ def test_huge_finite_logits_stay_finite_and_agree(impl):
             np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("impl", ["xla-small", "pallas"])
+def test_huge_logits_a_few_float_steps_apart_over_many_blocks(impl):
+    """Logits near -1e9 where every key but the first sits 256 to 1792 below it (4 to 28
+    float32 steps): the softmax is the first key's value. The exponents' reference once
+    drifted down by the rounding slack (~55) per block and let keys hundreds below the max
+    weigh as much as it (output off by 2.2 after 12 blocks; fixed by carrying the max
+    itself, softmax_numerics.exponent_reference)."""
+    B, T, S, N, H = 1, 4, 640, 1, 8
+    q, k = jnp.zeros((B, T, N, H)), jnp.zeros((B, S, N, H))
+    v = jax.random.normal(jax.random.key(0), (B, S, N, H))
+    t = np.full((B, N, T, S), -1e9, np.float32)
+    t[..., 1:] -= 256.0 * (1 + np.arange(S - 1) % 7)
+    with implementation(impl) as name:
+        out, lse = scoremod.attention(q, k, v, mod="bias(t)", t=jnp.asarray(t), implementation=name, return_lse=True)
+    np.testing.assert_array_equal(np.asarray(out[0, :, 0]), np.broadcast_to(np.asarray(v[0, 0, 0]), (T, H)))
+    np.testing.assert_allclose(np.asarray(lse), -1e9, rtol=1e-7)
+
+
 @pytest.mark.parametrize("scale", [float("nan"), float("inf"), -float("inf")])
 def test_a_non_finite_scale_is_an_error(scale):
     q, k, v = _nan_case("none")
