@@ -24,7 +24,8 @@ B, N, T, H = 2, 16, 8192, 128
 ids = jnp.asarray(_doc_ids(B, T))
 ks = jax.random.split(jax.random.key(0), 4)
 q, k, v, do = (jax.random.normal(kk, (B, T, N, H), jnp.bfloat16) for kk in ks)
-masks = {"causal": ("causal", {}), "swa": ("causal & window(1024)", {}), "doc": ("causal & doc(ids)", {"ids": ids})}
+masks = {"causal": ("causal", {}), "swa": ("causal & window(1024)", {}), "doc": ("causal & doc(ids)", {"ids": ids}),
+         "alibi": ("causal + alibi(16)", {})}   # alibi: a mod with values (--masks causal,alibi)
 f32 = lambda x: x.astype(jnp.float32)
 print(jax.devices()[0].device_kind, jax.__version__, "SMs", jax.devices()[0].core_count, flush=True)
 ap = argparse.ArgumentParser()
@@ -49,7 +50,7 @@ masks = {name: masks[name] for name in args.masks.split(",")}
 first, last = list(variants)[0], list(variants)[-1]
 
 for name, (mod, tensors) in masks.items():
-    dens = _density(name, T, np.asarray(ids))
+    dens = _density("causal" if name == "alibi" else name, T, np.asarray(ids))
     flops = 4 * B * N * T * T * H * dens
     want = None
     res = {}
@@ -89,7 +90,7 @@ for name, (mod, tensors) in masks.items():
         print(f"{name:6s} {vname:8s} fwd {ms:7.3f} ms ({flops/ms/1e9:4.0f} TF/s)  fwd+bwd {ms_fb:7.3f}  "
               f"err {err:.2e} / {err_ref:.2e} grad {gerr:.1e} (first call {c:.1f} s)", flush=True)
         assert err < 2e-2 and err_ref < 5e-2, (name, vname, err, err_ref)
-    if name != "doc":
+    if name in ("causal", "swa"):
         kw = dict(is_causal=True, implementation="cudnn")
         if name == "swa":
             kw["local_window_size"] = (1023, 0)
