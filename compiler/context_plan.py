@@ -38,6 +38,14 @@ __all__ = ["ContextLayout", "PairPlan", "contiguous_layout", "zigzag_layout", "l
 LAYOUTS = ("contiguous", "zigzag", "balanced")
 
 
+def _chunk_index(value) -> int:
+    """A chunk index as a Python int (an int or a NumPy integer; a bool or anything else is
+    a TypeError)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(value)
+    return int(value)
+
+
 @jax.tree_util.register_pytree_node_class
 @dataclass(frozen=True)
 class ContextLayout:
@@ -80,6 +88,14 @@ class ContextLayout:
             if table is not None:   # a traced table (computed inside jit) is taken as it comes
                 self._check_permutation(table.tolist())
             return
+        # Rows as tuples of Python ints (lists or NumPy rows would reach jit as unhashable
+        # static arguments); anything else in them is refused here.
+        try:
+            rows = tuple(tuple(_chunk_index(i) for i in row) for row in self.chunks)
+        except (TypeError, ValueError):
+            raise ScoreModShapeError(f"layout {self.name!r}: chunks must be tuples of int chunk indices, one per "
+                                     f"device; got {self.chunks!r}") from None
+        object.__setattr__(self, "chunks", rows)
         if len({len(c) for c in self.chunks}) != 1:
             raise ScoreModShapeError(f"layout {self.name!r}: every device must hold the same number of chunks; "
                                      f"got {self.chunks}")

@@ -136,6 +136,8 @@ def _context_attention(query, key, value, *, mod, scale, q_offset, kv_offset, im
         mod, _, scale, q_offset, kv_offset, tensors = _checked_call(
             whole_q, whole_kv, whole_kv, mod=mod, scale=scale, q_offset=q_offset, kv_offset=kv_offset,
             implementation=implementation, return_lse=return_lse, tensors=tensors)
+        if Tl == 0 or Sl == 0:
+            return _nothing_to_attend(query, return_lse)
         out, lse = local_context_attention(_pair_attention, query, key, value, mod=mod, context_axis=context_axis,
                                            layout=layout, strategy=strategy, scale=scale, q_offset=q_offset,
                                            kv_offset=kv_offset, implementation=implementation, tensors=tensors)
@@ -143,6 +145,8 @@ def _context_attention(query, key, value, *, mod, scale, q_offset, kv_offset, im
     mod, _, scale, q_offset, kv_offset, tensors = _checked_call(
         query, key, value, mod=mod, scale=scale, q_offset=q_offset, kv_offset=kv_offset,
         implementation=implementation, return_lse=return_lse, tensors=tensors)
+    if query.shape[1] == 0 or key.shape[1] == 0:
+        return _nothing_to_attend(query, return_lse)
     out, lse = context_attention(_pair_attention, query, key, value, mod=mod, mesh=mesh, context_axis=context_axis,
                                  layout=layout, strategy=strategy, scale=scale, q_offset=q_offset,
                                  kv_offset=kv_offset, implementation=implementation, tensors=tensors)
@@ -176,16 +180,21 @@ def _attention(query, key, value, *, mod, scale, q_offset, kv_offset, implementa
     mod, names, scale, q_offset, kv_offset, tensors = _checked_call(
         query, key, value, mod=mod, scale=scale, q_offset=q_offset, kv_offset=kv_offset,
         implementation=implementation, return_lse=return_lse, tensors=tensors)
-    batch, q_len, heads, _ = query.shape
-    kv_len = key.shape[1]
-    if q_len == 0 or kv_len == 0:  # nothing to attend: zeros and -inf, like a fully masked row
-        out = jnp.zeros(query.shape, query.dtype)
-        lse = jnp.full((batch, q_len, heads), -jnp.inf, jnp.float32)
-        return (out, lse) if return_lse else out
+    if query.shape[1] == 0 or key.shape[1] == 0:
+        return _nothing_to_attend(query, return_lse)
 
     out, lse = run_first(names, _RUNNERS, what="attention", mod=mod, query=query, key=key, value=value,
                          scale=scale, q_offset=q_offset, kv_offset=kv_offset, return_lse=return_lse,
                          tensors=tensors, record=record, plans=plans)
+    return (out, lse) if return_lse else out
+
+
+def _nothing_to_attend(query, return_lse):
+    """A call with no queries or no keys (T or S = 0): zeros and lse -inf, like a fully
+    masked row; on one device and with context parallelism alike."""
+    batch, q_len, heads, _ = query.shape
+    out = jnp.zeros(query.shape, query.dtype)
+    lse = jnp.full((batch, q_len, heads), -jnp.inf, jnp.float32)
     return (out, lse) if return_lse else out
 
 

@@ -95,6 +95,32 @@ def test_a_layout_of_ones_own():
     _compare("causal & window(9)", q, k, v, {}, mesh=_mesh(4), layout=layout)
 
 
+def test_a_layout_of_lists_or_numpy_rows():
+    """Rows given as lists or NumPy rows are taken as tuples of ints (they reached jax.jit as
+    unhashable static arguments: a raw ValueError; a fourth audit); other entries are refused."""
+    q, k, v = _qkv(1, 32, 32, 2, 2, 8)
+    pairs = ((0, 4), (1, 5), (2, 6), (3, 7))
+    for chunks in ([0, 4], [1, 5], [2, 6], [3, 7]), tuple(np.array(pairs)):
+        layout = ContextLayout("pairs", chunks)
+        assert layout.chunks == pairs and hash(layout) == hash(ContextLayout("pairs", pairs))
+        _compare("causal", q, k, v, {}, mesh=_mesh(4), layout=layout, implementation="xla", atol=2e-5)
+    for bad in ((("a",), ("b",)), ((0.0,), (1.0,)), ((True,), (False,))):
+        with pytest.raises(scoremod.ScoreModShapeError, match="int chunk indices"):
+            ContextLayout("bad", bad)
+
+
+@pytest.mark.parametrize("T, S", [(32, 0), (0, 32)])
+def test_no_queries_or_no_keys_as_on_one_device(T, S):
+    """T or S = 0 gives zeros and lse -inf, as the single-device call (it was a
+    ScoreModShapeError "kv_len=0 must be a positive int"; a fourth audit)."""
+    q, k, v = _qkv(1, T, S, 2, 2, 8)
+    out, lse = scoremod.attention(q, k, v, mod="causal", mesh=_mesh(4), context_axis="sp", return_lse=True)
+    want_out, want_lse = scoremod.attention(q, k, v, mod="causal", return_lse=True)
+    assert out.shape == want_out.shape and lse.shape == want_lse.shape
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(want_out))
+    np.testing.assert_array_equal(np.asarray(lse), np.asarray(want_lse))
+
+
 def test_explicit_mesh_under_set_mesh():
     mesh = _mesh(4, explicit=True)
     q, k, v = _qkv(1, 32, 32, 2, 2, 8)
