@@ -62,7 +62,7 @@ BAD = [
     ("table outside pool", lambda c: dict(block_tables=_bad_tables(c)), ScoreModShapeError,
      "block_tables[1, 1]=13 points outside the page pool [0, 13)"),
     ("int64 tables", lambda c: dict(block_tables=np.asarray(c[3], np.int64) + 2**32), ScoreModShapeError,
-     "block_tables holds 4294967307, outside int32"),
+     "points outside the page pool [0, 13)"),
     ("int64 ids", lambda c: dict(mod="causal & doc(ids)", ids=np.full((2, 20), 2**40, np.int64)),
      ScoreModTensorError, "tensor parameter 'ids' holds 1099511627776, outside int32"),
     ("scale", lambda c: dict(scale="big"), ScoreModShapeError, "scale must be a real number"),
@@ -198,3 +198,24 @@ def test_pallas_no_sequences_no_gradient_no_compiled_cpu_kernel(cache):
     # the reference stays differentiable
     g = jax.grad(lambda q: paged_attention(q, kp, vp, tables, lengths, mod="causal").sum())(np.asarray(q, np.float32))
     assert np.isfinite(np.asarray(g)).all()
+
+
+def test_unused_entries_may_hold_any_marker_and_an_empty_table_is_refused(cache):
+    """Entries past a length may hold an out-of-int32 "no page" marker (a uint32 0xFFFFFFFF,
+    an int64 2**40: they were refused by a whole-table int32 check); one that holds keys may
+    not. A table with no columns is a ScoreModShapeError also under jit (it was a raw
+    TypeError from Pallas, or a NumPy reduction error from the reference; a fourth audit)."""
+    q, kp, vp, tables, lengths = cache
+    want = _call(cache, mod="causal")
+    unused = np.arange(tables.shape[1])[None, :] >= -(-np.asarray(lengths)[:, None] // kp.shape[1])
+    for dtype, marker in ((np.uint32, 0xFFFFFFFF), (np.int64, 2 ** 40)):
+        marked = np.where(unused, marker, tables).astype(dtype)
+        np.testing.assert_array_equal(np.asarray(_call(cache, block_tables=marked, mod="causal")), np.asarray(want))
+        marked[1, 0] = marker          # sequence 1's first page holds keys
+        with pytest.raises(ScoreModShapeError, match="outside the page pool"):
+            _call(cache, block_tables=marked, mod="causal")
+    empty = tables[:, :0]
+    for impl in ("reference", "pallas"):
+        with pytest.raises(ScoreModShapeError, match="no pages"):
+            jax.jit(lambda q, t, n: paged_attention(q, kp, vp, t, n, mod="causal", implementation=impl))(
+                q, empty, lengths)
