@@ -144,7 +144,7 @@ def paged_attention(q, k_pages, v_pages, block_tables, lengths, *, mod=None, sca
     names = implementation_names(implementation, known=PAGED_IMPLEMENTATIONS, on_gpu=("pallas", "reference"),
                                  elsewhere=("reference",), what="paged_attention")
     scale = _check_arrays(q, k_pages, v_pages, block_tables, lengths, scale)
-    block_tables = _as_int32_table(block_tables)
+    block_tables = jnp.asarray(block_tables, jnp.int32)
     lengths = jnp.asarray(lengths, jnp.int32)
     tensors = _check_tensors(mod, tensors, q, block_tables, lengths, k_pages.shape[1])
     if block_sizes is None:
@@ -239,12 +239,10 @@ def _check_arrays(q, k_pages, v_pages, block_tables, lengths, scale) -> float:
                                  f"T={T} new tokens of each sequence")
 
     lens = concrete(lengths)
-    # With the lengths known, only the entries that hold keys are checked (below): the rest
-    # may hold anything, an out-of-int32 "no page" marker included.
-    for name, x in (("block_tables", block_tables), ("lengths", lengths)):
-        values = concrete(x)
-        if name == "block_tables" and lens is not None:
-            continue
+    tables = concrete(block_tables)
+    # With the lengths known, only the table entries that hold keys are checked (below): the
+    # rest may hold anything, an out-of-int32 "no page" marker included (never read).
+    for name, values in (("lengths", lens), ("block_tables", tables if lens is None else None)):
         why = int32_range_error(name, values) if values is not None else None
         if why:
             raise ScoreModShapeError(why)
@@ -257,7 +255,6 @@ def _check_arrays(q, k_pages, v_pages, block_tables, lengths, scale) -> float:
             b = int(np.argmax(lens > capacity))
             raise ScoreModShapeError(f"lengths[{b}]={int(lens[b])} exceeds the block table's capacity "
                                      f"max_pages * page_size = {max_pages} * {page_size} = {capacity}")
-    tables = concrete(block_tables)
     if tables is not None and lens is not None and B and max_pages:
         used = np.arange(max_pages)[None, :] < -(-lens[:, None] // page_size)   # pages holding keys
         bad = used & ((tables < 0) | (tables >= P))
@@ -267,17 +264,6 @@ def _check_arrays(q, k_pages, v_pages, block_tables, lengths, scale) -> float:
                                      f"[0, {P}) (sequence {b} has length {int(lens[b])}, so page {j} holds keys)")
 
     return resolve_scale(scale, H)
-
-
-def _as_int32_table(block_tables):
-    """The block tables as int32. Entries outside int32 (only past a length: ``_check_arrays``
-    refused any that holds keys) become -1 instead of wrapping around."""
-    values = concrete(block_tables)
-    if values is not None and values.dtype != np.int32:
-        values = np.asarray(values)
-        inside = (values >= np.iinfo(np.int32).min) & (values <= np.iinfo(np.int32).max)
-        return jnp.asarray(np.where(inside, values, -1).astype(np.int32))
-    return jnp.asarray(block_tables, jnp.int32)
 
 
 def _check_tensors(mod: Mod, tensors: dict, q, block_tables, lengths, page_size: int) -> dict:
