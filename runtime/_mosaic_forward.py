@@ -75,6 +75,7 @@ class MosaicKernelConfig:
     plan_b: int           # B' of the plan (1 or batch)
     plan_h: int           # H' of the plan (1 or heads)
     ctas: int             # CUDA blocks (<= tiles; the SM count for a persistent kernel)
+    page_size: int = 0    # 0: k/v are [B, Sp, K, H]; else the page pools [P, page_size, K, H]
 
     @property
     def groups(self) -> int:
@@ -264,13 +265,17 @@ def _read_per_step(ref, shape, per_tile, *, b, h, q_start, block_q, kv_start, bl
                       block_kv=block_kv)
 
 
-def forward(cfg: MosaicKernelConfig, q, k, v, plan_arrays, order, reads, q_off, kv_off):
+def forward(cfg: MosaicKernelConfig, q, k, v, plan_arrays, order, reads, q_off, kv_off, pages=()):
     """Run the kernel on padded q ``[B, Tp, N, H]``, k/v ``[B, Sp, K, H]``.
 
     plan_arrays: (full_counts, full_indices, partial_counts, partial_indices) of the plan
     built with (2 * block_q, block_kv), ``[B', H', nq]`` / ``[B', H', nq, nk]`` int32.
     order: ``int32[B * N * nq]``, the tiles heaviest first (``tile_order``).
-    Returns (out [B, Tp, N, H], lse f32[B, N, Tp]).
+    pages: with ``cfg.page_size``, k/v are page pools ``[P, page_size, K, H]`` and pages is
+    ``(tables int32[B, Sp / page_size], last int32[B], k_tail, v_tail [B, page_size, K, H])``
+    (``mosaic_attention.paged_kv_inputs``): a block is brought in page by page, page
+    ``tables[b, i]`` for positions ``i * page_size ...``, except that the sequence's last
+    page ``last[b]`` and any after it are its tail copy. Returns (out [B, Tp, N, H], lse f32[B, N, Tp]).
     """
     fcounts, findices, pcounts, pindices = plan_arrays
     B, Tp, N, H = q.shape
@@ -283,7 +288,12 @@ def forward(cfg: MosaicKernelConfig, q, k, v, plan_arrays, order, reads, q_off, 
     n_tiles, ctas = B * N * nq, cfg.ctas
     assert order.shape == (n_tiles,) and 0 < ctas <= n_tiles, (order.shape, n_tiles, ctas)
 
+    paged = cfg.page_size > 0
+    assert len(pages) == (4 if paged else 0) and bkv % max(cfg.page_size, 1) == 0, (len(pages), cfg.page_size)
+    pages_per_block = bkv // cfg.page_size if paged else 1
+
     def kernel(qoff_ref, kvoff_ref, order_ref, fc_ref, fi_ref, pc_ref, pi_ref, q_ref, k_ref, v_ref, *rest):
+        page_refs, rest = rest[:len(pages)], rest[len(pages):]
         read_refs = rest[:n_reads]
         out_ref, lse_ref = rest[n_reads:n_reads + 2]
         (q_smem2, o_smem2, k_smem, v_smem, lse_smem2), (k_bar, v_bar, q_bar), (k_free, v_free), sched = \
@@ -420,6 +430,31 @@ def forward(cfg: MosaicKernelConfig, q, k, v, plan_arrays, order, reads, q_off, 
             lax.fori_loop(0, n_local, run_tile, jnp.int32(0))
             plgpu.wait_smem_to_gmem(0)
 
+        def copy_block(pool_ref, tail_index, b, kvh, block, dst, barrier):
+            """TMA of kv-block ``block`` of sequence ``b`` into ``dst``: one copy, or (paged) one
+            per page, each arriving on ``barrier`` (``pages_per_block`` arrivals)."""
+            if not paged:
+                plgpu.copy_gmem_to_smem(pool_ref.at[b, pl.ds(block * bkv, bkv), kvh], dst, barrier)
+                return
+            tables_ref, last_ref, tail_ref = page_refs[0], page_refs[1], page_refs[tail_index]
+            ps = cfg.page_size
+            for i in range(pages_per_block):
+                index = block * pages_per_block + i
+                part = dst.at[pl.ds(i * ps, ps)]
+                # The last page, and the pages past it in the block, come from the tail copy:
+                # slots past the length may hold anything (NaN included, which P = 0 would not
+                # cancel in P V); the tail copy holds zeros there, and its keys repeated past the
+                # length are masked (kv < length is part of the mod).
+                is_tail = index >= last_ref[b]
+
+                @pl.when(~is_tail)
+                def _():
+                    plgpu.copy_gmem_to_smem(pool_ref.at[tables_ref[b, index], :, kvh], part, barrier)
+
+                @pl.when(is_tail)
+                def _():
+                    plgpu.copy_gmem_to_smem(tail_ref.at[b, :, kvh], part, barrier)
+
         @pl.when(wg == 2)
         def _producer():
             plgpu.set_max_registers(40, action="decrease")
@@ -433,25 +468,26 @@ def forward(cfg: MosaicKernelConfig, q, k, v, plan_arrays, order, reads, q_off, 
                 def _(step):
                     slot = lax.rem(step0 + step, stages)
 
-                    kv_rows = pl.ds(listed_block(fi_ref, pi_ref, row, n_full, step) * bkv, bkv)
+                    block = listed_block(fi_ref, pi_ref, row, n_full, step)
                     refill = step0 + step >= stages
                     # K of a slot is freed once S is computed, V only after P V: each is refilled as
                     # soon as it is free (on the H100 3.5% off the 1024 window, 2% off documents).
                     pl.when(refill)(lambda: plgpu.barrier_wait(k_free.at[slot]))
-                    plgpu.copy_gmem_to_smem(k_ref.at[b, kv_rows, kvh], k_smem.at[slot], k_bar.at[slot])
+                    copy_block(k_ref, 2, b, kvh, block, k_smem.at[slot], k_bar.at[slot])
                     pl.when(refill)(lambda: plgpu.barrier_wait(v_free.at[slot]))
-                    plgpu.copy_gmem_to_smem(v_ref.at[b, kv_rows, kvh], v_smem.at[slot], v_bar.at[slot])
+                    copy_block(v_ref, 3, b, kvh, block, v_smem.at[slot], v_bar.at[slot])
                 return step0 + n_steps
 
             lax.fori_loop(0, n_local, load_tile, jnp.int32(0))
 
     return launch(
-        kernel, (q_off, kv_off, order, fcounts, findices, pcounts, pindices, q, k, v, *reads),
+        kernel, (q_off, kv_off, order, fcounts, findices, pcounts, pindices, q, k, v, *pages, *reads),
         out_type=(jax.ShapeDtypeStruct(q.shape, dtype), jax.ShapeDtypeStruct((B, N, Tp), jnp.float32)),
         grid=(ctas,), grid_names=("cta",),
         scratch=(tile_smem((2, bq, H), dtype), tile_smem((2, bq, H), dtype), tile_smem((stages, bkv, H), dtype),
                  tile_smem((stages, bkv, H), dtype), plgpu.SMEM((2, bq), jnp.float32)),
-        barriers=((plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
+        barriers=((plgpu.Barrier(num_arrivals=pages_per_block, num_barriers=stages),
+                   plgpu.Barrier(num_arrivals=pages_per_block, num_barriers=stages),
                    plgpu.Barrier(num_barriers=2)),
                   (plgpu.Barrier(num_arrivals=2, num_barriers=stages),) * 2,
                   plgpu.Barrier(num_arrivals=2)))

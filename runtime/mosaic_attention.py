@@ -45,7 +45,7 @@ from scoremod.runtime._dispatch import as_mod, kernel_input_reason
 from scoremod.runtime._mosaic_forward import MosaicKernelConfig
 from scoremod.runtime import pallas_attention as _pallas
 
-__all__ = ["MosaicBlockSizes", "mosaic_attention", "check_supported"]
+__all__ = ["MosaicBlockSizes", "mosaic_attention", "mosaic_paged_attention", "check_supported"]
 
 # Head dim 256 is declined (falls through to pallas): on the H200 the kernel hung at 256
 # (64 x 64 tiles, 2 stages; 2026-12-02), cause not yet found.
@@ -316,6 +316,92 @@ def mosaic_attention(query, key, value, *, mod=None, scale=None, q_offset=0, kv_
                                            kv_offset=kv_offset, tensors=tensors, forward=False, plans=plans)
     out, lse = _flash(cfg, (mcfg, pcfg), query, key, value, aux, pallas_aux)
     return (out, lse) if return_lse else out
+
+
+# ---- chunked prefill over a paged KV cache ------------------------------------------------
+
+def with_length_bound(mod) -> tuple:
+    """``(mod & kv < name[b], name)``: the mod with the paged cache's rule that keys at or past
+    a sequence's length do not exist, as a mask reading the lengths as tensor ``name`` (one
+    the mod does not use). The plan then skips blocks past each length, and PARTIAL tiles
+    mask the rest."""
+    mod = as_mod(mod)
+    name = "paged_lengths"
+    while name in mod.source_tensors:
+        name += "_"
+    text = str(mod)
+    return as_mod(f"kv < {name}[b]" if text == "true" else f"({text}) & kv < {name}[b]"), name
+
+
+def paged_kv_inputs(k_pages, v_pages, block_tables, lengths, kv_len_padded: int):
+    """The kernel's page inputs (``_mosaic_forward.forward``'s ``pages``): the block tables
+    padded to ``kv_len_padded / page_size`` entries and clipped into the pool, the index of
+    each sequence's last page, and that page of K and V with the slots past the length
+    zeroed (``[B, page_size, K, H]``: a slot past a length may hold anything, NaN included)."""
+    P, ps = k_pages.shape[:2]
+    B, max_pages = block_tables.shape
+    per_seq = kv_len_padded // ps
+    tables = jnp.clip(jnp.pad(block_tables, ((0, 0), (0, per_seq - max_pages))), 0, P - 1).astype(jnp.int32)
+    last = jnp.clip((lengths - 1) // ps, 0, max_pages - 1).astype(jnp.int32)
+    tail_page = jnp.take_along_axis(tables, last[:, None], axis=1)[:, 0]
+    keep = (jnp.arange(ps)[None, :] < (lengths - last * ps)[:, None])[:, :, None, None]
+    tail = lambda pages: jnp.where(keep, pages[tail_page], jnp.zeros((), pages.dtype))
+    return tables, last, tail(k_pages), tail(v_pages)
+
+
+def mosaic_paged_attention(q, k_pages, v_pages, block_tables, lengths, *, mod=None, tensors=None, scale=None,
+                           block_sizes: MosaicBlockSizes | None = None):
+    """Chunked prefill over a paged KV cache on the Mosaic forward kernel (forward only).
+
+    Inputs as ``scoremod.paged_attention`` (runtime/paged.py), validated there: q
+    ``[B, T, N, H]`` at positions ``lengths[b] - T + i``, the pools ``[P, page_size, K, H]``,
+    ``block_tables int32[B, max_pages]``, ``lengths int32[B]``, tensors indexed by absolute
+    position. The producer brings each listed block of 128 keys in page by page with TMA
+    (``page_size`` a multiple of 8 dividing ``block_kv``); the plan is the mod's with keys
+    past each length masked (``with_length_bound``), built in the call.
+
+    Returns ``(out [B, T, N, H], lse f32[B, T, N])``. Raises NotImplementedError for calls the
+    kernel cannot run (those of ``check_supported``, and page sizes it cannot tile).
+
+    Example::
+
+        >>> out, lse = mosaic_paged_attention(q, k_pages, v_pages, tables, lengths, mod="causal")
+    """
+    B, T, N, H = q.shape
+    P, ps, K, _ = k_pages.shape
+    bs = block_sizes or MosaicBlockSizes.get_default(H)
+    if ps % 8 or bs.block_kv % ps:
+        raise NotImplementedError(f"the mosaic prefill needs a page size that is a multiple of 8 and divides "
+                                  f"block_kv={bs.block_kv}; got page_size={ps}")
+    bounded, name = with_length_bound(mod)
+    tensors = {**(tensors or {}), name: lengths}
+    program = check_supported(bounded, q, k_pages, v_pages, tensors, bs)
+    scale = 1.0 / math.sqrt(H) if scale is None else float(scale)
+    rows = 2 * bs.block_q
+    S = block_tables.shape[1] * ps
+    Tp, Sp = -(-T // rows) * rows, -(-S // bs.block_kv) * bs.block_kv
+    q_off = (lengths - T).astype(jnp.int32)
+    kv_off = jnp.zeros((B,), jnp.int32)
+    q_positions = q_off[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
+    kv_positions = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32)[None, :], (B, S))
+    reads = program.materialize_reads(tensors, B, N, q_positions, kv_positions, q_per_batch=True,
+                                      kv_per_batch=False)
+    reads = tuple(_pad_read(r, Tp, Sp) for r in reads)
+    plan = plan_for(None, bounded, q_len=T, kv_len=S, block_q=rows, block_kv=bs.block_kv, batch=B, heads=N,
+                    q_offset=q_off, kv_offset=0, tensors=tensors)
+    lists = split_lists(plan.kv_counts, plan.kv_indices, plan.kv_full, entry_edge=ragged_edge(S, bs.block_kv))
+    order = jnp.asarray(_mosaic_forward.tile_order(_mosaic_forward.row_step_counts(lists[0], lists[2], B, N)))
+    lists = tuple(jnp.asarray(x, jnp.int32) for x in lists)
+    n_tiles = B * N * (Tp // rows)
+    cfg = MosaicKernelConfig(
+        program=program, scale=scale, q_len=T, kv_len=S, q_len_padded=Tp, kv_len_padded=Sp,
+        heads=N, kv_heads=K, read_shapes=tuple(tuple(r.shape) for r in reads), block_q=bs.block_q,
+        block_kv=bs.block_kv, num_stages=bs.num_stages, plan_b=plan.grid_shape[0], plan_h=plan.grid_shape[1],
+        ctas=min(n_tiles, _sm_count()) if bs.persistent else n_tiles, page_size=ps)
+    pages = paged_kv_inputs(k_pages, v_pages, block_tables, lengths, Sp)
+    q = jnp.pad(q, ((0, 0), (0, Tp - T), (0, 0), (0, 0))) if Tp != T else q
+    out, lse = _mosaic_forward.forward(cfg, q, k_pages, v_pages, lists, order, reads, q_off, kv_off, pages=pages)
+    return out[:, :T], lse[:, :, :T].transpose(0, 2, 1)
 
 
 def _sm_count() -> int:

@@ -57,7 +57,7 @@ from scoremod.runtime._triton import MIN_TILE
 __all__ = ["paged_attention", "paged_attention_reference", "PagedBlockSizes", "PAGED_IMPLEMENTATIONS"]
 
 
-PAGED_IMPLEMENTATIONS = ("pallas", "reference", "xla")
+PAGED_IMPLEMENTATIONS = ("pallas", "mosaic", "reference", "xla")
 # Multiprocessors to plan the split for when the device does not say (interpret mode on a
 # CPU): an H100's or H200's 132.
 FALLBACK_SM_COUNT = 132
@@ -122,7 +122,8 @@ def paged_attention(q, k_pages, v_pages, block_tables, lengths, *, mod=None, sca
       mod: a source string, a ``scoremod.Mod`` or None (no mask).
       scale: a Python number; default ``1 / sqrt(H)``.
       implementation: None (the Pallas kernel on GPU, the reference elsewhere),
-        "pallas", "reference", "xla" (the reference's gather path), or a sequence tried
+        "pallas", "mosaic" (chunked prefill on the Mosaic GPU forward kernel, sm_90),
+        "reference", "xla" (the reference's gather path), or a sequence tried
         in order; an implementation that cannot run the call (NotImplementedError)
         falls through to the next, logged on ``logging.getLogger("scoremod")``.
       interpret: run the Pallas kernel in interpret mode; None: on CPU only.
@@ -193,12 +194,31 @@ def _paged_pallas_jvp(mod, scale, block_sizes, interpret, primals, tangents):
                         hint="differentiate with implementation='reference', or train with scoremod.attention")
 
 
+def _run_mosaic(q, k_pages, v_pages, block_tables, lengths, *, mod, tensors, scale, block_sizes, interpret):
+    """Chunked prefill on the Mosaic forward kernel (``mosaic_attention.mosaic_paged_attention``;
+    an sm_90 GPU; ``block_sizes`` and ``interpret`` are the Pallas kernel's and unused)."""
+    return _paged_mosaic_forward_only(q, k_pages, v_pages, block_tables, lengths, tensors, mod, scale)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(6, 7))
+def _paged_mosaic_forward_only(q, k_pages, v_pages, block_tables, lengths, tensors, mod, scale):
+    from scoremod.runtime.mosaic_attention import mosaic_paged_attention
+    return mosaic_paged_attention(q, k_pages, v_pages, block_tables, lengths, mod=mod, tensors=tensors, scale=scale)
+
+
+@_paged_mosaic_forward_only.defjvp
+def _paged_mosaic_jvp(mod, scale, primals, tangents):
+    raise ScoreModError("paged_attention's mosaic kernel is forward only (chunked prefill needs no gradient; "
+                        "docs/paged.md)",
+                        hint="differentiate with implementation='reference', or train with scoremod.attention")
+
+
 def _run_reference(q, k_pages, v_pages, block_tables, lengths, *, mod, tensors, scale, block_sizes, interpret):
     return _paged_reference_jit(q, k_pages, v_pages, block_tables, lengths, tensors, mod=mod, scale=scale)
 
 
 # "xla" is the reference's gather path (there is no separate chunked one for decode).
-_RUNNERS = {"pallas": _run_pallas, "reference": _run_reference, "xla": _run_reference}
+_RUNNERS = {"pallas": _run_pallas, "mosaic": _run_mosaic, "reference": _run_reference, "xla": _run_reference}
 
 
 # ---- validation -----------------------------------------------------------------------------

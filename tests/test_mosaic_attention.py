@@ -688,3 +688,102 @@ def test_gpu_per_batch_offsets_with_reads_along_q_and_kv():
     f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
     want = scoremod.attention(f32(q), f32(k), f32(v), mod=mod, implementation="reference", **kw)
     np.testing.assert_allclose(np.asarray(f32(out)), np.asarray(want), atol=3e-2, rtol=3e-2)
+
+
+# ---- chunked prefill over a paged KV cache (mosaic_paged_attention) ----------------------------
+
+def test_paged_length_bound_is_a_mask_on_a_name_the_mod_leaves_free():
+    bounded, name = ma.with_length_bound("causal + alibi(4)")
+    assert name == "paged_lengths" and str(bounded) == str(scoremod.compile("(causal + alibi(4)) & kv < paged_lengths[b]"))
+    assert str(ma.with_length_bound(None)[0]) == "kv < paged_lengths[b]"
+    assert ma.with_length_bound("causal & kv < paged_lengths[b]")[1] == "paged_lengths_"
+
+
+def test_paged_kv_inputs_zero_the_slots_past_each_length():
+    """The tail copies equal the last page's slots before the length and are 0 after it,
+    whatever the pool holds there (NaN here); tables are padded and clipped into the pool."""
+    rng = np.random.default_rng(3)
+    P, ps, K, H = 12, 8, 2, 4
+    k_pages = rng.standard_normal((P, ps, K, H)).astype(np.float32)
+    k_pages[:, 5:] = np.nan
+    tables = np.array([[3, 7, -1], [11, 0, 4]], np.int32)
+    lengths = np.array([13, 24], np.int32)
+    got_tables, last, k_tail, v_tail = (np.asarray(x) for x in ma.paged_kv_inputs(
+        jnp.asarray(k_pages), jnp.asarray(k_pages), jnp.asarray(tables), jnp.asarray(lengths), 32))
+    assert got_tables.shape == (2, 4) and (got_tables == [[3, 7, 0, 0], [11, 0, 4, 0]]).all()
+    assert list(last) == [1, 2]
+    np.testing.assert_array_equal(k_tail[0, :5], k_pages[7, :5])          # 13 = 8 + 5 keys
+    assert (k_tail[0, 5:] == 0).all() and (v_tail[0, 5:] == 0).all()
+    np.testing.assert_array_equal(k_tail[1, :5], k_pages[4, :5])          # a full last page: its NaN slots stay
+    assert np.isnan(k_tail[1, 5:]).all()
+
+
+@needs_mosaic
+@pytest.mark.parametrize("page_size, mod, tensors", [
+    (16, "causal", {}),
+    (64, None, {}),
+    (16, "causal & doc(ids)", {"ids": np.zeros((2, 512), np.int32)}),
+    (32, "causal & window(64) + alibi(4)", {}),
+])
+def test_paged_prefill_lowers(pretend_hopper, page_size, mod, tensors):
+    B, T, N, K, H, P = 2, 200, 4, 2, 128, 64
+    q, _, _ = _qkv(B, T, 1, N, K, H)
+    pool = jnp.zeros((P, page_size, K, H), jnp.bfloat16)
+    tables = jnp.asarray(np.random.default_rng(0).permutation(P)[:B * (384 // page_size)].reshape(B, -1), jnp.int32)
+    lengths = jnp.array([300, 384], jnp.int32)
+    fn = lambda q, kp, vp, t, n: ma.mosaic_paged_attention(q, kp, vp, t, n, mod=mod, tensors=tensors)  # noqa: E731
+    jax.jit(fn).trace(q, pool, pool, tables, lengths).lower(lowering_platforms=("cuda",))
+
+
+def test_paged_prefill_declines_page_sizes_it_cannot_tile(pretend_hopper):
+    q, _, _ = _qkv(1, 8, 1, 2, 2, 128)
+    pool = jnp.zeros((4, 12, 2, 128), jnp.bfloat16)
+    with pytest.raises(NotImplementedError, match="page size"):
+        ma.mosaic_paged_attention(q, pool, pool, jnp.zeros((1, 2), jnp.int32), jnp.array([20], jnp.int32))
+
+
+@pytest.mark.skipif(ON_GPU, reason="checks the CPU decline")
+def test_paged_mosaic_on_cpu_says_why():
+    q, _, _ = _qkv(1, 4, 1, 2, 2, 128)
+    pool = jnp.zeros((4, 16, 2, 128), jnp.bfloat16)
+    with pytest.raises(NotImplementedError, match="sm_90|Mosaic GPU"):
+        scoremod.paged_attention(q, pool, pool, jnp.zeros((1, 2), jnp.int32), jnp.array([20], jnp.int32),
+                                 mod="causal", implementation="mosaic")
+
+
+PAGED_PREFILL_GPU_CASES = [("causal", 16), ("causal & window(100)", 64), ("causal & doc(ids)", 16),
+                           (None, 64), ("causal & softcap(20) + alibi(8)", 32)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mod, page_size", PAGED_PREFILL_GPU_CASES)
+def test_gpu_paged_prefill_matches_oracle(mod, page_size):
+    """A chunk of 200 new tokens over ragged cached contexts (one a whole table, one only the
+    chunk), GQA, shuffled pages: against the float64 paged oracle, with every pool page no
+    sequence uses, and every slot past a length, filled with NaN."""
+    from test_paged_attention import make_cache, oracle
+    rng = np.random.default_rng(sum(map(ord, f"{mod}{page_size}")))
+    B, T, N, K, H, max_pages = 3, 200, 8, 2, 128, 1024 // page_size
+    lengths = np.array([max_pages * page_size, T, 611], np.int32)
+    q, kp, vp, tables, lengths = make_cache(rng, B=B, T=T, N=N, K=K, H=H, page_size=page_size,
+                                            max_pages=max_pages, lengths=lengths)
+    tensors = {}
+    if mod and "ids" in mod:
+        tensors["ids"] = np.sort(rng.integers(0, 4, size=(B, max_pages * page_size)), axis=1).astype(np.int32)
+    bf = lambda x: jnp.asarray(x, jnp.bfloat16)  # noqa: E731
+    f32 = lambda x: np.asarray(bf(x), np.float32)  # noqa: E731
+    want = oracle(f32(q), f32(kp), f32(vp), tables, lengths, mod, tensors)
+    kp_bad, vp_bad = f32(kp), f32(vp)
+    used = np.zeros(kp.shape[0], bool)
+    used[tables[tables >= 0]] = True
+    kp_bad[~used], vp_bad[~used] = np.nan, np.nan
+    for b in range(B):
+        j, tail = divmod(int(lengths[b]), page_size)
+        if tail:
+            kp_bad[tables[b, j], tail:] = np.nan
+            vp_bad[tables[b, j], tail:] = np.nan
+    out = scoremod.paged_attention(bf(q), bf(kp_bad), bf(vp_bad), tables, lengths, mod=mod,
+                                   implementation="mosaic", **tensors)
+    out = np.asarray(out, np.float32)
+    assert np.isfinite(out).all()
+    np.testing.assert_allclose(out, want, atol=2e-2, rtol=2e-2)
