@@ -280,30 +280,10 @@ def mosaic_attention(query, key, value, *, mod=None, scale=None, q_offset=0, kv_
         raise ScoreModShapeError(f"key/value shapes {key.shape}, {value.shape} do not match query {query.shape}")
     scale = 1.0 / math.sqrt(H) if scale is None else float(scale)
     bs = block_sizes or MosaicBlockSizes.get_default(H)
-    rows = 2 * bs.block_q
     Tp, Sp = padded_lengths(T, S, bs)
 
-    q_off = jnp.broadcast_to(jnp.asarray(q_offset, jnp.int32), (B,))
-    kv_off = jnp.broadcast_to(jnp.asarray(kv_offset, jnp.int32), (B,))
-    q_positions = q_off[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
-    kv_positions = kv_off[:, None] + jnp.arange(S, dtype=jnp.int32)[None, :]
-    reads = program.materialize_reads(tensors, B, N, q_positions, kv_positions,
-                                      q_per_batch=jnp.ndim(q_offset) > 0, kv_per_batch=jnp.ndim(kv_offset) > 0)
-    reads = tuple(_pad_read(r, Tp, Sp) for r in reads)
-
-    plan = plan_for(plans, mod, q_len=T, kv_len=S, block_q=rows, block_kv=bs.block_kv, batch=B, heads=N,
-                    q_offset=q_offset, kv_offset=kv_offset, tensors=tensors)
-    lists = split_lists(plan.kv_counts, plan.kv_indices, plan.kv_full, entry_edge=ragged_edge(S, bs.block_kv))
-    order = jnp.asarray(_mosaic_forward.tile_order(_mosaic_forward.row_step_counts(lists[0], lists[2], B, N)))
-    lists = tuple(jnp.asarray(x, jnp.int32) for x in lists)
-    n_tiles = B * N * (Tp // rows)
-
-    cfg = MosaicKernelConfig(
-        program=program, scale=scale, q_len=T, kv_len=S, q_len_padded=Tp, kv_len_padded=Sp,
-        heads=N, kv_heads=K, read_shapes=tuple(tuple(r.shape) for r in reads), block_q=bs.block_q,
-        block_kv=bs.block_kv, num_stages=bs.num_stages, plan_b=plan.grid_shape[0], plan_h=plan.grid_shape[1],
-        ctas=min(n_tiles, _sm_count()) if bs.persistent else n_tiles)
-    aux = dict(lists=lists, order=order, reads=reads, q_off=q_off, kv_off=kv_off)
+    cfg, aux = _forward_inputs(program, mod, plans, tensors, bs, B=B, N=N, K=K, T=T, S=S, Tp=Tp, Sp=Sp,
+                               q_offset=q_offset, kv_offset=kv_offset, scale=scale)
     mosaic_backward = bs.backward == "mosaic" and _mosaic_backward.backward_reason(program) is None
     mcfg = pcfg = None
     pallas_aux = {}
@@ -380,28 +360,42 @@ def mosaic_paged_attention(q, k_pages, v_pages, block_tables, lengths, *, mod=No
     rows = 2 * bs.block_q
     S = block_tables.shape[1] * ps
     Tp, Sp = -(-T // rows) * rows, -(-S // bs.block_kv) * bs.block_kv
-    q_off = (lengths - T).astype(jnp.int32)
-    kv_off = jnp.zeros((B,), jnp.int32)
+    cfg, aux = _forward_inputs(program, bounded, None, tensors, bs, B=B, N=N, K=K, T=T, S=S, Tp=Tp, Sp=Sp,
+                               q_offset=(lengths - T).astype(jnp.int32), kv_offset=0, scale=scale, page_size=ps)
+    pages = paged_kv_inputs(k_pages, v_pages, block_tables, lengths, Sp)
+    q = jnp.pad(q, ((0, 0), (0, Tp - T), (0, 0), (0, 0))) if Tp != T else q
+    out, lse = _mosaic_forward.forward(cfg, q, k_pages, v_pages, aux["lists"], aux["order"], aux["reads"],
+                                       aux["q_off"], aux["kv_off"], pages=pages)
+    return out[:, :T], lse[:, :, :T].transpose(0, 2, 1)
+
+
+def _forward_inputs(program, mod, plans, tensors, bs: MosaicBlockSizes, *, B, N, K, T, S, Tp, Sp, q_offset,
+                    kv_offset, scale, page_size=0):
+    """The forward kernel's config and its array inputs ``aux`` (the plan's FULL/PARTIAL
+    lists, the tile order, the materialized reads padded to (Tp, Sp), per-batch offsets)
+    for a call of T queries at ``q_offset`` over S keys at ``kv_offset``."""
+    rows = 2 * bs.block_q
+    q_off = jnp.broadcast_to(jnp.asarray(q_offset, jnp.int32), (B,))
+    kv_off = jnp.broadcast_to(jnp.asarray(kv_offset, jnp.int32), (B,))
     q_positions = q_off[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
-    kv_positions = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32)[None, :], (B, S))
-    reads = program.materialize_reads(tensors, B, N, q_positions, kv_positions, q_per_batch=True,
-                                      kv_per_batch=False)
+    kv_positions = kv_off[:, None] + jnp.arange(S, dtype=jnp.int32)[None, :]
+    reads = program.materialize_reads(tensors, B, N, q_positions, kv_positions,
+                                      q_per_batch=jnp.ndim(q_offset) > 0, kv_per_batch=jnp.ndim(kv_offset) > 0)
     reads = tuple(_pad_read(r, Tp, Sp) for r in reads)
-    plan = plan_for(None, bounded, q_len=T, kv_len=S, block_q=rows, block_kv=bs.block_kv, batch=B, heads=N,
-                    q_offset=q_off, kv_offset=0, tensors=tensors)
+
+    plan = plan_for(plans, mod, q_len=T, kv_len=S, block_q=rows, block_kv=bs.block_kv, batch=B, heads=N,
+                    q_offset=q_offset, kv_offset=kv_offset, tensors=tensors)
     lists = split_lists(plan.kv_counts, plan.kv_indices, plan.kv_full, entry_edge=ragged_edge(S, bs.block_kv))
     order = jnp.asarray(_mosaic_forward.tile_order(_mosaic_forward.row_step_counts(lists[0], lists[2], B, N)))
     lists = tuple(jnp.asarray(x, jnp.int32) for x in lists)
     n_tiles = B * N * (Tp // rows)
+
     cfg = MosaicKernelConfig(
         program=program, scale=scale, q_len=T, kv_len=S, q_len_padded=Tp, kv_len_padded=Sp,
         heads=N, kv_heads=K, read_shapes=tuple(tuple(r.shape) for r in reads), block_q=bs.block_q,
         block_kv=bs.block_kv, num_stages=bs.num_stages, plan_b=plan.grid_shape[0], plan_h=plan.grid_shape[1],
-        ctas=min(n_tiles, _sm_count()) if bs.persistent else n_tiles, page_size=ps)
-    pages = paged_kv_inputs(k_pages, v_pages, block_tables, lengths, Sp)
-    q = jnp.pad(q, ((0, 0), (0, Tp - T), (0, 0), (0, 0))) if Tp != T else q
-    out, lse = _mosaic_forward.forward(cfg, q, k_pages, v_pages, lists, order, reads, q_off, kv_off, pages=pages)
-    return out[:, :T], lse[:, :, :T].transpose(0, 2, 1)
+        ctas=min(n_tiles, _sm_count()) if bs.persistent else n_tiles, page_size=page_size)
+    return cfg, dict(lists=lists, order=order, reads=reads, q_off=q_off, kv_off=kv_off)
 
 
 def _sm_count() -> int:
