@@ -61,6 +61,10 @@ PAGED_IMPLEMENTATIONS = ("pallas", "mosaic", "reference", "xla")
 # Multiprocessors to plan the split for when the device does not say (interpret mode on a
 # CPU): an H100's or H200's 132.
 FALLBACK_SM_COUNT = 132
+# implementation="mosaic": calls with at least this many new tokens run the chunked prefill
+# on the Mosaic forward kernel (a q-block of 128 rows per query head is full), fewer the
+# paged decode kernel (the tokens of a KV head's G query heads packed into 64 rows).
+MOSAIC_PREFILL_TOKENS = 128
 
 
 @dataclass(frozen=True)
@@ -195,8 +199,14 @@ def _paged_pallas_jvp(mod, scale, block_sizes, interpret, primals, tangents):
 
 
 def _run_mosaic(q, k_pages, v_pages, block_tables, lengths, *, mod, tensors, scale, block_sizes, interpret):
-    """Chunked prefill on the Mosaic forward kernel (``mosaic_attention.mosaic_paged_attention``;
-    an sm_90 GPU; ``block_sizes`` and ``interpret`` are the Pallas kernel's and unused)."""
+    """Mosaic GPU kernels (an sm_90 GPU): fewer than ``MOSAIC_PREFILL_TOKENS`` new tokens
+    (decode, speculative decode) on the paged decode kernel (``_mosaic_paged_decode.py``,
+    tiled by ``block_sizes``), more on the forward kernel (chunked prefill,
+    ``mosaic_attention.mosaic_paged_attention``). ``interpret`` is the Pallas kernel's, unused."""
+    if q.shape[1] < MOSAIC_PREFILL_TOKENS:
+        stages = _mosaic_decode_check(mod, q, k_pages, v_pages, tensors, block_sizes)
+        return _paged_mosaic_decode_forward_only(q, k_pages, v_pages, block_tables, lengths, tensors, mod, scale,
+                                                 block_sizes, stages)
     return _paged_mosaic_forward_only(q, k_pages, v_pages, block_tables, lengths, tensors, mod, scale)
 
 
@@ -208,9 +218,21 @@ def _paged_mosaic_forward_only(q, k_pages, v_pages, block_tables, lengths, tenso
 
 @_paged_mosaic_forward_only.defjvp
 def _paged_mosaic_jvp(mod, scale, primals, tangents):
-    raise ScoreModError("paged_attention's mosaic kernel is forward only (chunked prefill needs no gradient; "
-                        "docs/paged.md)",
+    raise ScoreModError("paged_attention's mosaic kernels are forward only (decode and chunked prefill need no "
+                        "gradient; docs/paged.md)",
                         hint="differentiate with implementation='reference', or train with scoremod.attention")
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(6, 7, 8, 9))
+def _paged_mosaic_decode_forward_only(q, k_pages, v_pages, block_tables, lengths, tensors, mod, scale, block_sizes,
+                                      stages):
+    return _paged_mosaic_decode(q, k_pages, v_pages, block_tables, lengths, tensors, mod=mod, scale=scale,
+                                block_sizes=block_sizes, stages=stages)
+
+
+@_paged_mosaic_decode_forward_only.defjvp
+def _paged_mosaic_decode_jvp(mod, scale, block_sizes, stages, primals, tangents):
+    _paged_mosaic_jvp(mod, scale, primals, tangents)
 
 
 def _run_reference(q, k_pages, v_pages, block_tables, lengths, *, mod, tensors, scale, block_sizes, interpret):
@@ -486,4 +508,92 @@ def _paged_pallas(q, k_pages, v_pages, block_tables, lengths, tensors, *, mod, s
         out, lse = _k.combine_splits(o, lse)
     out = out[:, :, :, :chunk_tokens * G].reshape(B, K, Tp, G, H).transpose(0, 2, 1, 3, 4)
     lse = lse[:, :, :, :chunk_tokens * G].reshape(B, K, Tp, G).transpose(0, 2, 1, 3)
+    return out[:, :T].reshape(B, T, N, H).astype(q.dtype), lse[:, :T].reshape(B, T, N)
+
+
+# ---- the Mosaic decode path -------------------------------------------------------------------
+
+def _mosaic_decode_check(mod: Mod, q, k_pages, v_pages, tensors: dict, block_sizes: PagedBlockSizes) -> int:
+    """The K/V ring's slots for the Mosaic decode kernel, or NotImplementedError saying why it
+    cannot run this call."""
+    from scoremod.runtime import _mosaic_paged_decode as _md
+    from scoremod.runtime.mosaic_attention import SMEM_LIMIT, check_supported
+    program = check_supported(mod, q, k_pages, v_pages, tensors)   # device, dtype, head dim, the mod
+    if program.reads:
+        raise NotImplementedError(f"the mosaic decode kernel runs mods without tensor reads; {mod} reads "
+                                  f"{', '.join(sorted({r.name for r in program.reads}))} (the pallas kernel runs it)")
+    page_size = k_pages.shape[1]
+    if page_size % 8:
+        raise NotImplementedError(f"the mosaic decode kernel needs a page size that is a multiple of 8; "
+                                  f"got page_size={page_size}")
+    block_kv = _mosaic_block_kv(block_sizes, page_size)
+    stages = block_sizes.num_stages
+    while stages >= 2 and _md.shared_memory_bytes(q.shape[-1], block_kv, stages) > SMEM_LIMIT:
+        stages -= 1
+    if stages < 2:
+        raise NotImplementedError(f"the mosaic decode kernel cannot fit two steps of {block_kv} keys at head dim "
+                                  f"{q.shape[-1]} in {SMEM_LIMIT} bytes of shared memory")
+    return stages
+
+
+def _mosaic_block_kv(block_sizes: PagedBlockSizes, page_size: int) -> int:
+    """Keys per step of the Mosaic decode kernel: ``block_kv`` rounded down to whole pages, at
+    least one page."""
+    return max(1, block_sizes.block_kv // page_size) * page_size
+
+
+@functools.partial(jax.jit, static_argnames=("mod", "scale", "block_sizes", "stages"))
+def _paged_mosaic_decode(q, k_pages, v_pages, block_tables, lengths, tensors, *, mod, scale, block_sizes, stages):
+    """The Mosaic decode kernel's inputs from the walk (as ``_paged_pallas``), its call, and
+    the merge of its splits. Returns (out [B, T, N, H], lse f32[B, T, N])."""
+    from scoremod.runtime import _mosaic_paged_decode as _md
+    B, T, N, H = q.shape
+    P, page_size, K, _ = k_pages.shape
+    max_pages = block_tables.shape[1]
+    G = N // K
+    rows = _md.ROWS
+    pages_per_step = _mosaic_block_kv(block_sizes, page_size) // page_size
+    chunk_tokens, n_chunks = chunking(T, G, rows)
+    Tp = chunk_tokens * n_chunks
+    chunk_end = lengths[:, None] - T + chunk_tokens * (1 + jnp.arange(n_chunks, dtype=jnp.int32))[None, :]
+    walk = functools.partial(walk_pages, mod, lengths, block_tables, tensors, num_tokens=chunk_tokens,
+                             page_size=page_size, heads=N, num_pool_pages=P, multiple_of=pages_per_step)
+    logical, physical, counts = jax.vmap(lambda end: walk(query_end=end), in_axes=1, out_axes=1)(chunk_end)
+    list_len = logical.shape[-1]
+    num_splits = _num_splits(block_sizes, B * K * n_chunks, list_len // pages_per_step)
+
+    # A sequence's last page (and list entries past the count, which are masked) come from its
+    # tail copy, whose slots past the length are zero: the pool may hold NaN there.
+    last = jnp.clip((lengths - 1) // page_size, 0, max(max_pages - 1, 0)).astype(jnp.int32)
+    listed = jnp.arange(list_len, dtype=jnp.int32)[None, None, :] < counts[:, :, None]
+    pages = jnp.where(listed & (logical < last[:, None, None]), physical, -1).astype(jnp.int32)
+    key_pos = logical[..., None] * page_size + jnp.arange(page_size, dtype=jnp.int32)
+    key_pos = jnp.where(listed[..., None] & (key_pos < lengths[:, None, None, None]), key_pos, -1)
+    key_pos = key_pos.reshape(B, n_chunks, list_len * page_size).astype(jnp.int32)
+    tail_page = jnp.clip(jnp.take_along_axis(jnp.asarray(block_tables, jnp.int32), last[:, None], axis=1)[:, 0],
+                         0, P - 1)
+    keep = (jnp.arange(page_size)[None, :] < (lengths - last * page_size)[:, None])[:, :, None, None]
+    k_tail = jnp.where(keep, k_pages[tail_page], jnp.zeros((), k_pages.dtype))
+    v_tail = jnp.where(keep, v_pages[tail_page], jnp.zeros((), v_pages.dtype))
+
+    used_rows = chunk_tokens * G
+    q = jnp.pad(q, ((0, 0), (0, Tp - T), (0, 0), (0, 0)))
+    q_rows = q.reshape(B, n_chunks, chunk_tokens, K, G, H).transpose(0, 3, 1, 2, 4, 5)
+    q_rows = q_rows.reshape(B, K, n_chunks, used_rows, H)
+    q_rows = jnp.pad(q_rows, ((0, 0), (0, 0), (0, 0), (0, rows - used_rows), (0, 0)))
+    r = np.arange(rows)
+    row_tokens = jnp.asarray(np.where(r < used_rows, r // G, 0)[None, :] + chunk_tokens * np.arange(n_chunks)[:, None],
+                             jnp.int32)
+    row_heads = jnp.asarray(np.where(r < used_rows, r % G, 0), jnp.int32)
+    cfg = _md.DecodeKernelConfig(program=_program(mod, {}), scale=scale, page_size=page_size,
+                                 pages_per_step=pages_per_step, num_stages=stages, num_splits=num_splits, group=G,
+                                 out_rows=min(rows, max(8, _k.next_power_of_2(used_rows))))
+    o, lse = _md.decode_partials(cfg, q_rows, k_pages, v_pages, pages, counts, key_pos, lengths, row_tokens,
+                                 row_heads, k_tail, v_tail, num_tokens=T)
+    if num_splits == 1:
+        out, lse = o[:, :, :, 0], lse[:, :, :, 0]
+    else:
+        out, lse = _k.combine_splits(o, lse)
+    out = out[:, :, :, :used_rows].reshape(B, K, Tp, G, H).transpose(0, 2, 1, 3, 4)
+    lse = lse[:, :, :, :used_rows].reshape(B, K, Tp, G).transpose(0, 2, 1, 3)
     return out[:, :T].reshape(B, T, N, H).astype(q.dtype), lse[:, :T].reshape(B, T, N)

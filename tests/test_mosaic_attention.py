@@ -787,3 +787,71 @@ def test_gpu_paged_prefill_matches_oracle(mod, page_size):
     out = np.asarray(out, np.float32)
     assert np.isfinite(out).all()
     np.testing.assert_allclose(out, want, atol=2e-2, rtol=2e-2)
+
+
+# ---- paged decode on Mosaic GPU (paged._paged_mosaic_decode) -----------------------------------
+
+@needs_mosaic
+@pytest.mark.parametrize("T, page_size, mod", [
+    (1, 16, "causal"), (4, 16, "causal & window(100)"), (1, 64, None),
+    (8, 32, "causal & softcap(20) + alibi(8)"), (40, 16, "causal"),
+])
+def test_paged_decode_lowers(pretend_hopper, T, page_size, mod):
+    """Decode, speculative decode and a few chunks of new tokens lower for sm_90 (page sizes
+    16-64, GQA, masks with values)."""
+    B, N, K, H, P = 2, 8, 2, 128, 64
+    q = jnp.zeros((B, T, N, H), jnp.bfloat16)
+    pool = jnp.zeros((P, page_size, K, H), jnp.bfloat16)
+    tables = jnp.asarray(np.random.default_rng(0).permutation(P)[:B * (512 // page_size)].reshape(B, -1), jnp.int32)
+    lengths = jnp.array([300, 512], jnp.int32)
+    fn = lambda q, kp, vp, t, n: scoremod.paged_attention(q, kp, vp, t, n, mod=mod, implementation="mosaic")  # noqa: E731
+    jax.jit(fn).trace(q, pool, pool, tables, lengths).lower(lowering_platforms=("cuda",))
+
+
+@pytest.mark.parametrize("mod, tensors, page_size, match", [
+    ("causal & doc(ids)", {"ids": np.zeros((1, 64), np.int32)}, 16, "tensor reads"),
+    ("causal", {}, 12, "multiple of 8"),
+])
+def test_paged_decode_declines_what_it_cannot_run(pretend_hopper, mod, tensors, page_size, match):
+    from scoremod.runtime import paged
+    q = jnp.zeros((1, 1, 4, 128), jnp.bfloat16)
+    pool = jnp.zeros((8, page_size, 2, 128), jnp.bfloat16)
+    with pytest.raises(NotImplementedError, match=match):
+        paged._mosaic_decode_check(scoremod.compile(mod), q, pool, pool, tensors, paged.PagedBlockSizes())
+
+
+PAGED_DECODE_GPU_CASES = [(1, 8, 2, 16, "causal"), (1, 32, 8, 16, "causal & window(100)"), (4, 32, 1, 64, "causal"),
+                          (8, 16, 2, 32, "causal & softcap(20) + alibi(8)"), (1, 4, 4, 16, None), (40, 8, 2, 16, "causal")]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T, N, K, page_size, mod", PAGED_DECODE_GPU_CASES)
+@pytest.mark.parametrize("num_splits", [None, 3])
+def test_gpu_paged_decode_matches_oracle(T, N, K, page_size, mod, num_splits):
+    """Decode and speculative decode over ragged contexts (one a whole table, one only the new
+    tokens), GQA and MQA, shuffled pages, forced splits: against the float64 paged oracle,
+    with every pool page no sequence uses, and every slot past a length, filled with NaN."""
+    from test_paged_attention import make_cache, oracle
+    from scoremod.runtime.paged import PagedBlockSizes
+    rng = np.random.default_rng(sum(map(ord, f"{T}{N}{K}{page_size}{mod}")))
+    B, H, max_pages = 3, 128, 2048 // page_size
+    lengths = np.array([max_pages * page_size, T, 611], np.int32)
+    q, kp, vp, tables, lengths = make_cache(rng, B=B, T=T, N=N, K=K, H=H, page_size=page_size,
+                                            max_pages=max_pages, lengths=lengths)
+    bf = lambda x: jnp.asarray(x, jnp.bfloat16)  # noqa: E731
+    f32 = lambda x: np.asarray(bf(x), np.float32)  # noqa: E731
+    want = oracle(f32(q), f32(kp), f32(vp), tables, lengths, mod)
+    kp_bad, vp_bad = f32(kp), f32(vp)
+    used = np.zeros(kp.shape[0], bool)
+    used[tables[tables >= 0]] = True
+    kp_bad[~used], vp_bad[~used] = np.nan, np.nan
+    for b in range(B):
+        j, tail = divmod(int(lengths[b]), page_size)
+        if tail:
+            kp_bad[tables[b, j], tail:] = np.nan
+            vp_bad[tables[b, j], tail:] = np.nan
+    out = scoremod.paged_attention(bf(q), bf(kp_bad), bf(vp_bad), tables, lengths, mod=mod, implementation="mosaic",
+                                   block_sizes=PagedBlockSizes(num_splits=num_splits))
+    out = np.asarray(out, np.float32)
+    assert np.isfinite(out).all()
+    np.testing.assert_allclose(out, want, atol=2e-2, rtol=2e-2)

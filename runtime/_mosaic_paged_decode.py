@@ -1,0 +1,208 @@
+"""Paged decode on Mosaic GPU (Hopper, sm_90): one CUDA block per (sequence, KV head, chunk
+of new tokens, split), reading its share of the chunk's page list with TMA.
+
+The work of a block is the Triton paged kernel's (``_paged_kernel.py``): the rows are the
+``chunk_tokens * G`` queries of one KV head and chunk (token ``t``, query head
+``kv_head * G + g`` in row ``t * G + g``, padded to 64, the wgmma M), the keys are the
+pages ``walk_pages`` listed for the chunk, ``pages_per_step`` pages per step, and split
+``s`` of ``num_splits`` takes the steps ``[s * per_split, (s + 1) * per_split)``. It
+writes an f32 partial output and its log-sum-exp; ``_paged_kernel.combine_splits``
+merges the splits.
+
+Two warpgroups:
+
+* warpgroup 1, the producer, brings each step's pages of K and V into a ring of
+  ``num_stages`` shared-memory slots, one TMA copy per page (a page of one KV head is
+  ``page_size`` rows of H at the pool's stride), waiting for a slot's K (V) to be
+  released before refilling it. A list entry of -1 is the sequence's tail copy: its last
+  page with the slots past the length zeroed (a slot past a length may hold anything,
+  NaN included, which P = 0 would not cancel in P V).
+* warpgroup 0, the consumer: S = Q K^T (wgmma), the TileProgram's logits at the keys'
+  absolute positions (``key_positions``: -1 where no key exists), an online softmax in f32
+  base 2, O += P V (wgmma).
+
+Decode is bandwidth-bound: one consumer has time to spare while the ring streams pages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from scoremod.compiler.tile import TileProgram
+from scoremod.runtime._mosaic_forward import LN2, _load, _logits2, plgpu, tile_smem
+from scoremod.runtime.softmax_numerics import at_most_zero
+
+ROWS = 64   # query rows of a block: the wgmma M
+
+
+@dataclass(frozen=True)
+class DecodeKernelConfig:
+    """Everything static about one call of the kernel (hashable)."""
+    program: TileProgram
+    scale: float
+    page_size: int
+    pages_per_step: int
+    num_stages: int
+    num_splits: int
+    group: int            # G: query heads per KV head
+    out_rows: int         # rows of the partial outputs written (>= chunk_tokens * G, a power of 2 >= 8)
+
+    @property
+    def block_kv(self) -> int:
+        return self.page_size * self.pages_per_step
+
+    @property
+    def mask_only(self) -> bool:
+        return self.program.canonical.kind == "mask"
+
+
+def shared_memory_bytes(head_dim: int, block_kv: int, num_stages: int, itemsize: int = 2) -> int:
+    """Shared memory of one block: the K/V ring, Q, and the f32 output and lse staging."""
+    return 2 * num_stages * block_kv * head_dim * itemsize + ROWS * head_dim * (itemsize + 4) + ROWS * 4
+
+
+def decode_partials(cfg: DecodeKernelConfig, q_rows, k_pages, v_pages, pages, counts, key_positions, lengths, row_tokens,
+                    row_heads, k_tail, v_tail, *, num_tokens: int):
+    """Per-split partial outputs of every (sequence, KV head, chunk).
+
+    q_rows:        [B, K, C, 64, H] the queries by KV head and chunk (rows ``t * G + g``)
+    k_pages:       [P, page_size, K, H] the pool (v_pages alike)
+    pages:         int32[B, C, L] the pool page of each listed entry, -1 for the tail copy
+                   (L a multiple of pages_per_step); counts int32[B, C]: the entries listed
+    key_positions: int32[B, C, L * page_size] each listed slot's absolute key position, -1
+                   where no key exists (past the length, past the list's count)
+    lengths:       int32[B]; row_tokens int32[C, 64]: the token (0 .. T-1) of each row of
+                   each chunk (padding rows: any); row_heads int32[64]: g of each row
+    k_tail:        [B, page_size, K, H] each sequence's last page, slots past the length zeroed
+    num_tokens:    T (query t of sequence b sits at ``lengths[b] - T + t``)
+    Returns (o f32[B, K, C, S, out_rows, H], lse f32[B, K, C, S, out_rows]).
+    """
+    B, K, C, R, H = q_rows.shape
+    assert R == ROWS, q_rows.shape
+    S, stages, pps, ps = cfg.num_splits, cfg.num_stages, cfg.pages_per_step, cfg.page_size
+    bkv = cfg.block_kv
+    dtype = q_rows.dtype
+    list_len = pages.shape[-1]
+    assert list_len % pps == 0 and key_positions.shape[-1] == list_len * ps, (pages.shape, key_positions.shape)
+    n_blocks = B * K * C * S
+    Rw = cfg.out_rows
+
+    def kernel(q_ref, k_ref, v_ref, pages_ref, counts_ref, keypos_ref, len_ref, rtok_ref, rhead_ref, ktail_ref, vtail_ref,
+               o_ref, lse_ref, scratch, bars, free):
+        q_smem, k_smem, v_smem, o_smem, lse_smem = scratch
+        k_bar, v_bar, q_bar = bars
+        k_free, v_free = free
+        wg = lax.axis_index("wg")
+        block = lax.axis_index("cta")
+        split = lax.rem(block, S)
+        bkc = lax.div(block, S)
+        c = lax.rem(bkc, C)
+        bk = lax.div(bkc, C)
+        kvh = lax.rem(bk, K)
+        b = lax.div(bk, K)
+        steps = lax.div(counts_ref[b, c] + (pps - 1), pps)
+        per_split = lax.div(steps + (S - 1), S)
+        first = jnp.minimum(split * per_split, steps)
+        n = jnp.minimum(first + per_split, steps) - first
+
+        @pl.when(wg == 0)
+        def _consumer():
+            plgpu.copy_gmem_to_smem(q_ref.at[b, kvh, c], q_smem, q_bar)
+            length = len_ref[b]
+            wgmma = plgpu.Layout.WGMMA
+            row_q_pos = _load(rtok_ref.at[c], wgmma.reduce(1)) + (length - num_tokens)
+            row_head = _load(rhead_ref, wgmma.reduce(1)) + kvh * cfg.group
+            plgpu.barrier_wait(q_bar)
+
+            def step_fn(j, carry):
+                acc, m_i, l_i = carry
+                slot = lax.rem(j, stages)
+                step = first + j
+                kv_pos = _load(keypos_ref.at[b, c, pl.ds(step * bkv, bkv)], wgmma.reduce(0))
+                kv_pos = lax.broadcast_in_dim(kv_pos, (ROWS, bkv), [1])
+                q_pos = lax.broadcast_in_dim(row_q_pos, (ROWS, bkv), [0])
+                head = lax.broadcast_in_dim(row_head, (ROWS, bkv), [0])
+                plgpu.barrier_wait(k_bar.at[slot])
+
+                def qk(acc_ref):
+                    plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].T)
+                    return acc_ref[...]
+                s = pl.run_scoped(qk, plgpu.ACC((ROWS, bkv), jnp.float32))
+                plgpu.barrier_arrive(k_free.at[slot])
+
+                logits = _logits2(cfg, s, partial=True, b=b, h=head, q_pos=q_pos, kv_pos=kv_pos, reads=lambda: ())
+                logits = jnp.where(kv_pos >= 0, logits, -jnp.inf)
+                m_new = jnp.maximum(m_i, logits.max(axis=1))
+                m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+                alpha = jnp.exp2(at_most_zero(m_i - m_use))
+                p = jnp.exp2(at_most_zero(logits - lax.broadcast_in_dim(m_use, logits.shape, [0])))
+                l_i = l_i * alpha + p.sum(axis=1)
+                acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+                p16 = p.astype(dtype)
+                plgpu.barrier_wait(v_bar.at[slot])
+
+                def pv(acc_ref):
+                    plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+                acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+                plgpu.barrier_arrive(v_free.at[slot])
+                return acc, m_new, l_i
+
+            m_i = plgpu.layout_cast(jnp.full((ROWS,), -jnp.inf, jnp.float32), wgmma.reduce(1))
+            l_i = plgpu.layout_cast(jnp.full((ROWS,), 0.0, jnp.float32), wgmma.reduce(1))
+            acc = plgpu.layout_cast(jnp.full((ROWS, H), 0.0, jnp.float32), wgmma)
+            acc, m_i, l_i = lax.fori_loop(0, n, step_fn, (acc, m_i, l_i))
+
+            empty = l_i == 0.0
+            l_safe = jnp.where(empty, 1.0, l_i)
+            o_smem[...] = acc * lax.broadcast_in_dim(1.0 / l_safe, acc.shape, [0])
+            lse_smem[...] = jnp.where(empty, -jnp.inf, (m_i + jnp.log2(l_safe)) * LN2)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(0, Rw)], o_ref.at[b, kvh, c, split])
+            plgpu.copy_smem_to_gmem(lse_smem.at[pl.ds(0, Rw)], lse_ref.at[b, kvh, c, split])
+            plgpu.wait_smem_to_gmem(0)
+
+        @pl.when(wg == 1)
+        def _producer():
+            plgpu.set_max_registers(40, action="decrease")
+
+            def copy_step(pool_ref, tail_ref, step, dst, barrier):
+                for i in range(pps):
+                    page = pages_ref[b, c, step * pps + i]
+                    part = dst.at[pl.ds(i * ps, ps)]
+
+                    @pl.when(page >= 0)
+                    def _():
+                        plgpu.copy_gmem_to_smem(pool_ref.at[page, :, kvh], part, barrier)
+
+                    @pl.when(page < 0)
+                    def _():
+                        plgpu.copy_gmem_to_smem(tail_ref.at[b, :, kvh], part, barrier)
+
+            @pl.loop(0, n)
+            def _(j):
+                slot = lax.rem(j, stages)
+                refill = j >= stages
+                pl.when(refill)(lambda: plgpu.barrier_wait(k_free.at[slot]))
+                copy_step(k_ref, ktail_ref, first + j, k_smem.at[slot], k_bar.at[slot])
+                pl.when(refill)(lambda: plgpu.barrier_wait(v_free.at[slot]))
+                copy_step(v_ref, vtail_ref, first + j, v_smem.at[slot], v_bar.at[slot])
+
+    def entry(*refs):
+        scratch = (tile_smem((ROWS, H), dtype), tile_smem((stages, bkv, H), dtype),
+                   tile_smem((stages, bkv, H), dtype), plgpu.SMEM((ROWS, H), jnp.float32),
+                   plgpu.SMEM((ROWS,), jnp.float32))
+        bars = (plgpu.Barrier(num_arrivals=pps, num_barriers=stages),
+                plgpu.Barrier(num_arrivals=pps, num_barriers=stages), plgpu.Barrier())
+        free = (plgpu.Barrier(num_barriers=stages),) * 2
+        pl.run_scoped(lambda *scoped: kernel(*refs, *scoped), scratch, bars, free, collective_axes="wg")
+
+    out_type = (jax.ShapeDtypeStruct((B, K, C, S, Rw, H), jnp.float32),
+                jax.ShapeDtypeStruct((B, K, C, S, Rw), jnp.float32))
+    return plgpu.kernel(entry, out_type=out_type, grid=(n_blocks,), grid_names=("cta",), num_threads=2,
+                        thread_name="wg", compiler_params=plgpu.CompilerParams(approx_math=True))(
+        q_rows, k_pages, v_pages, pages, counts, key_positions, lengths, row_tokens, row_heads, k_tail, v_tail)
