@@ -171,6 +171,9 @@ def main(argv=None):
     ap.add_argument("--max-tokens", type=int, default=2 * 1024 * 1024, help="largest batch * context")
     ap.add_argument("--tokens", type=int, default=1,
                     help="new tokens per sequence (T; 1: decode, 4-8: speculative decode)")
+    ap.add_argument("--impls", default="pallas",
+                    help="our implementations to time, comma-separated: pallas (row 'scoremod'), mosaic "
+                         "(row 'scoremod-mosaic': the Mosaic GPU decode kernel, sm_90)")
     ap.add_argument("--kv-heads", type=int, default=None,
                     help="KV heads (default 8, 2 with --quick; 1: MQA)")
     args = ap.parse_args(argv)
@@ -317,9 +320,9 @@ def run_point(results, ps, B, ctx, N, K, H, T, dtype, window, k_pool, v_pool, k_
         rows.append(row)
         print(format_row(row), flush=True)
 
-    def ours(mod):
+    def ours(mod, impl="pallas"):
         def fn(qq, ll, kp, vp, tb):
-            return paged_attention(qq, kp, vp, tb, ll, mod=mod, implementation="pallas",
+            return paged_attention(qq, kp, vp, tb, ll, mod=mod, implementation=impl,
                                    block_sizes=block_sizes, interpret=interpret)
         return fn
 
@@ -348,14 +351,18 @@ def run_point(results, ps, B, ctx, N, K, H, T, dtype, window, k_pool, v_pool, k_
 
     outputs = {}
 
-    def check_ours(mod):
+    def check_ours(mod, impl):
         def check():
-            out = outputs[mod] = jax.jit(ours(mod))(q, lengths, *ours_arrays)
-            compare(f"scoremod {mod!r}", out, reference(mod))
+            out = jax.jit(ours(mod, impl))(q, lengths, *ours_arrays)
+            if impl == "pallas":
+                outputs[mod] = out
+            compare(f"scoremod {impl} {mod!r}", out, reference(mod))
         return check
 
-    for mod in mods:
-        record("scoremod", mod, ours(mod), ours_arrays, needed_keys(mod, ctx, T, window), check_ours(mod))
+    for impl in args.impls.split(","):
+        name = "scoremod" if impl == "pallas" else f"scoremod-{impl}"
+        for mod in mods:
+            record(name, mod, ours(mod, impl), ours_arrays, needed_keys(mod, ctx, T, window), check_ours(mod, impl))
 
     if jpa is not None and T > 1:
         for mod in mods:
