@@ -75,7 +75,9 @@ class PagedBlockSizes:
     num_splits: programs per (sequence, KV head) that share its page list (split-K);
       None picks enough for ``programs_per_core`` programs on every SM (long contexts
       with few sequences need the split to fill the GPU).
-    num_warps, num_stages: Triton launch parameters.
+    num_warps, num_stages: Triton launch parameters. The Mosaic decode kernel
+      (``implementation="mosaic"``) takes block_kv, num_splits, programs_per_core and
+      num_stages (its ring's slots, fewer where they do not fit in shared memory) too.
     chunk_rows: query rows (new tokens times the G query heads of a KV head) one program
       takes. More new tokens than fit (chunked prefill) are cut into chunks of
       ``max(1, chunk_rows // G)`` tokens, each its own program walking only the pages its
@@ -126,7 +128,8 @@ def paged_attention(q, k_pages, v_pages, block_tables, lengths, *, mod=None, sca
       mod: a source string, a ``scoremod.Mod`` or None (no mask).
       scale: a Python number; default ``1 / sqrt(H)``.
       implementation: None (the Pallas kernel on GPU, the reference elsewhere),
-        "pallas", "mosaic" (chunked prefill on the Mosaic GPU forward kernel, sm_90),
+        "pallas", "mosaic" (Mosaic GPU kernels, sm_90: the paged decode kernel under 128
+        new tokens, chunked prefill on the forward kernel from 128),
         "reference", "xla" (the reference's gather path), or a sequence tried
         in order; an implementation that cannot run the call (NotImplementedError)
         falls through to the next, logged on ``logging.getLogger("scoremod")``.
