@@ -65,6 +65,10 @@ FALLBACK_SM_COUNT = 132
 # on the Mosaic forward kernel (a q-block of 128 rows per query head is full), fewer the
 # paged decode kernel (the tokens of a KV head's G query heads packed into 64 rows).
 MOSAIC_PREFILL_TOKENS = 128
+# The Mosaic decode kernel's split rule (PagedBlockSizes.num_splits=None) gives each CUDA
+# block at least this many steps: its start (Q, the ring's first pages) and its partial
+# output cost more than a Triton program's. Not yet tuned on a GPU.
+MOSAIC_MIN_STEPS_PER_SPLIT = 8
 
 
 @dataclass(frozen=True)
@@ -397,12 +401,13 @@ def _paged_reference_jit(q, k_pages, v_pages, block_tables, lengths, tensors, *,
 
 # ---- the Pallas path --------------------------------------------------------------------------
 
-def _num_splits(block_sizes: PagedBlockSizes, programs: int, max_chunks: int) -> int:
+def _num_splits(block_sizes: PagedBlockSizes, programs: int, max_chunks: int, min_chunks: int = 1) -> int:
     """Programs per (sequence, KV head): as many as keep ``programs * splits`` at most
     ``programs_per_core`` per SM (rounded down: a last, partly filled wave of programs
-    costs as much as a full one), at least 1 and at most one per chunk."""
+    costs as much as a full one), at least 1 and at most one per ``min_chunks`` chunks."""
     if block_sizes.num_splits is not None:
         return max(1, min(int(block_sizes.num_splits), max_chunks))
+    max_chunks = max(1, max_chunks // min_chunks)
     cores = 0
     try:
         cores = int(getattr(jax.devices()[0], "core_count", 0) or 0)
@@ -563,7 +568,7 @@ def _paged_mosaic_decode(q, k_pages, v_pages, block_tables, lengths, tensors, *,
                              page_size=page_size, heads=N, num_pool_pages=P, multiple_of=pages_per_step)
     logical, physical, counts = jax.vmap(lambda end: walk(query_end=end), in_axes=1, out_axes=1)(chunk_end)
     list_len = logical.shape[-1]
-    num_splits = _num_splits(block_sizes, B * K * n_chunks, list_len // pages_per_step)
+    num_splits = _num_splits(block_sizes, B * K * n_chunks, list_len // pages_per_step, MOSAIC_MIN_STEPS_PER_SPLIT)
 
     # A sequence's last page (and list entries past the count, which are masked) come from its
     # tail copy, whose slots past the length are zero: the pool may hold NaN there.
