@@ -206,3 +206,47 @@ def decode_partials(cfg: DecodeKernelConfig, q_rows, k_pages, v_pages, pages, co
     return plgpu.kernel(entry, out_type=out_type, grid=(n_blocks,), grid_names=("cta",), num_threads=2,
                         thread_name="wg", compiler_params=plgpu.CompilerParams(approx_math=True))(
         q_rows, k_pages, v_pages, pages, counts, key_positions, lengths, row_tokens, row_heads, k_tail, v_tail)
+
+
+def decode_partials_reference(cfg: DecodeKernelConfig, q_rows, k_pages, v_pages, pages, counts, key_positions,
+                              lengths, row_tokens, row_heads, k_tail, v_tail, *, num_tokens: int, mod):
+    """``decode_partials``' slow twin, in plain jnp over the same inputs (the CPU tests run
+    the wrapper with it): every listed entry's page gathered (the tail copy for -1), the
+    mod's ``score_mod`` at the same positions, and one f32 softmax per split over the keys
+    of that split's steps. Same outputs and layout."""
+    B, K, C, R, H = q_rows.shape
+    S, pps, ps = cfg.num_splits, cfg.pages_per_step, cfg.page_size
+    L = pages.shape[-1]
+    f32 = jnp.float32
+    tail = lambda t: jnp.broadcast_to(t[:, None, None], (B, C, L) + t.shape[1:])  # noqa: E731
+    k = jnp.where(pages[..., None, None, None] >= 0, k_pages[jnp.maximum(pages, 0)], tail(k_tail))
+    v = jnp.where(pages[..., None, None, None] >= 0, v_pages[jnp.maximum(pages, 0)], tail(v_tail))
+    k = k.reshape(B, C, L * ps, K, H).astype(f32)
+    v = v.reshape(B, C, L * ps, K, H).astype(f32)
+    hi = lax.Precision.HIGHEST
+    scores = jnp.einsum("bkcrh,bcskh->bkcrs", q_rows.astype(f32), k, precision=hi) * cfg.scale
+
+    b = jnp.arange(B, dtype=jnp.int32)[:, None, None, None, None]
+    head = (jnp.arange(K, dtype=jnp.int32)[:, None, None, None] * cfg.group + row_heads[:, None])[None]
+    q_pos = (lengths - num_tokens)[:, None, None, None, None] + row_tokens[None, None, :, :, None]
+    kv_pos = key_positions[:, None, :, None, :]
+    logits = mod.score_mod()(scores, b, head, q_pos, jnp.maximum(kv_pos, 0))
+    logits = jnp.where(kv_pos >= 0, logits, -jnp.inf)                       # [B, K, C, R, L * ps]
+
+    steps = (counts + (pps - 1)) // pps                                      # [B, C]
+    per_split = (steps + (S - 1)) // S
+    first = jnp.minimum(jnp.arange(S)[None, None, :] * per_split[..., None], steps[..., None])   # [B, C, S]
+    last = jnp.minimum(first + per_split[..., None], steps[..., None])
+    step_of_key = jnp.arange(L * ps) // (pps * ps)
+    in_split = (step_of_key >= first[..., None]) & (step_of_key < last[..., None])              # [B, C, S, L * ps]
+    lg = jnp.where(in_split[:, None, :, :, None, :], logits[:, :, :, None], -jnp.inf)          # [B, K, C, S, R, L*ps]
+    m = jnp.max(lg, axis=-1, keepdims=True)
+    m = jnp.where(m == -jnp.inf, 0.0, m)
+    p = jnp.exp(lg - m)
+    l = jnp.sum(p, axis=-1)
+    o = jnp.einsum("bkcxrs,bcskh->bkcxrh", p, v[:, :, :, :, :], precision=hi)
+    seen = l != 0
+    o = o / jnp.where(seen, l, 1.0)[..., None]
+    lse = jnp.where(seen, m[..., 0] + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)
+    Rw = cfg.out_rows
+    return o[..., :Rw, :], lse[..., :Rw]

@@ -550,10 +550,12 @@ def _mosaic_block_kv(block_sizes: PagedBlockSizes, page_size: int) -> int:
     return max(1, block_sizes.block_kv // page_size) * page_size
 
 
-@functools.partial(jax.jit, static_argnames=("mod", "scale", "block_sizes", "stages"))
-def _paged_mosaic_decode(q, k_pages, v_pages, block_tables, lengths, tensors, *, mod, scale, block_sizes, stages):
+@functools.partial(jax.jit, static_argnames=("mod", "scale", "block_sizes", "stages", "twin"))
+def _paged_mosaic_decode(q, k_pages, v_pages, block_tables, lengths, tensors, *, mod, scale, block_sizes, stages,
+                         twin=False):
     """The Mosaic decode kernel's inputs from the walk (as ``_paged_pallas``), its call, and
-    the merge of its splits. Returns (out [B, T, N, H], lse f32[B, T, N])."""
+    the merge of its splits. Returns (out [B, T, N, H], lse f32[B, T, N]). ``twin``: run the
+    kernel's slow twin (``decode_partials_reference``) on the same inputs instead (any backend)."""
     from scoremod.runtime import _mosaic_paged_decode as _md
     B, T, N, H = q.shape
     P, page_size, K, _ = k_pages.shape
@@ -596,7 +598,8 @@ def _paged_mosaic_decode(q, k_pages, v_pages, block_tables, lengths, tensors, *,
     cfg = _md.DecodeKernelConfig(program=_program(mod, {}), scale=scale, page_size=page_size,
                                  pages_per_step=pages_per_step, num_stages=stages, num_splits=num_splits, group=G,
                                  out_rows=min(rows, max(8, _k.next_power_of_2(used_rows))))
-    o, lse = _md.decode_partials(cfg, q_rows, k_pages, v_pages, pages, counts, key_pos, lengths, row_tokens,
+    partials = functools.partial(_md.decode_partials_reference, mod=mod) if twin else _md.decode_partials
+    o, lse = partials(cfg, q_rows, k_pages, v_pages, pages, counts, key_pos, lengths, row_tokens,
                                  row_heads, k_tail, v_tail, num_tokens=T)
     if num_splits == 1:
         out, lse = o[:, :, :, 0], lse[:, :, :, 0]

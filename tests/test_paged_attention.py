@@ -474,3 +474,43 @@ def test_chunked_prefill_under_jit_and_bf16():
     want = oracle(np.asarray(bf(q), np.float32), np.asarray(bf(kp), np.float32), np.asarray(bf(vp), np.float32),
                   tables, lengths, "causal & window(9)")
     np.testing.assert_allclose(np.asarray(out, np.float32), want, atol=2e-2, rtol=2e-2)
+
+
+# ---- the Mosaic decode kernel's inputs, through its slow twin (CPU) -----------------------------
+
+@settings(max_examples=25, deadline=None)
+@given(text=diagonal_masks().filter(lambda t: "ids" not in t), T=st.sampled_from([1, 3, 9]),
+       heads=st.sampled_from([(4, 4), (16, 2), (8, 1)]), page_size=st.sampled_from([8, 16]),
+       block_kv=st.sampled_from([8, 16, 32]), num_splits=st.sampled_from([None, 2, 5]), seed=st.integers(0, 2**31 - 1))
+def test_mosaic_decode_inputs_match_oracle_through_the_twin(text, T, heads, page_size, block_kv, num_splits, seed):
+    """What the Mosaic decode kernel is given (page list with tail copies, key positions, row
+    tokens and heads, split ranges) gives the oracle's answer when its slow twin
+    (``decode_partials_reference``) runs on it: random masks, T > 1 in several 64-row
+    chunks, GQA and MQA, forced splits, NaN in every page no sequence uses and in every
+    slot past a length."""
+    from scoremod.runtime.paged import _paged_mosaic_decode
+    rng = np.random.default_rng(seed)
+    N, K = heads
+    B, H, max_pages = 3, 16, 96 // page_size
+    lengths = rng.integers(T, max_pages * page_size + 1, size=B).astype(np.int32)
+    lengths[0] = max_pages * page_size
+    lengths[1] = T
+    q, kp, vp, tables, lengths = make_cache(rng, B=B, T=T, N=N, K=K, H=H, page_size=page_size,
+                                            max_pages=max_pages, lengths=lengths)
+    want = oracle(q, kp, vp, tables, lengths, text)
+    used = np.zeros(kp.shape[0], bool)
+    used[tables[tables >= 0]] = True
+    kp[~used], vp[~used] = np.nan, np.nan
+    for b in range(B):
+        j, tail = divmod(int(lengths[b]), page_size)
+        if tail:
+            kp[tables[b, j], tail:] = np.nan
+            vp[tables[b, j], tail:] = np.nan
+    mod = compile_mod(text)
+    out, lse = _paged_mosaic_decode(jnp.asarray(q), jnp.asarray(kp), jnp.asarray(vp), jnp.asarray(tables),
+                                    jnp.asarray(lengths), {}, mod=mod, scale=1 / math.sqrt(H),
+                                    block_sizes=PagedBlockSizes(block_kv=block_kv, num_splits=num_splits), stages=2,
+                                    twin=True)
+    out = np.asarray(out)
+    assert np.isfinite(out).all(), text
+    np.testing.assert_allclose(out, want, atol=1e-4, rtol=1e-4, err_msg=text)
