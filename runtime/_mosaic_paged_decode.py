@@ -51,6 +51,7 @@ class DecodeKernelConfig:
     num_splits: int
     group: int            # G: query heads per KV head
     out_rows: int         # rows of the partial outputs written (>= chunk_tokens * G, a power of 2 >= 8)
+    read_rows: tuple = () # per tensor read: True for a row read [B|1, K|1, C|1, 64], False for a key read [B, C, L * page_size]
 
     @property
     def block_kv(self) -> int:
@@ -67,7 +68,7 @@ def shared_memory_bytes(head_dim: int, block_kv: int, num_stages: int, itemsize:
 
 
 def decode_partials(cfg: DecodeKernelConfig, q_rows, k_pages, v_pages, pages, counts, key_positions, lengths, row_tokens,
-                    row_heads, k_tail, v_tail, *, num_tokens: int):
+                    row_heads, k_tail, v_tail, reads=(), *, num_tokens: int):
     """Per-split partial outputs of every (sequence, KV head, chunk).
 
     q_rows:        [B, K, C, 64, H] the queries by KV head and chunk (rows ``t * G + g``)
@@ -79,6 +80,9 @@ def decode_partials(cfg: DecodeKernelConfig, q_rows, k_pages, v_pages, pages, co
     lengths:       int32[B]; row_tokens int32[C, 64]: the token (0 .. T-1) of each row of
                    each chunk (padding rows: any); row_heads int32[64]: g of each row
     k_tail:        [B, page_size, K, H] each sequence's last page, slots past the length zeroed
+    reads:         the TileProgram's tensor reads (``decode_reads``), each along the rows
+                   (b, h, q: ``[B|1, K|1, C|1, 64]``) or along the keys (b, kv: ``[B, C, L * page_size]``,
+                   at ``key_positions``), as ``cfg.read_rows`` says
     num_tokens:    T (query t of sequence b sits at ``lengths[b] - T + t``)
     Returns (o f32[B, K, C, S, out_rows, H], lse f32[B, K, C, S, out_rows]).
     """
@@ -92,8 +96,12 @@ def decode_partials(cfg: DecodeKernelConfig, q_rows, k_pages, v_pages, pages, co
     n_blocks = B * K * C * S
     Rw = cfg.out_rows
 
+    n_reads = len(reads)
+    assert len(cfg.read_rows) == n_reads, (cfg.read_rows, n_reads)
+
     def kernel(q_ref, k_ref, v_ref, pages_ref, counts_ref, keypos_ref, len_ref, rtok_ref, rhead_ref, ktail_ref, vtail_ref,
-               o_ref, lse_ref, scratch, bars, free):
+               *rest):
+        read_refs, (o_ref, lse_ref, scratch, bars, free) = rest[:n_reads], rest[n_reads:]
         q_smem, k_smem, v_smem, o_smem, lse_smem = scratch
         k_bar, v_bar, q_bar = bars
         k_free, v_free = free
@@ -117,6 +125,9 @@ def decode_partials(cfg: DecodeKernelConfig, q_rows, k_pages, v_pages, pages, co
             wgmma = plgpu.Layout.WGMMA
             row_q_pos = _load(rtok_ref.at[c], wgmma.reduce(1)) + (length - num_tokens)
             row_head = _load(rhead_ref, wgmma.reduce(1)) + kvh * cfg.group
+            row_reads = {i: _load(ref.at[tuple(x if n > 1 else 0 for x, n in zip((b, kvh, c), ref.shape))],
+                                  wgmma.reduce(1))
+                         for i, (ref, rows) in enumerate(zip(read_refs, cfg.read_rows)) if rows}
             plgpu.barrier_wait(q_bar)
 
             def step_fn(j, carry):
@@ -127,6 +138,10 @@ def decode_partials(cfg: DecodeKernelConfig, q_rows, k_pages, v_pages, pages, co
                 kv_pos = lax.broadcast_in_dim(kv_pos, (ROWS, bkv), [1])
                 q_pos = lax.broadcast_in_dim(row_q_pos, (ROWS, bkv), [0])
                 head = lax.broadcast_in_dim(row_head, (ROWS, bkv), [0])
+                read_tiles = tuple(
+                    lax.broadcast_in_dim(row_reads[i], (ROWS, bkv), [0]) if rows else
+                    lax.broadcast_in_dim(_load(ref.at[b, c, pl.ds(step * bkv, bkv)], wgmma.reduce(0)), (ROWS, bkv), [1])
+                    for i, (ref, rows) in enumerate(zip(read_refs, cfg.read_rows)))
                 plgpu.barrier_wait(k_bar.at[slot])
 
                 def qk(acc_ref):
@@ -135,7 +150,8 @@ def decode_partials(cfg: DecodeKernelConfig, q_rows, k_pages, v_pages, pages, co
                 s = pl.run_scoped(qk, plgpu.ACC((ROWS, bkv), jnp.float32))
                 plgpu.barrier_arrive(k_free.at[slot])
 
-                logits = _logits2(cfg, s, partial=True, b=b, h=head, q_pos=q_pos, kv_pos=kv_pos, reads=lambda: ())
+                logits = _logits2(cfg, s, partial=True, b=b, h=head, q_pos=q_pos, kv_pos=kv_pos,
+                                  reads=lambda: read_tiles)
                 logits = jnp.where(kv_pos >= 0, logits, -jnp.inf)
                 m_new = jnp.maximum(m_i, logits.max(axis=1))
                 m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
@@ -205,15 +221,15 @@ def decode_partials(cfg: DecodeKernelConfig, q_rows, k_pages, v_pages, pages, co
                 jax.ShapeDtypeStruct((B, K, C, S, Rw), jnp.float32))
     return plgpu.kernel(entry, out_type=out_type, grid=(n_blocks,), grid_names=("cta",), num_threads=2,
                         thread_name="wg", compiler_params=plgpu.CompilerParams(approx_math=True))(
-        q_rows, k_pages, v_pages, pages, counts, key_positions, lengths, row_tokens, row_heads, k_tail, v_tail)
+        q_rows, k_pages, v_pages, pages, counts, key_positions, lengths, row_tokens, row_heads, k_tail, v_tail, *reads)
 
 
 def decode_partials_reference(cfg: DecodeKernelConfig, q_rows, k_pages, v_pages, pages, counts, key_positions,
-                              lengths, row_tokens, row_heads, k_tail, v_tail, *, num_tokens: int, mod):
+                              lengths, row_tokens, row_heads, k_tail, v_tail, reads=(), *, num_tokens: int):
     """``decode_partials``' slow twin, in plain jnp over the same inputs (the CPU tests run
     the wrapper with it): every listed entry's page gathered (the tail copy for -1), the
-    mod's ``score_mod`` at the same positions, and one f32 softmax per split over the keys
-    of that split's steps. Same outputs and layout."""
+    TileProgram's logits at the same positions and reads, and one f32 softmax per split over
+    the keys of that split's steps. Same outputs and layout."""
     B, K, C, R, H = q_rows.shape
     S, pps, ps = cfg.num_splits, cfg.pages_per_step, cfg.page_size
     L = pages.shape[-1]
@@ -230,7 +246,8 @@ def decode_partials_reference(cfg: DecodeKernelConfig, q_rows, k_pages, v_pages,
     head = (jnp.arange(K, dtype=jnp.int32)[:, None, None, None] * cfg.group + row_heads[:, None])[None]
     q_pos = (lengths - num_tokens)[:, None, None, None, None] + row_tokens[None, None, :, :, None]
     kv_pos = key_positions[:, None, :, None, :]
-    logits = mod.score_mod()(scores, b, head, q_pos, jnp.maximum(kv_pos, 0))
+    tiles = tuple(x[..., None] if rows else x[:, None, :, None, :] for x, rows in zip(reads, cfg.read_rows))
+    logits = cfg.program.logits(scores, b=b, h=head, q=q_pos, kv=kv_pos, reads=tiles)
     logits = jnp.where(kv_pos >= 0, logits, -jnp.inf)                       # [B, K, C, R, L * ps]
 
     steps = (counts + (pps - 1)) // pps                                      # [B, C]
@@ -250,3 +267,47 @@ def decode_partials_reference(cfg: DecodeKernelConfig, q_rows, k_pages, v_pages,
     lse = jnp.where(seen, m[..., 0] + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)
     Rw = cfg.out_rows
     return o[..., :Rw, :], lse[..., :Rw]
+
+
+def reads_reason(program: TileProgram) -> str | None:
+    """Why the kernel cannot take the program's tensor reads (None when it can): it reads
+    along the query rows (b, h, q) or along the keys (b, kv), at plain positions."""
+    for r in program.reads:
+        if r.gather or ("kv" in r.axes and {"h", "q"} & set(r.axes)):
+            return (f"the mosaic decode kernel reads tensors along the query rows or along the keys, at plain "
+                    f"positions; {r.name}[...] is read along {', '.join(r.axes)}"
+                    f"{' at computed indices' if r.gather else ''} (the pallas kernel runs it)")
+    return None
+
+
+def decode_reads(program: TileProgram, tensors: dict, *, lengths, num_tokens: int, kv_heads: int, group: int,
+                 row_tokens, row_heads, key_positions):
+    """Each tensor read of the tile program, materialized for the kernel: ``(arrays,
+    read_rows)``. A read along b, h and q only is gathered at the rows' positions
+    (``[B|1, K|1, C|1, 64]``: sequence, KV head, chunk, row ``t * G + g``); a read along b and
+    kv only at each listed key position (``[B, C, L * page_size]``). Raises
+    NotImplementedError for a read along both q (or h) and kv, or at computed indices."""
+    from scoremod.compiler.lowering import gather_read
+    from scoremod.dsl.ast import Var
+    B = lengths.shape[0]
+    C = row_tokens.shape[0]
+    arrays, read_rows = [], []
+    why = reads_reason(program)
+    if why:
+        raise NotImplementedError(why)
+    for r in program.reads:
+        axes = set(r.axes)
+        if "kv" in axes:
+            env = {"b": jnp.arange(B, dtype=jnp.int32)[:, None, None], "kv": jnp.maximum(key_positions, 0)}
+            shape = key_positions.shape
+        else:
+            by_b, by_h, by_q = bool(axes & {"b", "q"}), "h" in axes, "q" in axes
+            Bx, Kx, Cx = (B if by_b else 1), (kv_heads if by_h else 1), (C if by_q else 1)
+            env = {"b": jnp.arange(Bx, dtype=jnp.int32)[:, None, None, None],
+                   "h": (jnp.arange(Kx, dtype=jnp.int32)[:, None] * group + row_heads[None, :])[None, :, None, :],
+                   "q": (lengths - num_tokens)[:, None, None, None] + row_tokens[None, None, :, :]}
+            shape = (Bx, Kx, Cx, ROWS)
+        value = gather_read(tensors[r.name], [env[i.name] if isinstance(i, Var) else None for i in r.node.indices])
+        arrays.append(jnp.broadcast_to(value, shape))
+        read_rows.append("kv" not in axes)
+    return arrays, tuple(read_rows)

@@ -527,9 +527,9 @@ def _mosaic_decode_check(mod: Mod, q, k_pages, v_pages, tensors: dict, block_siz
     from scoremod.runtime import _mosaic_paged_decode as _md
     from scoremod.runtime.mosaic_attention import SMEM_LIMIT, check_supported
     program = check_supported(mod, q, k_pages, v_pages, tensors)   # device, dtype, head dim, the mod
-    if program.reads:
-        raise NotImplementedError(f"the mosaic decode kernel runs mods without tensor reads; {mod} reads "
-                                  f"{', '.join(sorted({r.name for r in program.reads}))} (the pallas kernel runs it)")
+    why = _md.reads_reason(program)
+    if why:
+        raise NotImplementedError(why)
     page_size = k_pages.shape[1]
     if page_size % 8:
         raise NotImplementedError(f"the mosaic decode kernel needs a page size that is a multiple of 8; "
@@ -595,12 +595,15 @@ def _paged_mosaic_decode(q, k_pages, v_pages, block_tables, lengths, tensors, *,
     row_tokens = jnp.asarray(np.where(r < used_rows, r // G, 0)[None, :] + chunk_tokens * np.arange(n_chunks)[:, None],
                              jnp.int32)
     row_heads = jnp.asarray(np.where(r < used_rows, r % G, 0), jnp.int32)
-    cfg = _md.DecodeKernelConfig(program=_program(mod, {}), scale=scale, page_size=page_size,
-                                 pages_per_step=pages_per_step, num_stages=stages, num_splits=num_splits, group=G,
-                                 out_rows=min(rows, max(8, _k.next_power_of_2(used_rows))))
-    partials = functools.partial(_md.decode_partials_reference, mod=mod) if twin else _md.decode_partials
-    o, lse = partials(cfg, q_rows, k_pages, v_pages, pages, counts, key_pos, lengths, row_tokens,
-                                 row_heads, k_tail, v_tail, num_tokens=T)
+    program = _program(mod, tensors)
+    reads, read_rows = _md.decode_reads(program, tensors, lengths=lengths, num_tokens=T, kv_heads=K, group=G,
+                                        row_tokens=row_tokens, row_heads=row_heads, key_positions=key_pos)
+    cfg = _md.DecodeKernelConfig(program=program, scale=scale, page_size=page_size, pages_per_step=pages_per_step,
+                                 num_stages=stages, num_splits=num_splits, group=G,
+                                 out_rows=min(rows, max(8, _k.next_power_of_2(used_rows))), read_rows=read_rows)
+    partials = _md.decode_partials_reference if twin else _md.decode_partials
+    o, lse = partials(cfg, q_rows, k_pages, v_pages, pages, counts, key_pos, lengths, row_tokens, row_heads,
+                      k_tail, v_tail, reads, num_tokens=T)
     if num_splits == 1:
         out, lse = o[:, :, :, 0], lse[:, :, :, 0]
     else:

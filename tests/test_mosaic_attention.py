@@ -792,24 +792,27 @@ def test_gpu_paged_prefill_matches_oracle(mod, page_size):
 # ---- paged decode on Mosaic GPU (paged._paged_mosaic_decode) -----------------------------------
 
 @needs_mosaic
-@pytest.mark.parametrize("T, page_size, mod", [
-    (1, 16, "causal"), (4, 16, "causal & window(100)"), (1, 64, None),
-    (8, 32, "causal & softcap(20) + alibi(8)"), (40, 16, "causal"),
+@pytest.mark.parametrize("T, page_size, mod, tensors", [
+    (1, 16, "causal", {}), (4, 16, "causal & window(100)", {}), (1, 64, None, {}),
+    (8, 32, "causal & softcap(20) + alibi(8)", {}), (40, 16, "causal", {}),
+    (2, 16, "causal & doc(ids) + t[h] * (kv - q)", {"ids": np.zeros((2, 512), np.int32),
+                                                     "t": np.ones((8,), np.float32)}),
 ])
-def test_paged_decode_lowers(pretend_hopper, T, page_size, mod):
+def test_paged_decode_lowers(pretend_hopper, T, page_size, mod, tensors):
     """Decode, speculative decode and a few chunks of new tokens lower for sm_90 (page sizes
-    16-64, GQA, masks with values)."""
+    16-64, GQA, masks with values, tensor reads along the rows and the keys)."""
     B, N, K, H, P = 2, 8, 2, 128, 64
     q = jnp.zeros((B, T, N, H), jnp.bfloat16)
     pool = jnp.zeros((P, page_size, K, H), jnp.bfloat16)
     tables = jnp.asarray(np.random.default_rng(0).permutation(P)[:B * (512 // page_size)].reshape(B, -1), jnp.int32)
     lengths = jnp.array([300, 512], jnp.int32)
-    fn = lambda q, kp, vp, t, n: scoremod.paged_attention(q, kp, vp, t, n, mod=mod, implementation="mosaic")  # noqa: E731
+    fn = lambda q, kp, vp, t, n: scoremod.paged_attention(q, kp, vp, t, n, mod=mod, implementation="mosaic",  # noqa: E731
+                                                          **tensors)
     jax.jit(fn).trace(q, pool, pool, tables, lengths).lower(lowering_platforms=("cuda",))
 
 
 @pytest.mark.parametrize("mod, tensors, page_size, match", [
-    ("causal & doc(ids)", {"ids": np.zeros((1, 64), np.int32)}, 16, "tensor reads"),
+    ("causal & t[h, kv] > 0", {"t": np.zeros((4, 64), np.float32)}, 16, "along the query rows or along the keys"),
     ("causal", {}, 12, "multiple of 8"),
 ])
 def test_paged_decode_declines_what_it_cannot_run(pretend_hopper, mod, tensors, page_size, match):
@@ -821,7 +824,8 @@ def test_paged_decode_declines_what_it_cannot_run(pretend_hopper, mod, tensors, 
 
 
 PAGED_DECODE_GPU_CASES = [(1, 8, 2, 16, "causal"), (1, 32, 8, 16, "causal & window(100)"), (4, 32, 1, 64, "causal"),
-                          (8, 16, 2, 32, "causal & softcap(20) + alibi(8)"), (1, 4, 4, 16, None), (40, 8, 2, 16, "causal")]
+                          (8, 16, 2, 32, "causal & softcap(20) + alibi(8)"), (1, 4, 4, 16, None), (40, 8, 2, 16, "causal"),
+                          (3, 16, 4, 16, "causal & doc(ids)")]
 
 
 @pytest.mark.gpu
@@ -840,7 +844,10 @@ def test_gpu_paged_decode_matches_oracle(T, N, K, page_size, mod, num_splits):
                                             max_pages=max_pages, lengths=lengths)
     bf = lambda x: jnp.asarray(x, jnp.bfloat16)  # noqa: E731
     f32 = lambda x: np.asarray(bf(x), np.float32)  # noqa: E731
-    want = oracle(f32(q), f32(kp), f32(vp), tables, lengths, mod)
+    tensors = {}
+    if mod and "ids" in mod:
+        tensors["ids"] = np.sort(rng.integers(0, 4, size=(B, max_pages * page_size)), axis=1).astype(np.int32)
+    want = oracle(f32(q), f32(kp), f32(vp), tables, lengths, mod, tensors)
     kp_bad, vp_bad = f32(kp), f32(vp)
     used = np.zeros(kp.shape[0], bool)
     used[tables[tables >= 0]] = True
@@ -851,7 +858,7 @@ def test_gpu_paged_decode_matches_oracle(T, N, K, page_size, mod, num_splits):
             kp_bad[tables[b, j], tail:] = np.nan
             vp_bad[tables[b, j], tail:] = np.nan
     out = scoremod.paged_attention(bf(q), bf(kp_bad), bf(vp_bad), tables, lengths, mod=mod, implementation="mosaic",
-                                   block_sizes=PagedBlockSizes(num_splits=num_splits))
+                                   block_sizes=PagedBlockSizes(num_splits=num_splits), **tensors)
     out = np.asarray(out, np.float32)
     assert np.isfinite(out).all()
     np.testing.assert_allclose(out, want, atol=2e-2, rtol=2e-2)

@@ -479,12 +479,14 @@ def test_chunked_prefill_under_jit_and_bf16():
 # ---- the Mosaic decode kernel's inputs, through its slow twin (CPU) -----------------------------
 
 @settings(max_examples=25, deadline=None)
-@given(text=diagonal_masks().filter(lambda t: "ids" not in t), T=st.sampled_from([1, 3, 9]),
+@given(text=st.one_of(diagonal_masks(), st.sampled_from(["causal + alibi(4)", "causal & softcap(5) + t[h] * (kv - q) / 8",
+                                                          "doc(ids) & kv >= q - 40"])), T=st.sampled_from([1, 3, 9]),
        heads=st.sampled_from([(4, 4), (16, 2), (8, 1)]), page_size=st.sampled_from([8, 16]),
        block_kv=st.sampled_from([8, 16, 32]), num_splits=st.sampled_from([None, 2, 5]), seed=st.integers(0, 2**31 - 1))
 def test_mosaic_decode_inputs_match_oracle_through_the_twin(text, T, heads, page_size, block_kv, num_splits, seed):
     """What the Mosaic decode kernel is given (page list with tail copies, key positions, row
-    tokens and heads, split ranges) gives the oracle's answer when its slow twin
+    tokens and heads, tensor reads along the rows and the keys, split ranges) gives the
+    oracle's answer when its slow twin
     (``decode_partials_reference``) runs on it: random masks, T > 1 in several 64-row
     chunks, GQA and MQA, forced splits, NaN in every page no sequence uses and in every
     slot past a length."""
@@ -497,7 +499,8 @@ def test_mosaic_decode_inputs_match_oracle_through_the_twin(text, T, heads, page
     lengths[1] = T
     q, kp, vp, tables, lengths = make_cache(rng, B=B, T=T, N=N, K=K, H=H, page_size=page_size,
                                             max_pages=max_pages, lengths=lengths)
-    want = oracle(q, kp, vp, tables, lengths, text)
+    tensors = _tensors(text, B, N, T, max_pages * page_size, lengths, rng)
+    want = oracle(q, kp, vp, tables, lengths, text, tensors)
     used = np.zeros(kp.shape[0], bool)
     used[tables[tables >= 0]] = True
     kp[~used], vp[~used] = np.nan, np.nan
@@ -508,9 +511,32 @@ def test_mosaic_decode_inputs_match_oracle_through_the_twin(text, T, heads, page
             vp[tables[b, j], tail:] = np.nan
     mod = compile_mod(text)
     out, lse = _paged_mosaic_decode(jnp.asarray(q), jnp.asarray(kp), jnp.asarray(vp), jnp.asarray(tables),
-                                    jnp.asarray(lengths), {}, mod=mod, scale=1 / math.sqrt(H),
+                                    jnp.asarray(lengths), {n: jnp.asarray(t) for n, t in tensors.items()}, mod=mod,
+                                    scale=1 / math.sqrt(H),
                                     block_sizes=PagedBlockSizes(block_kv=block_kv, num_splits=num_splits), stages=2,
                                     twin=True)
     out = np.asarray(out)
     assert np.isfinite(out).all(), text
     np.testing.assert_allclose(out, want, atol=1e-4, rtol=1e-4, err_msg=text)
+
+
+@pytest.mark.parametrize("text, T, heads", [
+    ("causal & softcap(5) + t[h] * (kv - q) / 8", 1, (16, 2)), ("causal & doc(ids)", 3, (8, 2)), ("causal + alibi(4)", 9, (16, 2)),
+    ("window(20) & t[b, q] > kv - 50", 2, (8, 1)),
+])
+def test_mosaic_decode_reads_through_the_twin(text, T, heads):
+    """The decode kernel's tensor reads, along the rows (``t[h]``, ``t[b, q]``) and along the
+    keys (``ids[b, kv]``), materialized at the positions it visits: through the twin
+    against the oracle, with GQA (several heads per row block) and T > 1."""
+    from scoremod.runtime.paged import _paged_mosaic_decode
+    rng = np.random.default_rng(_seed(text, T))
+    N, K = heads
+    B, H, ps, max_pages = 3, 16, 8, 12
+    q, kp, vp, tables, lengths = make_cache(rng, B=B, T=T, N=N, K=K, H=H, page_size=ps, max_pages=max_pages)
+    tensors = _tensors(text, B, N, T, max_pages * ps, lengths, rng)
+    want = oracle(q, kp, vp, tables, lengths, text, tensors)
+    out, _ = _paged_mosaic_decode(jnp.asarray(q), jnp.asarray(kp), jnp.asarray(vp), jnp.asarray(tables),
+                                  jnp.asarray(lengths), {n: jnp.asarray(t) for n, t in tensors.items()},
+                                  mod=compile_mod(text), scale=1 / math.sqrt(H),
+                                  block_sizes=PagedBlockSizes(block_kv=16, num_splits=2), stages=2, twin=True)
+    np.testing.assert_allclose(np.asarray(out), want, atol=1e-4, rtol=1e-4, err_msg=text)
