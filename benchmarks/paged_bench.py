@@ -168,6 +168,8 @@ def main(argv=None):
     ap.add_argument("--batches", type=ints, default=None, help="only these batch sizes (e.g. 1,8)")
     ap.add_argument("--contexts", type=ints, default=None, help="only these context lengths")
     ap.add_argument("--num-splits", type=int, default=None, help="fix the kernel's split count")
+    ap.add_argument("--block-sizes", default="",
+                    help="PagedBlockSizes fields to override, e.g. num_splits=32,persistent=False")
     ap.add_argument("--max-tokens", type=int, default=2 * 1024 * 1024, help="largest batch * context")
     ap.add_argument("--tokens", type=int, default=1,
                     help="new tokens per sequence (T; 1: decode, 4-8: speculative decode)")
@@ -232,6 +234,11 @@ def main(argv=None):
     block_sizes = PagedBlockSizes.get_default()
     if args.num_splits:
         block_sizes = dataclasses.replace(block_sizes, num_splits=args.num_splits)
+    for item in filter(None, args.block_sizes.split(",")):
+        field, value = item.split("=")
+        block_sizes = dataclasses.replace(block_sizes, **{field: {"True": True, "False": False}.get(value) if value in
+                                                          ("True", "False") else int(value)})
+    print(f"# {block_sizes}", flush=True)
 
     for ps in page_sizes:
         pool_pages = max_tokens // ps + 8

@@ -1,13 +1,15 @@
-"""Paged decode on Mosaic GPU (Hopper, sm_90): one CUDA block per (sequence, KV head, chunk
-of new tokens, split), reading its share of the chunk's page list with TMA.
+"""Paged decode on Mosaic GPU (Hopper, sm_90): work items (sequence, KV head, chunk of new
+tokens, split), each reading its share of the chunk's page list with TMA.
 
-The work of a block is the Triton paged kernel's (``_paged_kernel.py``): the rows are the
+The work of an item is a Triton paged program's (``_paged_kernel.py``): the rows are the
 ``chunk_tokens * G`` queries of one KV head and chunk (token ``t``, query head
 ``kv_head * G + g`` in row ``t * G + g``, padded to 64, the wgmma M), the keys are the
 pages ``walk_pages`` listed for the chunk, ``pages_per_step`` pages per step, and split
 ``s`` of ``num_splits`` takes the steps ``[s * per_split, (s + 1) * per_split)``. It
 writes an f32 partial output and its log-sum-exp; ``_paged_kernel.combine_splits``
-merges the splits.
+merges the splits. ``cfg.ctas`` CUDA blocks take the items round robin (one item each, or
+persistent: one block per SM, whose ring of pages runs on from one item to the next, so a
+block's start-up and partial output overlap the next item's loads).
 
 Two warpgroups:
 
@@ -52,6 +54,7 @@ class DecodeKernelConfig:
     group: int            # G: query heads per KV head
     out_rows: int         # rows of the partial outputs written (>= chunk_tokens * G, a power of 2 >= 8)
     read_rows: tuple = () # per tensor read: True for a row read [B|1, K|1, C|1, 64], False for a key read [B, C, L * page_size]
+    ctas: int = 0         # CUDA blocks, each taking items (sequence, KV head, chunk, split) round robin; 0: one per item
 
     @property
     def block_kv(self) -> int:
@@ -99,6 +102,9 @@ def decode_partials(cfg: DecodeKernelConfig, q_rows, k_pages, v_pages, pages, co
     n_reads = len(reads)
     assert len(cfg.read_rows) == n_reads, (cfg.read_rows, n_reads)
 
+    ctas = cfg.ctas or n_blocks
+    assert 0 < ctas <= n_blocks, (ctas, n_blocks)
+
     def kernel(q_ref, k_ref, v_ref, pages_ref, counts_ref, keypos_ref, len_ref, rtok_ref, rhead_ref, ktail_ref, vtail_ref,
                *rest):
         read_refs, (o_ref, lse_ref, scratch, bars, free) = rest[:n_reads], rest[n_reads:]
@@ -106,87 +112,100 @@ def decode_partials(cfg: DecodeKernelConfig, q_rows, k_pages, v_pages, pages, co
         k_bar, v_bar, q_bar = bars
         k_free, v_free = free
         wg = lax.axis_index("wg")
-        block = lax.axis_index("cta")
-        split = lax.rem(block, S)
-        bkc = lax.div(block, S)
-        c = lax.rem(bkc, C)
-        bk = lax.div(bkc, C)
-        kvh = lax.rem(bk, K)
-        b = lax.div(bk, K)
-        steps = lax.div(counts_ref[b, c] + (pps - 1), pps)
-        per_split = lax.div(steps + (S - 1), S)
-        first = jnp.minimum(split * per_split, steps)
-        n = jnp.minimum(first + per_split, steps) - first
+        cta = lax.axis_index("cta")
+        n_local = lax.div(n_blocks - cta + (ctas - 1), ctas)   # items cta, cta + ctas, ...
+
+        def item(j):
+            """(b, kv head, chunk, split, first step, steps) of this block's j-th item."""
+            w = cta + j * ctas
+            split = lax.rem(w, S)
+            c = lax.rem(lax.div(w, S), C)
+            bk = lax.div(w, S * C)
+            kvh, b = lax.rem(bk, K), lax.div(bk, K)
+            steps = lax.div(counts_ref[b, c] + (pps - 1), pps)
+            per_split = lax.div(steps + (S - 1), S)
+            first = jnp.minimum(split * per_split, steps)
+            return b, kvh, c, split, first, jnp.minimum(first + per_split, steps) - first
 
         @pl.when(wg == 0)
         def _consumer():
-            plgpu.copy_gmem_to_smem(q_ref.at[b, kvh, c], q_smem, q_bar)
-            length = len_ref[b]
             wgmma = plgpu.Layout.WGMMA
-            row_q_pos = _load(rtok_ref.at[c], wgmma.reduce(1)) + (length - num_tokens)
-            row_head = _load(rhead_ref, wgmma.reduce(1)) + kvh * cfg.group
-            row_reads = {i: _load(ref.at[tuple(x if n > 1 else 0 for x, n in zip((b, kvh, c), ref.shape))],
-                                  wgmma.reduce(1))
-                         for i, (ref, rows) in enumerate(zip(read_refs, cfg.read_rows)) if rows}
-            plgpu.barrier_wait(q_bar)
 
-            def step_fn(j, carry):
-                acc, m_i, l_i = carry
-                slot = lax.rem(j, stages)
-                step = first + j
-                kv_pos = _load(keypos_ref.at[b, c, pl.ds(step * bkv, bkv)], wgmma.reduce(0))
-                kv_pos = lax.broadcast_in_dim(kv_pos, (ROWS, bkv), [1])
-                q_pos = lax.broadcast_in_dim(row_q_pos, (ROWS, bkv), [0])
-                head = lax.broadcast_in_dim(row_head, (ROWS, bkv), [0])
-                read_tiles = tuple(
-                    lax.broadcast_in_dim(row_reads[i], (ROWS, bkv), [0]) if rows else
-                    lax.broadcast_in_dim(_load(ref.at[b, c, pl.ds(step * bkv, bkv)], wgmma.reduce(0)), (ROWS, bkv), [1])
-                    for i, (ref, rows) in enumerate(zip(read_refs, cfg.read_rows)))
-                plgpu.barrier_wait(k_bar.at[slot])
+            def run_item(j, step0):
+                """Item j; ``step0``: the ring's steps before it. Returns the steps after it."""
+                b, kvh, c, split, first, n = item(j)
+                # Q's buffer is free: the previous item's last product that read it has completed.
+                plgpu.copy_gmem_to_smem(q_ref.at[b, kvh, c], q_smem, q_bar)
+                length = len_ref[b]
+                row_q_pos = _load(rtok_ref.at[c], wgmma.reduce(1)) + (length - num_tokens)
+                row_head = _load(rhead_ref, wgmma.reduce(1)) + kvh * cfg.group
+                row_reads = {i: _load(ref.at[tuple(x if d > 1 else 0 for x, d in zip((b, kvh, c), ref.shape))],
+                                      wgmma.reduce(1))
+                             for i, (ref, rows) in enumerate(zip(read_refs, cfg.read_rows)) if rows}
+                plgpu.barrier_wait(q_bar)
 
-                def qk(acc_ref):
-                    plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].T)
-                    return acc_ref[...]
-                s = pl.run_scoped(qk, plgpu.ACC((ROWS, bkv), jnp.float32))
-                plgpu.barrier_arrive(k_free.at[slot])
+                def step_fn(i, carry):
+                    acc, m_i, l_i = carry
+                    slot = lax.rem(step0 + i, stages)
+                    step = first + i
+                    kv_pos = _load(keypos_ref.at[b, c, pl.ds(step * bkv, bkv)], wgmma.reduce(0))
+                    kv_pos = lax.broadcast_in_dim(kv_pos, (ROWS, bkv), [1])
+                    q_pos = lax.broadcast_in_dim(row_q_pos, (ROWS, bkv), [0])
+                    head = lax.broadcast_in_dim(row_head, (ROWS, bkv), [0])
+                    read_tiles = tuple(
+                        lax.broadcast_in_dim(row_reads[r], (ROWS, bkv), [0]) if rows else
+                        lax.broadcast_in_dim(_load(ref.at[b, c, pl.ds(step * bkv, bkv)], wgmma.reduce(0)),
+                                             (ROWS, bkv), [1])
+                        for r, (ref, rows) in enumerate(zip(read_refs, cfg.read_rows)))
+                    plgpu.barrier_wait(k_bar.at[slot])
 
-                logits = _logits2(cfg, s, partial=True, b=b, h=head, q_pos=q_pos, kv_pos=kv_pos,
-                                  reads=lambda: read_tiles)
-                logits = jnp.where(kv_pos >= 0, logits, -jnp.inf)
-                m_new = jnp.maximum(m_i, logits.max(axis=1))
-                m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-                alpha = jnp.exp2(at_most_zero(m_i - m_use))
-                p = jnp.exp2(at_most_zero(logits - lax.broadcast_in_dim(m_use, logits.shape, [0])))
-                l_i = l_i * alpha + p.sum(axis=1)
-                acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-                p16 = p.astype(dtype)
-                plgpu.barrier_wait(v_bar.at[slot])
+                    def qk(acc_ref):
+                        plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].T)
+                        return acc_ref[...]
+                    s = pl.run_scoped(qk, plgpu.ACC((ROWS, bkv), jnp.float32))
+                    plgpu.barrier_arrive(k_free.at[slot])
 
-                def pv(acc_ref):
-                    plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
-                acc = pl.run_state(pv)(plgpu.ACC.init(acc))
-                plgpu.barrier_arrive(v_free.at[slot])
-                return acc, m_new, l_i
+                    logits = _logits2(cfg, s, partial=True, b=b, h=head, q_pos=q_pos, kv_pos=kv_pos,
+                                      reads=lambda: read_tiles)
+                    logits = jnp.where(kv_pos >= 0, logits, -jnp.inf)
+                    m_new = jnp.maximum(m_i, logits.max(axis=1))
+                    m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+                    alpha = jnp.exp2(at_most_zero(m_i - m_use))
+                    p = jnp.exp2(at_most_zero(logits - lax.broadcast_in_dim(m_use, logits.shape, [0])))
+                    l_i = l_i * alpha + p.sum(axis=1)
+                    acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+                    p16 = p.astype(dtype)
+                    plgpu.barrier_wait(v_bar.at[slot])
 
-            m_i = plgpu.layout_cast(jnp.full((ROWS,), -jnp.inf, jnp.float32), wgmma.reduce(1))
-            l_i = plgpu.layout_cast(jnp.full((ROWS,), 0.0, jnp.float32), wgmma.reduce(1))
-            acc = plgpu.layout_cast(jnp.full((ROWS, H), 0.0, jnp.float32), wgmma)
-            acc, m_i, l_i = lax.fori_loop(0, n, step_fn, (acc, m_i, l_i))
+                    def pv(acc_ref):
+                        plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+                    acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+                    plgpu.barrier_arrive(v_free.at[slot])
+                    return acc, m_new, l_i
 
-            empty = l_i == 0.0
-            l_safe = jnp.where(empty, 1.0, l_i)
-            o_smem[...] = acc * lax.broadcast_in_dim(1.0 / l_safe, acc.shape, [0])
-            lse_smem[...] = jnp.where(empty, -jnp.inf, (m_i + jnp.log2(l_safe)) * LN2)
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(0, Rw)], o_ref.at[b, kvh, c, split])
-            plgpu.copy_smem_to_gmem(lse_smem.at[pl.ds(0, Rw)], lse_ref.at[b, kvh, c, split])
+                m_i = plgpu.layout_cast(jnp.full((ROWS,), -jnp.inf, jnp.float32), wgmma.reduce(1))
+                l_i = plgpu.layout_cast(jnp.full((ROWS,), 0.0, jnp.float32), wgmma.reduce(1))
+                acc = plgpu.layout_cast(jnp.full((ROWS, H), 0.0, jnp.float32), wgmma)
+                acc, m_i, l_i = lax.fori_loop(0, n, step_fn, (acc, m_i, l_i))
+
+                empty = l_i == 0.0
+                l_safe = jnp.where(empty, 1.0, l_i)
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # the last item's partials have left
+                o_smem[...] = acc * lax.broadcast_in_dim(1.0 / l_safe, acc.shape, [0])
+                lse_smem[...] = jnp.where(empty, -jnp.inf, (m_i + jnp.log2(l_safe)) * LN2)
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(0, Rw)], o_ref.at[b, kvh, c, split])
+                plgpu.copy_smem_to_gmem(lse_smem.at[pl.ds(0, Rw)], lse_ref.at[b, kvh, c, split])
+                return step0 + n
+
+            lax.fori_loop(0, n_local, run_item, jnp.int32(0))
             plgpu.wait_smem_to_gmem(0)
 
         @pl.when(wg == 1)
         def _producer():
             plgpu.set_max_registers(40, action="decrease")
 
-            def copy_step(pool_ref, tail_ref, step, dst, barrier):
+            def copy_step(pool_ref, tail_ref, b, kvh, c, step, dst, barrier):
                 for i in range(pps):
                     page = pages_ref[b, c, step * pps + i]
                     part = dst.at[pl.ds(i * ps, ps)]
@@ -199,14 +218,21 @@ def decode_partials(cfg: DecodeKernelConfig, q_rows, k_pages, v_pages, pages, co
                     def _():
                         plgpu.copy_gmem_to_smem(tail_ref.at[b, :, kvh], part, barrier)
 
-            @pl.loop(0, n)
-            def _(j):
-                slot = lax.rem(j, stages)
-                refill = j >= stages
-                pl.when(refill)(lambda: plgpu.barrier_wait(k_free.at[slot]))
-                copy_step(k_ref, ktail_ref, first + j, k_smem.at[slot], k_bar.at[slot])
-                pl.when(refill)(lambda: plgpu.barrier_wait(v_free.at[slot]))
-                copy_step(v_ref, vtail_ref, first + j, v_smem.at[slot], v_bar.at[slot])
+            def load_item(j, step0):
+                """Brings item j's steps into the ring (it runs on from one item to the next)."""
+                b, kvh, c, _, first, n = item(j)
+
+                @pl.loop(0, n)
+                def _(i):
+                    slot = lax.rem(step0 + i, stages)
+                    refill = step0 + i >= stages
+                    pl.when(refill)(lambda: plgpu.barrier_wait(k_free.at[slot]))
+                    copy_step(k_ref, ktail_ref, b, kvh, c, first + i, k_smem.at[slot], k_bar.at[slot])
+                    pl.when(refill)(lambda: plgpu.barrier_wait(v_free.at[slot]))
+                    copy_step(v_ref, vtail_ref, b, kvh, c, first + i, v_smem.at[slot], v_bar.at[slot])
+                return step0 + n
+
+            lax.fori_loop(0, n_local, load_item, jnp.int32(0))
 
     def entry(*refs):
         scratch = (tile_smem((ROWS, H), dtype), tile_smem((stages, bkv, H), dtype),
@@ -219,7 +245,7 @@ def decode_partials(cfg: DecodeKernelConfig, q_rows, k_pages, v_pages, pages, co
 
     out_type = (jax.ShapeDtypeStruct((B, K, C, S, Rw, H), jnp.float32),
                 jax.ShapeDtypeStruct((B, K, C, S, Rw), jnp.float32))
-    return plgpu.kernel(entry, out_type=out_type, grid=(n_blocks,), grid_names=("cta",), num_threads=2,
+    return plgpu.kernel(entry, out_type=out_type, grid=(ctas,), grid_names=("cta",), num_threads=2,
                         thread_name="wg", compiler_params=plgpu.CompilerParams(approx_math=True))(
         q_rows, k_pages, v_pages, pages, counts, key_positions, lengths, row_tokens, row_heads, k_tail, v_tail, *reads)
 

@@ -86,6 +86,9 @@ class PagedBlockSizes:
       takes. More new tokens than fit (chunked prefill) are cut into chunks of
       ``max(1, chunk_rows // G)`` tokens, each its own program walking only the pages its
       queries need.
+    persistent: the Mosaic decode kernel runs one CUDA block per SM, each taking the
+      programs' work round robin with its ring of pages running on from one to the next
+      (True), or one CUDA block per program (False). The Triton kernel ignores it.
     """
     # Defaults: the best all-round setting of benchmarks/paged_profile.py's sweeps on an
     # H100 (bf16, N=32, K=8, H=128, pages of 16, B 1-32, contexts 8k-128k; RESULTS.md).
@@ -99,12 +102,15 @@ class PagedBlockSizes:
     num_stages: int = 4
     programs_per_core: int = 16
     chunk_rows: int = 128
+    persistent: bool = True
 
     def __post_init__(self):
         for name in ("block_kv", "num_warps", "num_stages", "programs_per_core", "chunk_rows"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ScoreModShapeError(f"PagedBlockSizes.{name}={value!r} must be a positive int")
+        if not isinstance(self.persistent, bool):
+            raise ScoreModShapeError(f"PagedBlockSizes.persistent={self.persistent!r} must be a bool")
         if self.num_splits is not None and (isinstance(self.num_splits, bool) or not isinstance(self.num_splits, int)
                                             or self.num_splits < 1):
             raise ScoreModShapeError(f"PagedBlockSizes.num_splits={self.num_splits!r} must be None or a positive int")
@@ -408,12 +414,7 @@ def _num_splits(block_sizes: PagedBlockSizes, programs: int, max_chunks: int, mi
     if block_sizes.num_splits is not None:
         return max(1, min(int(block_sizes.num_splits), max_chunks))
     max_chunks = max(1, max_chunks // min_chunks)
-    cores = 0
-    try:
-        cores = int(getattr(jax.devices()[0], "core_count", 0) or 0)
-    except Exception:  # noqa: BLE001 - a device without the attribute
-        cores = 0
-    target = block_sizes.programs_per_core * (cores or FALLBACK_SM_COUNT)
+    target = block_sizes.programs_per_core * _sm_count()
     return max(1, min(max_chunks, target // max(programs, 1)))
 
 
@@ -544,6 +545,15 @@ def _mosaic_decode_check(mod: Mod, q, k_pages, v_pages, tensors: dict, block_siz
     return stages
 
 
+def _sm_count() -> int:
+    cores = 0
+    try:
+        cores = int(getattr(jax.devices()[0], "core_count", 0) or 0)
+    except Exception:  # noqa: BLE001 - a device without the attribute
+        cores = 0
+    return cores or FALLBACK_SM_COUNT
+
+
 def _mosaic_block_kv(block_sizes: PagedBlockSizes, page_size: int) -> int:
     """Keys per step of the Mosaic decode kernel: ``block_kv`` rounded down to whole pages, at
     least one page."""
@@ -600,7 +610,8 @@ def _paged_mosaic_decode(q, k_pages, v_pages, block_tables, lengths, tensors, *,
                                         row_tokens=row_tokens, row_heads=row_heads, key_positions=key_pos)
     cfg = _md.DecodeKernelConfig(program=program, scale=scale, page_size=page_size, pages_per_step=pages_per_step,
                                  num_stages=stages, num_splits=num_splits, group=G,
-                                 out_rows=min(rows, max(8, _k.next_power_of_2(used_rows))), read_rows=read_rows)
+                                 out_rows=min(rows, max(8, _k.next_power_of_2(used_rows))), read_rows=read_rows,
+                                 ctas=min(B * K * n_chunks * num_splits, _sm_count()) if block_sizes.persistent else 0)
     partials = _md.decode_partials_reference if twin else _md.decode_partials
     o, lse = partials(cfg, q_rows, k_pages, v_pages, pages, counts, key_pos, lengths, row_tokens, row_heads,
                       k_tail, v_tail, reads, num_tokens=T)

@@ -806,9 +806,12 @@ def test_paged_decode_lowers(pretend_hopper, T, page_size, mod, tensors):
     pool = jnp.zeros((P, page_size, K, H), jnp.bfloat16)
     tables = jnp.asarray(np.random.default_rng(0).permutation(P)[:B * (512 // page_size)].reshape(B, -1), jnp.int32)
     lengths = jnp.array([300, 512], jnp.int32)
-    fn = lambda q, kp, vp, t, n: scoremod.paged_attention(q, kp, vp, t, n, mod=mod, implementation="mosaic",  # noqa: E731
-                                                          **tensors)
-    jax.jit(fn).trace(q, pool, pool, tables, lengths).lower(lowering_platforms=("cuda",))
+    from scoremod.runtime.paged import PagedBlockSizes
+    for persistent in (True, False):
+        fn = lambda q, kp, vp, t, n: scoremod.paged_attention(  # noqa: E731
+            q, kp, vp, t, n, mod=mod, implementation="mosaic", block_sizes=PagedBlockSizes(persistent=persistent),
+            **tensors)
+        jax.jit(fn).trace(q, pool, pool, tables, lengths).lower(lowering_platforms=("cuda",))
 
 
 @pytest.mark.parametrize("mod, tensors, page_size, match", [
@@ -830,8 +833,8 @@ PAGED_DECODE_GPU_CASES = [(1, 8, 2, 16, "causal"), (1, 32, 8, 16, "causal & wind
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("T, N, K, page_size, mod", PAGED_DECODE_GPU_CASES)
-@pytest.mark.parametrize("num_splits", [None, 3])
-def test_gpu_paged_decode_matches_oracle(T, N, K, page_size, mod, num_splits):
+@pytest.mark.parametrize("num_splits, persistent", [(None, True), (3, False)])
+def test_gpu_paged_decode_matches_oracle(T, N, K, page_size, mod, num_splits, persistent):
     """Decode and speculative decode over ragged contexts (one a whole table, one only the new
     tokens), GQA and MQA, shuffled pages, forced splits: against the float64 paged oracle,
     with every pool page no sequence uses, and every slot past a length, filled with NaN."""
@@ -858,7 +861,7 @@ def test_gpu_paged_decode_matches_oracle(T, N, K, page_size, mod, num_splits):
             kp_bad[tables[b, j], tail:] = np.nan
             vp_bad[tables[b, j], tail:] = np.nan
     out = scoremod.paged_attention(bf(q), bf(kp_bad), bf(vp_bad), tables, lengths, mod=mod, implementation="mosaic",
-                                   block_sizes=PagedBlockSizes(num_splits=num_splits), **tensors)
+                                   block_sizes=PagedBlockSizes(num_splits=num_splits, persistent=persistent), **tensors)
     out = np.asarray(out, np.float32)
     assert np.isfinite(out).all()
     np.testing.assert_allclose(out, want, atol=2e-2, rtol=2e-2)
