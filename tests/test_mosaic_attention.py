@@ -761,7 +761,7 @@ def test_gpu_paged_prefill_matches_oracle(mod, page_size):
     """A chunk of 200 new tokens over ragged cached contexts (one a whole table, one only the
     chunk), GQA, shuffled pages: against the float64 paged oracle, with every pool page no
     sequence uses, and every slot past a length, filled with NaN."""
-    from test_paged_attention import make_cache, oracle
+    from test_paged_attention import make_cache, oracle, poison_unread_slots
     rng = np.random.default_rng(sum(map(ord, f"{mod}{page_size}")))
     B, T, N, K, H, max_pages = 3, 200, 8, 2, 128, 1024 // page_size
     lengths = np.array([max_pages * page_size, T, 611], np.int32)
@@ -773,15 +773,7 @@ def test_gpu_paged_prefill_matches_oracle(mod, page_size):
     bf = lambda x: jnp.asarray(x, jnp.bfloat16)  # noqa: E731
     f32 = lambda x: np.asarray(bf(x), np.float32)  # noqa: E731
     want = oracle(f32(q), f32(kp), f32(vp), tables, lengths, mod, tensors)
-    kp_bad, vp_bad = f32(kp), f32(vp)
-    used = np.zeros(kp.shape[0], bool)
-    used[tables[tables >= 0]] = True
-    kp_bad[~used], vp_bad[~used] = np.nan, np.nan
-    for b in range(B):
-        j, tail = divmod(int(lengths[b]), page_size)
-        if tail:
-            kp_bad[tables[b, j], tail:] = np.nan
-            vp_bad[tables[b, j], tail:] = np.nan
+    kp_bad, vp_bad = poison_unread_slots(f32(kp), f32(vp), tables, lengths)
     out = scoremod.paged_attention(bf(q), bf(kp_bad), bf(vp_bad), tables, lengths, mod=mod,
                                    implementation="mosaic", **tensors)
     out = np.asarray(out, np.float32)
@@ -838,7 +830,7 @@ def test_gpu_paged_decode_matches_oracle(T, N, K, page_size, mod, num_splits, pe
     """Decode and speculative decode over ragged contexts (one a whole table, one only the new
     tokens), GQA and MQA, shuffled pages, forced splits: against the float64 paged oracle,
     with every pool page no sequence uses, and every slot past a length, filled with NaN."""
-    from test_paged_attention import make_cache, oracle
+    from test_paged_attention import make_cache, oracle, poison_unread_slots
     from scoremod.runtime.paged import PagedBlockSizes
     rng = np.random.default_rng(sum(map(ord, f"{T}{N}{K}{page_size}{mod}")))
     B, H, max_pages = 3, 128, 2048 // page_size
@@ -851,15 +843,7 @@ def test_gpu_paged_decode_matches_oracle(T, N, K, page_size, mod, num_splits, pe
     if mod and "ids" in mod:
         tensors["ids"] = np.sort(rng.integers(0, 4, size=(B, max_pages * page_size)), axis=1).astype(np.int32)
     want = oracle(f32(q), f32(kp), f32(vp), tables, lengths, mod, tensors)
-    kp_bad, vp_bad = f32(kp), f32(vp)
-    used = np.zeros(kp.shape[0], bool)
-    used[tables[tables >= 0]] = True
-    kp_bad[~used], vp_bad[~used] = np.nan, np.nan
-    for b in range(B):
-        j, tail = divmod(int(lengths[b]), page_size)
-        if tail:
-            kp_bad[tables[b, j], tail:] = np.nan
-            vp_bad[tables[b, j], tail:] = np.nan
+    kp_bad, vp_bad = poison_unread_slots(f32(kp), f32(vp), tables, lengths)
     out = scoremod.paged_attention(bf(q), bf(kp_bad), bf(vp_bad), tables, lengths, mod=mod, implementation="mosaic",
                                    block_sizes=PagedBlockSizes(num_splits=num_splits, persistent=persistent), **tensors)
     out = np.asarray(out, np.float32)

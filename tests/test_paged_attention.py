@@ -48,6 +48,22 @@ def make_cache(rng, *, B=3, T=1, N=8, K=2, H=16, page_size=4, max_pages=6, pool=
     return q, k_pages, v_pages, tables, lengths
 
 
+def poison_unread_slots(k_pages, v_pages, tables, lengths):
+    """Copies of the pools with NaN in every page no sequence uses and in every slot past a
+    sequence's length (a kernel that read one would show it)."""
+    k_pages, v_pages = np.array(k_pages), np.array(v_pages)
+    page_size = k_pages.shape[1]
+    used = np.zeros(k_pages.shape[0], bool)
+    used[tables[tables >= 0]] = True
+    k_pages[~used], v_pages[~used] = np.nan, np.nan
+    for b, length in enumerate(lengths):
+        j, tail = divmod(int(length), page_size)
+        if tail:
+            k_pages[tables[b, j], tail:] = np.nan
+            v_pages[tables[b, j], tail:] = np.nan
+    return k_pages, v_pages
+
+
 def dense_kv(k_pages, v_pages, tables):
     """[B, max_pages * page_size, K, H] float64 K and V in position order."""
     P, ps, K, H = k_pages.shape
@@ -501,14 +517,7 @@ def test_mosaic_decode_inputs_match_oracle_through_the_twin(text, T, heads, page
                                             max_pages=max_pages, lengths=lengths)
     tensors = _tensors(text, B, N, T, max_pages * page_size, lengths, rng)
     want = oracle(q, kp, vp, tables, lengths, text, tensors)
-    used = np.zeros(kp.shape[0], bool)
-    used[tables[tables >= 0]] = True
-    kp[~used], vp[~used] = np.nan, np.nan
-    for b in range(B):
-        j, tail = divmod(int(lengths[b]), page_size)
-        if tail:
-            kp[tables[b, j], tail:] = np.nan
-            vp[tables[b, j], tail:] = np.nan
+    kp, vp = poison_unread_slots(kp, vp, tables, lengths)
     mod = compile_mod(text)
     out, lse = _paged_mosaic_decode(jnp.asarray(q), jnp.asarray(kp), jnp.asarray(vp), jnp.asarray(tables),
                                     jnp.asarray(lengths), {n: jnp.asarray(t) for n, t in tensors.items()}, mod=mod,
