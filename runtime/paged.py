@@ -35,6 +35,7 @@ one below T puts queries at negative positions).
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import jax
@@ -555,9 +556,11 @@ def _sm_count() -> int:
 
 
 def _mosaic_block_kv(block_sizes: PagedBlockSizes, page_size: int) -> int:
-    """Keys per step of the Mosaic decode kernel: ``block_kv`` rounded down to whole pages, at
-    least one page."""
-    return max(1, block_sizes.block_kv // page_size) * page_size
+    """Keys per step of the Mosaic decode kernel: ``block_kv`` rounded down to whole pages and
+    to a multiple of 64 keys (the reduction of P V on the tensor cores takes 64 at a time),
+    at least one such unit."""
+    unit = math.lcm(64, page_size)
+    return max(1, block_sizes.block_kv // unit) * unit
 
 
 @functools.partial(jax.jit, static_argnames=("mod", "scale", "block_sizes", "stages", "twin"))

@@ -799,10 +799,10 @@ def test_paged_decode_lowers(pretend_hopper, T, page_size, mod, tensors):
     tables = jnp.asarray(np.random.default_rng(0).permutation(P)[:B * (512 // page_size)].reshape(B, -1), jnp.int32)
     lengths = jnp.array([300, 512], jnp.int32)
     from scoremod.runtime.paged import PagedBlockSizes
-    for persistent in (True, False):
+    # block_kv=16 (the Triton kernel's keys per step) is rounded up to the 64 keys a P V product takes.
+    for bs in (PagedBlockSizes(), PagedBlockSizes(persistent=False), PagedBlockSizes(block_kv=16)):
         fn = lambda q, kp, vp, t, n: scoremod.paged_attention(  # noqa: E731
-            q, kp, vp, t, n, mod=mod, implementation="mosaic", block_sizes=PagedBlockSizes(persistent=persistent),
-            **tensors)
+            q, kp, vp, t, n, mod=mod, implementation="mosaic", block_sizes=bs, **tensors)
         jax.jit(fn).trace(q, pool, pool, tables, lengths).lower(lowering_platforms=("cuda",))
 
 

@@ -498,7 +498,7 @@ def test_chunked_prefill_under_jit_and_bf16():
 @given(text=st.one_of(diagonal_masks(), st.sampled_from(["causal + alibi(4)", "causal & softcap(5) + t[h] * (kv - q) / 8",
                                                           "doc(ids) & kv >= q - 40"])), T=st.sampled_from([1, 3, 9]),
        heads=st.sampled_from([(4, 4), (16, 2), (8, 1)]), page_size=st.sampled_from([8, 16]),
-       block_kv=st.sampled_from([8, 16, 32]), num_splits=st.sampled_from([None, 2, 5]), seed=st.integers(0, 2**31 - 1))
+       block_kv=st.sampled_from([16, 64, 128]), num_splits=st.sampled_from([None, 2, 5]), seed=st.integers(0, 2**31 - 1))
 def test_mosaic_decode_inputs_match_oracle_through_the_twin(text, T, heads, page_size, block_kv, num_splits, seed):
     """What the Mosaic decode kernel is given (page list with tail copies, key positions, row
     tokens and heads, tensor reads along the rows and the keys, split ranges) gives the
@@ -509,7 +509,7 @@ def test_mosaic_decode_inputs_match_oracle_through_the_twin(text, T, heads, page
     from scoremod.runtime.paged import _paged_mosaic_decode
     rng = np.random.default_rng(seed)
     N, K = heads
-    B, H, max_pages = 3, 16, 96 // page_size
+    B, H, max_pages = 3, 16, 320 // page_size
     lengths = rng.integers(T, max_pages * page_size + 1, size=B).astype(np.int32)
     lengths[0] = max_pages * page_size
     lengths[1] = T
