@@ -217,36 +217,29 @@ def _run_mosaic(q, k_pages, v_pages, block_tables, lengths, *, mod, tensors, sca
     (decode, speculative decode) on the paged decode kernel (``_mosaic_paged_decode.py``,
     tiled by ``block_sizes``), more on the forward kernel (chunked prefill,
     ``mosaic_attention.mosaic_paged_attention``). ``interpret`` is the Pallas kernel's, unused."""
+    stages = None
     if q.shape[1] < MOSAIC_PREFILL_TOKENS:
         stages = _mosaic_decode_check(mod, q, k_pages, v_pages, tensors, block_sizes)
-        return _paged_mosaic_decode_forward_only(q, k_pages, v_pages, block_tables, lengths, tensors, mod, scale,
-                                                 block_sizes, stages)
-    return _paged_mosaic_forward_only(q, k_pages, v_pages, block_tables, lengths, tensors, mod, scale)
+    return _paged_mosaic_forward_only(q, k_pages, v_pages, block_tables, lengths, tensors, mod, scale, block_sizes,
+                                      stages)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(6, 7))
-def _paged_mosaic_forward_only(q, k_pages, v_pages, block_tables, lengths, tensors, mod, scale):
+@functools.partial(jax.custom_jvp, nondiff_argnums=(6, 7, 8, 9))
+def _paged_mosaic_forward_only(q, k_pages, v_pages, block_tables, lengths, tensors, mod, scale, block_sizes, stages):
+    """The decode kernel with a ring of ``stages`` slots, or (``stages`` None) the chunked
+    prefill on the forward kernel; a clear error under differentiation."""
+    if stages is not None:
+        return _paged_mosaic_decode(q, k_pages, v_pages, block_tables, lengths, tensors, mod=mod, scale=scale,
+                                    block_sizes=block_sizes, stages=stages)
     from scoremod.runtime.mosaic_attention import mosaic_paged_attention
     return mosaic_paged_attention(q, k_pages, v_pages, block_tables, lengths, mod=mod, tensors=tensors, scale=scale)
 
 
 @_paged_mosaic_forward_only.defjvp
-def _paged_mosaic_jvp(mod, scale, primals, tangents):
+def _paged_mosaic_jvp(mod, scale, block_sizes, stages, primals, tangents):
     raise ScoreModError("paged_attention's mosaic kernels are forward only (decode and chunked prefill need no "
                         "gradient; docs/paged.md)",
                         hint="differentiate with implementation='reference', or train with scoremod.attention")
-
-
-@functools.partial(jax.custom_jvp, nondiff_argnums=(6, 7, 8, 9))
-def _paged_mosaic_decode_forward_only(q, k_pages, v_pages, block_tables, lengths, tensors, mod, scale, block_sizes,
-                                      stages):
-    return _paged_mosaic_decode(q, k_pages, v_pages, block_tables, lengths, tensors, mod=mod, scale=scale,
-                                block_sizes=block_sizes, stages=stages)
-
-
-@_paged_mosaic_decode_forward_only.defjvp
-def _paged_mosaic_decode_jvp(mod, scale, block_sizes, stages, primals, tangents):
-    _paged_mosaic_jvp(mod, scale, primals, tangents)
 
 
 def _run_reference(q, k_pages, v_pages, block_tables, lengths, *, mod, tensors, scale, block_sizes, interpret):

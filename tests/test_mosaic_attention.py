@@ -849,3 +849,18 @@ def test_gpu_paged_decode_matches_oracle(T, N, K, page_size, mod, num_splits, pe
     out = np.asarray(out, np.float32)
     assert np.isfinite(out).all()
     np.testing.assert_allclose(out, want, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("T", [1, 128])
+def test_paged_mosaic_is_forward_only(pretend_hopper, T):
+    """Decode (T=1) and chunked prefill (T=128) on Mosaic: a ScoreModError under jax.grad,
+    not a Mosaic or custom-call traceback."""
+    from scoremod.errors import ScoreModError
+    q = jnp.zeros((1, T, 4, 128), jnp.bfloat16)
+    pool = jnp.zeros((16, 16, 2, 128), jnp.bfloat16)
+    tables = jnp.arange(16, dtype=jnp.int32)[None]
+    lengths = jnp.array([200], jnp.int32)
+    loss = lambda q: scoremod.paged_attention(q, pool, pool, tables, lengths, mod="causal",  # noqa: E731
+                                              implementation="mosaic").astype(jnp.float32).sum()
+    with pytest.raises(ScoreModError, match="forward only"):
+        jax.grad(loss)(q)
