@@ -96,14 +96,14 @@ def decode_partials(cfg: DecodeKernelConfig, q_rows, k_pages, v_pages, pages, co
     dtype = q_rows.dtype
     list_len = pages.shape[-1]
     assert list_len % pps == 0 and key_positions.shape[-1] == list_len * ps, (pages.shape, key_positions.shape)
-    n_blocks = B * K * C * S
+    n_items = B * K * C * S
     Rw = cfg.out_rows
 
     n_reads = len(reads)
     assert len(cfg.read_rows) == n_reads, (cfg.read_rows, n_reads)
 
-    ctas = cfg.ctas or n_blocks
-    assert 0 < ctas <= n_blocks, (ctas, n_blocks)
+    ctas = cfg.ctas or n_items
+    assert 0 < ctas <= n_items, (ctas, n_items)
 
     def kernel(q_ref, k_ref, v_ref, pages_ref, counts_ref, keypos_ref, len_ref, rtok_ref, rhead_ref, ktail_ref, vtail_ref,
                *rest):
@@ -113,7 +113,7 @@ def decode_partials(cfg: DecodeKernelConfig, q_rows, k_pages, v_pages, pages, co
         k_free, v_free = free
         wg = lax.axis_index("wg")
         cta = lax.axis_index("cta")
-        n_local = lax.div(n_blocks - cta + (ctas - 1), ctas)   # items cta, cta + ctas, ...
+        n_local = lax.div(n_items - cta + (ctas - 1), ctas)   # items cta, cta + ctas, ...
 
         def item(j):
             """(b, kv head, chunk, split, first step, steps) of this block's j-th item."""
