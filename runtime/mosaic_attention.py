@@ -329,6 +329,20 @@ def paged_kv_inputs(k_pages, v_pages, block_tables, lengths, kv_len_padded: int)
     return tables, last, tail(k_pages), tail(v_pages)
 
 
+def paged_kv_dense(k_pages, v_pages, tables, last, k_tail, v_tail):
+    """The producer's copies as dense K/V ``[B, Sp, K, H]`` (its slow twin, for tests): page
+    ``i`` of sequence ``b`` is the pool's ``tables[b, i]`` before ``last[b]``, the tail copy
+    from there on (``paged_kv_inputs``' outputs; ``_mosaic_forward.forward``'s ``copy_block``)."""
+    B, per_seq = tables.shape
+    ps = k_pages.shape[1]
+    from_tail = (jnp.arange(per_seq)[None, :] >= last[:, None])[:, :, None, None, None]
+
+    def dense(pages, tail):
+        x = jnp.where(from_tail, tail[:, None], pages[tables])               # [B, per_seq, ps, K, H]
+        return x.reshape(B, per_seq * ps, *pages.shape[2:])
+    return dense(k_pages, k_tail), dense(v_pages, v_tail)
+
+
 def mosaic_paged_attention(q, k_pages, v_pages, block_tables, lengths, *, mod=None, tensors=None, scale=None,
                            block_sizes: MosaicBlockSizes | None = None):
     """Chunked prefill over a paged KV cache on the Mosaic forward kernel (forward only).

@@ -864,3 +864,32 @@ def test_paged_mosaic_is_forward_only(pretend_hopper, T):
                                               implementation="mosaic").astype(jnp.float32).sum()
     with pytest.raises(ScoreModError, match="forward only"):
         jax.grad(loss)(q)
+
+
+@pytest.mark.parametrize("mod, page_size, T", [("causal", 16, 20), ("causal & window(40)", 8, 33),
+                                               ("causal & doc(ids)", 16, 7), (None, 32, 50)])
+def test_paged_prefill_inputs_match_oracle_through_the_twin(mod, page_size, T):
+    """What the Mosaic prefill gives the forward kernel (padded, clipped tables; each
+    sequence's last page; tail copies with the slots past the length zeroed; the mod with
+    ``kv < lengths[b]``; queries at ``lengths[b] - T``), assembled as the producer's copies
+    would be (``paged_kv_dense``) and run by the reference path: the float64 oracle's answer,
+    with NaN in every unused page and every slot past a length (CPU)."""
+    from test_paged_attention import _tensors, make_cache, oracle, poison_unread_slots
+    rng = np.random.default_rng(sum(map(ord, f"{mod}{page_size}{T}")))
+    B, N, K, H, max_pages = 3, 4, 2, 16, 160 // page_size
+    lengths = np.array([max_pages * page_size, T, 97], np.int32)
+    q, kp, vp, tables, lengths = make_cache(rng, B=B, T=T, N=N, K=K, H=H, page_size=page_size,
+                                            max_pages=max_pages, lengths=lengths)
+    tensors = _tensors(mod, B, N, T, max_pages * page_size, lengths, rng)
+    want = oracle(q, kp, vp, tables, lengths, mod, tensors)
+    kp, vp = poison_unread_slots(kp, vp, tables, lengths)
+    bounded, name = ma.with_length_bound(mod)
+    Sp = -(-max_pages * page_size // 128) * 128
+    pages = ma.paged_kv_inputs(jnp.asarray(kp), jnp.asarray(vp), jnp.asarray(tables), jnp.asarray(lengths), Sp)
+    k, v = ma.paged_kv_dense(jnp.asarray(kp), jnp.asarray(vp), *pages)
+    S = max_pages * page_size     # the kernel's keys past S are padding (no key exists there)
+    out = scoremod.attention(jnp.asarray(q), k[:, :S], v[:, :S], mod=bounded, q_offset=jnp.asarray(lengths - T),
+                             implementation="reference", **{name: jnp.asarray(lengths)}, **tensors)
+    out = np.asarray(out)
+    assert np.isfinite(out).all()
+    np.testing.assert_allclose(out, want, atol=1e-4, rtol=1e-4)
