@@ -86,6 +86,17 @@ def run_first(names: Sequence[str], runners: Mapping[str, Callable], *, what: st
                               + "; ".join(f"{name}: {why}" for name, why in reasons))
 
 
+def sm_count() -> int:
+    """The default device's streaming multiprocessors, for the kernels' schedules and split
+    rules; an H100's or H200's 132 where the device does not say (a CPU, or lowering for a
+    GPU on one)."""
+    try:
+        cores = int(getattr(jax.devices()[0], "core_count", 0) or 0)
+    except Exception:  # noqa: BLE001 - a device without the attribute
+        cores = 0
+    return cores or 132
+
+
 def kernel_input_reason(kernel: str, query, key, value, *, dtypes, head_dim_ok, head_dims: str) -> str | None:
     """Why a kernel cannot take these query/key/value (None when it can): the checks the
     pallas and mosaic kernels share. ``dtypes``: what it runs; ``head_dim_ok(H)`` and its

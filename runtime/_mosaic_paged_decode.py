@@ -287,7 +287,7 @@ def decode_partials_reference(cfg: DecodeKernelConfig, q_rows, k_pages, v_pages,
     m = jnp.where(m == -jnp.inf, 0.0, m)
     p = jnp.exp(lg - m)
     l = jnp.sum(p, axis=-1)
-    o = jnp.einsum("bkcxrs,bcskh->bkcxrh", p, v[:, :, :, :, :], precision=hi)
+    o = jnp.einsum("bkcxrs,bcskh->bkcxrh", p, v, precision=hi)
     seen = l != 0
     o = o / jnp.where(seen, l, 1.0)[..., None]
     lse = jnp.where(seen, m[..., 0] + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)

@@ -41,7 +41,7 @@ from scoremod.errors import ScoreModShapeError
 from scoremod.runtime import _mosaic_backward, _mosaic_forward
 from scoremod.runtime.attention_plan import plan_for
 from scoremod.runtime.first_order import first_order_only
-from scoremod.runtime._dispatch import as_mod, kernel_input_reason
+from scoremod.runtime._dispatch import as_mod, kernel_input_reason, sm_count
 from scoremod.runtime._mosaic_forward import MosaicKernelConfig
 from scoremod.runtime import pallas_attention as _pallas
 
@@ -408,14 +408,8 @@ def _forward_inputs(program, mod, plans, tensors, bs: MosaicBlockSizes, *, B, N,
         program=program, scale=scale, q_len=T, kv_len=S, q_len_padded=Tp, kv_len_padded=Sp,
         heads=N, kv_heads=K, read_shapes=tuple(tuple(r.shape) for r in reads), block_q=bs.block_q,
         block_kv=bs.block_kv, num_stages=bs.num_stages, plan_b=plan.grid_shape[0], plan_h=plan.grid_shape[1],
-        ctas=min(n_tiles, _sm_count()) if bs.persistent else n_tiles, page_size=page_size)
+        ctas=min(n_tiles, sm_count()) if bs.persistent else n_tiles, page_size=page_size)
     return cfg, dict(lists=lists, order=order, reads=reads, q_off=q_off, kv_off=kv_off)
-
-
-def _sm_count() -> int:
-    """The default device's streaming multiprocessors (132 on an H100 SXM or H200; 132 where
-    the device does not say, as when lowering for a GPU on a CPU)."""
-    return int(getattr(jax.devices()[0], "core_count", 0) or 132)
 
 
 def _pad_read(r, Tp: int, Sp: int):
@@ -461,7 +455,7 @@ def _prepare_mosaic_backward(mod, cfg: MosaicKernelConfig, plans, *, B, N, q_off
              for name, arrays in (("dq", dq_lists), ("dkv", dkv_lists))}
     dq_tiles = B * N * (num_blocks(T, 2 * blk))
     dkv_tiles = B * K * (num_blocks(S, 2 * blk))
-    sms = _sm_count()
+    sms = sm_count()
     bcfg = _mosaic_backward.MosaicBackwardConfig(
         fwd=cfg, block_q=blk, block_kv=blk, num_stages=stages, dq_plan=dq_plan.grid_shape[:2],
         dkv_plan=dkv_plan.grid_shape[:2], dq_ctas=min(dq_tiles, sms) if persistent else dq_tiles,

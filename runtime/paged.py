@@ -49,7 +49,8 @@ from scoremod.compiler.mod import Mod
 from scoremod.compiler.page_walk import query_positions, walk_pages
 from scoremod.compiler.tensors import check_tensors, read_tensors
 from scoremod.runtime._dispatch import (as_mod, as_tensor, check_float_arrays, check_head_groups, concrete,
-                                        implementation_names, int32_range_error, resolve_scale, run_first)
+                                        implementation_names, int32_range_error, resolve_scale, run_first,
+                                        sm_count)
 from scoremod.compiler.tile import TileProgram
 from scoremod.runtime import _paged_kernel as _k
 from scoremod.runtime.sinks import add_sinks, check_sinks
@@ -59,9 +60,6 @@ __all__ = ["paged_attention", "paged_attention_reference", "PagedBlockSizes", "P
 
 
 PAGED_IMPLEMENTATIONS = ("pallas", "mosaic", "reference", "xla")
-# Multiprocessors to plan the split for when the device does not say (interpret mode on a
-# CPU): an H100's or H200's 132.
-FALLBACK_SM_COUNT = 132
 # implementation="mosaic": calls with at least this many new tokens run the chunked prefill
 # on the Mosaic forward kernel (a q-block of 128 rows per query head is full), fewer the
 # paged decode kernel (the tokens of a KV head's G query heads packed into 64 rows).
@@ -408,7 +406,7 @@ def _num_splits(block_sizes: PagedBlockSizes, programs: int, max_chunks: int, mi
     if block_sizes.num_splits is not None:
         return max(1, min(int(block_sizes.num_splits), max_chunks))
     max_chunks = max(1, max_chunks // min_chunks)
-    target = block_sizes.programs_per_core * _sm_count()
+    target = block_sizes.programs_per_core * sm_count()
     return max(1, min(max_chunks, target // max(programs, 1)))
 
 
@@ -471,6 +469,45 @@ def chunking(num_tokens: int, group: int, chunk_rows: int) -> tuple[int, int]:
     return tokens, -(-num_tokens // tokens)
 
 
+def _walk_chunks(mod, lengths, block_tables, tensors, *, num_tokens, chunk_tokens, n_chunks, page_size, heads,
+                 num_pool_pages, pages_per_step):
+    """``(logical, physical, counts)`` ``[B, C, L]`` / ``[B, C]``: the pages each chunk of
+    ``chunk_tokens`` new tokens walks (``walk_pages``; the last chunk's padding tokens sit
+    past the length, where no key exists), lists a multiple of ``pages_per_step`` long."""
+    chunk_end = (lengths[:, None] - num_tokens
+                 + chunk_tokens * (1 + jnp.arange(n_chunks, dtype=jnp.int32))[None, :])
+    walk = functools.partial(walk_pages, mod, lengths, block_tables, tensors, num_tokens=chunk_tokens,
+                             page_size=page_size, heads=heads, num_pool_pages=num_pool_pages,
+                             multiple_of=pages_per_step)
+    return jax.vmap(lambda end: walk(query_end=end), in_axes=1, out_axes=1)(chunk_end)
+
+
+def _rows_by_kv_head(q, kv_heads: int, chunk_tokens: int, n_chunks: int, rows: int):
+    """q ``[B, T, N, H]`` as ``[B, K, C, rows, H]``: per KV head and chunk, row ``t * G + g``
+    holds token ``c * chunk_tokens + t`` of query head ``k * G + g`` (zero padding after the
+    T tokens and after the ``chunk_tokens * G`` rows)."""
+    B, T, N, H = q.shape
+    G = N // kv_heads
+    used = chunk_tokens * G
+    q = jnp.pad(q, ((0, 0), (0, chunk_tokens * n_chunks - T), (0, 0), (0, 0)))
+    q = q.reshape(B, n_chunks, chunk_tokens, kv_heads, G, H).transpose(0, 3, 1, 2, 4, 5)
+    q = q.reshape(B, kv_heads, n_chunks, used, H)
+    return jnp.pad(q, ((0, 0), (0, 0), (0, 0), (0, rows - used), (0, 0)))
+
+
+def _merge_to_tokens(o, lse, *, num_tokens: int, heads: int, chunk_tokens: int):
+    """Partials ``(o f32[B, K, C, S, R, H], lse f32[B, K, C, S, R])`` merged over the splits
+    (``combine_splits``) and laid out as ``(out [B, T, N, H] f32, lse f32[B, T, N])``: the
+    inverse of ``_rows_by_kv_head``."""
+    B, K, C, S, _, H = o.shape
+    G = heads // K
+    used, Tp = chunk_tokens * G, chunk_tokens * C
+    out, lse = (o[:, :, :, 0], lse[:, :, :, 0]) if S == 1 else _k.combine_splits(o, lse)
+    out = out[:, :, :, :used].reshape(B, K, Tp, G, H).transpose(0, 2, 1, 3, 4)
+    lse = lse[:, :, :, :used].reshape(B, K, Tp, G).transpose(0, 2, 1, 3)
+    return out[:, :num_tokens].reshape(B, num_tokens, heads, H), lse[:, :num_tokens].reshape(B, num_tokens, heads)
+
+
 @functools.partial(jax.jit, static_argnames=("mod", "scale", "block_sizes", "interpret"))
 def _paged_pallas(q, k_pages, v_pages, block_tables, lengths, tensors, *, mod, scale, block_sizes,
                   interpret):
@@ -482,20 +519,14 @@ def _paged_pallas(q, k_pages, v_pages, block_tables, lengths, tensors, *, mod, s
     pages_per_step = max(1, block_sizes.block_kv // page_size)
     chunk_tokens, n_chunks = chunking(T, G, block_sizes.chunk_rows)
     Tp = chunk_tokens * n_chunks
-    # Each chunk walks the pages its own queries need (the last chunk's padding tokens sit
-    # past the length, where no key exists).
-    chunk_end = lengths[:, None] - T + chunk_tokens * (1 + jnp.arange(n_chunks, dtype=jnp.int32))[None, :]
-    walk = functools.partial(walk_pages, mod, lengths, block_tables, tensors, num_tokens=chunk_tokens,
-                             page_size=page_size, heads=N, num_pool_pages=P, multiple_of=pages_per_step)
-    logical, physical, counts = jax.vmap(lambda end: walk(query_end=end), in_axes=1, out_axes=1)(chunk_end)
+    # Each chunk walks the pages its own queries need.
+    logical, physical, counts = _walk_chunks(mod, lengths, block_tables, tensors, num_tokens=T,
+                                             chunk_tokens=chunk_tokens, n_chunks=n_chunks, page_size=page_size,
+                                             heads=N, num_pool_pages=P, pages_per_step=pages_per_step)
     max_chunks = logical.shape[-1] // pages_per_step
     num_splits = _num_splits(block_sizes, B * K * n_chunks, max_chunks)
     rows = max(MIN_TILE, _k.next_power_of_2(chunk_tokens * G))
-
-    q = jnp.pad(q, ((0, 0), (0, Tp - T), (0, 0), (0, 0)))
-    q_rows = q.reshape(B, n_chunks, chunk_tokens, K, G, H).transpose(0, 3, 1, 2, 4, 5)
-    q_rows = q_rows.reshape(B, K, n_chunks, chunk_tokens * G, H)
-    q_rows = jnp.pad(q_rows, ((0, 0), (0, 0), (0, 0), (0, rows - chunk_tokens * G), (0, 0)))
+    q_rows = _rows_by_kv_head(q, K, chunk_tokens, n_chunks, rows)
     q_positions = query_positions(lengths + (Tp - T), Tp)   # the T tokens, then the padding after them
     reads, layouts = _layout_reads(program, tensors, batch=B, heads=N, kv_heads=K, num_tokens=Tp,
                                    chunk_tokens=chunk_tokens, rows=rows, max_pages=max_pages, page_size=page_size,
@@ -505,13 +536,8 @@ def _paged_pallas(q, k_pages, v_pages, block_tables, lengths, tensors, *, mod, s
         program=program, layouts=layouts, num_tokens=T, chunk_tokens=chunk_tokens, group=G, scale=scale,
         pages_per_step=pages_per_step, num_splits=num_splits, num_warps=block_sizes.num_warps,
         num_stages=block_sizes.num_stages, interpret=interpret)
-    if num_splits == 1:
-        out, lse = o[:, :, :, 0], lse[:, :, :, 0]
-    else:
-        out, lse = _k.combine_splits(o, lse)
-    out = out[:, :, :, :chunk_tokens * G].reshape(B, K, Tp, G, H).transpose(0, 2, 1, 3, 4)
-    lse = lse[:, :, :, :chunk_tokens * G].reshape(B, K, Tp, G).transpose(0, 2, 1, 3)
-    return out[:, :T].reshape(B, T, N, H).astype(q.dtype), lse[:, :T].reshape(B, T, N)
+    out, lse = _merge_to_tokens(o, lse, num_tokens=T, heads=N, chunk_tokens=chunk_tokens)
+    return out.astype(q.dtype), lse
 
 
 # ---- the Mosaic decode path -------------------------------------------------------------------
@@ -539,15 +565,6 @@ def _mosaic_decode_check(mod: Mod, q, k_pages, v_pages, tensors: dict, block_siz
     return stages
 
 
-def _sm_count() -> int:
-    cores = 0
-    try:
-        cores = int(getattr(jax.devices()[0], "core_count", 0) or 0)
-    except Exception:  # noqa: BLE001 - a device without the attribute
-        cores = 0
-    return cores or FALLBACK_SM_COUNT
-
-
 def _mosaic_block_kv(block_sizes: PagedBlockSizes, page_size: int) -> int:
     """Keys per step of the Mosaic decode kernel: ``block_kv`` rounded down to whole pages and
     to a multiple of 64 keys (the reduction of P V on the tensor cores takes 64 at a time),
@@ -563,6 +580,7 @@ def _paged_mosaic_decode(q, k_pages, v_pages, block_tables, lengths, tensors, *,
     the merge of its splits. Returns (out [B, T, N, H], lse f32[B, T, N]). ``twin``: run the
     kernel's slow twin (``decode_partials_reference``) on the same inputs instead (any backend)."""
     from scoremod.runtime import _mosaic_paged_decode as _md
+    from scoremod.runtime.mosaic_attention import paged_kv_inputs
     B, T, N, H = q.shape
     P, page_size, K, _ = k_pages.shape
     max_pages = block_tables.shape[1]
@@ -570,33 +588,23 @@ def _paged_mosaic_decode(q, k_pages, v_pages, block_tables, lengths, tensors, *,
     rows = _md.ROWS
     pages_per_step = _mosaic_block_kv(block_sizes, page_size) // page_size
     chunk_tokens, n_chunks = chunking(T, G, rows)
-    Tp = chunk_tokens * n_chunks
-    chunk_end = lengths[:, None] - T + chunk_tokens * (1 + jnp.arange(n_chunks, dtype=jnp.int32))[None, :]
-    walk = functools.partial(walk_pages, mod, lengths, block_tables, tensors, num_tokens=chunk_tokens,
-                             page_size=page_size, heads=N, num_pool_pages=P, multiple_of=pages_per_step)
-    logical, physical, counts = jax.vmap(lambda end: walk(query_end=end), in_axes=1, out_axes=1)(chunk_end)
+    logical, physical, counts = _walk_chunks(mod, lengths, block_tables, tensors, num_tokens=T,
+                                             chunk_tokens=chunk_tokens, n_chunks=n_chunks, page_size=page_size,
+                                             heads=N, num_pool_pages=P, pages_per_step=pages_per_step)
     list_len = logical.shape[-1]
     num_splits = _num_splits(block_sizes, B * K * n_chunks, list_len // pages_per_step, MOSAIC_MIN_STEPS_PER_SPLIT)
 
     # A sequence's last page (and list entries past the count, which are masked) come from its
     # tail copy, whose slots past the length are zero: the pool may hold NaN there.
-    last = jnp.clip((lengths - 1) // page_size, 0, max(max_pages - 1, 0)).astype(jnp.int32)
+    _, last, k_tail, v_tail = paged_kv_inputs(k_pages, v_pages, block_tables, lengths, max_pages * page_size)
     listed = jnp.arange(list_len, dtype=jnp.int32)[None, None, :] < counts[:, :, None]
     pages = jnp.where(listed & (logical < last[:, None, None]), physical, -1).astype(jnp.int32)
     key_pos = logical[..., None] * page_size + jnp.arange(page_size, dtype=jnp.int32)
     key_pos = jnp.where(listed[..., None] & (key_pos < lengths[:, None, None, None]), key_pos, -1)
     key_pos = key_pos.reshape(B, n_chunks, list_len * page_size).astype(jnp.int32)
-    tail_page = jnp.clip(jnp.take_along_axis(jnp.asarray(block_tables, jnp.int32), last[:, None], axis=1)[:, 0],
-                         0, P - 1)
-    keep = (jnp.arange(page_size)[None, :] < (lengths - last * page_size)[:, None])[:, :, None, None]
-    k_tail = jnp.where(keep, k_pages[tail_page], jnp.zeros((), k_pages.dtype))
-    v_tail = jnp.where(keep, v_pages[tail_page], jnp.zeros((), v_pages.dtype))
 
     used_rows = chunk_tokens * G
-    q = jnp.pad(q, ((0, 0), (0, Tp - T), (0, 0), (0, 0)))
-    q_rows = q.reshape(B, n_chunks, chunk_tokens, K, G, H).transpose(0, 3, 1, 2, 4, 5)
-    q_rows = q_rows.reshape(B, K, n_chunks, used_rows, H)
-    q_rows = jnp.pad(q_rows, ((0, 0), (0, 0), (0, 0), (0, rows - used_rows), (0, 0)))
+    q_rows = _rows_by_kv_head(q, K, chunk_tokens, n_chunks, rows)
     r = np.arange(rows)
     row_tokens = jnp.asarray(np.where(r < used_rows, r // G, 0)[None, :] + chunk_tokens * np.arange(n_chunks)[:, None],
                              jnp.int32)
@@ -607,14 +615,9 @@ def _paged_mosaic_decode(q, k_pages, v_pages, block_tables, lengths, tensors, *,
     cfg = _md.DecodeKernelConfig(program=program, scale=scale, page_size=page_size, pages_per_step=pages_per_step,
                                  num_stages=stages, num_splits=num_splits, group=G,
                                  out_rows=min(rows, max(8, _k.next_power_of_2(used_rows))), read_rows=read_rows,
-                                 ctas=min(B * K * n_chunks * num_splits, _sm_count()) if block_sizes.persistent else 0)
+                                 ctas=min(B * K * n_chunks * num_splits, sm_count()) if block_sizes.persistent else 0)
     partials = _md.decode_partials_reference if twin else _md.decode_partials
     o, lse = partials(cfg, q_rows, k_pages, v_pages, pages, counts, key_pos, lengths, row_tokens, row_heads,
                       k_tail, v_tail, reads, num_tokens=T)
-    if num_splits == 1:
-        out, lse = o[:, :, :, 0], lse[:, :, :, 0]
-    else:
-        out, lse = _k.combine_splits(o, lse)
-    out = out[:, :, :, :used_rows].reshape(B, K, Tp, G, H).transpose(0, 2, 1, 3, 4)
-    lse = lse[:, :, :, :used_rows].reshape(B, K, Tp, G).transpose(0, 2, 1, 3)
-    return out[:, :T].reshape(B, T, N, H).astype(q.dtype), lse[:, :T].reshape(B, T, N)
+    out, lse = _merge_to_tokens(o, lse, num_tokens=T, heads=N, chunk_tokens=chunk_tokens)
+    return out.astype(q.dtype), lse

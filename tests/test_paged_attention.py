@@ -27,6 +27,7 @@ from scoremod.compiler.band import diagonal_band
 from scoremod.compiler.page_walk import EMPTY, FULL, WalkPlan, compact_pages, page_classes, walk_pages
 from scoremod.errors import ScoreModShapeError
 from scoremod.runtime.paged import PagedBlockSizes, paged_attention, _program
+from scoremod.runtime.sinks import add_sinks
 
 ON_GPU = jax.default_backend() == "gpu"
 
@@ -502,10 +503,10 @@ def test_chunked_prefill_under_jit_and_bf16():
 def test_mosaic_decode_inputs_match_oracle_through_the_twin(text, T, heads, page_size, block_kv, num_splits, seed):
     """What the Mosaic decode kernel is given (page list with tail copies, key positions, row
     tokens and heads, tensor reads along the rows and the keys, split ranges) gives the
-    oracle's answer when its slow twin
-    (``decode_partials_reference``) runs on it: random masks, T > 1 in several 64-row
-    chunks, GQA and MQA, forced splits, NaN in every page no sequence uses and in every
-    slot past a length."""
+    oracle's answer when its slow twin (``decode_partials_reference``) runs on it: random
+    masks, T > 1 in several 64-row chunks, GQA and MQA, forced splits, NaN in every page no
+    sequence uses and in every slot past a length. The lse is checked through sinks (one
+    more logit per head, which only a right lse merges right)."""
     from scoremod.runtime.paged import _paged_mosaic_decode
     rng = np.random.default_rng(seed)
     N, K = heads
@@ -516,7 +517,8 @@ def test_mosaic_decode_inputs_match_oracle_through_the_twin(text, T, heads, page
     q, kp, vp, tables, lengths = make_cache(rng, B=B, T=T, N=N, K=K, H=H, page_size=page_size,
                                             max_pages=max_pages, lengths=lengths)
     tensors = _tensors(text, B, N, T, max_pages * page_size, lengths, rng)
-    want = oracle(q, kp, vp, tables, lengths, text, tensors)
+    sinks = rng.standard_normal(N).astype(np.float32)
+    want = oracle(q, kp, vp, tables, lengths, text, tensors, sinks=sinks)
     kp, vp = poison_unread_slots(kp, vp, tables, lengths)
     mod = compile_mod(text)
     out, lse = _paged_mosaic_decode(jnp.asarray(q), jnp.asarray(kp), jnp.asarray(vp), jnp.asarray(tables),
@@ -524,7 +526,7 @@ def test_mosaic_decode_inputs_match_oracle_through_the_twin(text, T, heads, page
                                     scale=1 / math.sqrt(H),
                                     block_sizes=PagedBlockSizes(block_kv=block_kv, num_splits=num_splits), stages=2,
                                     twin=True)
-    out = np.asarray(out)
+    out = np.asarray(add_sinks(out, lse, jnp.asarray(sinks))[0])
     assert np.isfinite(out).all(), text
     np.testing.assert_allclose(out, want, atol=1e-4, rtol=1e-4, err_msg=text)
 

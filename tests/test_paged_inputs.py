@@ -162,7 +162,8 @@ def test_block_sizes_default():
 
 def test_split_count_fills_whole_waves():
     """Programs per (sequence, KV head): B*K*splits stays within programs_per_core per SM
-    (rounded down), at least 1, at most one per step; num_splits overrides."""
+    (rounded down), at least 1, at most one per step (or per min_chunks steps); num_splits
+    overrides."""
     from scoremod.runtime.paged import _num_splits
     cores = int(getattr(jax.devices()[0], "core_count", 0) or 0) or 132
     bs = PagedBlockSizes(programs_per_core=4)
@@ -171,6 +172,8 @@ def test_split_count_fills_whole_waves():
         assert 1 <= n <= steps
         assert programs * n <= max(4 * cores, programs)
         assert n == steps or programs * (n + 1) > 4 * cores
+    # The Mosaic decode kernel's rule: at least min_chunks steps per split (4 waves would give 66).
+    assert _num_splits(bs, 8, 64, min_chunks=8) == 8 and _num_splits(bs, 8, 5, min_chunks=8) == 1
     assert _num_splits(PagedBlockSizes(num_splits=7), 8, 100) == 7
     assert _num_splits(PagedBlockSizes(num_splits=700), 8, 100) == 100
 
