@@ -13,15 +13,18 @@ block's start-up and partial output overlap the next item's loads).
 
 Two warpgroups:
 
-* warpgroup 1, the producer, brings each step's pages of K and V into a ring of
-  ``num_stages`` shared-memory slots, one TMA copy per page (a page of one KV head is
-  ``page_size`` rows of H at the pool's stride), waiting for a slot's K (V) to be
+* warpgroup 1, the producer, brings each item's Q into one of two shared-memory slots
+  (the next item's Q arrives while the consumer works on this one), and each step's pages
+  of K and V into a ring of ``num_stages`` shared-memory slots, one TMA copy per page (a
+  page of one KV head is ``page_size`` rows of H at the pool's stride), together with the
+  step's key positions and tensor reads along the keys, waiting for a slot's K (V) to be
   released before refilling it. A list entry of -1 is the sequence's tail copy: its last
   page with the slots past the length zeroed (a slot past a length may hold anything,
   NaN included, which P = 0 would not cancel in P V).
 * warpgroup 0, the consumer: S = Q K^T (wgmma), the TileProgram's logits at the keys'
   absolute positions (``key_positions``: -1 where no key exists), an online softmax in f32
-  base 2, O += P V (wgmma).
+  base 2, O += P V (wgmma). Everything a step needs is in shared memory when its slot's
+  barrier completes: no global load sits in the consumer's chain of steps.
 
 Decode is bandwidth-bound: one consumer has time to spare while the ring streams pages.
 """
@@ -65,9 +68,12 @@ class DecodeKernelConfig:
         return self.program.canonical.kind == "mask"
 
 
-def shared_memory_bytes(head_dim: int, block_kv: int, num_stages: int, itemsize: int = 2) -> int:
-    """Shared memory of one block: the K/V ring, Q, and the f32 output and lse staging."""
-    return 2 * num_stages * block_kv * head_dim * itemsize + ROWS * head_dim * (itemsize + 4) + ROWS * 4
+def shared_memory_bytes(head_dim: int, block_kv: int, num_stages: int, itemsize: int = 2, key_reads: int = 0) -> int:
+    """Shared memory of one block: the K/V ring with each step's key positions and
+    ``key_reads`` tensor reads along the keys (32-bit), two Q slots, and the f32 output and
+    lse staging."""
+    ring = num_stages * block_kv * (2 * head_dim * itemsize + 4 * (1 + key_reads))
+    return ring + 2 * ROWS * head_dim * itemsize + ROWS * head_dim * 4 + ROWS * 4
 
 
 def decode_partials(cfg: DecodeKernelConfig, q_rows, k_pages, v_pages, pages, counts, key_positions, lengths, row_tokens,
@@ -101,6 +107,7 @@ def decode_partials(cfg: DecodeKernelConfig, q_rows, k_pages, v_pages, pages, co
 
     n_reads = len(reads)
     assert len(cfg.read_rows) == n_reads, (cfg.read_rows, n_reads)
+    key_reads = [r for r, rows in enumerate(cfg.read_rows) if not rows]   # brought into the ring with K
 
     ctas = cfg.ctas or n_items
     assert 0 < ctas <= n_items, (ctas, n_items)
@@ -108,9 +115,10 @@ def decode_partials(cfg: DecodeKernelConfig, q_rows, k_pages, v_pages, pages, co
     def kernel(q_ref, k_ref, v_ref, pages_ref, counts_ref, keypos_ref, len_ref, rtok_ref, rhead_ref, ktail_ref, vtail_ref,
                *rest):
         read_refs, (o_ref, lse_ref, scratch, bars, free) = rest[:n_reads], rest[n_reads:]
-        q_smem, k_smem, v_smem, o_smem, lse_smem = scratch
+        q_smem, k_smem, v_smem, o_smem, lse_smem, keypos_smem, *key_read_smem = scratch
+        key_read_smem = dict(zip(key_reads, key_read_smem))
         k_bar, v_bar, q_bar = bars
-        k_free, v_free = free
+        k_free, v_free, q_free = free
         wg = lax.axis_index("wg")
         cta = lax.axis_index("cta")
         n_local = lax.div(n_items - cta + (ctas - 1), ctas)   # items cta, cta + ctas, ...
@@ -134,33 +142,29 @@ def decode_partials(cfg: DecodeKernelConfig, q_rows, k_pages, v_pages, pages, co
             def run_item(j, step0):
                 """Item j; ``step0``: the ring's steps before it. Returns the steps after it."""
                 b, kvh, c, split, first, n = item(j)
-                # Q's buffer is free: the previous item's last product that read it has completed.
-                plgpu.copy_gmem_to_smem(q_ref.at[b, kvh, c], q_smem, q_bar)
+                q_slot = lax.rem(j, 2)
                 length = len_ref[b]
                 row_q_pos = _load(rtok_ref.at[c], wgmma.reduce(1)) + (length - num_tokens)
                 row_head = _load(rhead_ref, wgmma.reduce(1)) + kvh * cfg.group
                 row_reads = {i: _load(ref.at[tuple(x if d > 1 else 0 for x, d in zip((b, kvh, c), ref.shape))],
                                       wgmma.reduce(1))
                              for i, (ref, rows) in enumerate(zip(read_refs, cfg.read_rows)) if rows}
-                plgpu.barrier_wait(q_bar)
+                plgpu.barrier_wait(q_bar.at[q_slot])
 
                 def step_fn(i, carry):
                     acc, m_i, l_i = carry
                     slot = lax.rem(step0 + i, stages)
-                    step = first + i
-                    kv_pos = _load(keypos_ref.at[b, c, pl.ds(step * bkv, bkv)], wgmma.reduce(0))
-                    kv_pos = lax.broadcast_in_dim(kv_pos, (ROWS, bkv), [1])
+                    plgpu.barrier_wait(k_bar.at[slot])
+                    kv_pos = lax.broadcast_in_dim(_load(keypos_smem.at[slot], wgmma.reduce(0)), (ROWS, bkv), [1])
                     q_pos = lax.broadcast_in_dim(row_q_pos, (ROWS, bkv), [0])
                     head = lax.broadcast_in_dim(row_head, (ROWS, bkv), [0])
                     read_tiles = tuple(
                         lax.broadcast_in_dim(row_reads[r], (ROWS, bkv), [0]) if rows else
-                        lax.broadcast_in_dim(_load(ref.at[b, c, pl.ds(step * bkv, bkv)], wgmma.reduce(0)),
-                                             (ROWS, bkv), [1])
-                        for r, (ref, rows) in enumerate(zip(read_refs, cfg.read_rows)))
-                    plgpu.barrier_wait(k_bar.at[slot])
+                        lax.broadcast_in_dim(_load(key_read_smem[r].at[slot], wgmma.reduce(0)), (ROWS, bkv), [1])
+                        for r, rows in enumerate(cfg.read_rows))
 
                     def qk(acc_ref):
-                        plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].T)
+                        plgpu.wgmma(acc_ref, q_smem.at[q_slot], k_smem.at[slot].T)
                         return acc_ref[...]
                     s = pl.run_scoped(qk, plgpu.ACC((ROWS, bkv), jnp.float32))
                     plgpu.barrier_arrive(k_free.at[slot])
@@ -187,6 +191,7 @@ def decode_partials(cfg: DecodeKernelConfig, q_rows, k_pages, v_pages, pages, co
                 l_i = plgpu.layout_cast(jnp.full((ROWS,), 0.0, jnp.float32), wgmma.reduce(1))
                 acc = plgpu.layout_cast(jnp.full((ROWS, H), 0.0, jnp.float32), wgmma)
                 acc, m_i, l_i = lax.fori_loop(0, n, step_fn, (acc, m_i, l_i))
+                plgpu.barrier_arrive(q_free.at[q_slot])   # every product that read this Q has completed
 
                 empty = l_i == 0.0
                 l_safe = jnp.where(empty, 1.0, l_i)
@@ -205,7 +210,11 @@ def decode_partials(cfg: DecodeKernelConfig, q_rows, k_pages, v_pages, pages, co
         def _producer():
             plgpu.set_max_registers(40, action="decrease")
 
-            def copy_step(pool_ref, tail_ref, b, kvh, c, step, dst, barrier):
+            def copy_step(pool_ref, tail_ref, b, kvh, c, step, dst, barrier, per_key=()):
+                """One step's pages into ``dst``, and each ``(source, destination)`` of
+                ``per_key`` (arrays ``[B, C, L * page_size]``) at the step's keys."""
+                for src, dst_keys in per_key:
+                    plgpu.copy_gmem_to_smem(src.at[b, c, pl.ds(step * bkv, bkv)], dst_keys, barrier)
                 for i in range(pps):
                     page = pages_ref[b, c, step * pps + i]
                     part = dst.at[pl.ds(i * ps, ps)]
@@ -221,13 +230,18 @@ def decode_partials(cfg: DecodeKernelConfig, q_rows, k_pages, v_pages, pages, co
             def load_item(j, step0):
                 """Brings item j's steps into the ring (it runs on from one item to the next)."""
                 b, kvh, c, _, first, n = item(j)
+                q_slot = lax.rem(j, 2)
+                pl.when(j >= 2)(lambda: plgpu.barrier_wait(q_free.at[q_slot]))
+                plgpu.copy_gmem_to_smem(q_ref.at[b, kvh, c], q_smem.at[q_slot], q_bar.at[q_slot])
 
                 @pl.loop(0, n)
                 def _(i):
                     slot = lax.rem(step0 + i, stages)
                     refill = step0 + i >= stages
                     pl.when(refill)(lambda: plgpu.barrier_wait(k_free.at[slot]))
-                    copy_step(k_ref, ktail_ref, b, kvh, c, first + i, k_smem.at[slot], k_bar.at[slot])
+                    per_key = [(keypos_ref, keypos_smem.at[slot])] + [
+                        (read_refs[r], key_read_smem[r].at[slot]) for r in key_reads]
+                    copy_step(k_ref, ktail_ref, b, kvh, c, first + i, k_smem.at[slot], k_bar.at[slot], per_key)
                     pl.when(refill)(lambda: plgpu.barrier_wait(v_free.at[slot]))
                     copy_step(v_ref, vtail_ref, b, kvh, c, first + i, v_smem.at[slot], v_bar.at[slot])
                 return step0 + n
@@ -235,12 +249,14 @@ def decode_partials(cfg: DecodeKernelConfig, q_rows, k_pages, v_pages, pages, co
             lax.fori_loop(0, n_local, load_item, jnp.int32(0))
 
     def entry(*refs):
-        scratch = (tile_smem((ROWS, H), dtype), tile_smem((stages, bkv, H), dtype),
+        scratch = (tile_smem((2, ROWS, H), dtype), tile_smem((stages, bkv, H), dtype),
                    tile_smem((stages, bkv, H), dtype), plgpu.SMEM((ROWS, H), jnp.float32),
-                   plgpu.SMEM((ROWS,), jnp.float32))
-        bars = (plgpu.Barrier(num_arrivals=pps, num_barriers=stages),
-                plgpu.Barrier(num_arrivals=pps, num_barriers=stages), plgpu.Barrier())
-        free = (plgpu.Barrier(num_barriers=stages),) * 2
+                   plgpu.SMEM((ROWS,), jnp.float32), plgpu.SMEM((stages, bkv), jnp.int32),
+                   *(plgpu.SMEM((stages, bkv), reads[r].dtype) for r in key_reads))
+        # K's slot completes with its pages, its key positions and its key reads.
+        bars = (plgpu.Barrier(num_arrivals=pps + 1 + len(key_reads), num_barriers=stages),
+                plgpu.Barrier(num_arrivals=pps, num_barriers=stages), plgpu.Barrier(num_barriers=2))
+        free = (plgpu.Barrier(num_barriers=stages),) * 2 + (plgpu.Barrier(num_barriers=2),)
         pl.run_scoped(lambda *scoped: kernel(*refs, *scoped), scratch, bars, free, collective_axes="wg")
 
     out_type = (jax.ShapeDtypeStruct((B, K, C, S, Rw, H), jnp.float32),

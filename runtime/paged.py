@@ -557,7 +557,8 @@ def _mosaic_decode_check(mod: Mod, q, k_pages, v_pages, tensors: dict, block_siz
                                   f"got page_size={page_size}")
     block_kv = _mosaic_block_kv(block_sizes, page_size)
     stages = block_sizes.num_stages
-    while stages >= 2 and _md.shared_memory_bytes(q.shape[-1], block_kv, stages) > SMEM_LIMIT:
+    key_reads = sum("kv" in r.axes for r in program.reads)
+    while stages >= 2 and _md.shared_memory_bytes(q.shape[-1], block_kv, stages, key_reads=key_reads) > SMEM_LIMIT:
         stages -= 1
     if stages < 2:
         raise NotImplementedError(f"the mosaic decode kernel cannot fit two steps of {block_kv} keys at head dim "
