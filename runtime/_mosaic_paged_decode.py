@@ -21,10 +21,15 @@ Two warpgroups:
   released before refilling it. A list entry of -1 is the sequence's tail copy: its last
   page with the slots past the length zeroed (a slot past a length may hold anything,
   NaN included, which P = 0 would not cancel in P V).
-* warpgroup 0, the consumer: S = Q K^T (wgmma), the TileProgram's logits at the keys'
-  absolute positions (``key_positions``: -1 where no key exists), an online softmax in f32
-  base 2, O += P V (wgmma). Everything a step needs is in shared memory when its slot's
-  barrier completes: no global load sits in the consumer's chain of steps.
+* warpgroups ``0 .. consumers - 1``, the consumers: S = Q K^T (wgmma), the TileProgram's
+  logits at the keys' absolute positions (``key_positions``: -1 where no key exists), an
+  online softmax in f32 base 2, O += P V (wgmma). Everything a step needs is in shared
+  memory when its slot's barrier completes: no global load sits in a consumer's chain of
+  steps. With two consumers, consumer ``w`` takes the ring's steps ``w, w + 2, ...``
+  (counted over the block's items, so each slot's barrier always has the same waiter) with
+  its own softmax state, and the second hands its state to the first at the end of an
+  item, which merges the two and writes the item's partial: two independent chains of
+  steps per block.
 
 Decode is bandwidth-bound: one consumer has time to spare while the ring streams pages.
 """
@@ -58,6 +63,7 @@ class DecodeKernelConfig:
     out_rows: int         # rows of the partial outputs written (>= chunk_tokens * G, a power of 2 >= 8)
     read_rows: tuple = () # per tensor read: True for a row read [B|1, K|1, C|1, 64], False for a key read [B, C, L * page_size]
     ctas: int = 0         # CUDA blocks, each taking items (sequence, KV head, chunk, split) round robin; 0: one per item
+    consumers: int = 1    # consumer warpgroups, taking the ring's steps in turn (1 or 2)
 
     @property
     def block_kv(self) -> int:
@@ -68,12 +74,16 @@ class DecodeKernelConfig:
         return self.program.canonical.kind == "mask"
 
 
-def shared_memory_bytes(head_dim: int, block_kv: int, num_stages: int, itemsize: int = 2, key_reads: int = 0) -> int:
+def shared_memory_bytes(head_dim: int, block_kv: int, num_stages: int, itemsize: int = 2, key_reads: int = 0,
+                        consumers: int = 1) -> int:
     """Shared memory of one block: the K/V ring with each step's key positions and
-    ``key_reads`` tensor reads along the keys (32-bit), two Q slots, and the f32 output and
-    lse staging."""
-    ring = num_stages * block_kv * (2 * head_dim * itemsize + 4 * (1 + key_reads))
-    return ring + 2 * ROWS * head_dim * itemsize + ROWS * head_dim * 4 + ROWS * 4
+    ``key_reads`` tensor reads along the keys (32-bit), two Q slots, the f32 output and lse
+    staging, and per consumer past the first its f32 state handed to the first; each
+    buffer rounded up to 1 KB (Mosaic aligns them), and 1 KB for the barriers."""
+    def buf(n):
+        return -(-n // 1024) * 1024
+    ring = 2 * buf(num_stages * block_kv * head_dim * itemsize) + (1 + key_reads) * buf(num_stages * block_kv * 4)
+    return ring + buf(2 * ROWS * head_dim * itemsize) + consumers * (buf(ROWS * head_dim * 4) + 1024) + 1024
 
 
 def decode_partials(cfg: DecodeKernelConfig, q_rows, k_pages, v_pages, pages, counts, key_positions, lengths, row_tokens,
@@ -108,17 +118,20 @@ def decode_partials(cfg: DecodeKernelConfig, q_rows, k_pages, v_pages, pages, co
     n_reads = len(reads)
     assert len(cfg.read_rows) == n_reads, (cfg.read_rows, n_reads)
     key_reads = [r for r, rows in enumerate(cfg.read_rows) if not rows]   # brought into the ring with K
+    W = cfg.consumers
+    assert W in (1, 2), W
 
     ctas = cfg.ctas or n_items
     assert 0 < ctas <= n_items, (ctas, n_items)
 
     def kernel(q_ref, k_ref, v_ref, pages_ref, counts_ref, keypos_ref, len_ref, rtok_ref, rhead_ref, ktail_ref, vtail_ref,
                *rest):
-        read_refs, (o_ref, lse_ref, scratch, bars, free) = rest[:n_reads], rest[n_reads:]
+        read_refs, (o_ref, lse_ref, scratch, bars, free, hand) = rest[:n_reads], rest[n_reads:]
         q_smem, k_smem, v_smem, o_smem, lse_smem, keypos_smem, *key_read_smem = scratch
         key_read_smem = dict(zip(key_reads, key_read_smem))
         k_bar, v_bar, q_bar = bars
         k_free, v_free, q_free = free
+        o_hand, ml_hand, merge_full, merge_free = hand   # consumer 1's state for consumer 0
         wg = lax.axis_index("wg")
         cta = lax.axis_index("cta")
         n_local = lax.div(n_items - cta + (ctas - 1), ctas)   # items cta, cta + ctas, ...
@@ -135,9 +148,11 @@ def decode_partials(cfg: DecodeKernelConfig, q_rows, k_pages, v_pages, pages, co
             first = jnp.minimum(split * per_split, steps)
             return b, kvh, c, split, first, jnp.minimum(first + per_split, steps) - first
 
-        @pl.when(wg == 0)
-        def _consumer():
+        def consumer(w):
+            """Consumer warpgroup ``w``: the ring's steps ``w, w + W, ...`` of each item."""
             wgmma = plgpu.Layout.WGMMA
+            if W > 1:
+                plgpu.set_max_registers(232, action="increase")
 
             def run_item(j, step0):
                 """Item j; ``step0``: the ring's steps before it. Returns the steps after it."""
@@ -151,8 +166,9 @@ def decode_partials(cfg: DecodeKernelConfig, q_rows, k_pages, v_pages, pages, co
                              for i, (ref, rows) in enumerate(zip(read_refs, cfg.read_rows)) if rows}
                 plgpu.barrier_wait(q_bar.at[q_slot])
 
-                def step_fn(i, carry):
+                def step_fn(k, carry):
                     acc, m_i, l_i = carry
+                    i = lax.rem(w - lax.rem(step0, W) + W, W) + k * W   # this item's step
                     slot = lax.rem(step0 + i, stages)
                     plgpu.barrier_wait(k_bar.at[slot])
                     kv_pos = lax.broadcast_in_dim(_load(keypos_smem.at[slot], wgmma.reduce(0)), (ROWS, bkv), [1])
@@ -190,8 +206,27 @@ def decode_partials(cfg: DecodeKernelConfig, q_rows, k_pages, v_pages, pages, co
                 m_i = plgpu.layout_cast(jnp.full((ROWS,), -jnp.inf, jnp.float32), wgmma.reduce(1))
                 l_i = plgpu.layout_cast(jnp.full((ROWS,), 0.0, jnp.float32), wgmma.reduce(1))
                 acc = plgpu.layout_cast(jnp.full((ROWS, H), 0.0, jnp.float32), wgmma)
-                acc, m_i, l_i = lax.fori_loop(0, n, step_fn, (acc, m_i, l_i))
-                plgpu.barrier_arrive(q_free.at[q_slot])   # every product that read this Q has completed
+                mine = lax.div(jnp.maximum(n - lax.rem(w - lax.rem(step0, W) + W, W), 0) + (W - 1), W)
+                acc, m_i, l_i = lax.fori_loop(0, mine, step_fn, (acc, m_i, l_i))
+                plgpu.barrier_arrive(q_free.at[q_slot])   # every product of this consumer that read Q has completed
+
+                if W > 1 and w == 1:   # hand the state to consumer 0
+                    pl.when(j > 0)(lambda: plgpu.barrier_wait(merge_free))
+                    o_hand[...] = acc
+                    ml_hand.at[0][...] = m_i
+                    ml_hand.at[1][...] = l_i
+                    plgpu.barrier_arrive(merge_full)
+                    return step0 + n
+                if W > 1:   # merge consumer 1's state
+                    plgpu.barrier_wait(merge_full)
+                    acc1 = _load(o_hand, wgmma)
+                    m1, l1 = _load(ml_hand.at[0], wgmma.reduce(1)), _load(ml_hand.at[1], wgmma.reduce(1))
+                    plgpu.barrier_arrive(merge_free)
+                    m_new = jnp.maximum(m_i, m1)
+                    m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+                    a0, a1 = jnp.exp2(at_most_zero(m_i - m_use)), jnp.exp2(at_most_zero(m1 - m_use))
+                    acc = acc * lax.broadcast_in_dim(a0, acc.shape, [0]) + acc1 * lax.broadcast_in_dim(a1, acc.shape, [0])
+                    m_i, l_i = m_new, l_i * a0 + l1 * a1
 
                 empty = l_i == 0.0
                 l_safe = jnp.where(empty, 1.0, l_i)
@@ -206,7 +241,10 @@ def decode_partials(cfg: DecodeKernelConfig, q_rows, k_pages, v_pages, pages, co
             lax.fori_loop(0, n_local, run_item, jnp.int32(0))
             plgpu.wait_smem_to_gmem(0)
 
-        @pl.when(wg == 1)
+        for w in range(W):
+            pl.when(wg == w)(lambda w=w: consumer(w))
+
+        @pl.when(wg == W)
         def _producer():
             plgpu.set_max_registers(40, action="decrease")
 
@@ -256,12 +294,14 @@ def decode_partials(cfg: DecodeKernelConfig, q_rows, k_pages, v_pages, pages, co
         # K's slot completes with its pages, its key positions and its key reads.
         bars = (plgpu.Barrier(num_arrivals=pps + 1 + len(key_reads), num_barriers=stages),
                 plgpu.Barrier(num_arrivals=pps, num_barriers=stages), plgpu.Barrier(num_barriers=2))
-        free = (plgpu.Barrier(num_barriers=stages),) * 2 + (plgpu.Barrier(num_barriers=2),)
-        pl.run_scoped(lambda *scoped: kernel(*refs, *scoped), scratch, bars, free, collective_axes="wg")
+        free = (plgpu.Barrier(num_barriers=stages),) * 2 + (plgpu.Barrier(num_arrivals=W, num_barriers=2),)
+        hand = ((plgpu.SMEM((ROWS, H), jnp.float32), plgpu.SMEM((2, ROWS), jnp.float32), plgpu.Barrier(),
+                 plgpu.Barrier()) if W > 1 else (None,) * 4)
+        pl.run_scoped(lambda *scoped: kernel(*refs, *scoped), scratch, bars, free, hand, collective_axes="wg")
 
     out_type = (jax.ShapeDtypeStruct((B, K, C, S, Rw, H), jnp.float32),
                 jax.ShapeDtypeStruct((B, K, C, S, Rw), jnp.float32))
-    return plgpu.kernel(entry, out_type=out_type, grid=(ctas,), grid_names=("cta",), num_threads=2,
+    return plgpu.kernel(entry, out_type=out_type, grid=(ctas,), grid_names=("cta",), num_threads=W + 1,
                         thread_name="wg", compiler_params=plgpu.CompilerParams(approx_math=True))(
         q_rows, k_pages, v_pages, pages, counts, key_positions, lengths, row_tokens, row_heads, k_tail, v_tail, *reads)
 

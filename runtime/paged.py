@@ -88,6 +88,9 @@ class PagedBlockSizes:
     persistent: the Mosaic decode kernel runs one CUDA block per SM, each taking the
       programs' work round robin with its ring of pages running on from one to the next
       (True), or one CUDA block per program (False). The Triton kernel ignores it.
+    consumers: warpgroups of the Mosaic decode kernel that run the products and the softmax
+      (1 or 2; two take the ring's steps in turn, each with its own chain, and merge at the
+      end of each program's work). The Triton kernel ignores it.
     """
     # Defaults: the best all-round setting of benchmarks/paged_profile.py's sweeps on an
     # H100 (bf16, N=32, K=8, H=128, pages of 16, B 1-32, contexts 8k-128k; RESULTS.md).
@@ -102,12 +105,15 @@ class PagedBlockSizes:
     programs_per_core: int = 16
     chunk_rows: int = 128
     persistent: bool = True
+    consumers: int = 1
 
     def __post_init__(self):
         for name in ("block_kv", "num_warps", "num_stages", "programs_per_core", "chunk_rows"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ScoreModShapeError(f"PagedBlockSizes.{name}={value!r} must be a positive int")
+        if self.consumers not in (1, 2) or isinstance(self.consumers, bool):
+            raise ScoreModShapeError(f"PagedBlockSizes.consumers={self.consumers!r} must be 1 or 2")
         if not isinstance(self.persistent, bool):
             raise ScoreModShapeError(f"PagedBlockSizes.persistent={self.persistent!r} must be a bool")
         if self.num_splits is not None and (isinstance(self.num_splits, bool) or not isinstance(self.num_splits, int)
@@ -558,7 +564,8 @@ def _mosaic_decode_check(mod: Mod, q, k_pages, v_pages, tensors: dict, block_siz
     block_kv = _mosaic_block_kv(block_sizes, page_size)
     stages = block_sizes.num_stages
     key_reads = sum("kv" in r.axes for r in program.reads)
-    while stages >= 2 and _md.shared_memory_bytes(q.shape[-1], block_kv, stages, key_reads=key_reads) > SMEM_LIMIT:
+    while stages >= 2 and _md.shared_memory_bytes(q.shape[-1], block_kv, stages, key_reads=key_reads,
+                                                              consumers=block_sizes.consumers) > SMEM_LIMIT:
         stages -= 1
     if stages < 2:
         raise NotImplementedError(f"the mosaic decode kernel cannot fit two steps of {block_kv} keys at head dim "
@@ -616,7 +623,8 @@ def _paged_mosaic_decode(q, k_pages, v_pages, block_tables, lengths, tensors, *,
     cfg = _md.DecodeKernelConfig(program=program, scale=scale, page_size=page_size, pages_per_step=pages_per_step,
                                  num_stages=stages, num_splits=num_splits, group=G,
                                  out_rows=min(rows, max(8, _k.next_power_of_2(used_rows))), read_rows=read_rows,
-                                 ctas=min(B * K * n_chunks * num_splits, sm_count()) if block_sizes.persistent else 0)
+                                 ctas=min(B * K * n_chunks * num_splits, sm_count()) if block_sizes.persistent else 0,
+                                 consumers=block_sizes.consumers)
     partials = _md.decode_partials_reference if twin else _md.decode_partials
     o, lse = partials(cfg, q_rows, k_pages, v_pages, pages, counts, key_pos, lengths, row_tokens, row_heads,
                       k_tail, v_tail, reads, num_tokens=T)

@@ -800,7 +800,8 @@ def test_paged_decode_lowers(pretend_hopper, T, page_size, mod, tensors):
     lengths = jnp.array([300, 512], jnp.int32)
     from scoremod.runtime.paged import PagedBlockSizes
     # block_kv=16 (the Triton kernel's keys per step) is rounded up to the 64 keys a P V product takes.
-    for bs in (PagedBlockSizes(), PagedBlockSizes(persistent=False), PagedBlockSizes(block_kv=16)):
+    for bs in (PagedBlockSizes(), PagedBlockSizes(persistent=False), PagedBlockSizes(block_kv=16),
+               PagedBlockSizes(consumers=2), PagedBlockSizes(consumers=2, persistent=False)):
         fn = lambda q, kp, vp, t, n: scoremod.paged_attention(  # noqa: E731
             q, kp, vp, t, n, mod=mod, implementation="mosaic", block_sizes=bs, **tensors)
         jax.jit(fn).trace(q, pool, pool, tables, lengths).lower(lowering_platforms=("cuda",))
@@ -825,11 +826,13 @@ PAGED_DECODE_GPU_CASES = [(1, 8, 2, 16, "causal"), (1, 32, 8, 16, "causal & wind
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("T, N, K, page_size, mod", PAGED_DECODE_GPU_CASES)
-@pytest.mark.parametrize("num_splits, persistent", [(None, True), (3, False)])
-def test_gpu_paged_decode_matches_oracle(T, N, K, page_size, mod, num_splits, persistent):
+@pytest.mark.parametrize("num_splits, persistent, consumers", [(None, True, 1), (3, False, 1), (None, True, 2),
+                                                               (5, True, 2)])
+def test_gpu_paged_decode_matches_oracle(T, N, K, page_size, mod, num_splits, persistent, consumers):
     """Decode and speculative decode over ragged contexts (one a whole table, one only the new
-    tokens), GQA and MQA, shuffled pages, forced splits: against the float64 paged oracle,
-    with every pool page no sequence uses, and every slot past a length, filled with NaN."""
+    tokens), GQA and MQA, shuffled pages, forced splits, one or two consumer warpgroups:
+    against the float64 paged oracle, with every pool page no sequence uses, and every slot
+    past a length, filled with NaN."""
     from test_paged_attention import make_cache, oracle, poison_unread_slots
     from scoremod.runtime.paged import PagedBlockSizes
     rng = np.random.default_rng(sum(map(ord, f"{T}{N}{K}{page_size}{mod}")))
@@ -845,7 +848,8 @@ def test_gpu_paged_decode_matches_oracle(T, N, K, page_size, mod, num_splits, pe
     want = oracle(f32(q), f32(kp), f32(vp), tables, lengths, mod, tensors)
     kp_bad, vp_bad = poison_unread_slots(f32(kp), f32(vp), tables, lengths)
     out = scoremod.paged_attention(bf(q), bf(kp_bad), bf(vp_bad), tables, lengths, mod=mod, implementation="mosaic",
-                                   block_sizes=PagedBlockSizes(num_splits=num_splits, persistent=persistent), **tensors)
+                                   block_sizes=PagedBlockSizes(num_splits=num_splits, persistent=persistent,
+                                                               consumers=consumers), **tensors)
     out = np.asarray(out, np.float32)
     assert np.isfinite(out).all()
     np.testing.assert_allclose(out, want, atol=2e-2, rtol=2e-2)
