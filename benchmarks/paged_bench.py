@@ -175,7 +175,8 @@ def main(argv=None):
                     help="new tokens per sequence (T; 1: decode, 4-8: speculative decode)")
     ap.add_argument("--impls", default="pallas",
                     help="our implementations to time, comma-separated: pallas (row 'scoremod'), mosaic "
-                         "(row 'scoremod-mosaic': the Mosaic GPU decode kernel, sm_90)")
+                         "(row 'scoremod-mosaic': the Mosaic GPU decode kernel, sm_90); IMPL:FIELD=VALUE+... "
+                         "times a variant with those PagedBlockSizes fields (e.g. mosaic:consumers=2)")
     ap.add_argument("--kv-heads", type=int, default=None,
                     help="KV heads (default 8, 2 with --quick; 1: MQA)")
     args = ap.parse_args(argv)
@@ -234,10 +235,7 @@ def main(argv=None):
     block_sizes = PagedBlockSizes.get_default()
     if args.num_splits:
         block_sizes = dataclasses.replace(block_sizes, num_splits=args.num_splits)
-    for item in filter(None, args.block_sizes.split(",")):
-        field, value = item.split("=")
-        block_sizes = dataclasses.replace(block_sizes, **{field: {"True": True, "False": False}.get(value) if value in
-                                                          ("True", "False") else int(value)})
+    block_sizes = with_fields(block_sizes, args.block_sizes, ",")
     print(f"# {block_sizes}", flush=True)
 
     for ps in page_sizes:
@@ -270,6 +268,15 @@ def main(argv=None):
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
     print(f"# total {time.perf_counter() - start:.0f} s", flush=True)
+
+
+def with_fields(block_sizes, text, sep):
+    """``block_sizes`` with the ``FIELD=VALUE`` items of ``text`` (separated by ``sep``) set."""
+    for item in filter(None, text.split(sep)):
+        field, value = item.split("=")
+        block_sizes = dataclasses.replace(block_sizes, **{field: {"True": True, "False": False}.get(value) if value in
+                                                          ("True", "False") else int(value)})
+    return block_sizes
 
 
 def make_point(ps, B, ctx, N, H, T, dtype, pool_pages, key):
@@ -327,10 +334,10 @@ def run_point(results, ps, B, ctx, N, K, H, T, dtype, window, k_pool, v_pool, k_
         rows.append(row)
         print(format_row(row), flush=True)
 
-    def ours(mod, impl="pallas"):
+    def ours(mod, impl="pallas", bs=block_sizes):
         def fn(qq, ll, kp, vp, tb):
             return paged_attention(qq, kp, vp, tb, ll, mod=mod, implementation=impl,
-                                   block_sizes=block_sizes, interpret=interpret)
+                                   block_sizes=bs, interpret=interpret)
         return fn
 
     ours_arrays = (k_pool, v_pool, tables)
@@ -358,18 +365,21 @@ def run_point(results, ps, B, ctx, N, K, H, T, dtype, window, k_pool, v_pool, k_
 
     outputs = {}
 
-    def check_ours(mod, impl):
+    def check_ours(mod, impl, bs):
         def check():
-            out = jax.jit(ours(mod, impl))(q, lengths, *ours_arrays)
-            if impl == "pallas":
+            out = jax.jit(ours(mod, impl, bs))(q, lengths, *ours_arrays)
+            if impl == "pallas" and bs == block_sizes:
                 outputs[mod] = out
             compare(f"scoremod {impl} {mod!r}", out, reference(mod))
         return check
 
-    for impl in args.impls.split(","):
-        name = "scoremod" if impl == "pallas" else f"scoremod-{impl}"
+    for spec in args.impls.split(","):
+        impl, _, fields = spec.partition(":")   # e.g. mosaic:consumers=2+programs_per_core=2
+        bs = with_fields(block_sizes, fields, "+")
+        name = ("scoremod" if impl == "pallas" else f"scoremod-{impl}") + (f"[{fields}]" if fields else "")
         for mod in mods:
-            record(name, mod, ours(mod, impl), ours_arrays, needed_keys(mod, ctx, T, window), check_ours(mod, impl))
+            record(name, mod, ours(mod, impl, bs), ours_arrays, needed_keys(mod, ctx, T, window),
+                   check_ours(mod, impl, bs))
 
     if jpa is not None and T > 1:
         for mod in mods:
