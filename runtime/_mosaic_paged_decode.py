@@ -26,10 +26,11 @@ Two warpgroups:
   online softmax in f32 base 2, O += P V (wgmma). Everything a step needs is in shared
   memory when its slot's barrier completes: no global load sits in a consumer's chain of
   steps. With two consumers, consumer ``w`` takes the ring's steps ``w, w + 2, ...``
-  (counted over the block's items, so each slot's barrier always has the same waiter) with
-  its own softmax state, and the second hands its state to the first at the end of an
-  item, which merges the two and writes the item's partial: two independent chains of
-  steps per block.
+  (counted over the block's items; with an even number of slots each slot's barrier
+  always has the same waiter, which its phase tracking needs) with its own softmax state,
+  and the second hands its state to the first at the end of an item through the output
+  staging buffer; the first merges the two and writes the item's partial: two
+  independent chains of steps per block.
 
 Decode is bandwidth-bound: one consumer has time to spare while the ring streams pages.
 """
@@ -78,12 +79,13 @@ def shared_memory_bytes(head_dim: int, block_kv: int, num_stages: int, itemsize:
                         consumers: int = 1) -> int:
     """Shared memory of one block: the K/V ring with each step's key positions and
     ``key_reads`` tensor reads along the keys (32-bit), two Q slots, the f32 output and lse
-    staging, and per consumer past the first its f32 state handed to the first; each
-    buffer rounded up to 1 KB (Mosaic aligns them), and 1 KB for the barriers."""
+    staging (through which a second consumer hands its state to the first, with its row
+    statistics beside); each buffer rounded up to 1 KB (Mosaic aligns them), and 1 KB for
+    the barriers."""
     def buf(n):
         return -(-n // 1024) * 1024
     ring = 2 * buf(num_stages * block_kv * head_dim * itemsize) + (1 + key_reads) * buf(num_stages * block_kv * 4)
-    return ring + buf(2 * ROWS * head_dim * itemsize) + consumers * (buf(ROWS * head_dim * 4) + 1024) + 1024
+    return ring + buf(2 * ROWS * head_dim * itemsize) + buf(ROWS * head_dim * 4) + consumers * 1024 + 1024
 
 
 def decode_partials(cfg: DecodeKernelConfig, q_rows, k_pages, v_pages, pages, counts, key_positions, lengths, row_tokens,
@@ -119,7 +121,7 @@ def decode_partials(cfg: DecodeKernelConfig, q_rows, k_pages, v_pages, pages, co
     assert len(cfg.read_rows) == n_reads, (cfg.read_rows, n_reads)
     key_reads = [r for r, rows in enumerate(cfg.read_rows) if not rows]   # brought into the ring with K
     W = cfg.consumers
-    assert W in (1, 2), W
+    assert W in (1, 2) and stages % W == 0, (W, stages)
 
     ctas = cfg.ctas or n_items
     assert 0 < ctas <= n_items, (ctas, n_items)
@@ -131,7 +133,7 @@ def decode_partials(cfg: DecodeKernelConfig, q_rows, k_pages, v_pages, pages, co
         key_read_smem = dict(zip(key_reads, key_read_smem))
         k_bar, v_bar, q_bar = bars
         k_free, v_free, q_free = free
-        o_hand, ml_hand, merge_full, merge_free = hand   # consumer 1's state for consumer 0
+        ml_hand, merge_full, o_free = hand   # consumer 1's row statistics; its acc goes through o_smem
         wg = lax.axis_index("wg")
         cta = lax.axis_index("cta")
         n_local = lax.div(n_items - cta + (ctas - 1), ctas)   # items cta, cta + ctas, ...
@@ -210,18 +212,19 @@ def decode_partials(cfg: DecodeKernelConfig, q_rows, k_pages, v_pages, pages, co
                 acc, m_i, l_i = lax.fori_loop(0, mine, step_fn, (acc, m_i, l_i))
                 plgpu.barrier_arrive(q_free.at[q_slot])   # every product of this consumer that read Q has completed
 
-                if W > 1 and w == 1:   # hand the state to consumer 0
-                    pl.when(j > 0)(lambda: plgpu.barrier_wait(merge_free))
-                    o_hand[...] = acc
+                if W > 1 and w == 1:   # hand the state to consumer 0 once o_smem is free
+                    plgpu.barrier_wait(o_free)
+                    o_smem[...] = acc
                     ml_hand.at[0][...] = m_i
                     ml_hand.at[1][...] = l_i
                     plgpu.barrier_arrive(merge_full)
                     return step0 + n
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # the last item's partials have left o_smem
                 if W > 1:   # merge consumer 1's state
+                    plgpu.barrier_arrive(o_free)
                     plgpu.barrier_wait(merge_full)
-                    acc1 = _load(o_hand, wgmma)
+                    acc1 = _load(o_smem, wgmma)
                     m1, l1 = _load(ml_hand.at[0], wgmma.reduce(1)), _load(ml_hand.at[1], wgmma.reduce(1))
-                    plgpu.barrier_arrive(merge_free)
                     m_new = jnp.maximum(m_i, m1)
                     m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
                     a0, a1 = jnp.exp2(at_most_zero(m_i - m_use)), jnp.exp2(at_most_zero(m1 - m_use))
@@ -230,7 +233,6 @@ def decode_partials(cfg: DecodeKernelConfig, q_rows, k_pages, v_pages, pages, co
 
                 empty = l_i == 0.0
                 l_safe = jnp.where(empty, 1.0, l_i)
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # the last item's partials have left
                 o_smem[...] = acc * lax.broadcast_in_dim(1.0 / l_safe, acc.shape, [0])
                 lse_smem[...] = jnp.where(empty, -jnp.inf, (m_i + jnp.log2(l_safe)) * LN2)
                 plgpu.commit_smem()
@@ -295,8 +297,7 @@ def decode_partials(cfg: DecodeKernelConfig, q_rows, k_pages, v_pages, pages, co
         bars = (plgpu.Barrier(num_arrivals=pps + 1 + len(key_reads), num_barriers=stages),
                 plgpu.Barrier(num_arrivals=pps, num_barriers=stages), plgpu.Barrier(num_barriers=2))
         free = (plgpu.Barrier(num_barriers=stages),) * 2 + (plgpu.Barrier(num_arrivals=W, num_barriers=2),)
-        hand = ((plgpu.SMEM((ROWS, H), jnp.float32), plgpu.SMEM((2, ROWS), jnp.float32), plgpu.Barrier(),
-                 plgpu.Barrier()) if W > 1 else (None,) * 4)
+        hand = ((plgpu.SMEM((2, ROWS), jnp.float32), plgpu.Barrier(), plgpu.Barrier()) if W > 1 else (None,) * 3)
         pl.run_scoped(lambda *scoped: kernel(*refs, *scoped), scratch, bars, free, hand, collective_axes="wg")
 
     out_type = (jax.ShapeDtypeStruct((B, K, C, S, Rw, H), jnp.float32),

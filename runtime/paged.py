@@ -80,7 +80,8 @@ class PagedBlockSizes:
       with few sequences need the split to fill the GPU).
     num_warps, num_stages: Triton launch parameters. The Mosaic decode kernel
       (``implementation="mosaic"``) takes block_kv, num_splits, programs_per_core and
-      num_stages (its ring's slots, fewer where they do not fit in shared memory) too.
+      num_stages (its ring's slots, fewer where they do not fit in shared memory, and an
+      even number with two consumers) too.
     chunk_rows: query rows (new tokens times the G query heads of a KV head) one program
       takes. More new tokens than fit (chunked prefill) are cut into chunks of
       ``max(1, chunk_rows // G)`` tokens, each its own program walking only the pages its
@@ -562,11 +563,13 @@ def _mosaic_decode_check(mod: Mod, q, k_pages, v_pages, tensors: dict, block_siz
         raise NotImplementedError(f"the mosaic decode kernel needs a page size that is a multiple of 8; "
                                   f"got page_size={page_size}")
     block_kv = _mosaic_block_kv(block_sizes, page_size)
-    stages = block_sizes.num_stages
+    # With two consumers the slots come in pairs (each slot keeps one consumer waiting on it).
+    W = block_sizes.consumers
+    stages = max(block_sizes.num_stages // W * W, 2)
     key_reads = sum("kv" in r.axes for r in program.reads)
     while stages >= 2 and _md.shared_memory_bytes(q.shape[-1], block_kv, stages, key_reads=key_reads,
-                                                              consumers=block_sizes.consumers) > SMEM_LIMIT:
-        stages -= 1
+                                                  consumers=W) > SMEM_LIMIT:
+        stages -= W
     if stages < 2:
         raise NotImplementedError(f"the mosaic decode kernel cannot fit two steps of {block_kv} keys at head dim "
                                   f"{q.shape[-1]} in {SMEM_LIMIT} bytes of shared memory")
