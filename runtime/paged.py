@@ -64,10 +64,17 @@ PAGED_IMPLEMENTATIONS = ("pallas", "mosaic", "reference", "xla")
 # on the Mosaic forward kernel (a q-block of 128 rows per query head is full), fewer the
 # paged decode kernel (the tokens of a KV head's G query heads packed into 64 rows).
 MOSAIC_PREFILL_TOKENS = 128
-# The Mosaic decode kernel's split rule (PagedBlockSizes.num_splits=None) gives each CUDA
-# block at least this many steps: its start (Q, the ring's first pages) and its partial
+# The Mosaic decode kernel's split rule (PagedBlockSizes.num_splits=None) gives each work
+# item at least this many steps: its start (Q, the ring's first pages) and its partial
 # output cost more than a Triton program's. Not yet tuned on a GPU.
 MOSAIC_MIN_STEPS_PER_SPLIT = 8
+# PagedBlockSizes.programs_per_core=None: waves of programs for the Triton kernel (and the
+# Mosaic kernel with one CUDA block per item), items per SM for the Mosaic kernel's
+# persistent schedule. Measured on an H100 (benchmarks/RESULTS.md, 2026-12-06, sixth
+# session): the persistent Mosaic kernel with 2 items per SM against 16 was 10% faster at
+# B=1/128k, 3% at B=8/128k, 1-7% on windows.
+PROGRAMS_PER_CORE = 16
+MOSAIC_ITEMS_PER_SM = 2
 
 
 @dataclass(frozen=True)
@@ -78,6 +85,9 @@ class PagedBlockSizes:
     num_splits: programs per (sequence, KV head) that share its page list (split-K);
       None picks enough for ``programs_per_core`` programs on every SM (long contexts
       with few sequences need the split to fill the GPU).
+    programs_per_core: None picks the kernel's default: 16 waves of programs for the
+      Triton kernel (and the Mosaic one with ``persistent=False``), 2 work items per SM
+      for the Mosaic decode kernel's persistent schedule.
     num_warps, num_stages: Triton launch parameters. The Mosaic decode kernel
       (``implementation="mosaic"``) takes block_kv, num_splits, programs_per_core and
       num_stages (its ring's slots, fewer where they do not fit in shared memory, and an
@@ -91,7 +101,8 @@ class PagedBlockSizes:
       (True), or one CUDA block per program (False). The Triton kernel ignores it.
     consumers: warpgroups of the Mosaic decode kernel that run the products and the softmax
       (1 or 2; two take the ring's steps in turn, each with its own chain, and merge at the
-      end of each program's work). The Triton kernel ignores it.
+      end of each program's work; on an H100 two were 4-12% faster at B=1 and level at
+      B=8). The Triton kernel ignores it.
     """
     # Defaults: the best all-round setting of benchmarks/paged_profile.py's sweeps on an
     # H100 (bf16, N=32, K=8, H=128, pages of 16, B 1-32, contexts 8k-128k; RESULTS.md).
@@ -103,13 +114,14 @@ class PagedBlockSizes:
     num_splits: int | None = None
     num_warps: int = 4
     num_stages: int = 4
-    programs_per_core: int = 16
+    programs_per_core: int | None = None
     chunk_rows: int = 128
     persistent: bool = True
-    consumers: int = 1
+    consumers: int = 2
 
     def __post_init__(self):
-        for name in ("block_kv", "num_warps", "num_stages", "programs_per_core", "chunk_rows"):
+        for name in ("block_kv", "num_warps", "num_stages", "chunk_rows") + (
+                ("programs_per_core",) if self.programs_per_core is not None else ()):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ScoreModShapeError(f"PagedBlockSizes.{name}={value!r} must be a positive int")
@@ -143,9 +155,10 @@ def paged_attention(q, k_pages, v_pages, block_tables, lengths, *, mod=None, sca
         (``T <= lengths[b] <= max_pages * page_size``).
       mod: a source string, a ``scoremod.Mod`` or None (no mask).
       scale: a Python number; default ``1 / sqrt(H)``.
-      implementation: None (the Pallas kernel on GPU, the reference elsewhere),
-        "pallas", "mosaic" (Mosaic GPU kernels, sm_90: the paged decode kernel under 128
-        new tokens, chunked prefill on the forward kernel from 128),
+      implementation: None (on a GPU: from 128 new tokens mosaic, then pallas; under 128
+        pallas; the reference elsewhere), "pallas", "mosaic" (Mosaic GPU kernels, sm_90:
+        the paged decode kernel under 128 new tokens, chunked prefill on the forward
+        kernel from 128),
         "reference", "xla" (the reference's gather path), or a sequence tried
         in order; an implementation that cannot run the call (NotImplementedError)
         falls through to the next, logged on ``logging.getLogger("scoremod")``.
@@ -165,9 +178,9 @@ def paged_attention(q, k_pages, v_pages, block_tables, lengths, *, mod=None, sca
         ...                                mod="causal & doc(ids)", ids=ids)
     """
     mod = as_mod(mod)
-    names = implementation_names(implementation, known=PAGED_IMPLEMENTATIONS, on_gpu=("pallas", "reference"),
-                                 elsewhere=("reference",), what="paged_attention")
     scale = _check_arrays(q, k_pages, v_pages, block_tables, lengths, scale)
+    names = implementation_names(implementation, known=PAGED_IMPLEMENTATIONS, on_gpu=_default_on_gpu(q.shape[1]),
+                                 elsewhere=("reference",), what="paged_attention")
     block_tables = jnp.asarray(block_tables, jnp.int32)
     lengths = jnp.asarray(lengths, jnp.int32)
     tensors = _check_tensors(mod, tensors, q, block_tables, lengths, k_pages.shape[1])
@@ -187,6 +200,17 @@ def paged_attention(q, k_pages, v_pages, block_tables, lengths, *, mod=None, sca
                          block_tables=block_tables, lengths=lengths, tensors=tensors, scale=scale,
                          block_sizes=block_sizes, interpret=bool(interpret))
     return out if sinks is None else add_sinks(out, lse, sinks)[0]
+
+
+def _default_on_gpu(num_tokens: int) -> tuple[str, ...]:
+    """``implementation=None`` on a GPU: chunked prefill (at least ``MOSAIC_PREFILL_TOKENS``
+    new tokens) tries the Mosaic forward first (sm_90 only; on an H100 it ran a 2048-token
+    chunk 1.7x faster than the pallas kernel, benchmarks/RESULTS.md 2026-12-06, sixth
+    session); decode runs on the pallas kernel (the Mosaic decode kernel is not faster
+    everywhere yet)."""
+    if num_tokens >= MOSAIC_PREFILL_TOKENS:
+        return ("mosaic", "pallas", "reference")
+    return ("pallas", "reference")
 
 
 # ---- implementations ------------------------------------------------------------------------
@@ -406,14 +430,16 @@ def _paged_reference_jit(q, k_pages, v_pages, block_tables, lengths, tensors, *,
 
 # ---- the Pallas path --------------------------------------------------------------------------
 
-def _num_splits(block_sizes: PagedBlockSizes, programs: int, max_chunks: int, min_chunks: int = 1) -> int:
+def _num_splits(block_sizes: PagedBlockSizes, programs: int, max_chunks: int, min_chunks: int = 1,
+                per_core: int = PROGRAMS_PER_CORE) -> int:
     """Programs per (sequence, KV head): as many as keep ``programs * splits`` at most
-    ``programs_per_core`` per SM (rounded down: a last, partly filled wave of programs
-    costs as much as a full one), at least 1 and at most one per ``min_chunks`` chunks."""
+    ``programs_per_core`` per SM (``per_core`` where it is None; rounded down: a last,
+    partly filled wave of programs costs as much as a full one), at least 1 and at most
+    one per ``min_chunks`` chunks."""
     if block_sizes.num_splits is not None:
         return max(1, min(int(block_sizes.num_splits), max_chunks))
     max_chunks = max(1, max_chunks // min_chunks)
-    target = block_sizes.programs_per_core * sm_count()
+    target = (block_sizes.programs_per_core or per_core) * sm_count()
     return max(1, min(max_chunks, target // max(programs, 1)))
 
 
@@ -603,7 +629,8 @@ def _paged_mosaic_decode(q, k_pages, v_pages, block_tables, lengths, tensors, *,
                                              chunk_tokens=chunk_tokens, n_chunks=n_chunks, page_size=page_size,
                                              heads=N, num_pool_pages=P, pages_per_step=pages_per_step)
     list_len = logical.shape[-1]
-    num_splits = _num_splits(block_sizes, B * K * n_chunks, list_len // pages_per_step, MOSAIC_MIN_STEPS_PER_SPLIT)
+    num_splits = _num_splits(block_sizes, B * K * n_chunks, list_len // pages_per_step, MOSAIC_MIN_STEPS_PER_SPLIT,
+                             per_core=MOSAIC_ITEMS_PER_SM if block_sizes.persistent else PROGRAMS_PER_CORE)
 
     # A sequence's last page (and list entries past the count, which are masked) come from its
     # tail copy, whose slots past the length are zero: the pool may hold NaN there.

@@ -781,6 +781,24 @@ def test_gpu_paged_prefill_matches_oracle(mod, page_size):
     np.testing.assert_allclose(out, want, atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.gpu
+def test_gpu_paged_prefill_is_the_default_on_hopper(caplog):
+    """implementation=None runs a chunk of 128 or more new tokens on the Mosaic forward on an
+    sm_90 GPU, and decode on pallas."""
+    from test_paged_attention import make_cache
+    if ma._device_reason() is not None:
+        pytest.skip(ma._device_reason())
+    rng = np.random.default_rng(7)
+    q, kp, vp, tables, lengths = make_cache(rng, B=2, T=128, N=8, K=2, H=128, page_size=16, max_pages=32,
+                                            lengths=np.array([512, 300], np.int32))
+    bf = lambda x: jnp.asarray(x, jnp.bfloat16)  # noqa: E731
+    for T, impl in ((128, "mosaic"), (1, "pallas")):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="scoremod"):
+            scoremod.paged_attention(bf(q[:, -T:]), bf(kp), bf(vp), tables, lengths, mod="causal")
+        assert f"using {impl}" in caplog.text, caplog.text
+
+
 # ---- paged decode on Mosaic GPU (paged._paged_mosaic_decode) -----------------------------------
 
 @needs_mosaic

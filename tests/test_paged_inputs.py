@@ -137,6 +137,14 @@ def test_default_implementation_on_cpu_is_reference(cache, caplog):
     assert "using reference" in caplog.text
 
 
+def test_default_on_a_gpu_tries_mosaic_for_chunked_prefill_only():
+    """implementation=None on a GPU: from MOSAIC_PREFILL_TOKENS new tokens the Mosaic forward
+    first (it declines off sm_90, falling through to pallas), decode on pallas."""
+    from scoremod.runtime.paged import MOSAIC_PREFILL_TOKENS, _default_on_gpu
+    assert _default_on_gpu(1) == _default_on_gpu(MOSAIC_PREFILL_TOKENS - 1) == ("pallas", "reference")
+    assert _default_on_gpu(MOSAIC_PREFILL_TOKENS) == _default_on_gpu(4096) == ("mosaic", "pallas", "reference")
+
+
 def test_reference_entry_scale_and_empty_query(cache):
     q, kp, vp, tables, lengths = cache
     out = paged_attention_reference(q, kp, vp, tables, lengths, mod="causal & window(5)", scale=0.5)
@@ -174,6 +182,11 @@ def test_split_count_fills_whole_waves():
         assert n == steps or programs * (n + 1) > 4 * cores
     # The Mosaic decode kernel's rule: at least min_chunks steps per split (4 waves would give 66).
     assert _num_splits(bs, 8, 64, min_chunks=8) == 8 and _num_splits(bs, 8, 5, min_chunks=8) == 1
+    # programs_per_core=None: the kernel's own default (16 waves for Triton, 2 items per SM
+    # for the persistent Mosaic kernel); an explicit value overrides it.
+    assert _num_splits(PagedBlockSizes(), 8, 2048) == 16 * cores // 8
+    assert _num_splits(PagedBlockSizes(), 8, 2048, per_core=2) == 2 * cores // 8
+    assert _num_splits(PagedBlockSizes(programs_per_core=4), 8, 2048, per_core=2) == 4 * cores // 8
     assert _num_splits(PagedBlockSizes(num_splits=7), 8, 100) == 7
     assert _num_splits(PagedBlockSizes(num_splits=700), 8, 100) == 100
 
