@@ -825,6 +825,28 @@ def test_paged_decode_lowers(pretend_hopper, T, page_size, mod, tensors):
         jax.jit(fn).trace(q, pool, pool, tables, lengths).lower(lowering_platforms=("cuda",))
 
 
+@needs_mosaic
+@pytest.mark.parametrize("H, block_kv, consumers", [(64, 64, 2), (64, 128, 1), (64, 192, 2), (128, 64, 1),
+                                                    (128, 64, 2), (128, 128, 2)])
+def test_paged_decode_ring_that_the_estimate_allows_lowers(pretend_hopper, H, block_kv, consumers):
+    """Asked for 8 slots, the decode check keeps as many as its shared-memory estimate allows
+    (pairs with two consumers), and Mosaic's own accounting accepts them: the estimate is
+    never optimistic (with a read along the keys, which takes ring space too)."""
+    from scoremod.runtime import paged
+    mod, tensors = "causal & doc(ids)", {"ids": np.zeros((2, 1024), np.int32)}
+    q = jnp.zeros((2, 1, 8, H), jnp.bfloat16)
+    pool = jnp.zeros((128, 16, 2, H), jnp.bfloat16)
+    tables = jnp.asarray(np.random.default_rng(0).permutation(128).reshape(2, -1), jnp.int32)
+    lengths = jnp.array([300, 1024], jnp.int32)
+    bs = paged.PagedBlockSizes(consumers=consumers, block_kv=block_kv, num_stages=8)
+    stages = paged._mosaic_decode_check(scoremod.compile(mod), q, pool, pool, tensors, bs)
+    assert 2 <= stages < 8 or H == 64 and block_kv == 64
+    assert stages % consumers == 0
+    fn = lambda q, kp, vp, t, n: scoremod.paged_attention(  # noqa: E731
+        q, kp, vp, t, n, mod=mod, implementation="mosaic", block_sizes=bs, **tensors)
+    jax.jit(fn).trace(q, pool, pool, tables, lengths).lower(lowering_platforms=("cuda",))
+
+
 @pytest.mark.parametrize("mod, tensors, page_size, match", [
     ("causal & t[h, kv] > 0", {"t": np.zeros((4, 64), np.float32)}, 16, "along the query rows or along the keys"),
     ("causal", {}, 12, "multiple of 8"),
