@@ -76,6 +76,7 @@ class MosaicKernelConfig:
     plan_h: int           # H' of the plan (1 or heads)
     ctas: int             # CUDA blocks (<= tiles; the SM count for a persistent kernel)
     page_size: int = 0    # 0: k/v are [B, Sp, K, H]; else the page pools [P, page_size, K, H]
+    lookahead: bool = False   # load the next step's block index and key reads during this step
 
     @property
     def groups(self) -> int:
@@ -253,16 +254,29 @@ def _read_per_tile(ref, shape, *, b, h, q_start, block_q):
     return _load(ref.at[bi, hi, pl.ds(q_start, block_q), 0], plgpu.Layout.WGMMA.reduce(1))
 
 
-def _read_per_step(ref, shape, per_tile, *, b, h, q_start, block_q, kv_start, block_kv):
+def _read_per_step(ref, shape, per_tile, *, b, h, q_start, block_q, kv_start, block_kv, kv_column=None):
     """A read's ``[block_q, block_kv]`` tile (or scalar) at one kv-block, from its per-tile
-    part (``_read_per_tile``) or, for reads along kv, loaded here."""
+    part (``_read_per_tile``), from ``kv_column`` (a read along kv only, loaded ahead:
+    ``_read_kv_column``) or, for other reads along kv, loaded here."""
     b1, h1, t1, s1 = shape
     if s1 == 1:
         if t1 == 1:
             return per_tile
         return lax.broadcast_in_dim(per_tile, (block_q, block_kv), [0])
+    if kv_column is not None:
+        return lax.broadcast_in_dim(kv_column, (block_q, block_kv), [1])
     return _read_tile(ref, shape, b=b, h=h, q_start=q_start, block_q=block_q, kv_start=kv_start,
                       block_kv=block_kv)
+
+
+def _read_kv_column(ref, shape, *, b, h, kv_start, block_kv):
+    """The ``[block_kv]`` keys of a read along kv only (WGMMA column layout), or None for
+    any other read."""
+    b1, h1, t1, s1 = shape
+    if t1 > 1 or s1 == 1:
+        return None
+    return _load(ref.at[b if b1 > 1 else 0, h if h1 > 1 else 0, 0, pl.ds(kv_start, block_kv)],
+                 plgpu.Layout.WGMMA.reduce(0))
 
 
 def forward(cfg: MosaicKernelConfig, q, k, v, plan_arrays, order, reads, q_off, kv_off, pages=()):
@@ -350,15 +364,29 @@ def forward(cfg: MosaicKernelConfig, q, k, v, plan_arrays, order, reads, q_off, 
 
                 pl.when(wg == 1)(schedule)
 
-                def step_fn(step, carry, *, partial):
-                    acc, m_i, l_i = carry
-                    slot = lax.rem(step0 + step, stages)
+                def step_inputs(step):
+                    """The block's first key and the reads along kv only (None for others) of
+                    listed step ``step`` (clamped into the row's steps)."""
+                    step = jnp.maximum(jnp.minimum(step, n_steps - 1), 0)
                     kv_start = listed_block(fi_ref, pi_ref, row, n_full, step) * bkv
+                    return kv_start, tuple(_read_kv_column(r, shp, b=b, h=h, kv_start=kv_start, block_kv=bkv)
+                                           for r, shp in zip(read_refs, cfg.read_shapes))
+
+                def step_fn(step, carry, *, partial):
+                    if cfg.lookahead:   # this step's inputs were loaded during the last one
+                        acc, m_i, l_i, (kv_start, kv_columns) = carry
+                        ahead = step_inputs(step + 1)
+                    else:
+                        acc, m_i, l_i = carry
+                        kv_start = listed_block(fi_ref, pi_ref, row, n_full, step) * bkv
+                        kv_columns = (None,) * len(read_refs)
+                    slot = lax.rem(step0 + step, stages)
                     needs_reads = (partial and cfg.program.canonical.has_mask) if cfg.mask_only else True
                     # Issued before the product so that the loads' latency hides behind it.
                     read_tiles = [_read_per_step(r, shp, pt, b=b, h=h, q_start=q_start, block_q=bq,
-                                                 kv_start=kv_start, block_kv=bkv)
-                                  for r, shp, pt in zip(read_refs, cfg.read_shapes, per_tile)] if needs_reads else []
+                                                 kv_start=kv_start, block_kv=bkv, kv_column=col)
+                                  for r, shp, pt, col in zip(read_refs, cfg.read_shapes, per_tile, kv_columns)
+                                  ] if needs_reads else []
 
                     def qk_scope(acc_ref):
                         plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].T)
@@ -406,11 +434,11 @@ def forward(cfg: MosaicKernelConfig, q, k, v, plan_arrays, order, reads, q_off, 
                             plgpu.barrier_wait(k_bar.at[lax.rem(step0 + step + 1, stages)])
                     acc = pl.run_state(pv)(plgpu.ACC.init(acc))
                     plgpu.barrier_arrive(v_free.at[slot])
-                    return acc, m_new, l_i
+                    return (acc, m_new, l_i, ahead) if cfg.lookahead else (acc, m_new, l_i)
 
-                carry = (acc, m_i, l_i)
+                carry = (acc, m_i, l_i) + ((step_inputs(0),) if cfg.lookahead else ())
                 carry = lax.fori_loop(0, n_full, functools.partial(step_fn, partial=False), carry)
-                acc, m_i, l_i = lax.fori_loop(n_full, n_steps, functools.partial(step_fn, partial=True), carry)
+                acc, m_i, l_i = lax.fori_loop(n_full, n_steps, functools.partial(step_fn, partial=True), carry)[:3]
                 pl.when(wg == 0)(schedule)
 
                 # The last product has read Q: bring the next tile's while this one is written.

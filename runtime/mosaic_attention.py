@@ -87,6 +87,10 @@ class MosaicBlockSizes:
       backward_persistent: the same schedule for the Mosaic backward's dQ and dK/dV kernels;
         off by default: in the same run it took 1.04x the backward's time on causal and the
         window and 1.10x on packed documents.
+      lookahead: the forward's consumers load the next step's block index and its reads
+        along the keys (``ids[b, kv]``) during this step, so that on PARTIAL steps no global
+        load sits between a step's start and its mask (True), or at the step's start
+        (False, the default until measured: an experiment for the document masks).
 
     ``get_default(head_dim)`` picks values measured on the H200 (benchmarks/RESULTS.md).
     """
@@ -97,6 +101,7 @@ class MosaicBlockSizes:
     backward_stages: int = 2
     persistent: bool = True
     backward_persistent: bool = False
+    lookahead: bool = False
 
     def __post_init__(self):
         if self.block_q != 64:
@@ -408,7 +413,7 @@ def _forward_inputs(program, mod, plans, tensors, bs: MosaicBlockSizes, *, B, N,
         program=program, scale=scale, q_len=T, kv_len=S, q_len_padded=Tp, kv_len_padded=Sp,
         heads=N, kv_heads=K, read_shapes=tuple(tuple(r.shape) for r in reads), block_q=bs.block_q,
         block_kv=bs.block_kv, num_stages=bs.num_stages, plan_b=plan.grid_shape[0], plan_h=plan.grid_shape[1],
-        ctas=min(n_tiles, sm_count()) if bs.persistent else n_tiles, page_size=page_size)
+        ctas=min(n_tiles, sm_count()) if bs.persistent else n_tiles, page_size=page_size, lookahead=bs.lookahead)
     return cfg, dict(lists=lists, order=order, reads=reads, q_off=q_off, kv_off=kv_off)
 
 

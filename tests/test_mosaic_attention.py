@@ -172,9 +172,9 @@ def test_dkv_tiles_weigh_every_query_head_of_their_group():
 
 # ---- CPU: the kernel lowers to Mosaic GPU for generated mods ---------------------------------
 
-def _lower(mod, q, k, v, tensors, q_offset=0, kv_offset=0):
+def _lower(mod, q, k, v, tensors, q_offset=0, kv_offset=0, block_sizes=None):
     fn = lambda q, k, v: ma.mosaic_attention(q, k, v, mod=mod, tensors=tensors, q_offset=q_offset,
-                                             kv_offset=kv_offset, return_lse=True)
+                                             kv_offset=kv_offset, return_lse=True, block_sizes=block_sizes)
     return jax.jit(fn).trace(q, k, v).lower(lowering_platforms=("cuda",))
 
 
@@ -195,6 +195,9 @@ def _lower(mod, q, k, v, tensors, q_offset=0, kv_offset=0):
 def test_kernel_lowers(pretend_hopper, mod, tensors):
     q, k, v = _qkv(2, 200, 260, 2, 1, 128)
     _lower(mod, q, k, v, tensors, q_offset=jnp.array([0, 60], jnp.int32), kv_offset=0)
+    # The consumers loading each step's block index and key reads a step ahead.
+    _lower(mod, q, k, v, tensors, q_offset=jnp.array([0, 60], jnp.int32), kv_offset=0,
+           block_sizes=dataclasses.replace(ma.MosaicBlockSizes.get_default(128), lookahead=True))
 
 
 @needs_mosaic
@@ -280,6 +283,26 @@ def test_gpu_skipped_blocks_are_never_read(mod):
                              implementation="reference", **call)
     assert not np.isnan(np.asarray(out, np.float32)).any()
     np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref), atol=3e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mod, tensors", [
+    ("causal & doc(ids)", {"ids": np.repeat(np.arange(9, dtype=np.int32), 64)[None, :520].repeat(2, 0)}),
+    ("causal & window(100) + alibi(2)", {}),
+    ("kv >= 300 & w[kv] > 0", {"w": np.sign(np.arange(520) % 7 - 3).astype(np.float32)}),
+])
+def test_gpu_lookahead_gives_the_same_numbers(mod, tensors):
+    """The consumers loading each step's block index and key reads a step ahead
+    (MosaicBlockSizes.lookahead) change when the loads happen, not what they load: out and
+    lse bitwise equal to the plain kernel's (ragged sizes, per-batch offsets, masked rows)."""
+    q, k, v = _qkv(2, 300, 520, 4, 2, 128)
+    bs = ma.MosaicBlockSizes.get_default(128)
+    call = dict(mod=mod, tensors=tensors, q_offset=jnp.array([220, 0], jnp.int32), return_lse=True)
+    out, lse = ma.mosaic_attention(q, k, v, block_sizes=bs, **call)
+    out2, lse2 = ma.mosaic_attention(q, k, v, block_sizes=dataclasses.replace(bs, lookahead=True), **call)
+    assert np.isfinite(np.asarray(out, np.float32)).all()
+    np.testing.assert_array_equal(np.asarray(out2), np.asarray(out))
+    np.testing.assert_array_equal(np.asarray(lse2), np.asarray(lse))
 
 
 @pytest.mark.gpu
