@@ -842,7 +842,7 @@ def test_paged_decode_lowers(pretend_hopper, T, page_size, mod, tensors):
     from scoremod.runtime.paged import PagedBlockSizes
     # block_kv=16 (the Triton kernel's keys per step) is rounded up to the 64 keys a P V product takes.
     for bs in (PagedBlockSizes(), PagedBlockSizes(persistent=False), PagedBlockSizes(block_kv=16),
-               PagedBlockSizes(consumers=2), PagedBlockSizes(consumers=2, persistent=False)):
+               PagedBlockSizes(consumers=1), PagedBlockSizes(consumers=1, persistent=False)):
         fn = lambda q, kp, vp, t, n: scoremod.paged_attention(  # noqa: E731
             q, kp, vp, t, n, mod=mod, implementation="mosaic", block_sizes=bs, **tensors)
         jax.jit(fn).trace(q, pool, pool, tables, lengths).lower(lowering_platforms=("cuda",))
