@@ -88,6 +88,16 @@ def shared_memory_bytes(head_dim: int, block_kv: int, num_stages: int, itemsize:
     return ring + buf(2 * ROWS * head_dim * itemsize) + buf(ROWS * head_dim * 4) + consumers * 1024 + 1024
 
 
+def consumer_share(w, consumers: int, step0, n):
+    """``(first, count)``: consumer ``w``'s steps of an item of ``n`` steps whose first is the
+    ring's step ``step0`` are the item's steps ``first, first + consumers, ...``, ``count``
+    of them: the ring steps ``s`` with ``s % consumers == w``. With a ring whose slots are a
+    multiple of ``consumers``, each slot is then always waited on by the same consumer
+    (Mosaic's barriers track their phase per thread). Ints or int32 scalars."""
+    first = lax.rem(w - lax.rem(step0, consumers) + consumers, consumers)
+    return first, lax.div(jnp.maximum(n - first, 0) + (consumers - 1), consumers)
+
+
 def decode_partials(cfg: DecodeKernelConfig, q_rows, k_pages, v_pages, pages, counts, key_positions, lengths, row_tokens,
                     row_heads, k_tail, v_tail, reads=(), *, num_tokens: int):
     """Per-split partial outputs of every (sequence, KV head, chunk).
@@ -170,7 +180,7 @@ def decode_partials(cfg: DecodeKernelConfig, q_rows, k_pages, v_pages, pages, co
 
                 def step_fn(k, carry):
                     acc, m_i, l_i = carry
-                    i = lax.rem(w - lax.rem(step0, W) + W, W) + k * W   # this item's step
+                    i = first_mine + k * W   # this item's step
                     slot = lax.rem(step0 + i, stages)
                     plgpu.barrier_wait(k_bar.at[slot])
                     kv_pos = lax.broadcast_in_dim(_load(keypos_smem.at[slot], wgmma.reduce(0)), (ROWS, bkv), [1])
@@ -208,7 +218,7 @@ def decode_partials(cfg: DecodeKernelConfig, q_rows, k_pages, v_pages, pages, co
                 m_i = plgpu.layout_cast(jnp.full((ROWS,), -jnp.inf, jnp.float32), wgmma.reduce(1))
                 l_i = plgpu.layout_cast(jnp.full((ROWS,), 0.0, jnp.float32), wgmma.reduce(1))
                 acc = plgpu.layout_cast(jnp.full((ROWS, H), 0.0, jnp.float32), wgmma)
-                mine = lax.div(jnp.maximum(n - lax.rem(w - lax.rem(step0, W) + W, W), 0) + (W - 1), W)
+                first_mine, mine = consumer_share(w, W, step0, n)
                 acc, m_i, l_i = lax.fori_loop(0, mine, step_fn, (acc, m_i, l_i))
                 plgpu.barrier_arrive(q_free.at[q_slot])   # every product of this consumer that read Q has completed
 

@@ -551,3 +551,29 @@ def test_mosaic_decode_reads_through_the_twin(text, T, heads):
                                   mod=compile_mod(text), scale=1 / math.sqrt(H),
                                   block_sizes=PagedBlockSizes(block_kv=16, num_splits=2), stages=2, twin=True)
     np.testing.assert_allclose(np.asarray(out), want, atol=1e-4, rtol=1e-4, err_msg=text)
+
+
+@settings(max_examples=200, deadline=None)
+@given(items=st.lists(st.integers(0, 13), min_size=1, max_size=8), consumers=st.sampled_from([1, 2]),
+       slot_pairs=st.integers(1, 4))
+def test_mosaic_decode_consumers_share_each_item_and_keep_their_slots(items, consumers, slot_pairs):
+    """The Mosaic decode kernel's split of a block's ring steps between its consumer
+    warpgroups (``consumer_share``), over a run of items of random step counts: every step of
+    every item goes to exactly one consumer, and each ring slot (a multiple of the consumer
+    count of them) is always waited on by the same consumer, as its barrier's per-thread
+    phase tracking needs."""
+    from scoremod.runtime._mosaic_paged_decode import consumer_share
+    stages = consumers * slot_pairs
+    waiter = {}
+    step0 = 0
+    for n in items:
+        taken = []
+        for w in range(consumers):
+            first, count = (int(x) for x in consumer_share(w, consumers, step0, n))
+            steps = [first + k * consumers for k in range(count)]
+            assert all(0 <= i < n for i in steps)
+            for i in steps:
+                assert waiter.setdefault((step0 + i) % stages, w) == w
+            taken += steps
+        assert sorted(taken) == list(range(n))
+        step0 += n
