@@ -11,10 +11,11 @@ merges the splits. ``cfg.ctas`` CUDA blocks take the items round robin (one item
 persistent: one block per SM, whose ring of pages runs on from one item to the next, so a
 block's start-up and partial output overlap the next item's loads).
 
-Two warpgroups:
+``consumers + 1`` warpgroups:
 
-* warpgroup 1, the producer, brings each item's Q into one of two shared-memory slots
-  (the next item's Q arrives while the consumer works on this one), and each step's pages
+* warpgroup ``consumers`` (the last), the producer, brings each item's Q into one of two
+  shared-memory slots (the next item's Q arrives while the consumers work on this one),
+  and each step's pages
   of K and V into a ring of ``num_stages`` shared-memory slots, one TMA copy per page (a
   page of one KV head is ``page_size`` rows of H at the pool's stride), together with the
   step's key positions and tensor reads along the keys, waiting for a slot's K (V) to be
@@ -32,7 +33,9 @@ Two warpgroups:
   staging buffer; the first merges the two and writes the item's partial: two
   independent chains of steps per block.
 
-Decode is bandwidth-bound: one consumer has time to spare while the ring streams pages.
+Decode is bandwidth-bound, but a step's chain (two products whose 64 rows hold only the
+``T * G`` queries, a 64 x 64 softmax) is long against the time the ring takes to bring a
+step: on an H100 two consumers were 4-12% faster than one at B=1 (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
