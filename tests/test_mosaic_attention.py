@@ -807,7 +807,8 @@ def test_gpu_paged_prefill_matches_oracle(mod, page_size):
 @pytest.mark.gpu
 def test_gpu_paged_prefill_is_the_default_on_hopper(caplog):
     """implementation=None runs a chunk of 128 or more new tokens on the Mosaic forward on an
-    sm_90 GPU, and decode on pallas."""
+    sm_90 GPU, and decode on pallas; both against the reference, with sinks (which read
+    each path's lse)."""
     from test_paged_attention import make_cache
     if ma._device_reason() is not None:
         pytest.skip(ma._device_reason())
@@ -815,11 +816,16 @@ def test_gpu_paged_prefill_is_the_default_on_hopper(caplog):
     q, kp, vp, tables, lengths = make_cache(rng, B=2, T=128, N=8, K=2, H=128, page_size=16, max_pages=32,
                                             lengths=np.array([512, 300], np.int32))
     bf = lambda x: jnp.asarray(x, jnp.bfloat16)  # noqa: E731
+    f32 = lambda x: np.asarray(bf(x), np.float32)  # noqa: E731
+    sinks = np.linspace(-1.0, 2.0, 8).astype(np.float32)   # the lse reaches the output through them
     for T, impl in ((128, "mosaic"), (1, "pallas")):
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="scoremod"):
-            scoremod.paged_attention(bf(q[:, -T:]), bf(kp), bf(vp), tables, lengths, mod="causal")
+            out = scoremod.paged_attention(bf(q[:, -T:]), bf(kp), bf(vp), tables, lengths, mod="causal", sinks=sinks)
         assert f"using {impl}" in caplog.text, caplog.text
+        want = scoremod.paged_attention(f32(q[:, -T:]), f32(kp), f32(vp), tables, lengths, mod="causal", sinks=sinks,
+                                        implementation="reference")
+        np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(want), atol=2e-2, rtol=2e-2)
 
 
 # ---- paged decode on Mosaic GPU (paged._paged_mosaic_decode) -----------------------------------
