@@ -8,13 +8,33 @@ its last 64 rows checked against the xla path in f32 on the dense context first.
 
     python benchmarks/paged_prefill.py                  # on an H100/H200
     python benchmarks/paged_prefill.py --impls mosaic
+    python benchmarks/paged_prefill.py --impls mosaic,mosaic:block_kv=64+num_stages=4
+
+``IMPL:FIELD=VALUE+...`` runs the Mosaic prefill (``mosaic_paged_attention``) with those
+``MosaicBlockSizes`` fields set over the head dim's defaults.
 """
 import argparse
 import os, sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import numpy as np, jax, jax.numpy as jnp
 from attention_bench import _time_jax
+import dataclasses
 import scoremod
+from scoremod.runtime import mosaic_attention as ma
+
+
+def prefill_call(spec: str):
+    """The call ``spec`` names: an implementation of ``paged_attention``, or ``mosaic:FIELD=VALUE+...``
+    (the Mosaic prefill with those MosaicBlockSizes fields)."""
+    impl, _, fields = spec.partition(":")
+    if not fields:
+        return lambda q, kp, vp, t, n: scoremod.paged_attention(q, kp, vp, t, n, mod="causal", implementation=impl)
+    assert impl == "mosaic", spec
+    bs = dataclasses.replace(ma.MosaicBlockSizes.get_default(128),
+                             **{k: int(v) for k, v in (item.split("=") for item in fields.split("+"))})
+    return lambda q, kp, vp, t, n: ma.mosaic_paged_attention(q, kp, vp, t, n, mod="causal", block_sizes=bs)[0]
+
+
 ap = argparse.ArgumentParser()
 ap.add_argument("--impls", default="pallas,mosaic")
 impls = ap.parse_args().impls.split(",")
@@ -36,7 +56,7 @@ for B, ctx in ((1, 32768), (1, 131072), (4, 32768)):
     cms = _time_jax(c, (q, kd, vd))
     flops = 4 * B * N * T * H * (ctx - T / 2)
     for impl in impls:
-        f = jax.jit(lambda q, kp, vp, t, n: scoremod.paged_attention(q, kp, vp, t, n, mod="causal", implementation=impl))
+        f = jax.jit(prefill_call(impl))
         try:
             out = f(q, kp, vp, tables, lengths)
         except NotImplementedError as exc:
