@@ -13,10 +13,11 @@ cuDNN (jax.nn.dot_product_attention) is timed beside for causal and the window.
 ``MosaicBlockSizes`` fields set over the head dim's defaults; the first variant is the
 reference the others are checked against and the ratios are taken from.
 """
-import argparse, os, sys, time, statistics, dataclasses
+import argparse, os, sys, time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import numpy as np, jax, jax.numpy as jnp
 from attention_bench import _doc_ids, _time_jax, _density
+from paged_bench import with_fields
 from scoremod.runtime import mosaic_attention as ma
 import scoremod
 
@@ -35,17 +36,8 @@ ap.add_argument("--masks", default="causal,swa,doc")
 args = ap.parse_args()
 
 
-def _variant(text):
-    name, _, fields = text.partition(":")
-    kw = {}
-    for item in filter(None, fields.split(",")):
-        key, _, value = item.partition("=")
-        kw[key] = type(getattr(ma.MosaicBlockSizes(), key))(int(value) if value.isdigit() else value)
-    return name, kw
-
-
-variants = dict(map(_variant, args.variant)) or {"grid": dict(persistent=False, backward_persistent=False),
-                                                  "persist": dict(persistent=True, backward_persistent=True)}
+variants = dict(text.partition(":")[::2] for text in args.variant) or {
+    "grid": "persistent=False,backward_persistent=False", "persist": "persistent=True,backward_persistent=True"}
 masks = {name: masks[name] for name in args.masks.split(",")}
 first, last = list(variants)[0], list(variants)[-1]
 
@@ -54,8 +46,8 @@ for name, (mod, tensors) in masks.items():
     flops = 4 * B * N * T * T * H * dens
     want = None
     res = {}
-    for vname, kw in variants.items():
-        bs = dataclasses.replace(ma.MosaicBlockSizes.get_default(H), **kw)
+    for vname, fields in variants.items():
+        bs = with_fields(ma.MosaicBlockSizes.get_default(H), fields, ",")
         fwd = jax.jit(lambda q, k, v, t: ma.mosaic_attention(q, k, v, mod=mod, tensors=t, block_sizes=bs, return_lse=True))
         t0 = time.perf_counter()
         out, lse = jax.block_until_ready(fwd(q, k, v, tensors))

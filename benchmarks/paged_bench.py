@@ -277,11 +277,13 @@ def main(argv=None):
 
 
 def with_fields(block_sizes, text, sep):
-    """``block_sizes`` with the ``FIELD=VALUE`` items of ``text`` (separated by ``sep``) set."""
+    """The dataclass ``block_sizes`` with the ``FIELD=VALUE`` items of ``text`` (separated by
+    ``sep``) set: True/False as bools, digits as ints, anything else as a string (the
+    benchmarks' variant syntax, for PagedBlockSizes and MosaicBlockSizes alike)."""
     for item in filter(None, text.split(sep)):
         field, value = item.split("=")
-        block_sizes = dataclasses.replace(block_sizes, **{field: {"True": True, "False": False}.get(value) if value in
-                                                          ("True", "False") else int(value)})
+        parsed = {"True": True, "False": False}.get(value, int(value) if value.isdigit() else value)
+        block_sizes = dataclasses.replace(block_sizes, **{field: parsed})
     return block_sizes
 
 

@@ -18,9 +18,9 @@ import os, sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import numpy as np, jax, jax.numpy as jnp
 from attention_bench import _time_jax
-import dataclasses
 import scoremod
 from scoremod.runtime import mosaic_attention as ma
+from paged_bench import with_fields
 
 
 def prefill_call(spec: str):
@@ -30,8 +30,7 @@ def prefill_call(spec: str):
     if not fields:
         return lambda q, kp, vp, t, n: scoremod.paged_attention(q, kp, vp, t, n, mod="causal", implementation=impl)
     assert impl == "mosaic", spec
-    bs = dataclasses.replace(ma.MosaicBlockSizes.get_default(128),
-                             **{k: int(v) for k, v in (item.split("=") for item in fields.split("+"))})
+    bs = with_fields(ma.MosaicBlockSizes.get_default(128), fields, "+")
     return lambda q, kp, vp, t, n: ma.mosaic_paged_attention(q, kp, vp, t, n, mod="causal", block_sizes=bs)[0]
 
 

@@ -121,7 +121,7 @@ def _read_tile(ref, shape, *, b, h, q_start, block_q, kv_start, block_kv, transp
         row = _load(ref.at[bi, hi, pl.ds(q_start, block_q), 0], wgmma.reduce(kv_axis))
         return lax.broadcast_in_dim(row, tile, [q_axis])
     if t1 == 1:   # along kv only
-        col = _load(ref.at[bi, hi, 0, pl.ds(kv_start, block_kv)], wgmma.reduce(q_axis))
+        col = _read_kv_column(ref, shape, b=b, h=h, kv_start=kv_start, block_kv=block_kv, q_axis=q_axis)
         return lax.broadcast_in_dim(col, tile, [kv_axis])
     assert not transposed, "reads along q and kv are declined by the dK/dV kernel (backward_reason)"
     return _load(ref.at[bi, hi, pl.ds(q_start, block_q), pl.ds(kv_start, block_kv)], wgmma)
@@ -269,14 +269,14 @@ def _read_per_step(ref, shape, per_tile, *, b, h, q_start, block_q, kv_start, bl
                       block_kv=block_kv)
 
 
-def _read_kv_column(ref, shape, *, b, h, kv_start, block_kv):
-    """The ``[block_kv]`` keys of a read along kv only (WGMMA column layout), or None for
-    any other read."""
+def _read_kv_column(ref, shape, *, b, h, kv_start, block_kv, q_axis=0):
+    """The ``[block_kv]`` keys of a read along kv only, in the WGMMA layout reduced over the
+    tile's q axis (0: a ``[block_q, block_kv]`` tile's columns), or None for any other read."""
     b1, h1, t1, s1 = shape
     if t1 > 1 or s1 == 1:
         return None
     return _load(ref.at[b if b1 > 1 else 0, h if h1 > 1 else 0, 0, pl.ds(kv_start, block_kv)],
-                 plgpu.Layout.WGMMA.reduce(0))
+                 plgpu.Layout.WGMMA.reduce(q_axis))
 
 
 def forward(cfg: MosaicKernelConfig, q, k, v, plan_arrays, order, reads, q_off, kv_off, pages=()):

@@ -114,6 +114,9 @@ class MosaicBlockSizes:
             raise ScoreModShapeError(f"backward_stages={self.backward_stages} must be at least 2")
         if self.backward not in ("pallas", "mosaic"):
             raise ScoreModShapeError(f"backward={self.backward!r} must be 'pallas' or 'mosaic'")
+        for name in ("persistent", "backward_persistent", "lookahead"):
+            if not isinstance(getattr(self, name), bool):
+                raise ScoreModShapeError(f"MosaicBlockSizes.{name}={getattr(self, name)!r} must be True or False")
 
     @classmethod
     def get_default(cls, head_dim: int) -> "MosaicBlockSizes":

@@ -89,7 +89,8 @@ def test_padding_covers_forward_and_backward_blocks():
 def test_block_sizes_validation():
     assert ma.MosaicBlockSizes.get_default(128) == ma.MosaicBlockSizes(64, 128, 2)
     assert ma.MosaicBlockSizes.get_default(64).block_kv == 256
-    for bad in (dict(block_q=128), dict(block_kv=96), dict(block_kv=0), dict(num_stages=1)):
+    for bad in (dict(block_q=128), dict(block_kv=96), dict(block_kv=0), dict(num_stages=1), dict(lookahead=1),
+                dict(persistent="False"), dict(backward_persistent=None)):
         with pytest.raises(ScoreModShapeError):
             ma.MosaicBlockSizes(**bad)
     with pytest.raises(Exception):
